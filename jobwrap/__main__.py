@@ -1,0 +1,4 @@
+"""``python -m jobwrap`` is the ``jobwrap`` command."""
+from jobwrap.cli import main
+
+raise SystemExit(main())
