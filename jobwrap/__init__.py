@@ -1,0 +1,48 @@
+"""jobwrap: PyTorch training on Slurm that survives preemption and time limits.
+
+Trap the scheduler's signal, commit a checkpoint at the next step boundary,
+requeue, and resume bit for bit. The public surface is the names below.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from jobwrap.config import REQUEUE_EXIT_CODE, Config
+from jobwrap.errors import (
+    CheckpointError,
+    ConfigError,
+    CorruptCheckpointError,
+    ForeignRunError,
+    JobwrapError,
+    SchedulerError,
+    StateMismatchError,
+    StorageError,
+)
+
+# Session and friends import torch; load them on first use so that the CLI starts fast.
+_LAZY = {"Preempted": "jobwrap.session", "Session": "jobwrap.session", "preemptible": "jobwrap.session"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'jobwrap' has no attribute {name!r}")
+
+
+__all__ = [
+    "REQUEUE_EXIT_CODE",
+    "CheckpointError",
+    "Config",
+    "ConfigError",
+    "CorruptCheckpointError",
+    "ForeignRunError",
+    "JobwrapError",
+    "Preempted",
+    "SchedulerError",
+    "Session",
+    "StateMismatchError",
+    "StorageError",
+    "preemptible",
+]

@@ -1,0 +1,147 @@
+"""Validated settings; the one place that reads ``JOBWRAP_*`` environment variables.
+
+Precedence: a Python argument beats the environment variable, which beats the
+default. ``jobwrap run`` flags reach the training process as variables.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+from typing import Any, Mapping
+
+from jobwrap.errors import ConfigError
+
+#: Exit code of a training process that asks its supervisor to requeue it (EX_TEMPFAIL).
+REQUEUE_EXIT_CODE = 75
+
+DEFAULT_REQUEUE_SIGNALS = ("SIGUSR1",)
+DEFAULT_EXIT_SIGNALS = ("SIGTERM",)
+DEFAULT_MAX_REQUEUES = 50
+
+
+def parse_signal(name: str | int | signal.Signals) -> signal.Signals:
+    """``"USR1"``, ``"SIGUSR1"``, ``10`` or ``signal.SIGUSR1`` to ``signal.SIGUSR1``."""
+    if isinstance(name, signal.Signals):
+        return name
+    if isinstance(name, int) or (isinstance(name, str) and name.strip().isdigit()):
+        try:
+            return signal.Signals(int(name))
+        except ValueError:
+            raise ConfigError(f"unknown signal number {name}; use a name such as USR1") from None
+    text = str(name).strip().upper()
+    if not text.startswith("SIG"):
+        text = "SIG" + text
+    try:
+        return signal.Signals[text]
+    except KeyError:
+        raise ConfigError(f"unknown signal {name!r}; use a name such as USR1, USR2 or TERM") from None
+
+
+def parse_signals(value: str | tuple | list) -> tuple[signal.Signals, ...]:
+    if isinstance(value, str):
+        value = [part for part in value.replace(" ", ",").split(",") if part]
+    return tuple(parse_signal(v) for v in value)
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class Config:
+    """Everything a :class:`jobwrap.Session` can be told. See docs/guide.md for each field."""
+
+    directory: str
+    run_id: str | None = None
+    adopt: bool = False
+    requeue_signals: tuple[signal.Signals, ...] = dataclasses.field(
+        default_factory=lambda: parse_signals(DEFAULT_REQUEUE_SIGNALS))
+    exit_signals: tuple[signal.Signals, ...] = dataclasses.field(
+        default_factory=lambda: parse_signals(DEFAULT_EXIT_SIGNALS))
+    requeue_on_exit_signals: bool = False
+    keep_last: int = 3
+    save_every_steps: int | None = None
+    save_every_seconds: float | None = None
+    save_at_end: bool = True
+    max_requeues: int = DEFAULT_MAX_REQUEUES
+    max_no_progress: int = 3
+    grace_seconds: float | None = None
+    file_mode: int = 0o600
+    device: str | None = None
+    on_save_error: str = "raise"
+    # Test hooks (jobwrap.testing): hold at these steps until a signal arrives.
+    test_hold_at: tuple[int, ...] = ()
+    test_control: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.directory:
+            raise ConfigError("no checkpoint directory: pass directory=... or set JOBWRAP_DIR")
+        self.directory = os.fspath(self.directory)
+        self.requeue_signals = parse_signals(self.requeue_signals)
+        self.exit_signals = parse_signals(self.exit_signals)
+        both = set(self.requeue_signals) & set(self.exit_signals)
+        if both:
+            names = ", ".join(s.name for s in both)
+            raise ConfigError(f"{names} is both a requeue and an exit signal; list it in only one")
+        if signal.SIGKILL in self.requeue_signals + self.exit_signals:
+            raise ConfigError("SIGKILL cannot be trapped; use USR1, USR2 or TERM")
+        if self.keep_last < 1:
+            raise ConfigError(f"keep_last={self.keep_last}: keep at least 1 checkpoint")
+        if self.save_every_steps is not None and self.save_every_steps < 1:
+            raise ConfigError(f"save_every_steps={self.save_every_steps}: use a positive number or None")
+        if self.save_every_seconds is not None and self.save_every_seconds <= 0:
+            raise ConfigError(f"save_every_seconds={self.save_every_seconds}: use a positive number or None")
+        if self.max_requeues < 0:
+            raise ConfigError(f"max_requeues={self.max_requeues}: use 0 or more")
+        if self.max_no_progress < 1:
+            raise ConfigError(f"max_no_progress={self.max_no_progress}: use 1 or more")
+        if self.file_mode & 0o002:
+            raise ConfigError(f"file_mode={oct(self.file_mode)} is world-writable; use 0o600 or 0o640")
+        if self.on_save_error not in ("raise", "continue"):
+            raise ConfigError(f"on_save_error={self.on_save_error!r}: use 'raise' (stop training) or "
+                              f"'continue' (log it and keep training; the signal's save still raises)")
+        if self.run_id is not None:
+            _check_run_id(self.run_id)
+
+
+def _check_run_id(run_id: str) -> None:
+    if not run_id or any(c in run_id for c in "/\\\0") or run_id in (".", ".."):
+        raise ConfigError(f"run_id {run_id!r} must be a plain name without '/' or '..'")
+
+
+_ENV_FIELDS: dict[str, tuple[str, Any]] = {
+    "JOBWRAP_DIR": ("directory", str),
+    "JOBWRAP_RUN_ID": ("run_id", str),
+    "JOBWRAP_ADOPT": ("adopt", lambda v: v.strip().lower() in ("1", "true", "yes")),
+    "JOBWRAP_REQUEUE_SIGNALS": ("requeue_signals", parse_signals),
+    "JOBWRAP_EXIT_SIGNALS": ("exit_signals", parse_signals),
+    "JOBWRAP_KEEP": ("keep_last", int),
+    "JOBWRAP_SAVE_EVERY_STEPS": ("save_every_steps", int),
+    "JOBWRAP_SAVE_EVERY_SECONDS": ("save_every_seconds", float),
+    "JOBWRAP_MAX_REQUEUES": ("max_requeues", int),
+    "JOBWRAP_MAX_NO_PROGRESS": ("max_no_progress", int),
+    "JOBWRAP_GRACE_SECONDS": ("grace_seconds", float),
+    "JOBWRAP_FILE_MODE": ("file_mode", lambda v: int(v, 8)),
+    "JOBWRAP_DEVICE": ("device", str),
+    "JOBWRAP_ON_SAVE_ERROR": ("on_save_error", str),
+    "JOBWRAP_TEST_HOLD_AT": ("test_hold_at", lambda v: tuple(int(x) for x in v.split(",") if x)),
+    "JOBWRAP_TEST_CONTROL": ("test_control", str),
+}
+
+
+def load_config(environ: Mapping[str, str] | None = None, **arguments: Any) -> Config:
+    """Build a :class:`Config` from arguments (first) and ``JOBWRAP_*`` variables."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for var, (field, convert) in _ENV_FIELDS.items():
+        raw = environ.get(var)
+        if raw is None or raw == "":
+            continue
+        try:
+            values[field] = convert(raw)
+        except (ValueError, ConfigError) as exc:
+            raise ConfigError(f"{var}={raw!r} is not valid: {exc}") from None
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = set(arguments) - known
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {sorted(unknown)}; known: {sorted(known)}")
+    values.update({k: v for k, v in arguments.items() if v is not None})
+    values.setdefault("directory", "")
+    return Config(**values)

@@ -1,0 +1,76 @@
+"""What the scheduler and launcher tell this process, read from an environment mapping (pure)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Mapping
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class JobEnv:
+    """This process's place in the job: scheduler, job id, restart count and rank."""
+
+    scheduler: str  # "slurm" or "local"
+    job_id: str | None
+    restart_count: int
+    rank: int
+    local_rank: int
+    world_size: int
+    end_time: float | None = None  # epoch seconds when the allocation ends, if known
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _int(environ: Mapping[str, str], *names: str, default: int) -> int:
+    for name in names:
+        value = environ.get(name)
+        if value not in (None, ""):
+            try:
+                return int(value)
+            except ValueError:
+                continue
+    return default
+
+
+def slurm_job_id(environ: Mapping[str, str]) -> str | None:
+    """The id ``scontrol requeue`` needs: ``ARRAYJOB_TASK`` for an array task, else the job id."""
+    array_job = environ.get("SLURM_ARRAY_JOB_ID")
+    array_task = environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and array_task:
+        return f"{array_job}_{array_task}"
+    return environ.get("SLURM_JOB_ID") or environ.get("SLURM_JOBID")
+
+
+def read_env(environ: Mapping[str, str] | None = None) -> JobEnv:
+    """Read scheduler and launcher variables (Slurm, torchrun, ``jobwrap run``)."""
+    environ = os.environ if environ is None else environ
+    slurm_id = slurm_job_id(environ)
+    # torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; srun sets SLURM_PROCID/... for each task.
+    rank = _int(environ, "RANK", "SLURM_PROCID", default=0)
+    local_rank = _int(environ, "LOCAL_RANK", "SLURM_LOCALID", default=0)
+    world_size = _int(environ, "WORLD_SIZE", "SLURM_NTASKS", default=1)
+    if slurm_id:
+        end = environ.get("SLURM_JOB_END_TIME")
+        return JobEnv(
+            scheduler="slurm",
+            job_id=slurm_id,
+            # jobwrap run sets JOBWRAP_RESTART_COUNT when it relaunches in place (no scontrol).
+            restart_count=_int(environ, "JOBWRAP_RESTART_COUNT", "SLURM_RESTART_COUNT", default=0),
+            rank=rank, local_rank=local_rank, world_size=world_size,
+            end_time=float(end) if end and end.isdigit() else None,
+        )
+    return JobEnv(
+        scheduler="local",
+        job_id=environ.get("JOBWRAP_JOB_ID"),
+        restart_count=_int(environ, "JOBWRAP_RESTART_COUNT", default=0),
+        rank=rank, local_rank=local_rank, world_size=world_size,
+    )
+
+
+def default_run_id(job: JobEnv) -> str | None:
+    """A run id that survives requeues: the Slurm job id, or the one ``jobwrap run`` hands down."""
+    if job.scheduler == "slurm" and job.job_id:
+        return f"slurm-{job.job_id}"
+    return job.job_id

@@ -1,0 +1,52 @@
+"""The run's append-only history: one JSON line per event (start, resume, signal, save, requeue, exit)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+log = logging.getLogger("jobwrap")
+
+EVENTS_FILE = "events.jsonl"
+
+
+class EventLog:
+    """Appends events to ``events.jsonl``; a failure to log never stops training."""
+
+    def __init__(self, directory: str, *, file_mode: int = 0o600, **context: Any) -> None:
+        self.path = os.path.join(directory, EVENTS_FILE)
+        self.file_mode = file_mode
+        self.context = context
+
+    def append(self, event: str, **fields: Any) -> None:
+        record = {"time": round(time.time(), 3), "event": event, **self.context, **fields}
+        line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, self.file_mode)
+            try:
+                os.write(fd, line)  # one write with O_APPEND: lines never interleave
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.warning("could not append to %s: %s", self.path, exc.strerror)
+
+    def read(self) -> list[dict[str, Any]]:
+        return read_events(os.path.dirname(self.path))
+
+
+def read_events(directory: str) -> list[dict[str, Any]]:
+    """All events of a run directory; a torn last line (a kill mid-write) is skipped."""
+    try:
+        with open(os.path.join(directory, EVENTS_FILE)) as f:
+            lines = f.readlines()
+    except FileNotFoundError:
+        return []
+    events = []
+    for line in lines:
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            continue
+    return events

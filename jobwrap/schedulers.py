@@ -1,0 +1,101 @@
+"""How a job asks to run again: ``scontrol requeue`` on Slurm, an exit code for a local supervisor.
+
+Each backend's side effect sits in one small method so that the policy around
+it (caps, progress, which signal means what) is tested without a cluster.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+from typing import Callable, Protocol, Sequence
+
+from jobwrap.config import REQUEUE_EXIT_CODE
+from jobwrap.env import JobEnv
+
+log = logging.getLogger("jobwrap")
+
+Runner = Callable[..., subprocess.CompletedProcess]
+
+
+class Scheduler(Protocol):
+    name: str
+
+    def requeue(self) -> int:
+        """Ask for this job to run again; return the exit code the process should end with."""
+
+
+class LocalScheduler:
+    """No scheduler: exit with :data:`REQUEUE_EXIT_CODE` so ``jobwrap run`` relaunches the command."""
+
+    name = "local"
+
+    def requeue(self) -> int:
+        return REQUEUE_EXIT_CODE
+
+
+class SlurmScheduler:
+    """``scontrol requeue <job>``; where that is missing or fails, fall back to the requeue exit code.
+
+    The batch template (``exec jobwrap run``) acts on that exit code from outside
+    the container, where ``scontrol`` usually exists.
+    """
+
+    name = "slurm"
+
+    def __init__(self, job_id: str, *, run: Runner = subprocess.run, timeout: float = 30.0) -> None:
+        self.job_id = job_id
+        self._run = run
+        self._timeout = timeout
+
+    def requeue(self) -> int:
+        error = scontrol_requeue(self.job_id, run=self._run, timeout=self._timeout)
+        if error is None:
+            log.info("requeued Slurm job %s", self.job_id)
+            return 0
+        log.warning("scontrol requeue %s failed (%s); exiting with code %d so the batch script "
+                    "(jobwrap run) requeues the job", self.job_id, error, REQUEUE_EXIT_CODE)
+        return REQUEUE_EXIT_CODE
+
+
+def scontrol_requeue(job_id: str, *, run: Runner = subprocess.run, timeout: float = 30.0,
+                     scontrol: Sequence[str] | None = None) -> str | None:
+    """Run ``scontrol requeue``; return None on success or a one-line reason."""
+    command = list(scontrol or [shutil.which("scontrol") or "scontrol"]) + ["requeue", job_id]
+    try:
+        result = run(command, capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        return "scontrol not found on PATH"
+    except subprocess.TimeoutExpired:
+        return f"scontrol did not answer within {timeout:.0f} s"
+    if result.returncode != 0:
+        return (result.stderr or result.stdout or f"exit code {result.returncode}").strip().splitlines()[-1]
+    return None
+
+
+def scheduler_for(job: JobEnv) -> Scheduler:
+    if job.scheduler == "slurm" and job.job_id:
+        return SlurmScheduler(job.job_id)
+    return LocalScheduler()
+
+
+def requeue_refusal(*, restart_count: int, max_requeues: int,
+                    progress_history: Sequence[bool], max_no_progress: int) -> str | None:
+    """Why this job must not be requeued again, or None. Pure: the caps of the requeue loop.
+
+    ``progress_history`` says, for each earlier stop and then this one, whether
+    the run committed a newer step than it resumed from.
+    """
+    if restart_count >= max_requeues:
+        return (f"the requeue cap is reached ({restart_count} restarts, max_requeues={max_requeues}); "
+                f"raise JOBWRAP_MAX_REQUEUES to allow more")
+    streak = 0
+    for progressed in reversed(progress_history):
+        if progressed:
+            break
+        streak += 1
+    if streak >= max_no_progress:
+        return (f"the last {streak} runs committed no newer step; the job is stuck in a requeue loop "
+                f"(is the signal lead time too short to reach a step boundary?). Raise "
+                f"JOBWRAP_MAX_NO_PROGRESS or fix the cause")
+    return None

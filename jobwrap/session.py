@@ -1,0 +1,360 @@
+"""The orchestrator a training loop talks to: resume, step boundaries, saves, requeue, exit.
+
+The flow, top to bottom::
+
+    start()      trap signals, claim the directory, load the newest verified checkpoint
+    track()      register models/optimizers/... and extras; each is restored at once
+    epochs()     yields epoch numbers from where the run stopped
+    loader()     yields batches from where the run stopped; each batch ends at a step boundary
+    _boundary()  a signal arrived? -> save, requeue (or not), raise Preempted
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import socket
+import time
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+import torch
+
+from jobwrap import __version__
+from jobwrap.config import Config, load_config
+from jobwrap.data import ResumableLoader
+from jobwrap.env import JobEnv, default_run_id, read_env
+from jobwrap.errors import ConfigError, CorruptCheckpointError, StorageError
+from jobwrap.events import EventLog
+from jobwrap.schedulers import Scheduler, requeue_refusal, scheduler_for
+from jobwrap.signals import SignalTrap
+from jobwrap.state import RESERVED_KEYS, capture_rng, is_stateful, load_into, plain, restore_rng
+from jobwrap.store import FORMAT_VERSION, Checkpoint, CheckpointStore
+
+log = logging.getLogger("jobwrap")
+
+T = TypeVar("T")
+
+
+class Preempted(SystemExit):
+    """Raised at a step boundary after a signal's checkpoint committed; exits with ``code``.
+
+    It is a ``SystemExit`` so an unchanged script ends with the right exit code;
+    catch it to run something after the checkpoint.
+    """
+
+    def __init__(self, code: int, *, signal: signal.Signals, checkpoint: Checkpoint | None,
+                 requeued: bool, reason: str) -> None:
+        super().__init__(code)
+        self.signal = signal
+        self.checkpoint = checkpoint
+        self.requeued = requeued
+        self.reason = reason
+
+
+def default_device(job: JobEnv) -> torch.device:
+    """``cuda:LOCAL_RANK`` when this process has CUDA, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", job.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+class Session:
+    """One process's view of a preemptible run. Use as a context manager (or :func:`preemptible`)."""
+
+    def __init__(self, directory: str | os.PathLike | None = None, *,
+                 environ: dict[str, str] | None = None, **settings: Any) -> None:
+        self.config: Config = load_config(environ, directory=directory, **settings)
+        self.job: JobEnv = read_env(environ)
+        self.store = CheckpointStore(self.config.directory, file_mode=self.config.file_mode)
+        self.scheduler: Scheduler = scheduler_for(self.job)
+        self.device = torch.device(self.config.device) if self.config.device else default_device(self.job)
+        self.epoch = 0
+        self.step = 0
+        self.position = 0
+        self.extras: dict[str, Any] = {}
+        self.resumed_from: Checkpoint | None = None
+        self.last_checkpoint: Checkpoint | None = None
+        self.run_id = ""
+        self._objects: dict[str, Any] = {}
+        self._loader: ResumableLoader | None = None
+        self._trap = SignalTrap(self.config.requeue_signals + self.config.exit_signals)
+        self._pending: dict[str, Any] | None = None
+        self._resume_data: dict[str, Any] | None = None  # the loader's position state, until a loader takes it
+        self._resumed_step = -1
+        self._last_save_time = time.monotonic()
+        self._started = False
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> "Session":
+        """Trap signals, claim the directory and load the newest verified checkpoint."""
+        if self._started:
+            return self
+        self._started = True
+        # Trap first, so a signal that arrives while resuming is honoured right after.
+        self._trap.install()
+        try:
+            self.store.prepare()
+            self.run_id, lineage = self.store.claim(self.config.run_id or default_run_id(self.job),
+                                                    adopt=self.config.adopt)
+            self.events = EventLog(self.config.directory, file_mode=self.config.file_mode,
+                                   run_id=self.run_id, restart=self.job.restart_count, job_id=self.job.job_id)
+            found = self.store.newest_loadable(self._load, lineage=lineage)
+        except BaseException:
+            self._trap.restore()
+            raise
+        if found is None:
+            log.info("no checkpoint in %s: starting run %s fresh", self.config.directory, self.run_id)
+            self.events.append("start", step=0, resumed_from=None)
+            return self
+        checkpoint, payload = found
+        self.resumed_from = self.last_checkpoint = checkpoint
+        self._pending = payload
+        self._resume_data = payload["jobwrap"].get("data") or None
+        self.epoch, self.step = int(payload["epoch"]), int(payload["step"])
+        self.position = int(payload["jobwrap"].get("position", 0))
+        self._resumed_step = self.step
+        log.info("resumed from %s: step %d, epoch %d, run %s (saved by restart %s, this is restart %d)",
+                 os.path.basename(checkpoint.path), self.step, self.epoch, checkpoint.run_id,
+                 checkpoint.manifest.get("restart_count"), self.job.restart_count)
+        self.events.append("start", step=self.step, epoch=self.epoch, resumed_from=checkpoint.path)
+        return self
+
+    def close(self, exc: BaseException | None = None) -> None:
+        """Restore the previous signal handlers and record how the process ended."""
+        if not self._started:
+            return
+        self._trap.restore()
+        self._started = False
+        if isinstance(exc, Preempted):
+            self.events.append("exit", code=exc.code, reason=exc.reason, step=self.step)
+        elif exc is not None:
+            self.events.append("exit", code=1, reason=f"{type(exc).__name__}: {exc}", step=self.step)
+        else:
+            if self._trap.received:
+                log.info("%s arrived after training ended; nothing left to checkpoint or requeue",
+                         self._trap.first.name)
+            self.events.append("exit", code=0, reason="finished", step=self.step)
+
+    def __enter__(self) -> "Session":
+        return self.start()
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
+        self.close(exc)
+
+    # ------------------------------------------------------------ registration
+    def track(self, **things: Any) -> "Session":
+        """Register what a checkpoint holds and restore it from the loaded checkpoint, if any.
+
+        Objects with ``state_dict``/``load_state_dict`` (models, optimizers, LR
+        schedulers, GradScaler, ...) are saved by their state dict; anything
+        else is an extra (``best_loss=float("inf")``), read and written as
+        ``session["best_loss"]``.
+        """
+        self.start()
+        for name, obj in things.items():
+            if name in RESERVED_KEYS or name in self._objects or name in self.extras:
+                raise ConfigError(f"cannot track {name!r}: the name is reserved or already tracked; pick another")
+            if is_stateful(obj):
+                self._objects[name] = obj
+                if self._pending is not None:
+                    if name in self._pending:
+                        load_into(name, obj, self._pending[name])
+                    else:
+                        log.warning("checkpoint has no %r; it starts from its initial state", name)
+            else:
+                value = plain(obj, name)
+                if self._pending is not None and name in self._pending:
+                    value = self._pending[name]
+                self.extras[name] = value
+        return self
+
+    def __getitem__(self, name: str) -> Any:
+        return self.extras[name]
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        self.extras[name] = value
+
+    def loader(self, iterable: Iterable[T]) -> ResumableLoader[T]:
+        """Wrap the training loader: each batch ends at a step boundary; resumes mid-epoch exactly."""
+        self.start()
+        if self._loader is None or self._loader.iterable is not iterable:
+            self._loader = ResumableLoader(self, iterable)
+            if self._resume_data is not None:
+                self._loader.load_state_dict(self._resume_data)
+                self._resume_data = None
+        return self._loader
+
+    def epochs(self, total: int) -> Iterator[int]:
+        """Epoch numbers from the resumed one to ``total - 1``; commits a final checkpoint at the end."""
+        self.start()
+        while self.epoch < total:
+            self._boundary()
+            yield self.epoch
+            self.epoch += 1
+            self.position = 0
+        self._boundary()
+        if self.config.save_at_end:
+            self.save(reason="end of training")
+
+    # ------------------------------------------------------------ step boundary
+    def step_done(self) -> None:
+        """Explicit step boundary for loops that do not use :meth:`loader`: call after each step."""
+        self._step_done()
+        self._boundary()
+
+    @property
+    def should_stop(self) -> bool:
+        """True once a trapped signal arrived (the next boundary will checkpoint and stop)."""
+        return bool(self._trap.received)
+
+    def _step_done(self) -> None:
+        self.step += 1
+        self.position += 1
+
+    def _boundary(self) -> None:
+        if self._pending is not None:
+            self._finish_resume()
+        if self.config.test_hold_at and self.step in self.config.test_hold_at:
+            self._hold_for_test()
+        if self._trap.received:
+            self._stop()
+        if self._periodic_save_due():
+            self._periodic_save()
+
+    def _finish_resume(self) -> None:
+        payload, self._pending = self._pending, None
+        meta = payload["jobwrap"]
+        restore_rng(meta["rng"])
+        untracked = [n for n in meta.get("objects", []) + meta.get("extras", [])
+                     if n not in self._objects and n not in self.extras]
+        if untracked:
+            log.warning("checkpoint entries %s were not tracked in this run and are ignored", untracked)
+
+    def _periodic_save_due(self) -> bool:
+        cfg = self.config
+        if self.last_checkpoint is not None and self.last_checkpoint.step == self.step:
+            return False
+        if cfg.save_every_steps and self.step % cfg.save_every_steps == 0 and self.step > 0:
+            return True
+        return bool(cfg.save_every_seconds and
+                    time.monotonic() - self._last_save_time >= cfg.save_every_seconds)
+
+    def _periodic_save(self) -> None:
+        try:
+            self.save(reason="periodic")
+        except StorageError as exc:
+            if self.config.on_save_error == "raise":
+                raise
+            log.error("periodic save failed, training continues (on_save_error=continue): %s", exc)
+            self._last_save_time = time.monotonic()
+
+    def _stop(self) -> None:
+        sig = self._trap.first
+        assert sig is not None
+        requeue = sig in self.config.requeue_signals or self.config.requeue_on_exit_signals
+        delay = time.monotonic() - (self._trap.first_time or time.monotonic())
+        log.info("%s received %.2f s ago: checkpointing at step %d (epoch %d)", sig.name, delay,
+                 self.step, self.epoch)
+        self.events.append("signal", signal=sig.name, step=self.step, epoch=self.epoch,
+                           seconds_to_boundary=round(delay, 3))
+        checkpoint = self.save(reason=f"signal {sig.name}")
+        progressed = checkpoint.step > self._resumed_step
+        if not requeue:
+            reason = (f"{sig.name}: checkpoint committed, exiting without requeueing "
+                      f"(Slurm requeues a preempted job itself; a user's scancel must end the job)")
+            self.events.append("stop", step=self.step, progress=progressed, requeue=False, reason=reason)
+            log.info(reason)
+            raise Preempted(128 + sig, signal=sig, checkpoint=checkpoint, requeued=False, reason=reason)
+        history = [bool(e.get("progress")) for e in self.events.read() if e["event"] in ("requeue", "stop")]
+        refusal = requeue_refusal(restart_count=self.job.restart_count, max_requeues=self.config.max_requeues,
+                                  progress_history=history + [progressed],
+                                  max_no_progress=self.config.max_no_progress)
+        if refusal is not None:
+            log.error("not requeued: %s", refusal)
+            self.events.append("stop", step=self.step, progress=progressed, requeue=False, reason=refusal)
+            raise Preempted(1, signal=sig, checkpoint=checkpoint, requeued=False, reason=f"not requeued: {refusal}")
+        code = self.scheduler.requeue()
+        self.events.append("requeue", step=self.step, progress=progressed, exit_code=code,
+                           scheduler=self.scheduler.name)
+        raise Preempted(code, signal=sig, checkpoint=checkpoint, requeued=True,
+                        reason=f"{sig.name}: checkpoint committed, requeue requested ({self.scheduler.name})")
+
+    def _hold_for_test(self) -> None:
+        control = self.config.test_control
+        if not control or os.path.exists(os.path.join(control, f"done-{self.step}")):
+            return
+        with open(os.path.join(control, f"held-{self.step}"), "w") as f:
+            f.write(str(os.getpid()))
+        deadline = time.monotonic() + 60
+        while not self._trap.received and time.monotonic() < deadline:
+            if os.path.exists(os.path.join(control, f"done-{self.step}")):
+                break
+            self._trap.event.wait(0.01)
+
+    # ------------------------------------------------------------ save / load
+    def save(self, *, reason: str = "manual") -> Checkpoint:
+        """Commit a checkpoint of the current state now (skipped if this step is already committed)."""
+        self.start()
+        if self.last_checkpoint is not None and self.last_checkpoint.step == self.step:
+            return self.last_checkpoint
+        started = time.monotonic()
+        checkpoint = self.store.save(self._payload(), step=self.step, epoch=self.epoch, meta=self._meta(reason))
+        seconds = time.monotonic() - started
+        self.last_checkpoint = checkpoint
+        self._last_save_time = time.monotonic()
+        log.info("saved step %d (epoch %d, %s) to %s: %.1f MB in %.2f s", self.step, self.epoch, reason,
+                 os.path.basename(checkpoint.path), checkpoint.size / 1e6, seconds)
+        self.events.append("save", step=self.step, epoch=self.epoch, bytes=checkpoint.size,
+                           seconds=round(seconds, 4), path=checkpoint.path, reason=reason)
+        deleted = self.store.retain(self.config.keep_last)
+        if deleted:
+            log.debug("retention removed steps %s", deleted)
+        return checkpoint
+
+    def _payload(self) -> dict[str, Any]:
+        payload: dict[str, Any] = {name: obj.state_dict() for name, obj in self._objects.items()}
+        payload.update({name: plain(value, name) for name, value in self.extras.items()})
+        payload["epoch"] = self.epoch
+        payload["step"] = self.step
+        payload["jobwrap"] = {
+            "format": FORMAT_VERSION,
+            "position": self.position,
+            "rng": capture_rng(),
+            "data": self._loader.state_dict() if self._loader is not None else {},
+            "objects": list(self._objects),
+            "extras": list(self.extras),
+            "run_id": self.run_id,
+        }
+        return payload
+
+    def _meta(self, reason: str) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "job_id": self.job.job_id,
+            "restart_count": self.job.restart_count,
+            "world_size": self.job.world_size,
+            "reason": reason,
+            "wall_time": time.time(),
+            "host": socket.gethostname(),
+            "jobwrap_version": __version__,
+            "torch_version": torch.__version__,
+        }
+
+    def _load(self, checkpoint: Checkpoint) -> dict[str, Any]:
+        payload = torch.load(checkpoint.path, map_location=self.device, weights_only=True)
+        if not isinstance(payload, dict) or not isinstance(payload.get("jobwrap"), dict):
+            raise CorruptCheckpointError(f"{checkpoint.path} is a torch file but not a jobwrap checkpoint")
+        return payload
+
+
+def preemptible(directory: str | os.PathLike | None = None, **settings: Any
+                ) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Decorator: run a train function inside a :class:`Session`, passed as its first argument."""
+    def decorate(train: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(train)
+        def wrapper(*args: Any, **kwargs: Any) -> T:
+            with Session(directory, **settings) as session:
+                return train(session, *args, **kwargs)
+        return wrapper
+    return decorate

@@ -1,0 +1,62 @@
+"""Signal handlers that only record the signal; the work happens at the next step boundary."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from types import FrameType
+from typing import Callable, Iterable
+
+log = logging.getLogger("jobwrap")
+
+Handler = Callable[[int, FrameType | None], object] | int | signal.Handlers | None
+
+
+class SignalTrap:
+    """Records the first (and every later) arrival of the trapped signals.
+
+    The handler does nothing but append to a list and set an event: no I/O, no
+    locks that the interrupted code may hold, so it is safe at any instruction.
+    Previous handlers are kept and put back by :meth:`restore`.
+    """
+
+    def __init__(self, signals: Iterable[signal.Signals]) -> None:
+        self.signals = tuple(dict.fromkeys(signals))
+        self.received: list[tuple[signal.Signals, float]] = []
+        self.event = threading.Event()
+        self._previous: dict[signal.Signals, Handler] = {}
+
+    def install(self) -> "SignalTrap":
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("jobwrap must be started from the main thread to trap signals")
+        for sig in self.signals:
+            previous = signal.signal(sig, self._record)
+            if previous not in (signal.SIG_DFL, signal.SIG_IGN, None) and previous != self._record:
+                log.warning("%s already had a handler (%r); jobwrap takes it over and restores it at exit",
+                            sig.name, previous)
+            self._previous[sig] = previous
+        return self
+
+    def restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def _record(self, signum: int, frame: FrameType | None) -> None:
+        self.received.append((signal.Signals(signum), time.monotonic()))
+        self.event.set()
+
+    @property
+    def first(self) -> signal.Signals | None:
+        return self.received[0][0] if self.received else None
+
+    @property
+    def first_time(self) -> float | None:
+        return self.received[0][1] if self.received else None
+
+    def __enter__(self) -> "SignalTrap":
+        return self.install()
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()

@@ -1,0 +1,140 @@
+"""Gather and restore what a training process is: objects' state dicts, RNG streams, plain extras.
+
+Everything is stored as tensors and plain Python values so that
+``torch.load(path, weights_only=True)`` opens a checkpoint without jobwrap.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import sys
+from typing import Any, Mapping, Protocol, runtime_checkable
+
+import torch
+
+from jobwrap.errors import ConfigError, StateMismatchError
+
+log = logging.getLogger("jobwrap")
+
+RESERVED_KEYS = frozenset({"epoch", "step", "jobwrap"})
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """Anything with ``state_dict()`` and ``load_state_dict()``: models, optimizers, schedulers, scalers."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> Any: ...
+
+
+def is_stateful(obj: object) -> bool:
+    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
+
+
+# ---------------------------------------------------------------- RNG
+
+def capture_rng() -> dict[str, Any]:
+    """Every RNG stream this process may draw from: Python, NumPy (if used), torch CPU, each CUDA device."""
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "torch": torch.get_rng_state(),
+    }
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        kind, keys, pos, has_gauss, cached = numpy.random.get_state()
+        state["numpy"] = {"kind": str(kind), "keys": torch.from_numpy(keys.astype("int64")),
+                          "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    # Only touch CUDA if this process already uses it: querying would create a context.
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [t.cpu() for t in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng(state: Mapping[str, Any]) -> None:
+    """Put every captured stream back; a CUDA state with no CUDA here is reported, not fatal."""
+    python = state["python"]
+    internal = tuple(int(v) for v in python["state"].tolist())
+    random.setstate((python["version"], internal, python["gauss"]))
+    torch.set_rng_state(state["torch"].cpu())
+    if "numpy" in state:
+        import numpy
+
+        np_state = state["numpy"]
+        numpy.random.set_state((np_state["kind"], np_state["keys"].cpu().numpy().astype("uint32"),
+                                np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"]))
+    cuda_states = state.get("cuda")
+    if cuda_states:
+        if not torch.cuda.is_available():
+            log.warning("checkpoint has CUDA RNG state for %d device(s) but CUDA is not available here; "
+                        "resuming on the CPU with the CPU RNG only", len(cuda_states))
+        elif torch.cuda.device_count() != len(cuda_states):
+            log.warning("checkpoint has CUDA RNG state for %d device(s), this process sees %d; "
+                        "restoring the overlapping devices", len(cuda_states), torch.cuda.device_count())
+            for index, device_state in enumerate(cuda_states[:torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(device_state.cpu(), index)
+        else:
+            torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
+
+
+# ---------------------------------------------------------------- plain values
+
+def plain(value: Any, name: str) -> Any:
+    """``value`` as something ``weights_only=True`` can load, or a ConfigError naming ``name``."""
+    if value is None or isinstance(value, torch.Tensor) or type(value) in (bool, int, float, str):
+        return value
+    for base in (bool, int, float, str):  # subclasses such as numpy.float64 or an IntEnum
+        if isinstance(value, base):
+            return base(value)
+    if hasattr(value, "item") and getattr(value, "shape", None) == ():  # other numpy scalars
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        items = [plain(v, f"{name}[{i}]") for i, v in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    if isinstance(value, dict):
+        return {k: plain(v, f"{name}[{k!r}]") for k, v in value.items()}
+    raise ConfigError(
+        f"extra {name!r} is a {type(value).__name__}, which torch.load(weights_only=True) cannot read back; "
+        f"store numbers, strings, lists, dicts or tensors (e.g. torch.tensor(...) for an array)")
+
+
+# ---------------------------------------------------------------- objects
+
+def load_into(name: str, obj: Any, state: Any) -> None:
+    """``obj.load_state_dict(state)`` with errors that say what does not match."""
+    if isinstance(obj, torch.nn.Module):
+        _check_module(name, obj, state)
+    try:
+        obj.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise StateMismatchError(
+            f"checkpoint entry {name!r} does not fit the {type(obj).__name__} it is loaded into: "
+            f"{str(exc).strip().splitlines()[0]}. Build the same {type(obj).__name__} as the run that saved it, "
+            f"or start a new run in a new directory.") from exc
+
+
+def _check_module(name: str, module: torch.nn.Module, state: Mapping[str, Any]) -> None:
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(state)
+                    if isinstance(state[k], torch.Tensor) and state[k].shape != expected[k].shape)
+    if not (missing or unexpected or shapes):
+        return
+    parts = []
+    if missing:
+        parts.append(f"missing keys {_few(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys {_few(unexpected)}")
+    if shapes:
+        parts.append("shape mismatch " + ", ".join(
+            f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in shapes[:5]))
+    raise StateMismatchError(
+        f"checkpoint entry {name!r} does not match the model: {'; '.join(parts)}. "
+        f"Build the model exactly as the run that saved it, or start a new run in a new directory.")
+
+
+def _few(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"[{shown}{', ...' if len(keys) > limit else ''}] ({len(keys)})"

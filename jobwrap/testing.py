@@ -1,0 +1,153 @@
+"""Preemption as a test: run a training command, signal it at step N, relaunch, compare runs.
+
+Real processes and real signals. The training process holds at each requested
+step boundary (``JOBWRAP_TEST_HOLD_AT``) until the signal has arrived, so
+"preempted at step 17" means exactly step 17, with no sleeps and no races::
+
+    from jobwrap.testing import run_preempted, assert_same_run
+
+    plain = run_preempted(["python", "train.py"], tmp_path / "a")
+    cut = run_preempted(["python", "train.py"], tmp_path / "b", preempt_at=[5, 17, 32])
+    assert cut.preemptions == 3
+    assert_same_run(plain.directory, cut.directory)
+
+With pytest, the ``jobwrap_preempt`` fixture gives the same with ``tmp_path`` filled in.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+__all__ = ["PreemptedRun", "run_preempted", "final_state", "assert_same_run", "assert_same_state"]
+
+
+@dataclasses.dataclass
+class PreemptedRun:
+    """What happened: exit status, output, at which steps the signal was sent."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    directory: Path
+    signalled_at: list[int]
+
+    @property
+    def preemptions(self) -> int:
+        return len(self.signalled_at)
+
+    def check(self) -> "PreemptedRun":
+        if self.returncode != 0:
+            raise AssertionError(f"run exited with {self.returncode}\n--- stderr tail ---\n{self.stderr[-3000:]}")
+        return self
+
+
+def run_preempted(command: Sequence[str], directory: str | os.PathLike, *,
+                  preempt_at: Iterable[int] = (), signal_: int = signal.SIGUSR1,
+                  env: Mapping[str, str] | None = None, run_args: Sequence[str] = (),
+                  timeout: float = 300) -> PreemptedRun:
+    """Run ``command`` under ``jobwrap run`` and send ``signal_`` when it reaches each step in ``preempt_at``.
+
+    The signal goes to the supervisor, which forwards it to the training
+    process and relaunches it when it asks to be requeued, as Slurm would.
+    """
+    directory = Path(directory)
+    pending = sorted(set(preempt_at))
+    control = Path(tempfile.mkdtemp(prefix="jobwrap-control-"))
+    run_env = {**os.environ, **(env or {}), "JOBWRAP_DIR": str(directory),
+               "JOBWRAP_TEST_CONTROL": str(control),
+               "JOBWRAP_TEST_HOLD_AT": ",".join(str(s) for s in pending)}
+    argv = [sys.executable, "-m", "jobwrap", "run", *run_args, "--", *command]
+    out_path, err_path = control / "stdout", control / "stderr"
+    signalled: list[int] = []
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        proc = subprocess.Popen(argv, env=run_env, stdout=out, stderr=err, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        try:
+            while proc.poll() is None:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"run did not finish within {timeout:.0f} s: {list(command)}\n"
+                                         f"--- stderr tail ---\n{err_path.read_text()[-3000:]}")
+                for step in list(pending):
+                    if (control / f"held-{step}").exists():
+                        os.kill(proc.pid, signal_)
+                        (control / f"done-{step}").touch()
+                        pending.remove(step)
+                        signalled.append(step)
+                time.sleep(0.005)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+    return PreemptedRun(returncode=proc.returncode, stdout=out_path.read_text(), stderr=err_path.read_text(),
+                        directory=directory, signalled_at=signalled)
+
+
+def final_state(directory: str | os.PathLike) -> dict[str, Any]:
+    """The newest committed checkpoint of a directory, verified and loaded with ``weights_only=True``."""
+    import torch
+
+    from jobwrap.store import CheckpointStore
+
+    store = CheckpointStore(os.fspath(directory))
+    committed = store.committed()
+    if not committed:
+        raise AssertionError(f"no committed checkpoint in {directory}")
+    store.verify(committed[0])
+    return torch.load(committed[0].path, map_location="cpu", weights_only=True)
+
+
+def assert_same_state(a: Any, b: Any, path: str = "checkpoint") -> None:
+    """Bit-for-bit equality of two loaded checkpoints (tensors, numbers, nested containers)."""
+    import torch
+
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            raise AssertionError(f"{path}: tensor vs {type(b).__name__}")
+        if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a, b):
+            raise AssertionError(f"{path}: tensors differ (max abs diff "
+                                 f"{(a.double() - b.double()).abs().max().item() if a.shape == b.shape else 'n/a'})")
+        return
+    if isinstance(a, dict) and isinstance(b, dict):
+        if set(a) != set(b):
+            raise AssertionError(f"{path}: keys differ: only in first {sorted(map(str, set(a) - set(b)))}, "
+                                 f"only in second {sorted(map(str, set(b) - set(a)))}")
+        for key in a:
+            assert_same_state(a[key], b[key], f"{path}[{key!r}]")
+        return
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            raise AssertionError(f"{path}: lengths {len(a)} != {len(b)}")
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{path}[{i}]")
+        return
+    if a != b and not (a != a and b != b):  # NaN equals NaN here
+        raise AssertionError(f"{path}: {a!r} != {b!r}")
+
+
+def assert_same_run(first: str | os.PathLike, second: str | os.PathLike) -> None:
+    """The final checkpoints of two runs are identical, apart from the run's identity."""
+    a, b = final_state(first), final_state(second)
+    for state in (a, b):
+        state["jobwrap"].pop("run_id", None)
+    assert_same_state(a, b)
+
+
+try:
+    import pytest
+except ImportError:  # pragma: no cover - pytest is optional for users of the helpers
+    pytest = None
+
+if pytest is not None:
+    @pytest.fixture
+    def jobwrap_preempt(tmp_path: Path):
+        """``run(command, name, preempt_at=[...])`` with a fresh directory under ``tmp_path`` per name."""
+        def run(command: Sequence[str], name: str = "run", **kwargs: Any) -> PreemptedRun:
+            return run_preempted(command, tmp_path / name, **kwargs)
+        return run
