@@ -26,6 +26,7 @@ from jobwrap.data import ResumableLoader
 from jobwrap.env import JobEnv, default_run_id, read_env
 from jobwrap.errors import ConfigError, CorruptCheckpointError, StorageError
 from jobwrap.events import EventLog
+from jobwrap.format import human_size
 from jobwrap.schedulers import Scheduler, requeue_refusal, scheduler_for
 from jobwrap.signals import SignalTrap
 from jobwrap.state import RESERVED_KEYS, capture_rng, is_stateful, load_into, plain, restore_rng
@@ -50,6 +51,17 @@ class Preempted(SystemExit):
         self.checkpoint = checkpoint
         self.requeued = requeued
         self.reason = reason
+
+
+def _ensure_log_handler() -> None:
+    """One line per event in the job's log even when the script never configured logging."""
+    if log.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("jobwrap: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 
 def default_device(job: JobEnv) -> torch.device:
@@ -91,6 +103,7 @@ class Session:
         if self._started:
             return self
         self._started = True
+        _ensure_log_handler()
         # Trap first, so a signal that arrives while resuming is honoured right after.
         self._trap.install()
         try:
@@ -167,6 +180,8 @@ class Session:
                 if self._pending is not None and name in self._pending:
                     value = self._pending[name]
                 self.extras[name] = value
+        if self._trap.received and self.resumed_from is not None:
+            self._boundary()  # a signal that came while resuming: stop now, the state is the checkpoint's
         return self
 
     def __getitem__(self, name: str) -> Any:
@@ -281,16 +296,14 @@ class Session:
                         reason=f"{sig.name}: checkpoint committed, requeue requested ({self.scheduler.name})")
 
     def _hold_for_test(self) -> None:
+        """jobwrap.testing: wait here (bounded) until the test's signal arrives, so it lands at this step."""
         control = self.config.test_control
         if not control or os.path.exists(os.path.join(control, f"done-{self.step}")):
             return
         with open(os.path.join(control, f"held-{self.step}"), "w") as f:
             f.write(str(os.getpid()))
-        deadline = time.monotonic() + 60
-        while not self._trap.received and time.monotonic() < deadline:
-            if os.path.exists(os.path.join(control, f"done-{self.step}")):
-                break
-            self._trap.event.wait(0.01)
+        if not self._trap.event.wait(60):
+            log.warning("test hold at step %d: no signal within 60 s, continuing", self.step)
 
     # ------------------------------------------------------------ save / load
     def save(self, *, reason: str = "manual") -> Checkpoint:
@@ -303,8 +316,8 @@ class Session:
         seconds = time.monotonic() - started
         self.last_checkpoint = checkpoint
         self._last_save_time = time.monotonic()
-        log.info("saved step %d (epoch %d, %s) to %s: %.1f MB in %.2f s", self.step, self.epoch, reason,
-                 os.path.basename(checkpoint.path), checkpoint.size / 1e6, seconds)
+        log.info("saved step %d (epoch %d, %s) to %s: %s in %.2f s", self.step, self.epoch, reason,
+                 os.path.basename(checkpoint.path), human_size(checkpoint.size), seconds)
         self.events.append("save", step=self.step, epoch=self.epoch, bytes=checkpoint.size,
                            seconds=round(seconds, 4), path=checkpoint.path, reason=reason)
         deleted = self.store.retain(self.config.keep_last)

@@ -11,7 +11,6 @@ import logging
 import os
 import signal
 import subprocess
-import uuid
 from typing import Mapping, Sequence
 
 import psutil
@@ -50,9 +49,6 @@ def supervise(command: Sequence[str], *, forward: Sequence[signal.Signals], max_
     """Run ``command`` until it ends with anything but the requeue code; return its exit status."""
     env = dict(os.environ if environ is None else environ)
     job = read_env(env)
-    if job.scheduler == "local":
-        # A run id that survives relaunches: the training process derives its run id from it.
-        env.setdefault("JOBWRAP_JOB_ID", f"local-{uuid.uuid4().hex[:10]}")
     restart = job.restart_count
     child: subprocess.Popen | None = None
     received: list[int] = []

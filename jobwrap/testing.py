@@ -76,8 +76,8 @@ def run_preempted(command: Sequence[str], directory: str | os.PathLike, *,
                                          f"--- stderr tail ---\n{err_path.read_text()[-3000:]}")
                 for step in list(pending):
                     if (control / f"held-{step}").exists():
+                        (control / f"done-{step}").touch()  # a relaunch passing this step again goes on
                         os.kill(proc.pid, signal_)
-                        (control / f"done-{step}").touch()
                         pending.remove(step)
                         signalled.append(step)
                 time.sleep(0.005)

@@ -1,0 +1,143 @@
+"""``jobwrap submit [options] -- CMD ARGS...``: write a preemption-safe batch script and sbatch it."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import Callable
+
+from jobwrap.errors import ConfigError, JobwrapError, SchedulerError
+from jobwrap.sbatch import LAYOUTS, SubmitOptions, render
+
+NAME = "submit"
+
+log = logging.getLogger("jobwrap")
+
+Runner = Callable[..., subprocess.CompletedProcess]
+
+# Flag destinations that map one to one onto SubmitOptions fields.
+_FIELDS = {
+    "job_name": "job_name", "time": "time", "partition": "partition", "nodes": "nodes",
+    "gpus": "gpus_per_node", "ntasks_per_node": "ntasks_per_node", "cpus_per_task": "cpus_per_task",
+    "signal": "signal", "lead": "lead_seconds", "dir": "checkpoint_dir",
+    "max_requeues": "max_requeues", "output": "output", "sbatch_line": "extra_sbatch",
+    "layout": "layout", "master_port": "master_port",
+}
+
+_EXAMPLES = """\
+examples:
+  jobwrap submit --time 4:00:00 --partition gpu --dir /scratch/$USER/run1 -- python train.py --lr 3e-4
+  jobwrap submit --time 1-00:00:00 --nodes 2 --gpus 8 --dir /shared/run2 --dry-run -- python train.py
+
+The script is written next to the checkpoint directory (DIR.sbatch), or to a
+temporary file without --dir, and submitted with sbatch --parsable; the job id
+is printed. --dry-run prints the script instead.
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        NAME, help="write a batch script that checkpoints and requeues on the time-limit signal; sbatch it",
+        description="Render a Slurm batch script for CMD (signal before the time limit, requeue, "
+                    "appended log, checkpoint directory) and submit it with sbatch.",
+        epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--job-name", help="job name shown by squeue (default jobwrap)")
+    parser.add_argument("--time", required=True,
+                        help="time limit: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS")
+    parser.add_argument("--partition", help="partition to run in (default: the cluster's)")
+    parser.add_argument("--nodes", type=int, help="nodes (default 1)")
+    parser.add_argument("--gpus", type=int, help="GPUs per node (default 1; 0 for CPU only)")
+    parser.add_argument("--ntasks-per-node", type=int,
+                        help="processes per node (default: one per GPU; needed for CPU-only multi-process)")
+    parser.add_argument("--cpus-per-task", type=int, help="CPU cores per process")
+    parser.add_argument("--signal", help="warning signal: USR1 (default) or USR2 where NCCL owns USR1")
+    parser.add_argument("--lead", type=int, metavar="SECONDS",
+                        help="send the signal this many seconds before the time limit (default 120)")
+    parser.add_argument("--dir", help="checkpoint directory (JOBWRAP_DIR), the same on every restart")
+    parser.add_argument("--max-requeues", type=int, help="stop requeueing after this many restarts")
+    parser.add_argument("--output", help="log file; %%j is the job id, %%x the name (default jobwrap-%%x-%%j.out)")
+    parser.add_argument("--sbatch-line", action="append", metavar="--KEY=VALUE",
+                        help="another #SBATCH option, e.g. --sbatch-line=--account=proj (repeatable)")
+    parser.add_argument("--layout", choices=LAYOUTS,
+                        help="single: one process; multi-gpu: srun, one task per GPU on one node; "
+                             "multi-node: the same on several nodes (default: from --nodes and --gpus)")
+    parser.add_argument("--master-port", type=int,
+                        help="torch.distributed rendezvous port (default: derived from the job id)")
+    parser.add_argument("--dry-run", action="store_true", help="print the script; submit nothing")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    parser.set_defaults(func=main)
+
+
+def options_from_args(args: argparse.Namespace) -> SubmitOptions:
+    """The SubmitOptions the parsed flags describe; unset flags keep the dataclass defaults."""
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    values = {field: getattr(args, dest) for dest, field in _FIELDS.items() if getattr(args, dest) is not None}
+    return SubmitOptions(command=tuple(command), **values)
+
+
+def script_path(opts: SubmitOptions) -> str | None:
+    """Where the script is kept: ``DIR.sbatch`` beside the checkpoint directory, or None for a temp file."""
+    if opts.checkpoint_dir is None:
+        return None
+    return os.path.normpath(os.path.abspath(opts.checkpoint_dir)) + ".sbatch"
+
+
+def write_script(text: str, path: str | None) -> str:
+    """Write the script to ``path`` (a new temporary file when None); return the path written."""
+    if path is None:
+        fd, path = tempfile.mkstemp(prefix="jobwrap-", suffix=".sbatch")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        return path
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the batch script to {path}: {exc.strerror}; choose another --dir "
+                          f"or use --dry-run and save the output yourself") from None
+    return path
+
+
+def sbatch(path: str, *, run: Runner = subprocess.run, executable: str | None = None,
+           timeout: float = 60.0) -> str:
+    """Submit ``path`` with ``sbatch --parsable``; return the job id or raise SchedulerError."""
+    command = [executable or shutil.which("sbatch") or "sbatch", "--parsable", path]
+    try:
+        result = run(command, capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        raise SchedulerError("sbatch not found on PATH: run jobwrap submit on a Slurm login node, or use "
+                             "--dry-run to print the script and submit it yourself") from None
+    except subprocess.TimeoutExpired:
+        raise SchedulerError(f"sbatch did not answer within {timeout:.0f} s; check the Slurm controller "
+                             f"(scontrol ping) and submit {path} again") from None
+    if result.returncode != 0:
+        reason = (result.stderr or result.stdout or f"exit code {result.returncode}").strip()
+        raise SchedulerError(f"sbatch refused {path}: {reason}; fix the option it names and submit again")
+    # --parsable prints "JOBID" or "JOBID;CLUSTER".
+    job_id = result.stdout.strip().splitlines()[-1].split(";")[0] if result.stdout.strip() else ""
+    if not job_id:
+        raise SchedulerError(f"sbatch printed no job id for {path}; check squeue before submitting again")
+    return job_id
+
+
+def main(args: argparse.Namespace, *, run: Runner = subprocess.run) -> int:
+    try:
+        opts = options_from_args(args)
+        text = render(opts)
+        if args.dry_run:
+            sys.stdout.write(text)
+            return 0
+        path = write_script(text, script_path(opts))
+        job_id = sbatch(path, run=run)
+    except JobwrapError as exc:
+        print(f"jobwrap submit: {exc}", file=sys.stderr)
+        return 2
+    log.info("submitted %s as job %s", path, job_id)
+    print(job_id)
+    return 0

@@ -1,0 +1,150 @@
+"""End to end: real training processes under `jobwrap run`, real signals, real relaunches.
+
+Each preempted run is compared bit for bit with an uninterrupted run of the same command.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from jobwrap.events import read_events
+from jobwrap.store import CheckpointStore
+from jobwrap.testing import assert_same_run, final_state, run_preempted
+
+STEPS_PER_EPOCH = 8  # --samples 256 / batch 32
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Uninterrupted runs, one per optimizer, computed once."""
+    cache = {}
+
+    def get(optimizer: str, epochs: int = 2):
+        key = (optimizer, epochs)
+        if key not in cache:
+            directory = tmp_path_factory.mktemp(f"reference-{optimizer}-{epochs}")
+            cmd = [sys.executable, _train(), "--optimizer", optimizer, "--epochs", str(epochs),
+                   "--samples", "256", "--loss-log", str(directory / "loss")]
+            run_preempted(cmd, directory / "ck").check()
+            cache[key] = directory
+        return cache[key]
+    return get
+
+
+def _train():
+    from conftest import TRAIN
+    return str(TRAIN)
+
+
+def _cmd(optimizer, epochs, loss_log, *extra):
+    return [sys.executable, _train(), "--optimizer", optimizer, "--epochs", str(epochs), "--samples", "256",
+            "--loss-log", str(loss_log), *extra]
+
+
+@pytest.mark.parametrize("optimizer,preempt_at", [
+    ("sgd", [3]),                                   # before the first checkpoint, mid-epoch
+    ("adam", [STEPS_PER_EPOCH]),                    # exactly at an epoch boundary
+    ("adam", [0, 5, STEPS_PER_EPOCH + 3, 2 * STEPS_PER_EPOCH - 1]),  # several times, first before step 1
+])
+def test_preempted_run_is_bit_exact(tmp_path, reference, optimizer, preempt_at):
+    """SGD+momentum / Adam+StepLR+dropout on a shuffled DataLoader: the preempted run equals the plain one."""
+    ref = reference(optimizer)
+    run = run_preempted(_cmd(optimizer, 2, tmp_path / "loss"), tmp_path / "ck", preempt_at=preempt_at).check()
+    assert run.signalled_at == preempt_at
+    assert_same_run(ref / "ck", tmp_path / "ck")
+    history = (tmp_path / "loss").read_text().splitlines()
+    assert history == (ref / "loss").read_text().splitlines()  # same losses, no step trained twice
+    requeues = [e for e in read_events(str(tmp_path / "ck")) if e["event"] == "requeue"]
+    assert [e["step"] for e in requeues] == preempt_at
+
+
+def test_multiprocess_loader_resumes_mid_epoch(tmp_path, reference):
+    """With DataLoader workers the remaining batches of a preempted epoch are the same, in order."""
+    cmd = [sys.executable, _train(), "--epochs", "2", "--samples", "256", "--workers", "2"]
+    plain = run_preempted(cmd, tmp_path / "plain").check()
+    cut = run_preempted(cmd, tmp_path / "cut", preempt_at=[5]).check()
+    assert cut.preemptions == 1
+    assert_same_run(plain.directory, cut.directory)
+
+
+def test_sigterm_commits_and_does_not_requeue(tmp_path):
+    """SIGTERM (a user's scancel, or Slurm's preemption) commits a checkpoint and ends the job with 143."""
+    run = run_preempted(_cmd("adam", 2, tmp_path / "loss"), tmp_path / "ck", preempt_at=[6],
+                        signal_=signal.SIGTERM)
+    assert run.returncode == 128 + signal.SIGTERM, run.stderr
+    assert "exiting without requeueing" in run.stderr
+    assert final_state(tmp_path / "ck")["step"] == 6
+    assert "relaunching" not in run.stderr
+
+
+def test_requeue_cap_ends_with_a_clear_message(tmp_path):
+    """With --max-requeues 1, the second preemption commits a checkpoint and is not requeued."""
+    run = run_preempted(_cmd("adam", 2, tmp_path / "loss"), tmp_path / "ck", preempt_at=[2, 4],
+                        run_args=["--max-requeues", "1"])
+    assert run.returncode == 1, run.stderr
+    assert "not requeued: the requeue cap is reached" in run.stderr
+    assert final_state(tmp_path / "ck")["step"] == 4
+
+
+@pytest.mark.parametrize("point", ["data-written", "data-renamed", "manifest-written", "committed", "retention"])
+def test_sigkill_during_save_never_loses_the_committed_checkpoint(tmp_path, reference, point):
+    """SIGKILL at each point of a save: the next start resumes from the newest committed checkpoint."""
+    ck = tmp_path / "ck"
+    # Phase 1: one epoch, committed at its end (step 8).
+    run_preempted(_cmd("adam", 1, tmp_path / "loss"), ck).check()
+    # Phase 2: continue with periodic saves; the first one (step 12) is killed at `point`.
+    env = {"JOBWRAP_TEST_KILL_AT": point, "JOBWRAP_SAVE_EVERY_STEPS": "4", "JOBWRAP_KEEP": "1"}
+    killed = run_preempted(_cmd("adam", 2, tmp_path / "loss"), ck, env=env)
+    assert killed.returncode == 128 + signal.SIGKILL
+    committed = [c.step for c in CheckpointStore(str(ck)).committed()]
+    survivor = 12 if point in ("committed", "retention") else 8
+    assert survivor in committed
+    # Phase 3: a plain restart resumes from the survivor, never from a broken file, and finishes exactly.
+    resumed = run_preempted(_cmd("adam", 2, tmp_path / "loss"), ck).check()
+    assert f"resumed from step-{survivor:012d}.pt" in resumed.stderr
+    assert "corrupt" not in resumed.stderr
+    assert_same_run(reference("adam") / "ck", ck)
+    assert not [n for n in os.listdir(ck) if n.startswith(".tmp-")]
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, reference):
+    """A truncated newest checkpoint is reported in one line, set aside, and the run resumes from the previous."""
+    ck = tmp_path / "ck"
+    run_preempted(_cmd("adam", 2, tmp_path / "loss"), ck, preempt_at=[4, 9], run_args=["--max-requeues", "1"])
+    newest = CheckpointStore(str(ck)).committed()[0]
+    assert newest.step == 9
+    with open(newest.path, "r+b") as f:
+        f.truncate(100)
+    resumed = run_preempted(_cmd("adam", 2, tmp_path / "loss"), ck).check()
+    warnings = [line for line in resumed.stderr.splitlines() if "corrupt checkpoint" in line]
+    assert len(warnings) == 1 and "truncated" in warnings[0]
+    assert "resumed from step-000000000004.pt" in resumed.stderr
+    assert any(n.startswith("step-000000000009.pt.corrupt") for n in os.listdir(ck))
+    assert_same_run(reference("adam") / "ck", ck)
+
+
+def test_another_runs_directory_is_refused_end_to_end(tmp_path):
+    """A run with another run id on the same directory is refused with the fix named; --adopt continues."""
+    ck = tmp_path / "ck"
+    run_preempted(_cmd("adam", 1, tmp_path / "loss"), ck, run_args=["--run-id", "first"]).check()
+    second = run_preempted(_cmd("adam", 2, tmp_path / "loss"), ck, run_args=["--run-id", "second"])
+    assert second.returncode != 0
+    assert "holds checkpoints of run 'first'" in second.stderr and "JOBWRAP_ADOPT=1" in second.stderr
+    adopted = run_preempted(_cmd("adam", 2, tmp_path / "loss"), ck,
+                            run_args=["--run-id", "second", "--adopt"]).check()
+    assert "resumed from step-000000000008.pt" in adopted.stderr
+
+
+def test_ls_lists_what_a_run_wrote(tmp_path):
+    """`jobwrap ls` shows the checkpoints, verified, and marks the one a resume would pick."""
+    ck = tmp_path / "ck"
+    run_preempted(_cmd("adam", 1, tmp_path / "loss"), ck, preempt_at=[3]).check()
+    out = subprocess.run([sys.executable, "-m", "jobwrap", "ls", str(ck)], capture_output=True, text=True,
+                         check=True).stdout
+    lines = out.splitlines()
+    assert lines[1].startswith("->") and "step-000000000008.pt" in lines[1] and "verified" in lines[1]
+    assert "step-000000000003.pt" in out

@@ -1,0 +1,162 @@
+"""The Session in one process, with real signals sent to itself: the flag logic and the resume."""
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+from torch import nn
+
+import jobwrap
+from jobwrap.errors import ConfigError, StateMismatchError
+from jobwrap.events import read_events
+
+
+def _session(directory, **settings):
+    return jobwrap.Session(str(directory), environ={}, **settings)
+
+
+def _train_steps(job, model, optimizer, steps):
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(torch.ones(3, 2)).sum().backward()
+        optimizer.step()
+        job.step_done()
+
+
+def test_smallest_case_sgd_momentum_resumes_lr_and_buffers(tmp_path):
+    """nn.Linear(2, 1) with SGD(lr=0.1, momentum=0.9): after resume lr is 0.1 and momentum buffers match."""
+    torch.manual_seed(0)
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(jobwrap.Preempted) as stopped:
+        with _session(tmp_path) as job:
+            job.track(model=model, optimizer=optimizer)
+            _train_steps(job, model, optimizer, 3)
+            os.kill(os.getpid(), signal.SIGUSR1)
+            _train_steps(job, model, optimizer, 1)
+    assert stopped.value.code == jobwrap.REQUEUE_EXIT_CODE and stopped.value.checkpoint.step == 4
+    saved = {k: v["momentum_buffer"].clone() for k, v in optimizer.state_dict()["state"].items()}
+
+    model2 = nn.Linear(2, 1)
+    optimizer2 = torch.optim.SGD(model2.parameters(), lr=0.5, momentum=0.0)
+    with _session(tmp_path) as job:
+        job.track(model=model2, optimizer=optimizer2)
+        assert job.step == 4
+        assert optimizer2.param_groups[0]["lr"] == 0.1
+        assert optimizer2.param_groups[0]["momentum"] == 0.9
+        for key, buffer in optimizer2.state_dict()["state"].items():
+            assert torch.equal(buffer["momentum_buffer"], saved[key])
+        assert torch.equal(model2.weight, model.weight)
+
+
+def test_handler_only_records_and_is_restored(tmp_path):
+    """The trap records the signal (no save inside the handler) and restores the previous handler."""
+    calls = []
+    previous = signal.signal(signal.SIGUSR1, lambda s, f: calls.append(s))
+    try:
+        with _session(tmp_path) as job:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), signal.SIGUSR1)  # a second signal: still no save, no second save
+            assert job.should_stop
+            assert job.store.committed() == []
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert calls == [signal.SIGUSR1]
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_sigterm_checkpoints_and_exits_without_requeue(tmp_path):
+    """TERM commits a checkpoint and exits 143 without asking for a requeue (scancel must end the job)."""
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(jobwrap.Preempted) as stopped:
+        with _session(tmp_path) as job:
+            job.track(model=model, optimizer=optimizer)
+            os.kill(os.getpid(), signal.SIGTERM)
+            _train_steps(job, model, optimizer, 2)
+    assert stopped.value.code == 143 and not stopped.value.requeued
+    assert stopped.value.checkpoint.step == 1
+    assert [e["event"] for e in read_events(str(tmp_path))][-2:] == ["stop", "exit"]
+
+
+def test_signal_during_resume_is_honoured_at_first_boundary(tmp_path):
+    """A signal that arrives while resuming stops the run at its first boundary, without a duplicate save."""
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with _session(tmp_path) as job:
+        job.track(model=model, optimizer=optimizer)
+        _train_steps(job, model, optimizer, 2)
+        job.save()
+    with pytest.raises(jobwrap.Preempted) as stopped:
+        with _session(tmp_path, max_no_progress=1) as job:
+            os.kill(os.getpid(), signal.SIGUSR1)  # arrives before track() restored anything
+            job.track(model=model, optimizer=optimizer)
+            _train_steps(job, model, optimizer, 1)
+    assert stopped.value.checkpoint.step == 2
+    assert stopped.value.code == 1 and "committed no newer step" in stopped.value.reason
+
+
+def test_extras_round_trip_and_bad_extra_is_refused(tmp_path):
+    """Extras such as best_loss come back; a value weights_only cannot load is refused by name."""
+    with _session(tmp_path) as job:
+        job.track(best_loss=float("inf"), history=[1, 2])
+        job["best_loss"] = 0.25
+        job.save()
+    with _session(tmp_path) as job:
+        job.track(best_loss=float("inf"), history=[])
+        assert job["best_loss"] == 0.25 and job["history"] == [1, 2]
+    with pytest.raises(ConfigError, match="'opts'.*weights_only"):
+        with _session(tmp_path / "other") as job:
+            job.track(opts=object())
+
+
+def test_model_that_does_not_match_names_the_keys(tmp_path):
+    """Loading into a different model fails with the missing and unexpected keys named."""
+    with _session(tmp_path) as job:
+        job.track(model=nn.Linear(2, 1))
+        job.save()
+    with pytest.raises(StateMismatchError) as error:
+        with _session(tmp_path) as job:
+            job.track(model=nn.Sequential(nn.Linear(2, 1)))
+    message = str(error.value)
+    assert "missing keys [0.bias, 0.weight]" in message and "unexpected keys [bias, weight]" in message
+    assert "new directory" in message
+    with pytest.raises(StateMismatchError, match="shape mismatch weight"):
+        with _session(tmp_path) as job:
+            job.track(model=nn.Linear(3, 1))
+
+
+def test_config_precedence_and_errors(tmp_path):
+    """An argument beats JOBWRAP_* variables, which beat defaults; bad values name the fix."""
+    from jobwrap.config import load_config
+
+    env = {"JOBWRAP_DIR": str(tmp_path), "JOBWRAP_KEEP": "5", "JOBWRAP_REQUEUE_SIGNALS": "USR2"}
+    assert load_config(env).keep_last == 5
+    assert load_config(env, keep_last=2).keep_last == 2
+    assert load_config(env).requeue_signals == (signal.SIGUSR2,)
+    with pytest.raises(ConfigError, match="JOBWRAP_KEEP"):
+        load_config({**env, "JOBWRAP_KEEP": "many"})
+    with pytest.raises(ConfigError, match="both a requeue and an exit signal"):
+        load_config(env, exit_signals=["USR2"])
+    with pytest.raises(ConfigError, match="unknown signal"):
+        load_config(env, requeue_signals=["USR9"])
+    with pytest.raises(ConfigError, match="JOBWRAP_DIR"):
+        load_config({})
+    with pytest.raises(ConfigError, match="world-writable"):
+        load_config(env, file_mode=0o666)
+    with pytest.raises(ConfigError, match="'/'"):
+        load_config(env, run_id="../escape")
+
+
+def test_requeue_caps_policy():
+    """The requeue loop stops at the cap and after runs that made no progress."""
+    from jobwrap.schedulers import requeue_refusal
+
+    assert requeue_refusal(restart_count=2, max_requeues=3, progress_history=[True], max_no_progress=3) is None
+    assert "cap" in requeue_refusal(restart_count=3, max_requeues=3, progress_history=[True], max_no_progress=3)
+    assert "no newer step" in requeue_refusal(restart_count=0, max_requeues=9,
+                                              progress_history=[True, False, False, False], max_no_progress=3)
+    assert requeue_refusal(restart_count=0, max_requeues=9, progress_history=[False, False, True],
+                           max_no_progress=3) is None

@@ -1,0 +1,178 @@
+"""The checkpoint store: commit protocol, verification, retention, run identity, permissions."""
+from __future__ import annotations
+
+import logging
+import os
+import stat
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from jobwrap.errors import CorruptCheckpointError, ForeignRunError, StorageError
+from jobwrap.store import CheckpointStore, leftovers, parse_listing, retention_victims
+
+
+def _save(store: CheckpointStore, step: int, value: float = 1.0):
+    return store.save({"model": {"w": torch.full((4,), value)}, "step": step, "epoch": 0,
+                       "jobwrap": {"format": 1}}, step=step, epoch=0, meta={"run_id": "r"})
+
+
+def _load(checkpoint):
+    return torch.load(checkpoint.path, weights_only=True)
+
+
+def test_saved_checkpoint_is_plain_torch_file(tmp_path):
+    """A committed checkpoint opens with plain torch.load(weights_only=True) and has a manifest."""
+    store = CheckpointStore(str(tmp_path))
+    store.prepare()
+    checkpoint = _save(store, 7, 2.5)
+    loaded = torch.load(checkpoint.path, weights_only=True)
+    assert torch.equal(loaded["model"]["w"], torch.full((4,), 2.5))
+    assert checkpoint.manifest["size"] == os.path.getsize(checkpoint.path)
+    assert checkpoint.manifest["checksum"].startswith("xxh3_64:")
+    store.verify(checkpoint)
+
+
+def test_files_are_owner_only_by_default(tmp_path):
+    """Checkpoints and manifests are created 0600, never world-readable or writable."""
+    store = CheckpointStore(str(tmp_path / "ck"))
+    store.prepare()
+    _save(store, 1)
+    for name in os.listdir(store.directory):
+        mode = stat.S_IMODE(os.stat(os.path.join(store.directory, name)).st_mode)
+        assert mode & 0o077 == 0, (name, oct(mode))
+
+
+def test_group_readable_mode_for_teams(tmp_path):
+    """file_mode=0o640 makes checkpoints group-readable, still not world-accessible."""
+    store = CheckpointStore(str(tmp_path / "ck"), file_mode=0o640)
+    store.prepare()
+    checkpoint = _save(store, 1)
+    assert stat.S_IMODE(os.stat(checkpoint.path).st_mode) & 0o777 in (0o640, 0o600)  # umask may narrow it
+
+
+def test_truncated_newest_is_set_aside_and_previous_used(tmp_path, caplog):
+    """A truncated newest checkpoint is reported in one line, renamed, and the previous one loads."""
+    store = CheckpointStore(str(tmp_path))
+    store.prepare()
+    _save(store, 1, 1.0)
+    newest = _save(store, 2, 2.0)
+    with open(newest.path, "r+b") as f:
+        f.truncate(newest.size // 2)
+    with caplog.at_level(logging.WARNING, logger="jobwrap"):
+        found = store.newest_loadable(_load)
+    assert found is not None and found[0].step == 1
+    assert any("truncated" in r.getMessage() for r in caplog.records)
+    assert any(name.startswith("step-000000000002.pt.corrupt") for name in os.listdir(tmp_path))
+
+
+def test_bit_flip_is_detected(tmp_path):
+    """One flipped bit anywhere fails verification."""
+    store = CheckpointStore(str(tmp_path))
+    store.prepare()
+    checkpoint = _save(store, 3)
+    with open(checkpoint.path, "r+b") as f:
+        f.seek(checkpoint.size // 3)
+        byte = f.read(1)
+        f.seek(checkpoint.size // 3)
+        f.write(bytes([byte[0] ^ 0x10]))
+    with pytest.raises(CorruptCheckpointError, match="checksum"):
+        store.verify(checkpoint)
+
+
+def test_malicious_pickle_is_refused(tmp_path):
+    """A checkpoint whose pickle would run code is refused by weights_only and set aside."""
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path}/pwned",))
+
+    store = CheckpointStore(str(tmp_path))
+    store.prepare()
+    _save(store, 1)
+    evil = store.save({"x": 1}, step=2, epoch=0, meta={})
+    with open(evil.path, "wb") as f:
+        pickle.dump(Evil(), f)
+    # Make the manifest agree with the hostile file, so only weights_only stands in the way.
+    import json
+    from jobwrap.store import checksum_of
+    digest, size = checksum_of(evil.path)
+    manifest_path = evil.path[:-3] + ".json"
+    record = json.load(open(manifest_path))
+    record.update(checksum=digest, size=size)
+    json.dump(record, open(manifest_path, "w"))
+    found = store.newest_loadable(_load)
+    assert found is not None and found[0].step == 1
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_retention_keeps_newest_and_deletes_only_after_commit(tmp_path):
+    """keep_last=2 leaves the two newest committed checkpoints."""
+    store = CheckpointStore(str(tmp_path))
+    store.prepare()
+    for step in range(1, 6):
+        _save(store, step)
+        store.retain(2)
+    assert [c.step for c in store.committed()] == [5, 4]
+
+
+def test_leftovers_of_a_killed_save_are_cleaned(tmp_path):
+    """Temporary files and data without a manifest are removed at the next start."""
+    store = CheckpointStore(str(tmp_path))
+    store.prepare()
+    good = _save(store, 1)
+    (tmp_path / ".tmp-step-000000000002.pt.abcd").write_bytes(b"half")
+    (tmp_path / "step-000000000003.pt").write_bytes(b"no manifest")
+    store.prepare()
+    assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(good.path), "step-000000000001.json"])
+
+
+def test_another_runs_directory_is_refused(tmp_path):
+    """A directory with another run's checkpoints is refused with the fix in the message."""
+    store = CheckpointStore(str(tmp_path))
+    store.prepare()
+    store.claim("run-a")
+    _save(store, 1)
+    with pytest.raises(ForeignRunError, match="JOBWRAP_ADOPT=1"):
+        store.claim("run-b")
+    run_id, lineage = store.claim("run-b", adopt=True)
+    assert run_id == "run-b" and lineage == ["run-a", "run-b"]
+
+
+def test_unwritable_directory_is_a_clear_error(tmp_path):
+    """An unwritable directory raises StorageError naming the directory and the fix."""
+    if os.geteuid() == 0:
+        target = "/proc/jobwrap-checkpoints"  # root can write anywhere on disk; /proc refuses everyone
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        target = str(locked / "ck")
+    with pytest.raises(StorageError, match="not usable"):
+        CheckpointStore(target).prepare()
+
+
+@given(st.lists(st.integers(min_value=0, max_value=10**6), unique=True), st.integers(min_value=0, max_value=8))
+def test_retention_policy_never_drops_below_one(steps, keep):
+    """Retention deletes the oldest, keeps the newest max(1, keep), never the newest one."""
+    victims = retention_victims(steps, keep)
+    kept = set(steps) - set(victims)
+    assert len(kept) == min(len(steps), max(1, keep))
+    if steps:
+        assert max(steps) in kept
+        assert all(v < min(kept) for v in victims)
+
+
+@given(st.lists(st.tuples(st.integers(0, 50), st.sampled_from(["pt", "json"])), max_size=40),
+       st.lists(st.text(min_size=1, max_size=12), max_size=5))
+def test_listing_policy(files, junk):
+    """Only steps with both files count as committed; orphans are cleanup candidates; junk is ignored."""
+    names = {f"step-{s:012d}.{kind}" for s, kind in files} | set(junk)
+    listing = parse_listing(names)
+    assert [i.step for i in listing] == sorted({s for s, _ in files}, reverse=True)
+    for item in listing:
+        assert item.committed == ({f"step-{item.step:012d}.pt", f"step-{item.step:012d}.json"} <= names)
+    for name in leftovers(names):
+        assert name.startswith(".tmp-") or (name.endswith(".pt") and name[:-3] + ".json" not in names)
