@@ -66,6 +66,8 @@ class Config:
     file_mode: int = 0o600
     device: str | None = None
     on_save_error: str = "raise"
+    allow_world_size_change: bool = False
+    sync_every_steps: int = 1
     # Test hooks (jobwrap.testing): hold at these steps until a signal arrives.
     test_hold_at: tuple[int, ...] = ()
     test_control: str | None = None
@@ -94,6 +96,8 @@ class Config:
             raise ConfigError(f"max_no_progress={self.max_no_progress}: use 1 or more")
         if self.file_mode & 0o002:
             raise ConfigError(f"file_mode={oct(self.file_mode)} is world-writable; use 0o600 or 0o640")
+        if self.sync_every_steps < 1:
+            raise ConfigError(f"sync_every_steps={self.sync_every_steps}: use 1 or more")
         if self.on_save_error not in ("raise", "continue"):
             raise ConfigError(f"on_save_error={self.on_save_error!r}: use 'raise' (stop training) or "
                               f"'continue' (log it and keep training; the signal's save still raises)")
@@ -106,10 +110,14 @@ def _check_run_id(run_id: str) -> None:
         raise ConfigError(f"run_id {run_id!r} must be a plain name without '/' or '..'")
 
 
+def _flag(value: str) -> bool:
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
 _ENV_FIELDS: dict[str, tuple[str, Any]] = {
     "JOBWRAP_DIR": ("directory", str),
     "JOBWRAP_RUN_ID": ("run_id", str),
-    "JOBWRAP_ADOPT": ("adopt", lambda v: v.strip().lower() in ("1", "true", "yes")),
+    "JOBWRAP_ADOPT": ("adopt", _flag),
     "JOBWRAP_REQUEUE_SIGNALS": ("requeue_signals", parse_signals),
     "JOBWRAP_EXIT_SIGNALS": ("exit_signals", parse_signals),
     "JOBWRAP_KEEP": ("keep_last", int),
@@ -121,23 +129,35 @@ _ENV_FIELDS: dict[str, tuple[str, Any]] = {
     "JOBWRAP_FILE_MODE": ("file_mode", lambda v: int(v, 8)),
     "JOBWRAP_DEVICE": ("device", str),
     "JOBWRAP_ON_SAVE_ERROR": ("on_save_error", str),
+    "JOBWRAP_ALLOW_WORLD_SIZE_CHANGE": ("allow_world_size_change", _flag),
+    "JOBWRAP_SYNC_EVERY_STEPS": ("sync_every_steps", int),
     "JOBWRAP_TEST_HOLD_AT": ("test_hold_at", lambda v: tuple(int(x) for x in v.split(",") if x)),
     "JOBWRAP_TEST_CONTROL": ("test_control", str),
 }
 
 
-def load_config(environ: Mapping[str, str] | None = None, **arguments: Any) -> Config:
-    """Build a :class:`Config` from arguments (first) and ``JOBWRAP_*`` variables."""
+#: The environment variable of each setting, by :class:`Config` field (docs/guide.md lists them all).
+ENV_VARS: dict[str, str] = {field: var for var, (field, _) in _ENV_FIELDS.items()}
+
+
+def _from_env(environ: Mapping[str, str] | None, fields: Any = None) -> dict[str, Any]:
+    """The settings the ``JOBWRAP_*`` variables set (all, or only ``fields``), converted and checked."""
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     for var, (field, convert) in _ENV_FIELDS.items():
         raw = environ.get(var)
-        if raw is None or raw == "":
+        if raw is None or raw == "" or (fields is not None and field not in fields):
             continue
         try:
             values[field] = convert(raw)
         except (ValueError, ConfigError) as exc:
             raise ConfigError(f"{var}={raw!r} is not valid: {exc}") from None
+    return values
+
+
+def load_config(environ: Mapping[str, str] | None = None, **arguments: Any) -> Config:
+    """Build a :class:`Config`: an argument beats its ``JOBWRAP_*`` variable, which beats the default."""
+    values = _from_env(environ)
     known = {f.name for f in dataclasses.fields(Config)}
     unknown = set(arguments) - known
     if unknown:
@@ -145,3 +165,31 @@ def load_config(environ: Mapping[str, str] | None = None, **arguments: Any) -> C
     values.update({k: v for k, v in arguments.items() if v is not None})
     values.setdefault("directory", "")
     return Config(**values)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class RunSettings:
+    """What ``jobwrap run`` itself needs: the signals it forwards and how often it may relaunch."""
+
+    requeue_signals: tuple[signal.Signals, ...]
+    exit_signals: tuple[signal.Signals, ...]
+    max_requeues: int
+
+    @property
+    def forwarded(self) -> tuple[signal.Signals, ...]:
+        """Every trapped signal, and INT so that Ctrl-C reaches the training process too."""
+        return tuple(dict.fromkeys(self.requeue_signals + self.exit_signals + (signal.SIGINT,)))
+
+
+def load_run_settings(environ: Mapping[str, str] | None = None, **arguments: Any) -> RunSettings:
+    """The :class:`RunSettings` with the same precedence as :func:`load_config` (argument > variable > default)."""
+    values = {"requeue_signals": DEFAULT_REQUEUE_SIGNALS, "exit_signals": DEFAULT_EXIT_SIGNALS,
+              "max_requeues": DEFAULT_MAX_REQUEUES}
+    values.update(_from_env(environ, values))
+    values.update({k: v for k, v in arguments.items() if v is not None})
+    settings = RunSettings(requeue_signals=parse_signals(values["requeue_signals"]),
+                           exit_signals=parse_signals(values["exit_signals"]),
+                           max_requeues=int(values["max_requeues"]))
+    if settings.max_requeues < 0:
+        raise ConfigError(f"max_requeues={settings.max_requeues}: use 0 or more")
+    return settings

@@ -17,6 +17,7 @@ class JobEnv:
     local_rank: int
     world_size: int
     end_time: float | None = None  # epoch seconds when the allocation ends, if known
+    requeue_file: str | None = None  # set by `jobwrap run`: touching it asks for a relaunch
 
     @property
     def is_main(self) -> bool:
@@ -60,12 +61,14 @@ def read_env(environ: Mapping[str, str] | None = None) -> JobEnv:
             restart_count=_int(environ, "JOBWRAP_RESTART_COUNT", "SLURM_RESTART_COUNT", default=0),
             rank=rank, local_rank=local_rank, world_size=world_size,
             end_time=float(end) if end and end.isdigit() else None,
+            requeue_file=environ.get("JOBWRAP_REQUEUE_FILE") or None,
         )
     return JobEnv(
         scheduler="local",
         job_id=environ.get("JOBWRAP_JOB_ID"),
         restart_count=_int(environ, "JOBWRAP_RESTART_COUNT", default=0),
         rank=rank, local_rank=local_rank, world_size=world_size,
+        requeue_file=environ.get("JOBWRAP_REQUEUE_FILE") or None,
     )
 
 

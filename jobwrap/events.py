@@ -15,12 +15,15 @@ EVENTS_FILE = "events.jsonl"
 class EventLog:
     """Appends events to ``events.jsonl``; a failure to log never stops training."""
 
-    def __init__(self, directory: str, *, file_mode: int = 0o600, **context: Any) -> None:
+    def __init__(self, directory: str, *, file_mode: int = 0o600, enabled: bool = True, **context: Any) -> None:
         self.path = os.path.join(directory, EVENTS_FILE)
         self.file_mode = file_mode
+        self.enabled = enabled  # only rank 0 writes shared files
         self.context = context
 
     def append(self, event: str, **fields: Any) -> None:
+        if not self.enabled:
+            return
         record = {"time": round(time.time(), 3), "event": event, **self.context, **fields}
         line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
         try:

@@ -25,13 +25,33 @@ class Scheduler(Protocol):
         """Ask for this job to run again; return the exit code the process should end with."""
 
 
+def ask_supervisor(requeue_file: str | None) -> int:
+    """Ask ``jobwrap run`` for a relaunch: touch its requeue file (exit 0), else exit with the requeue code.
+
+    The file works through any launcher (torchrun turns a worker's non-zero exit
+    into a failure of its own); the exit code works where no file was handed down.
+    """
+    if requeue_file:
+        try:
+            with open(requeue_file, "w") as f:
+                f.write("requeue\n")
+            return 0
+        except OSError as exc:
+            log.warning("could not write the requeue file %s (%s); using exit code %d",
+                        requeue_file, exc.strerror, REQUEUE_EXIT_CODE)
+    return REQUEUE_EXIT_CODE
+
+
 class LocalScheduler:
-    """No scheduler: exit with :data:`REQUEUE_EXIT_CODE` so ``jobwrap run`` relaunches the command."""
+    """No scheduler: ``jobwrap run`` relaunches the command when asked."""
 
     name = "local"
 
+    def __init__(self, requeue_file: str | None = None) -> None:
+        self.requeue_file = requeue_file
+
     def requeue(self) -> int:
-        return REQUEUE_EXIT_CODE
+        return ask_supervisor(self.requeue_file)
 
 
 class SlurmScheduler:
@@ -43,8 +63,10 @@ class SlurmScheduler:
 
     name = "slurm"
 
-    def __init__(self, job_id: str, *, run: Runner = subprocess.run, timeout: float = 30.0) -> None:
+    def __init__(self, job_id: str, *, requeue_file: str | None = None, run: Runner = subprocess.run,
+                 timeout: float = 30.0) -> None:
         self.job_id = job_id
+        self.requeue_file = requeue_file
         self._run = run
         self._timeout = timeout
 
@@ -53,9 +75,9 @@ class SlurmScheduler:
         if error is None:
             log.info("requeued Slurm job %s", self.job_id)
             return 0
-        log.warning("scontrol requeue %s failed (%s); exiting with code %d so the batch script "
-                    "(jobwrap run) requeues the job", self.job_id, error, REQUEUE_EXIT_CODE)
-        return REQUEUE_EXIT_CODE
+        log.warning("scontrol requeue %s failed (%s); asking the batch script's jobwrap run "
+                    "(or exit code %d) to requeue the job", self.job_id, error, REQUEUE_EXIT_CODE)
+        return ask_supervisor(self.requeue_file)
 
 
 def scontrol_requeue(job_id: str, *, run: Runner = subprocess.run, timeout: float = 30.0,
@@ -75,8 +97,8 @@ def scontrol_requeue(job_id: str, *, run: Runner = subprocess.run, timeout: floa
 
 def scheduler_for(job: JobEnv) -> Scheduler:
     if job.scheduler == "slurm" and job.job_id:
-        return SlurmScheduler(job.job_id)
-    return LocalScheduler()
+        return SlurmScheduler(job.job_id, requeue_file=job.requeue_file)
+    return LocalScheduler(job.requeue_file)
 
 
 def requeue_refusal(*, restart_count: int, max_requeues: int,

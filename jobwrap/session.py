@@ -20,11 +20,12 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import torch
 
-from jobwrap import __version__
+from jobwrap import __version__, progress
 from jobwrap.config import Config, load_config
 from jobwrap.data import ResumableLoader
+from jobwrap.distributed import NO_STOP, STOP_EXIT, STOP_REQUEUE, Solo, join
 from jobwrap.env import JobEnv, default_run_id, read_env
-from jobwrap.errors import ConfigError, CorruptCheckpointError, StorageError
+from jobwrap.errors import ConfigError, CorruptCheckpointError, JobwrapError, StateMismatchError, StorageError
 from jobwrap.events import EventLog
 from jobwrap.format import human_size
 from jobwrap.schedulers import Scheduler, requeue_refusal, scheduler_for
@@ -96,6 +97,7 @@ class Session:
         self._resumed_step = -1
         self._last_save_time = time.monotonic()
         self._started = False
+        self.group: Solo = Solo()
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> "Session":
@@ -107,31 +109,79 @@ class Session:
         # Trap first, so a signal that arrives while resuming is honoured right after.
         self._trap.install()
         try:
-            self.store.prepare()
-            self.run_id, lineage = self.store.claim(self.config.run_id or default_run_id(self.job),
-                                                    adopt=self.config.adopt)
-            self.events = EventLog(self.config.directory, file_mode=self.config.file_mode,
-                                   run_id=self.run_id, restart=self.job.restart_count, job_id=self.job.job_id)
-            found = self.store.newest_loadable(self._load, lineage=lineage)
+            self.group = join()
+            opened = time.monotonic()
+            found = self._open_directory()
+            load_seconds = round(time.monotonic() - opened, 4)
         except BaseException:
             self._trap.restore()
+            self._started = False
             raise
         if found is None:
-            log.info("no checkpoint in %s: starting run %s fresh", self.config.directory, self.run_id)
-            self.events.append("start", step=0, resumed_from=None)
+            if self.group.rank == 0:
+                log.info("no checkpoint in %s: starting run %s fresh", self.config.directory, self.run_id)
+            self.events.append("start", step=0, resumed_from=None, world_size=self.group.world_size)
             return self
         checkpoint, payload = found
         self.resumed_from = self.last_checkpoint = checkpoint
         self._pending = payload
-        self._resume_data = payload["jobwrap"].get("data") or None
+        mine = self._my_rank_state(payload, checkpoint)
+        self._resume_data = mine.get("data") or None
         self.epoch, self.step = int(payload["epoch"]), int(payload["step"])
         self.position = int(payload["jobwrap"].get("position", 0))
         self._resumed_step = self.step
-        log.info("resumed from %s: step %d, epoch %d, run %s (saved by restart %s, this is restart %d)",
-                 os.path.basename(checkpoint.path), self.step, self.epoch, checkpoint.run_id,
-                 checkpoint.manifest.get("restart_count"), self.job.restart_count)
-        self.events.append("start", step=self.step, epoch=self.epoch, resumed_from=checkpoint.path)
+        if self.group.rank == 0:
+            log.info("resumed from %s: step %d, epoch %d, run %s (saved by restart %s, this is restart %d)",
+                     os.path.basename(checkpoint.path), self.step, self.epoch, checkpoint.run_id,
+                     checkpoint.manifest.get("restart_count"), self.job.restart_count)
+        self.events.append("start", step=self.step, epoch=self.epoch, resumed_from=checkpoint.path,
+                           world_size=self.group.world_size, load_seconds=load_seconds)
         return self
+
+    def _open_directory(self) -> tuple[Checkpoint, dict[str, Any]] | None:
+        """Rank 0 claims the directory and picks the newest verified checkpoint; every rank loads it."""
+        decision: dict[str, Any] = {}
+        if self.group.rank == 0:
+            try:
+                self.store.prepare()
+                run_id, lineage = self.store.claim(self.config.run_id or default_run_id(self.job),
+                                                   adopt=self.config.adopt)
+                self._open_events(run_id)
+                with progress.loading(self.store):
+                    found = self.store.newest_loadable(self._load, lineage=lineage)
+                decision = {"run_id": run_id, "step": found[0].step if found else None}
+            except (JobwrapError, OSError) as exc:
+                self.group.broadcast({"error": f"{type(exc).__name__}: {exc}"})
+                raise
+            self.group.broadcast(decision)
+            return found
+        decision = self.group.broadcast(None)
+        if "error" in decision:
+            raise JobwrapError(f"rank 0 could not open the checkpoint directory: {decision['error']}")
+        self._open_events(decision["run_id"])
+        if decision["step"] is None:
+            return None
+        checkpoint = next(c for c in self.store.committed() if c.step == decision["step"])
+        return checkpoint, self._load(checkpoint)  # rank 0 verified it
+
+    def _open_events(self, run_id: str) -> None:
+        self.run_id = run_id
+        self.events = EventLog(self.config.directory, file_mode=self.config.file_mode,
+                               enabled=self.group.rank == 0,
+                               run_id=run_id, restart=self.job.restart_count, job_id=self.job.job_id)
+
+    def _my_rank_state(self, payload: dict[str, Any], checkpoint: Checkpoint) -> dict[str, Any]:
+        ranks = payload["jobwrap"]["ranks"]
+        here = self.group.world_size
+        if len(ranks) != here:
+            if not self.config.allow_world_size_change:
+                raise StateMismatchError(
+                    f"{os.path.basename(checkpoint.path)} was saved by {len(ranks)} rank(s), this job has {here}: "
+                    f"each rank's RNG streams and data order cannot be mapped exactly. Resume with {len(ranks)} "
+                    f"rank(s), or set JOBWRAP_ALLOW_WORLD_SIZE_CHANGE=1 to accept a resume that is not bit-exact.")
+            log.warning("resuming %d-rank checkpoint with %d ranks: not bit-exact (allow_world_size_change)",
+                        len(ranks), here)
+        return ranks[self.group.rank % len(ranks)]
 
     def close(self, exc: BaseException | None = None) -> None:
         """Restore the previous signal handlers and record how the process ended."""
@@ -232,15 +282,32 @@ class Session:
             self._finish_resume()
         if self.config.test_hold_at and self.step in self.config.test_hold_at:
             self._hold_for_test()
-        if self._trap.received:
-            self._stop()
-        if self._periodic_save_due():
+        if self.group.world_size == 1:
+            if self._trap.received:
+                self._stop(self._local_stop_request())
+            if self._periodic_save_due():
+                self._periodic_save()
+            return
+        if self.step % self.config.sync_every_steps:
+            return
+        stop, save_due = self.group.agree(self._local_stop_request(), self._periodic_save_due())
+        if stop != NO_STOP:
+            self._stop(stop)
+        if save_due:
             self._periodic_save()
+
+    def _local_stop_request(self) -> int:
+        sig = self._trap.first
+        if sig is None:
+            return NO_STOP
+        if sig in self.config.requeue_signals or self.config.requeue_on_exit_signals:
+            return STOP_REQUEUE
+        return STOP_EXIT
 
     def _finish_resume(self) -> None:
         payload, self._pending = self._pending, None
         meta = payload["jobwrap"]
-        restore_rng(meta["rng"])
+        restore_rng(meta["ranks"][self.group.rank % len(meta["ranks"])]["rng"])
         untracked = [n for n in meta.get("objects", []) + meta.get("extras", [])
                      if n not in self._objects and n not in self.extras]
         if untracked:
@@ -264,23 +331,32 @@ class Session:
             log.error("periodic save failed, training continues (on_save_error=continue): %s", exc)
             self._last_save_time = time.monotonic()
 
-    def _stop(self) -> None:
+    def _stop(self, request: int) -> None:
+        """Every rank arrives here at the same step: commit, then rank 0 decides the exit and requeue."""
         sig = self._trap.first
-        assert sig is not None
-        requeue = sig in self.config.requeue_signals or self.config.requeue_on_exit_signals
-        delay = time.monotonic() - (self._trap.first_time or time.monotonic())
-        log.info("%s received %.2f s ago: checkpointing at step %d (epoch %d)", sig.name, delay,
-                 self.step, self.epoch)
-        self.events.append("signal", signal=sig.name, step=self.step, epoch=self.epoch,
-                           seconds_to_boundary=round(delay, 3))
-        checkpoint = self.save(reason=f"signal {sig.name}")
+        name = sig.name if sig is not None else "another rank's signal"
+        if sig is not None:
+            delay = time.monotonic() - (self._trap.first_time or time.monotonic())
+            log.info("%s received %.2f s ago: checkpointing at step %d (epoch %d)", name, delay,
+                     self.step, self.epoch)
+        self.events.append("signal", signal=name, step=self.step, epoch=self.epoch)
+        checkpoint = self.save(reason=f"signal {name}")
+        decision = self.group.broadcast(self._exit_decision(request, sig, checkpoint)
+                                        if self.group.rank == 0 else None)
+        code, requeued, reason = decision
+        raise Preempted(code, signal=sig or signal.SIGTERM, checkpoint=checkpoint, requeued=requeued,
+                        reason=reason)
+
+    def _exit_decision(self, request: int, sig: signal.Signals | None,
+                       checkpoint: Checkpoint) -> tuple[int, bool, str]:
+        """(exit code, requeued, reason), decided by rank 0 alone; it runs the one requeue."""
         progressed = checkpoint.step > self._resumed_step
-        if not requeue:
-            reason = (f"{sig.name}: checkpoint committed, exiting without requeueing "
+        if request == STOP_EXIT:
+            reason = (f"{sig.name if sig else 'SIGTERM'}: checkpoint committed, exiting without requeueing "
                       f"(Slurm requeues a preempted job itself; a user's scancel must end the job)")
             self.events.append("stop", step=self.step, progress=progressed, requeue=False, reason=reason)
             log.info(reason)
-            raise Preempted(128 + sig, signal=sig, checkpoint=checkpoint, requeued=False, reason=reason)
+            return 128 + (sig or signal.SIGTERM), False, reason
         history = [bool(e.get("progress")) for e in self.events.read() if e["event"] in ("requeue", "stop")]
         refusal = requeue_refusal(restart_count=self.job.restart_count, max_requeues=self.config.max_requeues,
                                   progress_history=history + [progressed],
@@ -288,34 +364,63 @@ class Session:
         if refusal is not None:
             log.error("not requeued: %s", refusal)
             self.events.append("stop", step=self.step, progress=progressed, requeue=False, reason=refusal)
-            raise Preempted(1, signal=sig, checkpoint=checkpoint, requeued=False, reason=f"not requeued: {refusal}")
+            return 1, False, f"not requeued: {refusal}"
         code = self.scheduler.requeue()
         self.events.append("requeue", step=self.step, progress=progressed, exit_code=code,
                            scheduler=self.scheduler.name)
-        raise Preempted(code, signal=sig, checkpoint=checkpoint, requeued=True,
-                        reason=f"{sig.name}: checkpoint committed, requeue requested ({self.scheduler.name})")
+        return code, True, f"checkpoint committed, requeue requested ({self.scheduler.name})"
 
     def _hold_for_test(self) -> None:
-        """jobwrap.testing: wait here (bounded) until the test's signal arrives, so it lands at this step."""
+        """jobwrap.testing: wait (bounded) at this step until the test's signal is here or the test releases us."""
         control = self.config.test_control
-        if not control or os.path.exists(os.path.join(control, f"done-{self.step}")):
+        done = os.path.join(control or "", f"done-{self.step}")
+        if not control or os.path.exists(done):
             return
-        with open(os.path.join(control, f"held-{self.step}"), "w") as f:
+        rank = self.group.rank
+        with open(os.path.join(control, f"held-{self.step}-r{rank}"), "w") as f:
             f.write(str(os.getpid()))
-        if not self._trap.event.wait(60):
-            log.warning("test hold at step %d: no signal within 60 s, continuing", self.step)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self._trap.event.wait(0.01):
+                open(os.path.join(control, f"got-{self.step}-r{rank}"), "w").close()
+                return
+            if os.path.exists(done):
+                return
+        log.warning("test hold at step %d: no signal within 60 s, continuing", self.step)
 
     # ------------------------------------------------------------ save / load
     def save(self, *, reason: str = "manual") -> Checkpoint:
-        """Commit a checkpoint of the current state now (skipped if this step is already committed)."""
+        """Commit a checkpoint of the current state now (skipped if this step is already committed).
+
+        With several ranks every rank must call it (the step boundary does):
+        rank 0 writes, with every rank's RNG and data state, and all ranks
+        return only once the checkpoint is committed.
+        """
         self.start()
         if self.last_checkpoint is not None and self.last_checkpoint.step == self.step:
             return self.last_checkpoint
-        started = time.monotonic()
-        checkpoint = self.store.save(self._payload(), step=self.step, epoch=self.epoch, meta=self._meta(reason))
-        seconds = time.monotonic() - started
-        self.last_checkpoint = checkpoint
+        ranks = self.group.gather(self._rank_state())
+        outcome: Any = None
+        if self.group.rank == 0:
+            try:
+                checkpoint = self._write(ranks, reason)
+                outcome = checkpoint
+            except StorageError as exc:
+                self.group.broadcast(exc)
+                raise
+        outcome = self.group.broadcast(outcome)
+        if isinstance(outcome, StorageError):
+            raise StorageError(outcome.errno, f"rank 0 could not save: {outcome}")
+        self.last_checkpoint = outcome
         self._last_save_time = time.monotonic()
+        return outcome
+
+    def _write(self, ranks: list[dict[str, Any]], reason: str) -> Checkpoint:
+        started = time.monotonic()
+        with progress.saving(self.store.directory, self.step, self.last_checkpoint):
+            checkpoint = self.store.save(self._payload(ranks), step=self.step, epoch=self.epoch,
+                                         meta=self._meta(reason))
+        seconds = time.monotonic() - started
         log.info("saved step %d (epoch %d, %s) to %s: %s in %.2f s", self.step, self.epoch, reason,
                  os.path.basename(checkpoint.path), human_size(checkpoint.size), seconds)
         self.events.append("save", step=self.step, epoch=self.epoch, bytes=checkpoint.size,
@@ -325,7 +430,11 @@ class Session:
             log.debug("retention removed steps %s", deleted)
         return checkpoint
 
-    def _payload(self) -> dict[str, Any]:
+    def _rank_state(self) -> dict[str, Any]:
+        """What differs between ranks: RNG streams and the loader's epoch-start state."""
+        return {"rng": capture_rng(), "data": self._loader.state_dict() if self._loader is not None else {}}
+
+    def _payload(self, ranks: list[dict[str, Any]]) -> dict[str, Any]:
         payload: dict[str, Any] = {name: obj.state_dict() for name, obj in self._objects.items()}
         payload.update({name: plain(value, name) for name, value in self.extras.items()})
         payload["epoch"] = self.epoch
@@ -333,8 +442,8 @@ class Session:
         payload["jobwrap"] = {
             "format": FORMAT_VERSION,
             "position": self.position,
-            "rng": capture_rng(),
-            "data": self._loader.state_dict() if self._loader is not None else {},
+            "world_size": len(ranks),
+            "ranks": ranks,
             "objects": list(self._objects),
             "extras": list(self.extras),
             "run_id": self.run_id,

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import subprocess
+import tempfile
 from typing import Mapping, Sequence
 
 import psutil
@@ -22,15 +23,34 @@ from jobwrap.schedulers import scontrol_requeue
 log = logging.getLogger("jobwrap")
 
 
+def catches(pid: int, signum: int) -> bool | None:
+    """Whether ``pid`` has a handler for ``signum`` (Linux ``/proc``); None when unknown."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 def signal_tree(pid: int, signum: int) -> list[int]:
-    """Send ``signum`` to ``pid`` and all its descendants, deepest first; return who got it."""
+    """Send ``signum`` to the processes under ``pid`` that handle it; return who got it.
+
+    A signal such as USR1 kills a process that does not handle it: a shell in
+    between, or torchrun, which passes only INT/TERM/HUP/QUIT to its workers.
+    So it goes straight to every process in the tree that traps it (the
+    training ranks, whatever launched them) and to the root only when nobody does.
+    """
     try:
         root = psutil.Process(pid)
         members = root.children(recursive=True)[::-1] + [root]
     except psutil.NoSuchProcess:
         return []
+    targets = [p for p in members if catches(p.pid, signum) is not False] or [root]
     reached = []
-    for proc in members:
+    for proc in targets:
         try:
             proc.send_signal(signum)
             reached.append(proc.pid)
@@ -58,6 +78,10 @@ def supervise(command: Sequence[str], *, forward: Sequence[signal.Signals], max_
         if child is not None and child.poll() is None:
             signal_tree(child.pid, signum)
 
+    fd, requeue_file = tempfile.mkstemp(prefix="jobwrap-requeue-")
+    os.close(fd)
+    os.unlink(requeue_file)
+    env["JOBWRAP_REQUEUE_FILE"] = requeue_file
     previous = {sig: signal.signal(sig, relay) for sig in forward}
     try:
         while True:
@@ -69,7 +93,8 @@ def supervise(command: Sequence[str], *, forward: Sequence[signal.Signals], max_
                 log.error("cannot start %s: %s", command[0], exc.strerror)
                 return 127
             status = exit_status(child.wait())
-            if status != REQUEUE_EXIT_CODE:
+            asked = _take(requeue_file)
+            if not asked and status != REQUEUE_EXIT_CODE:
                 return status
             if job.scheduler == "slurm" and job.job_id:
                 error = scontrol_requeue(job.job_id)
@@ -81,10 +106,20 @@ def supervise(command: Sequence[str], *, forward: Sequence[signal.Signals], max_
             if restart >= max_requeues:
                 log.error("not relaunched: the requeue cap is reached (%d restarts, --max-requeues %d)",
                           restart, max_requeues)
-                return status
+                return status or REQUEUE_EXIT_CODE
             restart += 1
             received.clear()
             log.info("training asked to be requeued: relaunching (restart %d of at most %d)", restart, max_requeues)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        _take(requeue_file)
+
+
+def _take(path: str) -> bool:
+    """Whether the training process asked for a requeue through ``path``; consumes the request."""
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False

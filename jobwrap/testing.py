@@ -51,17 +51,21 @@ class PreemptedRun:
 def run_preempted(command: Sequence[str], directory: str | os.PathLike, *,
                   preempt_at: Iterable[int] = (), signal_: int = signal.SIGUSR1,
                   env: Mapping[str, str] | None = None, run_args: Sequence[str] = (),
+                  ranks: int = 1, target_ranks: Sequence[int] | None = None,
                   timeout: float = 300) -> PreemptedRun:
     """Run ``command`` under ``jobwrap run`` and send ``signal_`` when it reaches each step in ``preempt_at``.
 
-    The signal goes to the supervisor, which forwards it to the training
-    process and relaunches it when it asks to be requeued, as Slurm would.
+    By default the signal goes to the supervisor, which forwards it to the
+    training processes and relaunches them when they ask to be requeued, as
+    Slurm would. With ``target_ranks`` it goes straight to those ranks only
+    (``ranks`` training processes must all reach the step first). On a timeout
+    every Python process of the run dumps its stack into the error.
     """
     directory = Path(directory)
     pending = sorted(set(preempt_at))
     control = Path(tempfile.mkdtemp(prefix="jobwrap-control-"))
     run_env = {**os.environ, **(env or {}), "JOBWRAP_DIR": str(directory),
-               "JOBWRAP_TEST_CONTROL": str(control),
+               "JOBWRAP_TEST_CONTROL": str(control), "PYTHONFAULTHANDLER": "1",
                "JOBWRAP_TEST_HOLD_AT": ",".join(str(s) for s in pending)}
     argv = [sys.executable, "-m", "jobwrap", "run", *run_args, "--", *command]
     out_path, err_path = control / "stdout", control / "stderr"
@@ -72,14 +76,26 @@ def run_preempted(command: Sequence[str], directory: str | os.PathLike, *,
         try:
             while proc.poll() is None:
                 if time.monotonic() > deadline:
+                    _dump_stacks(proc.pid)
                     raise AssertionError(f"run did not finish within {timeout:.0f} s: {list(command)}\n"
-                                         f"--- stderr tail ---\n{err_path.read_text()[-3000:]}")
+                                         f"--- stderr tail (with every process's stack) ---\n"
+                                         f"{err_path.read_text()[-6000:]}")
                 for step in list(pending):
-                    if (control / f"held-{step}").exists():
-                        (control / f"done-{step}").touch()  # a relaunch passing this step again goes on
+                    held = {int(p.name.rsplit("-r", 1)[1]): int(p.read_text() or 0)
+                            for p in control.glob(f"held-{step}-r*") if p.read_text()}
+                    if len(held) < ranks:
+                        continue
+                    targets = list(held) if target_ranks is None else list(target_ranks)
+                    if target_ranks is None:
                         os.kill(proc.pid, signal_)
-                        pending.remove(step)
-                        signalled.append(step)
+                    else:
+                        for rank in targets:
+                            os.kill(held[rank], signal_)
+                    _wait_for(lambda: all((control / f"got-{step}-r{r}").exists() for r in targets),
+                              deadline, f"ranks {targets} did not see the signal at step {step}")
+                    (control / f"done-{step}").touch()  # releases the other ranks; relaunches pass by
+                    pending.remove(step)
+                    signalled.append(step)
                 time.sleep(0.005)
         finally:
             if proc.poll() is None:
@@ -87,6 +103,29 @@ def run_preempted(command: Sequence[str], directory: str | os.PathLike, *,
                 proc.wait(timeout=10)
     return PreemptedRun(returncode=proc.returncode, stdout=out_path.read_text(), stderr=err_path.read_text(),
                         directory=directory, signalled_at=signalled)
+
+
+def _wait_for(condition: Any, deadline: float, message: str) -> None:
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(message)
+        time.sleep(0.005)
+
+
+def _dump_stacks(pid: int) -> None:
+    """SIGABRT every process of the run: with PYTHONFAULTHANDLER each prints its Python stack."""
+    import psutil
+
+    try:
+        members = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for proc in members:
+        try:
+            proc.send_signal(signal.SIGABRT)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(members, timeout=5)
 
 
 def final_state(directory: str | os.PathLike) -> dict[str, Any]:

@@ -3,24 +3,23 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 
-from jobwrap.config import DEFAULT_EXIT_SIGNALS, DEFAULT_MAX_REQUEUES, DEFAULT_REQUEUE_SIGNALS, parse_signals
+from jobwrap.config import ENV_VARS, load_run_settings
 from jobwrap.errors import ConfigError
 
 NAME = "run"
 
-# Flags that become JOBWRAP_* variables of the training process.
-_PASSED_AS_ENV = {
-    "dir": "JOBWRAP_DIR",
-    "run_id": "JOBWRAP_RUN_ID",
-    "requeue_signals": "JOBWRAP_REQUEUE_SIGNALS",
-    "exit_signals": "JOBWRAP_EXIT_SIGNALS",
-    "max_requeues": "JOBWRAP_MAX_REQUEUES",
-    "keep": "JOBWRAP_KEEP",
-    "save_every_steps": "JOBWRAP_SAVE_EVERY_STEPS",
-    "save_every_seconds": "JOBWRAP_SAVE_EVERY_SECONDS",
-    "grace": "JOBWRAP_GRACE_SECONDS",
+# Flags, by the Config field they set; each reaches the training process as that field's JOBWRAP_* variable.
+_FLAG_FIELDS = {
+    "dir": "directory",
+    "run_id": "run_id",
+    "requeue_signals": "requeue_signals",
+    "exit_signals": "exit_signals",
+    "max_requeues": "max_requeues",
+    "keep": "keep_last",
+    "save_every_steps": "save_every_steps",
+    "save_every_seconds": "save_every_seconds",
+    "grace": "grace_seconds",
 }
 
 
@@ -52,17 +51,14 @@ def main(args: argparse.Namespace) -> int:
     if not command:
         raise SystemExit("jobwrap run: no command given; use: jobwrap run [options] -- python train.py")
     env = dict(os.environ)
-    for attr, var in _PASSED_AS_ENV.items():
+    for attr, field in _FLAG_FIELDS.items():
         value = getattr(args, attr)
         if value is not None:
-            env[var] = str(value)
+            env[ENV_VARS[field]] = str(value)
     if args.adopt:
-        env["JOBWRAP_ADOPT"] = "1"
+        env[ENV_VARS["adopt"]] = "1"
     try:
-        trapped = (parse_signals(env.get("JOBWRAP_REQUEUE_SIGNALS") or DEFAULT_REQUEUE_SIGNALS)
-                   + parse_signals(env.get("JOBWRAP_EXIT_SIGNALS") or DEFAULT_EXIT_SIGNALS))
+        settings = load_run_settings(env)  # the flags are in env already: they beat the caller's variables
     except ConfigError as exc:
         raise SystemExit(f"jobwrap run: {exc}") from None
-    forward = tuple(dict.fromkeys(trapped + (signal.SIGINT,)))
-    max_requeues = int(env.get("JOBWRAP_MAX_REQUEUES") or DEFAULT_MAX_REQUEUES)
-    return supervise(command, forward=forward, max_requeues=max_requeues, environ=env)
+    return supervise(command, forward=settings.forwarded, max_requeues=settings.max_requeues, environ=env)

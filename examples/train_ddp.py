@@ -1,0 +1,69 @@
+"""The example job on several ranks: DDP over gloo on the CPU (NCCL on GPUs), under torchrun or srun.
+
+    jobwrap run --dir ckpt -- torchrun --nproc-per-node 2 examples/train_ddp.py --epochs 2
+    srun --ntasks 2 python examples/train_ddp.py        # RANK etc. from SLURM_PROCID (see slurm/)
+
+Every rank stops at the same step whichever rank got the signal; rank 0 writes
+one checkpoint holding every rank's RNG streams, and requeues once.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+
+import numpy
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+import jobwrap
+from train import build, make_dataset
+
+
+def init_distributed() -> None:
+    """torchrun sets RANK/WORLD_SIZE/MASTER_*; under bare srun derive them from Slurm's variables."""
+    os.environ.setdefault("RANK", os.environ.get("SLURM_PROCID", "0"))
+    os.environ.setdefault("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))
+    os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29511")
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+    args = parser.parse_args()
+
+    init_distributed()
+    rank = dist.get_rank()
+    random.seed(rank)
+    numpy.random.seed(rank)
+    torch.manual_seed(0)  # the same initial weights on every rank
+    with jobwrap.Session() as job:  # after init_process_group: the ranks agree through it
+        model, optimizer, scheduler = build(args)
+        model = DistributedDataParallel(model.to(job.device))
+        torch.manual_seed(1000 + rank)  # each rank's own dropout stream, saved per rank
+        sampler = DistributedSampler(make_dataset(args.samples), shuffle=True, seed=7)
+        loader = DataLoader(sampler.dataset, batch_size=args.batch_size, sampler=sampler)
+        job.track(model=model.module, optimizer=optimizer, scheduler=scheduler)
+        for epoch in job.epochs(args.epochs):
+            sampler.set_epoch(epoch)
+            for x, y in job.loader(loader):
+                optimizer.zero_grad()
+                loss = F.mse_loss(model(x.to(job.device)), y.to(job.device))
+                loss.backward()
+                optimizer.step()
+            scheduler.step()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

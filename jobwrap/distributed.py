@@ -1,0 +1,86 @@
+"""Agreement between ranks: every rank stops at the same step, one commit, one requeue.
+
+A signal may reach one rank only (torchrun, srun, a node's own preemption). At
+each step boundary the ranks all-reduce a two-number tensor -- the strongest
+stop request and "a periodic save is due" -- on a *separate gloo group*, so the
+agreement never queues behind NCCL traffic or a background save. All ranks see
+the same answer at the same step, so they stop, save and exit together.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+from typing import Any
+
+log = logging.getLogger("jobwrap")
+
+# Stop requests, ordered: the maximum over ranks wins. An exit signal (TERM: a user's
+# scancel or Slurm's own preemption) beats a requeue signal, so a cancel is never turned
+# into a requeue because another rank saw USR1 first.
+NO_STOP, STOP_REQUEUE, STOP_EXIT = 0, 1, 2
+
+
+class Solo:
+    """The single-process case: agreement is the local answer."""
+
+    rank = 0
+    world_size = 1
+
+    def agree(self, stop: int, save_due: bool) -> tuple[int, bool]:
+        return stop, save_due
+
+    def gather(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def broadcast(self, obj: Any) -> Any:
+        return obj
+
+    def barrier(self) -> None:
+        pass
+
+
+class RankGroup:
+    """All ranks of an initialised ``torch.distributed`` job, talking over their own gloo group."""
+
+    def __init__(self, timeout_seconds: float = 600.0) -> None:
+        import torch
+        import torch.distributed as dist
+
+        self._torch, self._dist = torch, dist
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        # Collective: every rank creates it at Session start, in the same order.
+        self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_seconds))
+        self._flags = torch.zeros(2, dtype=torch.int32)
+
+    def agree(self, stop: int, save_due: bool) -> tuple[int, bool]:
+        self._flags[0] = stop
+        self._flags[1] = int(save_due)
+        self._dist.all_reduce(self._flags, op=self._dist.ReduceOp.MAX, group=self.group)
+        return int(self._flags[0]), bool(self._flags[1])
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        """Rank 0 receives every rank's ``obj`` (ranks' own RNG states); others get None."""
+        out: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
+        self._dist.gather_object(obj, out, dst=self._dist.get_global_rank(self.group, 0), group=self.group)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (a decision: which checkpoint, which exit code)."""
+        box = [obj]
+        self._dist.broadcast_object_list(box, src=self._dist.get_global_rank(self.group, 0), group=self.group)
+        return box[0]
+
+    def barrier(self) -> None:
+        self._dist.barrier(group=self.group)
+
+
+def join(timeout_seconds: float = 600.0) -> Solo | RankGroup:
+    """The ranks of this job: a :class:`RankGroup` when torch.distributed runs with >1 rank."""
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return Solo()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return RankGroup(timeout_seconds)
+    return Solo()
