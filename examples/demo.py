@@ -12,6 +12,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import torch
+
 from jobwrap.testing import assert_same_run, run_preempted
 
 HERE = Path(__file__).resolve().parent
@@ -43,7 +45,10 @@ def main() -> int:
     print(cut.stderr.strip())
     print()
     subprocess.run([sys.executable, "-m", "jobwrap", "ls", str(out / "preempted")], check=True)
-    print()
+    newest = sorted((out / "preempted").glob("step-*.pt"))[-1]
+    state = torch.load(newest, weights_only=True)  # no jobwrap needed to read it
+    print(f"\nplain torch.load({newest.name}, weights_only=True): keys {sorted(state)}, "
+          f"epoch {state['epoch']}, step {state['step']}, best_loss {state['best_loss']:.4f}\n")
 
     plain_losses, cut_losses = read_losses(out / "plain.loss"), read_losses(out / "preempted.loss")
     lost = sum(n - 1 for n in Counter(step for step, _ in cut_losses).values() if n > 1)
