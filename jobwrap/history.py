@@ -1,0 +1,226 @@
+"""A run's life told from its event log (``events.jsonl``): pure functions over the events.
+
+One *launch* is one process's life, from its ``start`` event to its ``exit``
+event (or to the next ``start`` when it was killed without one). The summary
+counts launches, preemptions and requeues, adds up save and load times, and
+measures lost work: a launch that resumed from step S while an earlier launch
+had already reached step T > S trained T - S steps twice.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from typing import Any, Iterable
+
+__all__ = ["Launch", "History", "summarize"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Launch:
+    """One process of the run, as its events describe it."""
+
+    number: int                      # 1 for the first launch
+    restart: int | None              # the scheduler's restart count, when known
+    job_id: str | None
+    started: float                   # wall time of the start event
+    resumed_from: str | None         # checkpoint path, None for a fresh start
+    start_step: int
+    reached_step: int                # the highest step its events mention
+    load_seconds: float | None
+    signals: tuple[tuple[str, int], ...]   # (signal name, step at the boundary)
+    saves: int
+    save_bytes: int
+    save_seconds: float              # writing, from the first byte to the commit
+    longest_save: float
+    background_saves: int            # written on a background thread (async_save)
+    pause_seconds: float             # what the saves cost the training loop: all of a foreground
+                                     # save, only the staging copy of a background one
+    failed_saves: int
+    steps_lost: int                  # steps an earlier launch had passed that this one trains again
+    outcome: str                     # finished | requeued | stopped | failed | unknown
+    exit_code: int | None
+    reason: str | None
+    ended: float | None              # wall time of its last event
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class History:
+    """The summary ``jobwrap status`` prints."""
+
+    run_ids: tuple[str, ...]
+    launches: tuple[Launch, ...]
+    last_save: dict[str, Any] | None     # the newest save event
+
+    @property
+    def restarts(self) -> int:
+        return max(0, len(self.launches) - 1)
+
+    @property
+    def preemptions(self) -> int:
+        return sum(len(launch.signals) for launch in self.launches)
+
+    @property
+    def signal_counts(self) -> dict[str, int]:
+        return dict(Counter(name for launch in self.launches for name, _ in launch.signals))
+
+    @property
+    def requeues(self) -> int:
+        return sum(1 for launch in self.launches if launch.outcome == "requeued")
+
+    @property
+    def steps_lost(self) -> int:
+        return sum(launch.steps_lost for launch in self.launches)
+
+    @property
+    def unrecorded_ends(self) -> int:
+        """Launches before the last that left no exit event (SIGKILL, node failure): their losses are unknown."""
+        return sum(1 for launch in self.launches[:-1] if launch.outcome == "unknown")
+
+    @property
+    def saves(self) -> int:
+        return sum(launch.saves for launch in self.launches)
+
+    @property
+    def save_seconds(self) -> float:
+        return sum(launch.save_seconds for launch in self.launches)
+
+    @property
+    def pause_seconds(self) -> float:
+        return sum(launch.pause_seconds for launch in self.launches)
+
+    @property
+    def failed_saves(self) -> int:
+        return sum(launch.failed_saves for launch in self.launches)
+
+    @property
+    def save_bytes(self) -> int:
+        return sum(launch.save_bytes for launch in self.launches)
+
+    @property
+    def loads(self) -> int:
+        return sum(1 for launch in self.launches if launch.resumed_from)
+
+    @property
+    def load_seconds(self) -> float:
+        return sum(launch.load_seconds or 0.0 for launch in self.launches)
+
+    @property
+    def wall_seconds(self) -> float:
+        if not self.launches:
+            return 0.0
+        last = self.launches[-1]
+        return (last.ended or last.started) - self.launches[0].started
+
+    @property
+    def state(self) -> str:
+        """finished, requeued (waiting to run again), stopped, failed, or running (or killed)."""
+        if not self.launches:
+            return "never started"
+        outcome = self.launches[-1].outcome
+        return "running or killed" if outcome == "unknown" else outcome
+
+    def as_dict(self) -> dict[str, Any]:
+        """Everything, as plain JSON values, for ``jobwrap status --json``."""
+        return {
+            "run_ids": list(self.run_ids),
+            "state": self.state,
+            "launches": len(self.launches),
+            "restarts": self.restarts,
+            "preemptions": self.preemptions,
+            "signals": self.signal_counts,
+            "requeues": self.requeues,
+            "steps_lost": self.steps_lost,
+            "unrecorded_ends": self.unrecorded_ends,
+            "saves": self.saves,
+            "save_bytes": self.save_bytes,
+            "save_seconds": round(self.save_seconds, 4),
+            "pause_seconds": round(self.pause_seconds, 4),
+            "failed_saves": self.failed_saves,
+            "loads": self.loads,
+            "load_seconds": round(self.load_seconds, 4),
+            "wall_seconds": round(self.wall_seconds, 3),
+            "last_save": self.last_save,
+            "runs": [dataclasses.asdict(launch) for launch in self.launches],
+        }
+
+
+def _outcome(exit_event: dict[str, Any] | None, requeued: bool, stopped: bool) -> str:
+    if exit_event is None:
+        return "unknown"
+    if requeued:
+        return "requeued"
+    if stopped:
+        return "stopped"
+    if exit_event.get("code") == 0 and exit_event.get("reason") == "finished":
+        return "finished"
+    return "failed"
+
+
+def _split(events: Iterable[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Events grouped by launch; events before the first start (none expected) are dropped."""
+    groups: list[list[dict[str, Any]]] = []
+    for event in events:
+        if event.get("rank", 0) != 0:
+            continue  # only rank 0 tells the run's story
+        if event.get("event") == "start":
+            groups.append([event])
+        elif groups:
+            groups[-1].append(event)
+    return groups
+
+
+def _pause(save: dict[str, Any]) -> float:
+    """Seconds the training loop stood still for a save event."""
+    if save.get("background"):
+        return float(save.get("pause") or 0.0)
+    return float(save.get("seconds") or 0.0)
+
+
+def _steps(events: Iterable[dict[str, Any]]) -> list[int]:
+    return [int(e["step"]) for e in events if isinstance(e.get("step"), (int, float))]
+
+
+def summarize(events: Iterable[dict[str, Any]]) -> History:
+    """The :class:`History` of a run from its events, in file order."""
+    launches: list[Launch] = []
+    furthest = 0  # the highest step any earlier launch reached
+    last_save: dict[str, Any] | None = None
+    run_ids: list[str] = []
+    for number, group in enumerate(_split(events), start=1):
+        start = group[0]
+        if start.get("run_id") and start["run_id"] not in run_ids:
+            run_ids.append(start["run_id"])
+        start_step = int(start.get("step") or 0)
+        saves = [e for e in group if e.get("event") == "save"]
+        if saves:
+            last_save = {k: saves[-1].get(k) for k in ("step", "epoch", "bytes", "seconds", "path",
+                                                         "reason", "time")}
+        exit_event = next((e for e in reversed(group) if e.get("event") == "exit"), None)
+        reached = max([start_step] + _steps(group))
+        launches.append(Launch(
+            number=number,
+            restart=start.get("restart"),
+            job_id=start.get("job_id"),
+            started=float(start.get("time") or 0.0),
+            resumed_from=start.get("resumed_from"),
+            start_step=start_step,
+            reached_step=reached,
+            load_seconds=start.get("load_seconds"),
+            signals=tuple((str(e.get("signal")), int(e.get("step") or 0))
+                          for e in group if e.get("event") == "signal"),
+            saves=len(saves),
+            save_bytes=sum(int(e.get("bytes") or 0) for e in saves),
+            save_seconds=sum(float(e.get("seconds") or 0.0) for e in saves),
+            longest_save=max((float(e.get("seconds") or 0.0) for e in saves), default=0.0),
+            background_saves=sum(1 for e in saves if e.get("background")),
+            pause_seconds=sum(_pause(e) for e in saves),
+            failed_saves=sum(1 for e in group if e.get("event") == "save-failed"),
+            steps_lost=max(0, furthest - start_step) if number > 1 else 0,
+            outcome=_outcome(exit_event, any(e.get("event") == "requeue" for e in group),
+                             any(e.get("event") == "stop" for e in group)),
+            exit_code=exit_event.get("code") if exit_event else None,
+            reason=exit_event.get("reason") if exit_event else None,
+            ended=float(group[-1].get("time") or 0.0),
+        ))
+        furthest = max(furthest, reached)
+    return History(run_ids=tuple(run_ids), launches=tuple(launches), last_save=last_save)

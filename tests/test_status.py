@@ -1,0 +1,155 @@
+"""`jobwrap status`: the run's life from its events, pure summary first, then real preempted runs."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import subprocess
+import sys
+
+from jobwrap import progress
+from jobwrap.commands.status import render
+from jobwrap.events import read_events
+from jobwrap.format import human_duration
+from jobwrap.history import summarize
+from jobwrap.store import CheckpointStore
+from jobwrap.testing import run_preempted
+
+
+def _start(t, step=0, restart=0, resumed=None, **extra):
+    return {"event": "start", "time": t, "step": step, "restart": restart, "run_id": "r1",
+            "resumed_from": resumed, **extra}
+
+
+def _save(t, step, seconds=0.5, nbytes=1000, **extra):
+    return {"event": "save", "time": t, "step": step, "seconds": seconds, "bytes": nbytes,
+            "path": f"/ck/step-{step:012d}.pt", "reason": "periodic", **extra}
+
+
+def _preempted(t, step, sig="SIGUSR1"):
+    return [{"event": "signal", "time": t, "step": step, "signal": sig}, _save(t + 1, step, reason=f"signal {sig}"),
+            {"event": "requeue", "time": t + 1, "step": step, "exit_code": 0, "progress": True},
+            {"event": "exit", "time": t + 1, "step": step, "code": 0, "reason": "requeued"}]
+
+
+def test_clean_preemptions_lose_nothing():
+    """Two USR1 preemptions, each resumed from the step it stopped at: 3 launches, 0 steps lost."""
+    events = ([_start(0)] + _preempted(10, 5) + [_start(20, 5, 1, "/ck/5", load_seconds=0.25)]
+              + _preempted(30, 12) + [_start(40, 12, 2, "/ck/12", load_seconds=0.5), _save(50, 20, reason="end"),
+                                      {"event": "exit", "time": 51, "step": 20, "code": 0, "reason": "finished"}])
+    history = summarize(events)
+    assert [launch.outcome for launch in history.launches] == ["requeued", "requeued", "finished"]
+    assert history.preemptions == 2 and history.signal_counts == {"SIGUSR1": 2} and history.requeues == 2
+    assert history.steps_lost == 0 and history.unrecorded_ends == 0
+    assert history.saves == 3 and history.save_bytes == 3000
+    assert history.loads == 2 and history.load_seconds == 0.75
+    assert history.state == "finished" and history.wall_seconds == 51
+
+
+def test_resuming_behind_an_earlier_launch_counts_lost_steps():
+    """A launch that resumed from step 4 after one had reached step 9 (its checkpoint corrupt) lost 5 steps."""
+    events = ([_start(0)] + [_save(5, 4)] + _preempted(10, 9) + [_start(20, 4, 1, "/ck/4")])
+    history = summarize(events)
+    assert history.launches[1].steps_lost == 5 and history.steps_lost == 5
+    assert history.state == "running or killed"
+
+
+def test_killed_launch_is_reported_not_guessed():
+    """A launch with no exit event (SIGKILL) is counted apart: its steps after the last save are unknown."""
+    events = [_start(0), _save(5, 8), _start(20, 8, 1, "/ck/8"),
+              {"event": "exit", "time": 30, "step": 16, "code": 0, "reason": "finished"}]
+    history = summarize(events)
+    assert history.launches[0].outcome == "unknown" and history.unrecorded_ends == 1
+    assert history.steps_lost == 0
+    text = render(history, "/ck", None, now=100)
+    assert "ended without a record" in text and "no exit recorded" in text
+
+
+def test_background_saves_count_only_their_pause():
+    """An async save costs the loop its staging pause, not its write time; a failed save is counted."""
+    events = [_start(0), _save(5, 4, seconds=3.0, background=True, pause=0.1), _save(9, 8, seconds=2.0),
+              {"event": "save-failed", "time": 10, "step": 12}]
+    history = summarize(events)
+    assert history.save_seconds == 5.0 and history.pause_seconds == 2.1 and history.failed_saves == 1
+    assert "1 written in the background" in render(history, "/ck", None, now=20)
+
+
+def test_events_of_other_ranks_are_ignored():
+    """Only rank 0 tells the story (other ranks' events, if any, do not make extra launches)."""
+    assert len(summarize([_start(0), _start(0, rank=1)]).launches) == 1
+
+
+def test_empty_directory_says_so():
+    """No events: a clear sentence, not an empty table."""
+    assert "no run history" in render(summarize([]), "/ck", None, now=0)
+
+
+def test_slow_save_logs_a_start_line_and_ticks_in_a_terminal(monkeypatch, caplog):
+    """A save expected to be slow gets a log line; a tty also gets a line rewritten in place, cleared at the end."""
+    monkeypatch.setattr(progress, "SLOW_SECONDS", 0.05)
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    caplog.set_level(logging.INFO, logger="jobwrap")
+    with progress.phase("saving step 7", expected_seconds=3.0, note="the last save took 3.00 s",
+                        probe=lambda: 2_000_000, total_bytes=4_000_000, stream=stream):
+        import time
+        time.sleep(0.4)
+    assert "saving step 7 (the last save took 3.00 s)..." in caplog.text
+    assert "saving step 7:" in stream.getvalue() and "2.0 MB of ~4.0 MB" in stream.getvalue()
+    assert stream.getvalue().endswith("\r\033[K")
+
+
+def test_quick_save_in_a_batch_log_says_nothing_extra(caplog):
+    """A save expected to be quick, and no terminal: no start line (the end line is the usual one)."""
+    caplog.set_level(logging.INFO, logger="jobwrap")
+    with progress.phase("saving step 7", expected_seconds=0.1, stream=io.StringIO()):
+        pass
+    assert caplog.text == ""
+
+
+def test_human_duration():
+    """Durations read naturally at every scale."""
+    assert [human_duration(s) for s in (0.041, 12.34, 245, 7625)] == ["0.04 s", "12.3 s", "4 min 05 s", "2 h 07 min"]
+
+
+def _train(tmp_path, epochs=2):
+    from conftest import TRAIN
+    return [sys.executable, str(TRAIN), "--epochs", str(epochs), "--samples", "256"]
+
+
+def _status(directory, *args):
+    return subprocess.run([sys.executable, "-m", "jobwrap", "status", str(directory), *args],
+                          capture_output=True, text=True, check=True, timeout=60).stdout
+
+
+def test_status_of_a_preempted_run(tmp_path):
+    """Real run preempted at steps 3 and 10: status shows 3 launches, both signals, 0 lost, the final checkpoint."""
+    ck = tmp_path / "ck"
+    run_preempted(_train(tmp_path), ck, preempt_at=[3, 10]).check()
+    record = json.loads(_status(ck, "--json"))
+    assert record["launches"] == 3 and record["preemptions"] == 2 and record["requeues"] == 2
+    assert record["signals"] == {"SIGUSR1": 2} and record["steps_lost"] == 0
+    assert record["state"] == "finished" and record["last_checkpoint"]["step"] == 16
+    assert record["loads"] == 2 and all(r["load_seconds"] is not None for r in record["runs"][1:])
+    text = _status(ck)
+    assert "finished at step 16" in text and "USR1@3" in text and "USR1@10" in text
+    assert "steps lost       0" in text and "step-000000000016.pt" in text
+
+
+def test_status_counts_steps_redone_after_a_corrupt_checkpoint(tmp_path):
+    """Newest checkpoint truncated: the next launch resumes from the previous one and status reports the loss."""
+    ck = tmp_path / "ck"
+    run_preempted(_train(tmp_path), ck, preempt_at=[4, 9], run_args=["--max-requeues", "1"])
+    newest = CheckpointStore(str(ck)).committed()[0]
+    assert newest.step == 9
+    with open(newest.path, "r+b") as f:
+        f.truncate(100)
+    run_preempted(_train(tmp_path), ck).check()
+    record = json.loads(_status(ck, "--json"))
+    assert record["steps_lost"] == 5, read_events(str(ck))
+    assert record["runs"][-1]["start_step"] == 4 and record["runs"][-1]["steps_lost"] == 5
+    assert [r["outcome"] for r in record["runs"]] == ["requeued", "stopped", "finished"]
