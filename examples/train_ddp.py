@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import time
 
 import numpy
 import torch
@@ -40,6 +41,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+    parser.add_argument("--step-seconds", type=float, default=0.0, help="sleep per step (slow it down)")
     args = parser.parse_args()
 
     init_distributed()
@@ -61,6 +63,8 @@ def main() -> None:
                 loss = F.mse_loss(model(x.to(job.device)), y.to(job.device))
                 loss.backward()
                 optimizer.step()
+                if args.step_seconds:
+                    time.sleep(args.step_seconds)
             scheduler.step()
     dist.destroy_process_group()
 

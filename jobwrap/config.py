@@ -68,6 +68,11 @@ class Config:
     on_save_error: str = "raise"
     allow_world_size_change: bool = False
     sync_every_steps: int = 1
+    # Periodic saves copy the state into reused CPU buffers and write it on a background thread.
+    async_save: bool = True
+    # ...and copy the tracked optimizers' CPU parameters and state on the writer thread while the next
+    # step computes (their next step() waits for it); False copies everything during the pause.
+    lazy_copy: bool = True
     # Test hooks (jobwrap.testing): hold at these steps until a signal arrives.
     test_hold_at: tuple[int, ...] = ()
     test_control: str | None = None
@@ -131,6 +136,8 @@ _ENV_FIELDS: dict[str, tuple[str, Any]] = {
     "JOBWRAP_ON_SAVE_ERROR": ("on_save_error", str),
     "JOBWRAP_ALLOW_WORLD_SIZE_CHANGE": ("allow_world_size_change", _flag),
     "JOBWRAP_SYNC_EVERY_STEPS": ("sync_every_steps", int),
+    "JOBWRAP_ASYNC_SAVE": ("async_save", _flag),
+    "JOBWRAP_LAZY_COPY": ("lazy_copy", _flag),
     "JOBWRAP_TEST_HOLD_AT": ("test_hold_at", lambda v: tuple(int(x) for x in v.split(",") if x)),
     "JOBWRAP_TEST_CONTROL": ("test_control", str),
 }

@@ -27,7 +27,8 @@ class EventLog:
         record = {"time": round(time.time(), 3), "event": event, **self.context, **fields}
         line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, self.file_mode)
+            # O_NOFOLLOW: a symlink planted as events.jsonl must not make the job append outside the directory.
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, self.file_mode)
             try:
                 os.write(fd, line)  # one write with O_APPEND: lines never interleave
             finally:

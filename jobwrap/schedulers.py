@@ -6,6 +6,7 @@ it (caps, progress, which signal means what) is tested without a cluster.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 from typing import Callable, Protocol, Sequence
@@ -33,8 +34,12 @@ def ask_supervisor(requeue_file: str | None) -> int:
     """
     if requeue_file:
         try:
-            with open(requeue_file, "w") as f:
-                f.write("requeue\n")
+            # 0600 whatever the umask, and never through a symlink planted at that name.
+            fd = os.open(requeue_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            try:
+                os.write(fd, b"requeue\n")
+            finally:
+                os.close(fd)
             return 0
         except OSError as exc:
             log.warning("could not write the requeue file %s (%s); using exit code %d",

@@ -15,23 +15,26 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import torch
 
-from jobwrap import __version__, progress
+from jobwrap import __version__, deadline, progress
 from jobwrap.config import Config, load_config
 from jobwrap.data import ResumableLoader
 from jobwrap.distributed import NO_STOP, STOP_EXIT, STOP_REQUEUE, Solo, join
 from jobwrap.env import JobEnv, default_run_id, read_env
-from jobwrap.errors import ConfigError, CorruptCheckpointError, JobwrapError, StateMismatchError, StorageError
+from jobwrap.errors import (CheckpointError, ConfigError, CorruptCheckpointError, JobwrapError, StateMismatchError,
+                            StorageError)
 from jobwrap.events import EventLog
 from jobwrap.format import human_size
 from jobwrap.schedulers import Scheduler, requeue_refusal, scheduler_for
 from jobwrap.signals import SignalTrap
 from jobwrap.state import RESERVED_KEYS, capture_rng, is_stateful, load_into, plain, restore_rng
-from jobwrap.store import FORMAT_VERSION, Checkpoint, CheckpointStore
+from jobwrap.snapshot import BackgroundSave, ChangedWhileCopied, StagingArea, check_unchanged, lower_priority
+from jobwrap.store import FORMAT_VERSION, Checkpoint, CheckpointStore, SaveCancelled
 
 log = logging.getLogger("jobwrap")
 
@@ -98,6 +101,16 @@ class Session:
         self._last_save_time = time.monotonic()
         self._started = False
         self.group: Solo = Solo()
+        self._background = BackgroundSave()  # the periodic save in flight (async_save)
+        self._staging: StagingArea | None = None
+        self._save_speed: float | None = None  # bytes/s of the recent saves, for the grace-window estimate
+        self._fit_checked = False
+        self._skipped_saves = 0
+        # Something for _tend_background at the next boundary: reserve the staging buffers, collect a save.
+        self._tend = bool(self.config.async_save and (self.config.save_every_steps or self.config.save_every_seconds))
+        self._copied: Any = None  # threading.Event: set once the writer has copied the deferred tensors
+        self._copy_wait = 0.0     # seconds optimizer.step() waited for that copy
+        self._step_hooks: dict[int, Any] = {}
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> "Session":
@@ -130,6 +143,7 @@ class Session:
         self.epoch, self.step = int(payload["epoch"]), int(payload["step"])
         self.position = int(payload["jobwrap"].get("position", 0))
         self._resumed_step = self.step
+        self._check_fit(checkpoint, self.store.committed())
         if self.group.rank == 0:
             log.info("resumed from %s: step %d, epoch %d, run %s (saved by restart %s, this is restart %d)",
                      os.path.basename(checkpoint.path), self.step, self.epoch, checkpoint.run_id,
@@ -148,7 +162,7 @@ class Session:
                                                    adopt=self.config.adopt)
                 self._open_events(run_id)
                 with progress.loading(self.store):
-                    found = self.store.newest_loadable(self._load, lineage=lineage)
+                    found = self.store.newest_loadable(self._load, lineage=lineage, verify=False)
                 decision = {"run_id": run_id, "step": found[0].step if found else None}
             except (JobwrapError, OSError) as exc:
                 self.group.broadcast({"error": f"{type(exc).__name__}: {exc}"})
@@ -187,6 +201,8 @@ class Session:
         """Restore the previous signal handlers and record how the process ended."""
         if not self._started:
             return
+        failure = self._finish_background(exc)
+        exc = exc or failure
         self._trap.restore()
         self._started = False
         if isinstance(exc, Preempted):
@@ -198,6 +214,8 @@ class Session:
                 log.info("%s arrived after training ended; nothing left to checkpoint or requeue",
                          self._trap.first.name)
             self.events.append("exit", code=0, reason="finished", step=self.step)
+        if failure is not None:
+            raise failure
 
     def __enter__(self) -> "Session":
         return self.start()
@@ -230,6 +248,8 @@ class Session:
                 if self._pending is not None and name in self._pending:
                     value = self._pending[name]
                 self.extras[name] = value
+        if self._pending is not None:
+            self._restore_rng()  # loops with only step_done() have no boundary before their first step
         if self._trap.received and self.resumed_from is not None:
             self._boundary()  # a signal that came while resuming: stop now, the state is the checkpoint's
         return self
@@ -265,6 +285,8 @@ class Session:
     # ------------------------------------------------------------ step boundary
     def step_done(self) -> None:
         """Explicit step boundary for loops that do not use :meth:`loader`: call after each step."""
+        if self._pending is not None:
+            self._finish_resume(after_step=True)
         self._step_done()
         self._boundary()
 
@@ -285,6 +307,8 @@ class Session:
         if self.group.world_size == 1:
             if self._trap.received:
                 self._stop(self._local_stop_request())
+            if self._tend:
+                self._tend_background()
             if self._periodic_save_due():
                 self._periodic_save()
             return
@@ -304,10 +328,20 @@ class Session:
             return STOP_REQUEUE
         return STOP_EXIT
 
-    def _finish_resume(self) -> None:
+    def _restore_rng(self) -> None:
+        meta = self._pending["jobwrap"]
+        restore_rng(meta["ranks"][self.group.rank % len(meta["ranks"])]["rng"])
+
+    def _finish_resume(self, *, after_step: bool = False) -> None:
+        """Restore the RNG streams (again: setup code after track() may have drawn) and free the payload.
+
+        ``after_step``: the first boundary came from step_done(), after a step
+        that already drew from the streams track() restored; leave them.
+        """
+        if not after_step:
+            self._restore_rng()
         payload, self._pending = self._pending, None
         meta = payload["jobwrap"]
-        restore_rng(meta["ranks"][self.group.rank % len(meta["ranks"])]["rng"])
         untracked = [n for n in meta.get("objects", []) + meta.get("extras", [])
                      if n not in self._objects and n not in self.extras]
         if untracked:
@@ -324,7 +358,10 @@ class Session:
 
     def _periodic_save(self) -> None:
         try:
-            self.save(reason="periodic")
+            if self.config.async_save and self.group.world_size == 1:
+                self._save_in_background(reason="periodic")
+            else:
+                self.save(reason="periodic")
         except StorageError as exc:
             if self.config.on_save_error == "raise":
                 raise
@@ -340,7 +377,7 @@ class Session:
             log.info("%s received %.2f s ago: checkpointing at step %d (epoch %d)", name, delay,
                      self.step, self.epoch)
         self.events.append("signal", signal=name, step=self.step, epoch=self.epoch)
-        checkpoint = self.save(reason=f"signal {name}")
+        checkpoint = self._save_before_exit(f"signal {name}")
         decision = self.group.broadcast(self._exit_decision(request, sig, checkpoint)
                                         if self.group.rank == 0 else None)
         code, requeued, reason = decision
@@ -381,7 +418,7 @@ class Session:
             f.write(str(os.getpid()))
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if self._trap.event.wait(0.01):
+            if self._trap.wait(0.01):  # not event.wait(): see SignalTrap.wait
                 open(os.path.join(control, f"got-{self.step}-r{rank}"), "w").close()
                 return
             if os.path.exists(done):
@@ -397,6 +434,8 @@ class Session:
         return only once the checkpoint is committed.
         """
         self.start()
+        if self._background.busy:
+            self._collect_background()  # a save in flight commits first (or its failure is raised)
         if self.last_checkpoint is not None and self.last_checkpoint.step == self.step:
             return self.last_checkpoint
         ranks = self.group.gather(self._rank_state())
@@ -413,6 +452,7 @@ class Session:
             raise StorageError(outcome.errno, f"rank 0 could not save: {outcome}")
         self.last_checkpoint = outcome
         self._last_save_time = time.monotonic()
+        self._note_saved(outcome)
         return outcome
 
     def _write(self, ranks: list[dict[str, Any]], reason: str) -> Checkpoint:
@@ -464,10 +504,206 @@ class Session:
         }
 
     def _load(self, checkpoint: Checkpoint) -> dict[str, Any]:
-        payload = torch.load(checkpoint.path, map_location=self.device, weights_only=True)
+        # One read: torch.load pulls the bytes straight into its tensors while the checksum is computed.
+        payload = self.store.read_verified(
+            checkpoint, lambda f: torch.load(f, map_location=self.device, weights_only=True))
         if not isinstance(payload, dict) or not isinstance(payload.get("jobwrap"), dict):
             raise CorruptCheckpointError(f"{checkpoint.path} is a torch file but not a jobwrap checkpoint")
         return payload
+
+    # ------------------------------------------------------------ background saves, grace window
+    def _save_in_background(self, reason: str) -> None:
+        """Copy the state into the staging buffers (the only pause) and write it on another thread."""
+        background = self._background
+        if background.busy:
+            if background.finished or background.step is None:
+                self._collect_background()  # a reservation still running: staging needs its buffers
+            elif background.step == self.step:
+                return  # this step is being written already
+            else:
+                self._skipped_saves += 1
+                if self._skipped_saves == 1:
+                    log.info("periodic save at step %d skipped: the save of step %d is still being written "
+                             "(one save in flight at a time; save less often to save at every interval)",
+                             self.step, background.step)
+                return
+        if self.last_checkpoint is not None and self.last_checkpoint.step == self.step:
+            return
+        started = time.monotonic()
+        staging = self._staging = self._staging or StagingArea()
+        defer, watched = self._deferrable() if self.config.lazy_copy else (set(), [])
+        payload = staging.stage(self._payload([self._rank_state()]), defer=defer)
+        pause = time.monotonic() - started
+        step, epoch = self.step, self.epoch
+        meta = {**self._meta(reason), "stage_seconds": round(pause, 6), "background": True}
+        expected = deadline.estimate_seconds(staging.nbytes, self._save_speed)
+        copied = self._copied = threading.Event()
+        self._copy_wait = 0.0
+
+        def work(cancel: Any) -> Checkpoint:
+            try:
+                staging.copy_deferred(cancel)  # at full priority: the next optimizer.step() may be waiting
+                check_unchanged(watched)
+            finally:
+                copied.set()  # optimizer.step() may go on, also when the copy failed or was cancelled
+            lower_priority()
+            checkpoint = self.store.save(payload, step=step, epoch=epoch, meta=meta, cancel=cancel)
+            self.store.retain(self.config.keep_last)
+            return checkpoint
+
+        background.submit(step, work, expected_seconds=expected)
+        self._last_save_time = time.monotonic()
+        self._tend = True
+        log.debug("step %d staged in %.3f s; writing in the background", step, pause)
+
+    def _deferrable(self) -> tuple[set[int], list[tuple[torch.Tensor, int]]]:
+        """Storages only a tracked optimizer's step() changes (its CPU parameters and state), and
+        those tensors with their version counters, to prove afterwards that nothing else changed them.
+
+        Their copy runs on the writer thread while the next step computes;
+        a hook holds the optimizer's next step() until it is done.
+        """
+        found: set[int] = set()
+        watched: list[tuple[torch.Tensor, int]] = []
+        for obj in self._objects.values():
+            if not isinstance(obj, torch.optim.Optimizer):
+                continue
+            tensors = [p for group in obj.param_groups for p in group["params"]]
+            tensors += [v for state in obj.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+            cpu = [t for t in tensors if t.device.type == "cpu"]
+            if cpu and id(obj) not in self._step_hooks:
+                self._step_hooks[id(obj)] = obj.register_step_pre_hook(self._before_optimizer_step)
+            found |= {t.untyped_storage()._cdata for t in cpu}
+            watched += [(t, t._version) for t in cpu]
+        return found, watched
+
+    def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        copied = self._copied
+        if copied is not None and not copied.is_set():
+            started = time.monotonic()
+            copied.wait()
+            self._copy_wait += time.monotonic() - started
+
+    def _tend_background(self) -> None:
+        """At a boundary: collect a finished background save; after the first step, reserve the staging buffers."""
+        if self._background.busy:
+            if self._background.finished:
+                self._collect_background()
+            return
+        if self._staging is None and self.config.async_save and self.step > max(self._resumed_step, 0):
+            self._reserve_staging()
+            return
+        self._tend = False
+
+    def _reserve_staging(self) -> None:
+        """Allocate the staging buffers on the writer thread, so that no periodic save pays for new memory.
+
+        After a step, the optimizer's state exists: the payload's layout is known.
+        """
+        staging = self._staging = StagingArea()
+        sizes = staging.plan(self._payload([self._rank_state()]))
+        self._background.submit(None, lambda cancel: lower_priority() or staging.reserve(sizes, cancel))
+
+    def _collect_background(self, *, raise_errors: bool = True) -> Checkpoint | None:
+        """Take the outcome of the background save: record a commit, raise (or log) a failure."""
+        step = self._background.step
+        checkpoint, error = self._background.collect()
+        if step is None:  # the staging reservation: on failure, the first save allocates instead
+            if error is not None and not isinstance(error, SaveCancelled):
+                log.warning("could not reserve the staging buffers (%s); the first save allocates them", error)
+            return None
+        if isinstance(error, SaveCancelled):
+            log.info("background save of step %s cancelled: a newer save supersedes it", step)
+            return None
+        if isinstance(error, ChangedWhileCopied):
+            self.config.lazy_copy = False
+            log.warning("background save of step %s dropped: %s. From now on periodic saves copy everything "
+                        "during the pause (lazy_copy=False); set JOBWRAP_LAZY_COPY=0 to start that way", step, error)
+            self.events.append("save-dropped", step=step, reason=str(error))
+            return None
+        if error is not None:
+            self.events.append("save-failed", step=step, reason="periodic", error=f"{type(error).__name__}: {error}")
+            if isinstance(error, StorageError):
+                failure: JobwrapError = StorageError(error.errno, f"background save of step {step} failed: {error}")
+            else:
+                failure = CheckpointError(f"background save of step {step} failed: {type(error).__name__}: {error}")
+            if raise_errors and not (isinstance(error, StorageError) and self.config.on_save_error == "continue"):
+                raise failure from error
+            log.error("%s", failure)
+            return None
+        seconds = float(checkpoint.manifest.get("save_seconds") or 0.0)
+        pause = float(checkpoint.manifest.get("stage_seconds") or 0.0) + self._copy_wait
+        log.info("saved step %d (epoch %d, %s, in the background) to %s: %s in %.2f s; training paused %.3f s",
+                 checkpoint.step, checkpoint.epoch, checkpoint.manifest.get("reason"),
+                 os.path.basename(checkpoint.path), human_size(checkpoint.size), seconds, pause)
+        self.events.append("save", step=checkpoint.step, epoch=checkpoint.epoch, bytes=checkpoint.size,
+                           seconds=round(seconds, 4), path=checkpoint.path, reason=checkpoint.manifest.get("reason"),
+                           background=True, pause=round(pause, 6))
+        if self.last_checkpoint is None or checkpoint.step > self.last_checkpoint.step:
+            self.last_checkpoint = checkpoint
+        self._note_saved(checkpoint)
+        return checkpoint
+
+    def _finish_background(self, exc: BaseException | None) -> BaseException | None:
+        """At close: let a save in flight commit; its failure is returned when nothing else failed."""
+        for hook in self._step_hooks.values():
+            hook.remove()
+        self._step_hooks.clear()
+        if not self._background.busy:
+            return None
+        if self._background.step is None:
+            self._background.cancel()  # only reserving buffers
+        elif not self._background.finished:
+            log.info("waiting for the background save of step %s to commit", self._background.step)
+        try:
+            self._collect_background(raise_errors=exc is None)
+        except JobwrapError as failure:
+            return failure
+        return None
+
+    def _save_before_exit(self, reason: str) -> Checkpoint:
+        """The signal's save: settle the save in flight the fastest way that commits the newest state."""
+        left = deadline.grace_left(signal_at=self._trap.first_time, now=time.monotonic(),
+                                   grace_seconds=self.config.grace_seconds, end_time=self.job.end_time,
+                                   wall_now=time.time())
+        size = self.last_checkpoint.size if self.last_checkpoint is not None else None
+        fresh = deadline.estimate_seconds(size or (self._staging.nbytes if self._staging else None), self._save_speed)
+        if self._background.busy and (self._background.finished or self._background.step is None):
+            self._background.cancel()  # done already, or only reserving buffers
+            self._collect_background(raise_errors=False)
+        elif self._background.busy:
+            plan = deadline.emergency_plan(in_flight_step=self._background.step or -1, step=self.step,
+                                           remaining=self._background.remaining_seconds(), fresh=fresh, left=left)
+            log.info("%s: the background save of step %s is in flight: %s", reason, self._background.step,
+                     {"wait": "it is this step, waiting for it", "supersede": "cancelling it, saving this step now",
+                      "wait-then-save": "it commits sooner, waiting for it, then saving this step"}[plan])
+            if plan == "supersede":
+                self._background.cancel()
+            self._collect_background(raise_errors=False)  # its failure is logged; this save is what counts
+        if left is not None and fresh is not None and fresh > left:
+            log.warning("%s: the save needs about %.1f s and %.1f s are left before the kill; trying anyway "
+                        "(the previous checkpoint stays intact if it is cut off)", reason, fresh, left)
+        return self.save(reason=reason)
+
+    def _note_saved(self, checkpoint: Checkpoint) -> None:
+        """Record the measured save speed; after the first save, warn if a save would not fit the grace window."""
+        speed = deadline.measured_speed([checkpoint.manifest])
+        if speed is not None:
+            self._save_speed = speed
+        if not self._fit_checked:
+            self._check_fit(checkpoint, [checkpoint])
+
+    def _check_fit(self, checkpoint: Checkpoint, measured: list[Checkpoint]) -> None:
+        """Warn once when a checkpoint of this size, at the measured speed, would outlast the grace window."""
+        speed = deadline.measured_speed(c.manifest for c in measured)
+        if speed is None or self.group.rank != 0:
+            return
+        self._save_speed = speed
+        self._fit_checked = True
+        warning = deadline.fit_warning(nbytes=checkpoint.size, bytes_per_second=speed,
+                                       grace_seconds=self.config.grace_seconds)
+        if warning:
+            log.warning("%s", warning)
 
 
 def preemptible(directory: str | os.PathLike | None = None, **settings: Any

@@ -25,6 +25,7 @@ class SignalTrap:
         self.signals = tuple(dict.fromkeys(signals))
         self.received: list[tuple[signal.Signals, float]] = []
         self.event = threading.Event()
+        self._setting = False
         self._previous: dict[signal.Signals, Handler] = {}
 
     def install(self) -> "SignalTrap":
@@ -45,7 +46,27 @@ class SignalTrap:
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
         self.received.append((signal.Signals(signum), time.monotonic()))
-        self.event.set()
+        # Event.set() takes a lock. A signal that lands while this handler is inside set() runs the
+        # handler again on the same thread, which then waits for that lock forever (seen under a
+        # storm of signals). So it is set once, and set() is never re-entered.
+        if self._setting or self.event.is_set():
+            return
+        self._setting = True
+        try:
+            self.event.set()
+        finally:
+            self._setting = False
+
+    def wait(self, timeout: float) -> bool:
+        """Whether a trapped signal has arrived, waiting up to ``timeout`` s; safe on the main thread.
+
+        It polls instead of ``event.wait()``: a handler interrupting the main
+        thread inside ``wait()`` would block on the lock that thread holds.
+        """
+        deadline = time.monotonic() + timeout
+        while not self.received and time.monotonic() < deadline:
+            time.sleep(min(0.005, max(0.0, deadline - time.monotonic())))
+        return bool(self.received)
 
     @property
     def first(self) -> signal.Signals | None:

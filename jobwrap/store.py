@@ -14,12 +14,15 @@ start). Readers trust a checkpoint only when its size and checksum match.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
+import io
 import json
 import logging
 import os
 import re
+import threading
 import time
 import uuid
 from typing import Any, BinaryIO, Callable, Iterable, Iterator
@@ -36,6 +39,9 @@ RUN_FILE = "run.json"
 _NAME = re.compile(r"^step-(\d{12})\.(pt|json)$")
 _TMP_PREFIX = ".tmp-"
 _CHUNK = 16 << 20
+_WRITE_CHUNK = 8 << 20   # hashed while in cache, then written
+_SMALL_WRITE = 64 << 10  # smaller writes (pickle, zip headers) are gathered
+_HASH_GAP = 1 << 20      # torch.load skips zip headers between records: hash them on the way
 
 
 # ---------------------------------------------------------------- pure policy
@@ -104,22 +110,166 @@ def _manifest_name(step: int) -> str:
     return f"step-{step:012d}.json"
 
 
-class _HashingWriter:
-    """A file object for ``torch.save`` that hashes the bytes as they go to disk (one pass)."""
+class SaveCancelled(Exception):
+    """A save was cancelled between two chunks (superseded by a newer one); its temporary file is gone."""
 
-    def __init__(self, raw: BinaryIO) -> None:
-        self.raw = raw
+
+class _HashingWriter:
+    """The file object ``torch.save`` writes to: hashes and writes in one pass over memory.
+
+    Small records (the pickle, zip headers) are gathered into one buffer;
+    tensor data goes straight from the tensor to the file descriptor in
+    :data:`_WRITE_CHUNK` pieces, each hashed just before it is written, while it
+    is still in the CPU cache. ``cancel`` is checked between pieces.
+    """
+
+    def __init__(self, fd: int, cancel: threading.Event | None = None) -> None:
+        self.fd = fd
+        self.cancel = cancel
         self.hash = xxhash.xxh3_64()
         self.size = 0
+        self._small = bytearray()
+        self.error: BaseException | None = None
 
     def write(self, data: bytes | memoryview) -> int:
-        self.hash.update(data)
-        written = self.raw.write(data)
-        self.size += len(data)
-        return written
+        view = memoryview(data).cast("B")
+        length = len(view)
+        if self.error is not None:
+            return length
+        try:
+            self._write(view, length)
+        except BaseException as exc:
+            # An exception through torch's C++ writer turns into an unrelated "unexpected pos"
+            # error; keep it, let torch.save run to its end on no-op writes, and raise it then.
+            self.error = exc
+        return length
+
+    def finish(self) -> None:
+        """Write what is gathered, or raise the error a write met (disk full, cancelled)."""
+        if self.error is None:
+            self.flush()
+        if self.error is not None:
+            raise self.error
+
+    def _write(self, view: memoryview, length: int) -> None:
+        if length < _SMALL_WRITE:
+            self._small += view
+            if len(self._small) >= _SMALL_WRITE:
+                self.flush()
+            return
+        self.flush()
+        for start in range(0, length, _WRITE_CHUNK):
+            self._out(view[start:start + _WRITE_CHUNK])
 
     def flush(self) -> None:
-        self.raw.flush()
+        if self._small:
+            pending, self._small = self._small, bytearray()
+            self._out(memoryview(pending))
+
+    def _out(self, view: memoryview) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise SaveCancelled()
+        self.hash.update(view)
+        done = 0
+        while done < len(view):
+            done += os.write(self.fd, view[done:])
+        self.size += len(view)
+
+
+class _VerifyingReader(io.RawIOBase):
+    """A read-only file for ``torch.load`` that hashes the file in order as torch reads it.
+
+    ``torch.load`` reads a checkpoint almost sequentially (the zip directory at
+    the end first, then the pickle and each tensor in file order), straight
+    into the tensors it allocates. Every byte read at the hashed frontier (or
+    a small gap after it) extends the hash; :meth:`digest` hashes whatever was
+    never read in order. So the checksum costs one pass over bytes that are
+    already in the cache, not a second read of the file.
+    """
+
+    def __init__(self, fd: int, size: int) -> None:
+        super().__init__()
+        self.fd = fd
+        self.size = size
+        self.position = 0
+        self.hashed = 0
+        self.hash = xxhash.xxh3_64()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self.position, os.SEEK_END: self.size}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        start = self.position
+        if self.hashed < start <= self.hashed + _HASH_GAP:
+            self._hash_until(start)
+        done = 0
+        while done < len(view):
+            piece = view[done:done + _WRITE_CHUNK]
+            n = os.preadv(self.fd, [piece], start + done)
+            if n == 0:
+                break
+            if start + done <= self.hashed < start + done + n:
+                self.hash.update(piece[self.hashed - start - done:n])
+                self.hashed = start + done + n
+            done += n
+        self.position = start + done
+        return done
+
+    def _hash_until(self, end: int) -> None:
+        scratch = bytearray(min(_WRITE_CHUNK, max(end - self.hashed, 1)))
+        while self.hashed < end:
+            n = os.preadv(self.fd, [memoryview(scratch)[:end - self.hashed]], self.hashed)
+            if n == 0:
+                return
+            self.hash.update(memoryview(scratch)[:n])
+            self.hashed += n
+
+    def digest(self) -> str:
+        """The checksum of the whole file: the bytes not yet hashed in order are read now."""
+        self._hash_until(self.size)
+        return "xxh3_64:" + self.hash.hexdigest()
+
+
+_crc_lock = threading.Lock()
+_crc_depth = 0
+_crc_previous = True
+
+
+@contextlib.contextmanager
+def _torch_crc_off() -> Iterator[None]:
+    """Skip torch's per-record CRC32 (jobwrap's xxh3 covers the file); restore the setting afterwards.
+
+    The setting is process-wide, and a background save may overlap a save on
+    the main thread: the first to enter turns it off, the last to leave puts
+    back what the user had.
+    """
+    import torch.serialization
+
+    global _crc_depth, _crc_previous
+    with _crc_lock:
+        if _crc_depth == 0:
+            _crc_previous = torch.serialization.get_crc32_options()
+            torch.serialization.set_crc32_options(False)
+        _crc_depth += 1
+    try:
+        yield
+    finally:
+        with _crc_lock:
+            _crc_depth -= 1
+            if _crc_depth == 0:
+                torch.serialization.set_crc32_options(_crc_previous)
 
 
 def checksum_of(path: str) -> tuple[str, int]:
@@ -146,6 +296,19 @@ def fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def _makedirs(path: str, mode: int) -> None:
+    """``os.makedirs``, but the parents it creates are 0755 (less the umask), not 0777: under a loose
+    umask (000) no directory jobwrap creates is writable by others."""
+    parent = os.path.dirname(path)
+    if parent and parent != path and not os.path.isdir(parent):
+        _makedirs(parent, 0o755)
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+
+
 def _describe_oserror(exc: OSError) -> str:
     hints = {
         errno.ENOSPC: "the disk is full: free space or point JOBWRAP_DIR at a larger filesystem",
@@ -164,13 +327,14 @@ class CheckpointStore:
     def __init__(self, directory: str, *, file_mode: int = 0o600) -> None:
         self.directory = os.path.abspath(directory)
         self.file_mode = file_mode
+        self.lineage: list[str] | None = None  # set by claim(): the runs whose checkpoints are this run's
 
     # ------------------------------------------------------------ setup
     def prepare(self) -> None:
         """Create the directory, prove it is writable, and clean what a killed save left."""
         dir_mode = 0o700 | ((self.file_mode & 0o040) and 0o050)
         try:
-            os.makedirs(self.directory, mode=dir_mode, exist_ok=True)
+            _makedirs(self.directory, dir_mode)
             probe = os.path.join(self.directory, f"{_TMP_PREFIX}probe-{uuid.uuid4().hex}")
             fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self.file_mode)
             os.close(fd)
@@ -181,6 +345,11 @@ class CheckpointStore:
         for name in leftovers(os.listdir(self.directory)):
             log.info("removing %s left by an interrupted save", name)
             self._remove(name)
+        for item in parse_listing(os.listdir(self.directory)):
+            found = self._read_manifest(item.step) if item.has_manifest else None
+            if isinstance(found, str):  # damaged or lying: never trusted, reported once, kept for a human
+                moved = self._quarantine_step(item.step)
+                log.warning("bad manifest %s: %s; set aside as %s", _manifest_name(item.step), found, moved)
 
     def claim(self, run_id: str | None, *, adopt: bool = False) -> tuple[str, list[str]]:
         """Make sure this directory belongs to ``run_id``; return (run id, accepted lineage).
@@ -192,11 +361,13 @@ class CheckpointStore:
         record = self._read_json(path)
         if record is None:
             run_id = run_id or uuid.uuid4().hex[:12]
-            self._write_json(RUN_FILE, {"run_id": run_id, "lineage": [run_id], "created": time.time()})
+            self._write_run({"run_id": run_id, "lineage": [run_id], "created": time.time()})
+            self.lineage = [run_id]
             return run_id, [run_id]
         owner = record.get("run_id")
         lineage = list(record.get("lineage") or [owner])
         if run_id is None or run_id in lineage:
+            self.lineage = lineage
             return (run_id or owner), lineage
         if not adopt and self.committed():
             raise ForeignRunError(
@@ -206,16 +377,30 @@ class CheckpointStore:
         if adopt:
             log.info("run %s adopts the checkpoints of run %s in %s", run_id, owner, self.directory)
         lineage.append(run_id)
-        self._write_json(RUN_FILE, {"run_id": run_id, "lineage": lineage, "created": time.time()})
+        self._write_run({"run_id": run_id, "lineage": lineage, "created": time.time()})
+        self.lineage = lineage
         return run_id, lineage
 
+    def _write_run(self, record: dict[str, Any]) -> None:
+        try:
+            self._write_json(RUN_FILE, record)
+        except OSError as exc:
+            raise StorageError(exc.errno, f"cannot record the run in {os.path.join(self.directory, RUN_FILE)}: "
+                               f"{_describe_oserror(exc)}") from exc
+
     # ------------------------------------------------------------ write
-    def save(self, payload: dict[str, Any], *, step: int, epoch: int, meta: dict[str, Any]) -> Checkpoint:
-        """Write ``payload`` with ``torch.save`` and commit it; nothing older is touched."""
+    def save(self, payload: dict[str, Any], *, step: int, epoch: int, meta: dict[str, Any],
+             cancel: threading.Event | None = None) -> Checkpoint:
+        """Write ``payload`` with ``torch.save`` and commit it; nothing older is touched.
+
+        One pass over the tensors (torch's CRC32 off, jobwrap's xxh3 computed as
+        the bytes are written), large writes, one fsync of the data. Setting
+        ``cancel`` abandons the save at the next chunk (:class:`SaveCancelled`).
+        """
         import torch
 
         existing = self._manifest(step)
-        if existing is not None:
+        if existing is not None and os.path.exists(existing.path):
             log.info("step %d is already committed in %s; not saving it twice", step, existing.path)
             return existing
         data_tmp = self._tmp_name(_data_name(step))
@@ -223,12 +408,15 @@ class CheckpointStore:
         try:
             fd = os.open(os.path.join(self.directory, data_tmp),
                          os.O_WRONLY | os.O_CREAT | os.O_EXCL, self.file_mode)
-            with os.fdopen(fd, "wb", buffering=_CHUNK) as raw:
-                writer = _HashingWriter(raw)
-                torch.save(payload, writer)
-                raw.flush()
+            try:
+                writer = _HashingWriter(fd, cancel)
+                with _torch_crc_off():
+                    torch.save(payload, writer)
+                writer.finish()
                 crash_point("data-written")
-                os.fsync(raw.fileno())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             crash_point("data-synced")
             os.replace(os.path.join(self.directory, data_tmp),
                        os.path.join(self.directory, _data_name(step)))
@@ -246,24 +434,38 @@ class CheckpointStore:
             self._write_json(_manifest_name(step), manifest, before_rename="manifest-written")
             crash_point("committed")
         except OSError as exc:
-            self._remove(data_tmp)
-            self._remove(_data_name(step))
+            # Best effort (the disk that failed may refuse the unlinks too); the manifest goes first, in
+            # case it was renamed before the directory's fsync failed: never a half-committed step.
+            for name in (data_tmp, _manifest_name(step), _data_name(step)):
+                with contextlib.suppress(OSError):
+                    self._remove(name)
             previous = self.committed()
             kept = f"the previous checkpoint (step {previous[0].step}) is intact" if previous else \
                 "no earlier checkpoint exists"
             raise StorageError(exc.errno, f"could not save step {step} in {self.directory}: "
                                f"{_describe_oserror(exc)}; {kept}") from exc
+        except BaseException:
+            self._remove(data_tmp)  # cancelled, or a payload torch.save refused
+            raise
         return self._as_checkpoint(manifest)
 
     def retain(self, keep_last: int) -> list[int]:
         """Delete committed checkpoints beyond the newest ``keep_last``; uncommit before deleting data."""
-        victims = retention_victims([c.step for c in self.committed()], keep_last)
-        for step in victims:
-            self._remove(_manifest_name(step))
-            crash_point("retention")
-            self._remove(_data_name(step))
-        if victims:
-            fsync_dir(self.directory)
+        # Only checkpoints this run can load count and go: another run's or a newer format's are not
+        # ours to delete, and must not push out the one just saved.
+        usable = [c.step for c in self.committed() if c.manifest.get("format", 0) <= FORMAT_VERSION
+                  and (self.lineage is None or c.run_id in self.lineage)]
+        victims = retention_victims(usable, keep_last)
+        try:
+            for step in victims:
+                self._remove(_manifest_name(step))
+                crash_point("retention")
+                self._remove(_data_name(step))
+            if victims:
+                fsync_dir(self.directory)
+        except OSError as exc:  # the new checkpoint is committed; old ones stay until the next save
+            log.warning("retention could not delete old checkpoints in %s: %s", self.directory,
+                        _describe_oserror(exc))
         return victims
 
     # ------------------------------------------------------------ read
@@ -295,9 +497,48 @@ class CheckpointStore:
             raise CorruptCheckpointError(f"{checkpoint.path}: checksum {digest} does not match manifest "
                                          f"{checkpoint.checksum} (damaged on disk)")
 
-    def newest_loadable(self, load: Callable[[Checkpoint], Any], *,
-                        lineage: list[str] | None = None) -> tuple[Checkpoint, Any] | None:
-        """The newest checkpoint that verifies and loads; bad ones are reported and set aside."""
+    def read_verified(self, checkpoint: Checkpoint, load: Callable[[BinaryIO], Any]) -> Any:
+        """``load(f)`` reads the checkpoint from ``f``; the checksum is computed in the same pass.
+
+        The result is returned only if size and checksum match the manifest,
+        else :class:`CorruptCheckpointError` is raised and the result dropped.
+        """
+        try:
+            fd = os.open(checkpoint.path, os.O_RDONLY)
+        except OSError as exc:
+            raise CorruptCheckpointError(f"{checkpoint.path}: cannot be read ({exc.strerror})") from exc
+        try:
+            actual_size = os.fstat(fd).st_size
+            if actual_size != checkpoint.size:
+                raise CorruptCheckpointError(f"{checkpoint.path}: {actual_size} bytes, manifest says "
+                                             f"{checkpoint.size} (truncated or replaced)")
+            with contextlib.suppress(OSError, AttributeError):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            reader = _VerifyingReader(fd, actual_size)
+            try:
+                value = load(reader)  # type: ignore[arg-type]
+            except CorruptCheckpointError:
+                raise
+            except Exception:
+                if reader.digest() != checkpoint.checksum:  # damaged bytes explain the failure
+                    raise CorruptCheckpointError(f"{checkpoint.path}: checksum does not match manifest "
+                                                 f"{checkpoint.checksum} (damaged on disk)") from None
+                raise
+            digest = reader.digest()
+        finally:
+            os.close(fd)
+        if digest != checkpoint.checksum:
+            raise CorruptCheckpointError(f"{checkpoint.path}: checksum {digest} does not match manifest "
+                                         f"{checkpoint.checksum} (damaged on disk)")
+        return value
+
+    def newest_loadable(self, load: Callable[[Checkpoint], Any], *, lineage: list[str] | None = None,
+                        verify: bool = True) -> tuple[Checkpoint, Any] | None:
+        """The newest checkpoint that verifies and loads; bad ones are reported and set aside.
+
+        ``verify=False`` when ``load`` verifies as it reads (:meth:`read_verified`),
+        so the file is read once.
+        """
         for checkpoint in self.committed():
             if checkpoint.manifest.get("format", 0) > FORMAT_VERSION:
                 log.warning("skipping %s: written by a newer jobwrap (format %s > %s); upgrade jobwrap to use it",
@@ -308,7 +549,8 @@ class CheckpointStore:
                             checkpoint.path, checkpoint.run_id, lineage)
                 continue
             try:
-                self.verify(checkpoint)
+                if verify:
+                    self.verify(checkpoint)
                 return checkpoint, load(checkpoint)
             except CorruptCheckpointError as exc:
                 reason = str(exc)
@@ -320,9 +562,12 @@ class CheckpointStore:
 
     def quarantine(self, checkpoint: Checkpoint) -> str:
         """Rename a bad checkpoint out of the way (never delete it: a human may want it)."""
+        return self._quarantine_step(checkpoint.step)
+
+    def _quarantine_step(self, step: int) -> str:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         target = ""
-        for name in (_manifest_name(checkpoint.step), _data_name(checkpoint.step)):
+        for name in (_manifest_name(step), _data_name(step)):
             source = os.path.join(self.directory, name)
             target = f"{source}.corrupt-{stamp}"
             try:
@@ -334,14 +579,34 @@ class CheckpointStore:
 
     # ------------------------------------------------------------ helpers
     def _manifest(self, step: int) -> Checkpoint | None:
-        record = self._read_json(os.path.join(self.directory, _manifest_name(step)))
-        if record is None:
-            return None
+        found = self._read_manifest(step)
+        return found if isinstance(found, Checkpoint) else None
+
+    def _read_manifest(self, step: int) -> Checkpoint | str | None:
+        """The manifest of ``step``: None if there is none, else the checkpoint, or why it cannot be trusted.
+
+        A manifest that names another step is refused: trusting it would point
+        verification (and the quarantine of a failure) at another checkpoint.
+        """
         try:
-            return self._as_checkpoint(record)
-        except (KeyError, TypeError, ValueError):
-            log.warning("ignoring unreadable manifest %s", _manifest_name(step))
+            with open(os.path.join(self.directory, _manifest_name(step))) as f:
+                record = json.load(f)
+        except OSError:
             return None
+        except ValueError:
+            return "not valid JSON (damaged)"
+        if not isinstance(record, dict):
+            return "not a manifest (JSON, but not an object)"
+        try:
+            checkpoint = self._as_checkpoint(record)
+        except (KeyError, TypeError, ValueError) as exc:
+            newer = isinstance(record.get("format"), int) and record["format"] > FORMAT_VERSION
+            if newer:  # a newer jobwrap's layout: not ours to judge (or to set aside)
+                return None
+            return f"a field is missing or malformed ({type(exc).__name__}: {exc})"
+        if checkpoint.step != step:
+            return f"it says step {checkpoint.step} but is the manifest of step {step}"
+        return checkpoint
 
     def _as_checkpoint(self, record: dict[str, Any]) -> Checkpoint:
         step = int(record["step"])

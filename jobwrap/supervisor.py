@@ -12,6 +12,8 @@ import os
 import signal
 import subprocess
 import tempfile
+import threading
+import time
 from typing import Mapping, Sequence
 
 import psutil
@@ -21,6 +23,10 @@ from jobwrap.env import read_env
 from jobwrap.schedulers import scontrol_requeue
 
 log = logging.getLogger("jobwrap")
+
+#: How long a signal that nothing in the training tree traps yet is held for it (see
+#: :func:`deliver_when_trapped`) before it goes to the command anyway.
+HOLD_SECONDS = 60.0
 
 
 def catches(pid: int, signum: int) -> bool | None:
@@ -35,20 +41,24 @@ def catches(pid: int, signum: int) -> bool | None:
     return None
 
 
-def signal_tree(pid: int, signum: int) -> list[int]:
+def signal_tree(pid: int, signum: int, *, fallback: bool = True) -> list[int]:
     """Send ``signum`` to the processes under ``pid`` that handle it; return who got it.
 
     A signal such as USR1 kills a process that does not handle it: a shell in
     between, or torchrun, which passes only INT/TERM/HUP/QUIT to its workers.
     So it goes straight to every process in the tree that traps it (the
-    training ranks, whatever launched them) and to the root only when nobody does.
+    training ranks, whatever launched them) and to the root only when nobody
+    does (with ``fallback``; without it, nobody gets it).
     """
     try:
         root = psutil.Process(pid)
         members = root.children(recursive=True)[::-1] + [root]
     except psutil.NoSuchProcess:
         return []
-    targets = [p for p in members if catches(p.pid, signum) is not False] or [root]
+    targets = [p for p in members if catches(p.pid, signum) is not False]
+    if not targets and not fallback:
+        return []
+    targets = targets or [root]
     reached = []
     for proc in targets:
         try:
@@ -57,6 +67,24 @@ def signal_tree(pid: int, signum: int) -> list[int]:
         except psutil.NoSuchProcess:
             continue
     return reached
+
+
+def deliver_when_trapped(child: subprocess.Popen, signum: int, *, hold: float = HOLD_SECONDS,
+                         poll: float = 0.05) -> list[int]:
+    """Send ``signum`` once a process of the child's tree traps it; after ``hold`` s, as :func:`signal_tree` does.
+
+    Slurm's signal can come while training is still starting (importing torch, before
+    jobwrap installs its handler): USR1 sent then would kill it, and a preempted job
+    that dies is not requeued. Held, it reaches the training process as soon as it can
+    take it, and the session stops at its first step boundary.
+    """
+    deadline = time.monotonic() + hold
+    while child.poll() is None:
+        reached = signal_tree(child.pid, signum, fallback=time.monotonic() > deadline)
+        if reached:
+            return reached
+        time.sleep(poll)
+    return []
 
 
 def exit_status(returncode: int) -> int:
@@ -72,11 +100,18 @@ def supervise(command: Sequence[str], *, forward: Sequence[signal.Signals], max_
     restart = job.restart_count
     child: subprocess.Popen | None = None
     received: list[int] = []
+    unsent: list[int] = []  # arrived while no command ran (starting, between relaunches): for the next
+
+    def hold(signum: int) -> None:
+        # A thread waits for the trap: the signal handler must return for the main thread's wait().
+        threading.Thread(target=deliver_when_trapped, args=(child, signum), daemon=True).start()
 
     def relay(signum: int, frame: object) -> None:
         received.append(signum)
-        if child is not None and child.poll() is None:
-            signal_tree(child.pid, signum)
+        if child is None or child.poll() is not None:
+            unsent.append(signum)
+        elif not signal_tree(child.pid, signum, fallback=False):
+            hold(signum)
 
     fd, requeue_file = tempfile.mkstemp(prefix="jobwrap-requeue-")
     os.close(fd)
@@ -92,6 +127,8 @@ def supervise(command: Sequence[str], *, forward: Sequence[signal.Signals], max_
             except OSError as exc:
                 log.error("cannot start %s: %s", command[0], exc.strerror)
                 return 127
+            while unsent:
+                hold(unsent.pop(0))
             status = exit_status(child.wait())
             asked = _take(requeue_file)
             if not asked and status != REQUEUE_EXIT_CODE:

@@ -163,16 +163,7 @@ def test_snippet_runs(snippet: Snippet, tmp_path: Path):
     assert runs["cut"].signalled_at == list(snippet.preempt)
     assert [e["event"] for e in read_events(str(tmp_path / "cut" / "checkpoints"))].count("start") == \
         len(snippet.preempt) + 1
-    try:
-        assert_same_run(tmp_path / "plain" / "checkpoints", tmp_path / "cut" / "checkpoints")
-    except AssertionError as exc:
-        if snippet.harness != "loop-defs":
-            raise
-        # Known: with step_done() alone the first boundary after a resume comes *after* the first
-        # step, so that step draws from the fresh seed instead of the checkpoint's RNG streams
-        # (dropout shows it; the same loop without RNG use is bit-exact). Session must restore the
-        # RNG before the first step of such a loop.
-        pytest.xfail(f"step_done() loop: first resumed step runs before the RNG restore ({exc})")
+    assert_same_run(tmp_path / "plain" / "checkpoints", tmp_path / "cut" / "checkpoints")
 
 
 def test_guide_lists_every_setting():

@@ -1,0 +1,74 @@
+"""A signal that reaches `jobwrap run` before training traps it (still importing torch) is held, not fatal.
+
+Slurm's time-limit warning and a preemption can come in the first seconds of a run (slurmctld
+checks every 30 s; a requeued job may be preempted again at once). Sent on at once, USR1 would
+kill the starting training process, and a preempted job that dies is not requeued.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from jobwrap.events import read_events
+from jobwrap.supervisor import catches
+from jobwrap.testing import assert_same_run
+
+from conftest import TRAIN
+
+LATE_TRAP = """\
+import signal, sys, time
+time.sleep(1.5)  # "importing torch": USR1 would kill us now
+got = []
+signal.signal(signal.SIGUSR1, lambda *a: got.append(1))
+deadline = time.monotonic() + 20
+while not got and time.monotonic() < deadline:
+    time.sleep(0.01)
+print("got USR1" if got else "no USR1", flush=True)
+sys.exit(0 if got else 3)
+"""
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("JOBWRAP_", "SLURM_"))}
+
+
+def _start(command: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """`jobwrap run -- command`, returned once the supervisor traps USR1 (bounded)."""
+    proc = subprocess.Popen([sys.executable, "-m", "jobwrap", "run", "--", *command], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not catches(proc.pid, signal.SIGUSR1):
+        assert proc.poll() is None and time.monotonic() < deadline, "jobwrap run never trapped USR1"
+        time.sleep(0.01)
+    return proc
+
+
+def test_signal_before_the_trap_is_delivered_once_trapped(tmp_path: Path):
+    """USR1 while the child has no handler yet: held, and delivered when the child installs one."""
+    script = tmp_path / "late.py"
+    script.write_text(LATE_TRAP)
+    proc = _start([sys.executable, str(script)], _env())
+    os.kill(proc.pid, signal.SIGUSR1)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out + err
+    assert "got USR1" in out
+
+
+def test_training_signalled_while_starting_checkpoints_requeues_and_finishes_exact(tmp_path: Path):
+    """USR1 while train.py imports torch: its first boundary commits, it is relaunched, ends bit-exact."""
+    args = [sys.executable, str(TRAIN), "--epochs", "2", "--samples", "128"]
+    reference = subprocess.run(args, env={**_env(), "JOBWRAP_DIR": str(tmp_path / "ref")},
+                               capture_output=True, text=True, timeout=120)
+    assert reference.returncode == 0, reference.stderr
+    proc = _start(args, {**_env(), "JOBWRAP_DIR": str(tmp_path / "cut")})
+    os.kill(proc.pid, signal.SIGUSR1)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert err.count("training asked to be requeued") == 1, err
+    requeues = [e for e in read_events(str(tmp_path / "cut")) if e["event"] == "requeue"]
+    assert len(requeues) == 1
+    assert_same_run(tmp_path / "ref", tmp_path / "cut")

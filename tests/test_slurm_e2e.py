@@ -1,0 +1,510 @@
+"""End to end on the local Slurm cluster: real sbatch jobs, real signals, real requeues.
+
+Each test submits a training job from the layouts jobwrap.sbatch renders (CPU only), signals
+it the way Slurm or a user would, waits (bounded) for it to come back through the queue, and
+compares the finished run with an uninterrupted local run of the same command, bit for bit.
+A failing wait prints the job's record, its output and the daemon log tails.
+
+Skipped, with the reason, when the cluster is not up (scripts/slurm-local up; scripts/test
+does it). Jobs run the repo's .venv python (first on PATH) and write under tmp_path.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from jobwrap.events import read_events
+from jobwrap.sbatch import SubmitOptions, render
+from jobwrap.store import CheckpointStore
+from jobwrap.testing import assert_same_run, final_state
+
+from conftest import REPO
+from slurm_cluster import (
+    FINAL_STATES,
+    JobInfo,
+    SlurmError,
+    cancel,
+    cluster_available,
+    daemon_log_tail,
+    job_info,
+    output_tail,
+    restart_count,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slurm
+
+VENV_BIN = REPO / ".venv" / "bin" if (REPO / ".venv" / "bin" / "python").exists() else Path(sys.executable).parent
+TRAIN = str(REPO / "examples" / "train.py")
+TRAIN_DDP = str(REPO / "examples" / "train_ddp.py")
+# 16 steps per epoch, 48 in all: a few seconds of compute, stretched by --step-seconds in the jobs.
+TRAIN_ARGS = ("--epochs", "3", "--samples", "256", "--batch-size", "16")
+TOTAL_STEPS = 48
+DDP_ARGS = ("--epochs", "2")  # 8 steps per epoch on each of the two ranks
+
+
+# ---------------------------------------------------------------- helpers
+
+def job_env(**extra: str) -> dict[str, str]:
+    """The environment sbatch passes to the job: .venv/bin first, no JOBWRAP_* of the caller, one thread."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBWRAP_")}
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    # One intra-op thread in the jobs and in the reference runs alike (and less contention on 2 cores).
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
+    env.update(extra)
+    return env
+
+
+def local_env(**extra: str) -> dict[str, str]:
+    """job_env without Slurm's variables: for the uninterrupted local reference runs."""
+    return {k: v for k, v in job_env(**extra).items() if not k.startswith("SLURM_")}
+
+
+def submit(script: Path, *args: str, cwd: Path, env: dict[str, str] | None = None) -> str:
+    """sbatch --parsable with extra options and the job's environment; the job id."""
+    done = subprocess.run(["sbatch", "--parsable", f"--chdir={cwd}", *args, str(script)],
+                          env=env or job_env(), capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        raise SlurmError(f"sbatch {script.name} exited {done.returncode}: {done.stderr.strip()}")
+    return done.stdout.strip().split(";")[0]
+
+
+def scancel(*args: str) -> float:
+    """Runs scancel; the wall-clock time it was called (to time the way back)."""
+    sent = time.time()
+    subprocess.run(["scancel", *args], check=True, capture_output=True, timeout=30)
+    return sent
+
+
+def write_script(tmp_path: Path, name: str, **options: object) -> Path:
+    """A batch script rendered by jobwrap.sbatch (CPU only, 10 minutes, 60 s lead unless given)."""
+    defaults: dict[str, object] = {"time": 10, "lead_seconds": 60, "gpus_per_node": 0, "job_name": name,
+                                   "checkpoint_dir": str(tmp_path / "ckpt")}
+    text = render(SubmitOptions(**{**defaults, **options}))
+    path = tmp_path / f"{name}.sbatch"
+    path.write_text(text)
+    return path
+
+
+def failure(job: str, why: str) -> AssertionError:
+    """An AssertionError with the job's record, output tail and the daemon log tails."""
+    try:
+        info: JobInfo | None = job_info(job)
+    except SlurmError:
+        info = None
+    record = " ".join(f"{k}={v}" for k, v in info.items()) if info else "(no record)"
+    output = output_tail(info, 60) if info else "(unknown)"
+    return AssertionError(f"job {job}: {why}\n----- job record\n{record}\n----- job output\n{output}\n"
+                          f"{daemon_log_tail()}")
+
+
+def wait_until(job: str, condition: Callable[[], bool], what: str, timeout: float) -> float:
+    """Polls condition (bounded) while the job lives; the seconds it took."""
+    start = time.monotonic()
+    while not condition():
+        state = job_info(job).get("JobState", "")
+        if state in FINAL_STATES:
+            raise failure(job, f"ended {state} while waiting for {what}")
+        if time.monotonic() - start > timeout:
+            raise failure(job, f"no {what} after {timeout:.0f} s")
+        time.sleep(0.2)
+    return time.monotonic() - start
+
+
+def checked(job: str, check: Callable[[], None]) -> None:
+    """Runs an assertion block; on failure, adds the job's output and the daemon logs."""
+    try:
+        check()
+    except AssertionError as exc:
+        raise failure(job, f"check failed: {exc}") from None
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def committed_steps(directory: Path) -> list[int]:
+    return [c.step for c in CheckpointStore(str(directory)).committed()] if directory.exists() else []
+
+
+def events(directory: Path, kind: str) -> list[dict]:
+    return [e for e in read_events(str(directory)) if e["event"] == kind]
+
+
+def slurm_time(text: str) -> float:
+    """A Slurm timestamp (local time, whole seconds) as epoch seconds."""
+    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S").timestamp()
+
+
+def report(name: str, **numbers: float | int) -> None:
+    """Prints the measured timings (pytest -s shows them) and appends them to $JOBWRAP_E2E_TIMINGS."""
+    print(f"{name}: " + ", ".join(f"{k}={v:.2f}s" if isinstance(v, float) else f"{k}={v}"
+                                  for k, v in numbers.items()))
+    if path := os.environ.get("JOBWRAP_E2E_TIMINGS"):
+        with open(path, "a") as f:
+            f.write(json.dumps({"test": name, **{k: round(v, 3) for k, v in numbers.items()}}) + "\n")
+
+
+@pytest.fixture(scope="session")
+def slurm_up() -> None:
+    """Skips, with the reason, when the local cluster does not answer."""
+    up, reason = cluster_available()
+    if not up:
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def jobs(slurm_up: None, tmp_path: Path) -> Iterator[list[str]]:
+    """Skips without a cluster; cancels every job id the test appends, pass or fail."""
+    submitted: list[str] = []
+    yield submitted
+    cancel(*submitted)
+    # A cancelled job leaves the node only after KillWait; the next test needs its CPUs.
+    deadline = time.monotonic() + 30
+    for job in submitted:
+        with contextlib.suppress(SlurmError):
+            while job_info(job).get("JobState") not in FINAL_STATES and time.monotonic() < deadline:
+                time.sleep(0.2)
+
+
+_REFERENCES: dict[tuple[str, ...], Path] = {}
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """reference(args) -> the directory of an uninterrupted local run of examples/train.py args (cached)."""
+    def run(args: tuple[str, ...] = TRAIN_ARGS) -> Path:
+        if args not in _REFERENCES:
+            work = tmp_path_factory.mktemp("reference")
+            done = subprocess.run([str(VENV_BIN / "python"), TRAIN, *args, "--loss-log", str(work / "loss.tsv")],
+                                  env=local_env(JOBWRAP_DIR=str(work / "ckpt")), capture_output=True, text=True,
+                                  timeout=300)
+            assert done.returncode == 0, done.stderr[-3000:]
+            _REFERENCES[args] = work
+        return _REFERENCES[args]
+    return run
+
+
+@pytest.fixture(scope="session")
+def ddp_reference(slurm_up: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted two-rank run of examples/train_ddp.py (gloo on the CPU), launched locally."""
+    work = tmp_path_factory.mktemp("ddp-reference")
+    command = [str(VENV_BIN / "python"), "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               TRAIN_DDP, *DDP_ARGS]
+    done = subprocess.run(command, env=local_env(JOBWRAP_DIR=str(work / "ckpt")), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return work / "ckpt"
+
+
+def train_command(tmp_path: Path, *extra: str, step_seconds: float = 0.1) -> tuple[str, ...]:
+    return ("python", TRAIN, *TRAIN_ARGS, "--step-seconds", str(step_seconds),
+            "--loss-log", str(tmp_path / "loss.tsv"), *extra)
+
+
+def assert_finished_like_reference(job: str, tmp_path: Path, ref: Path) -> None:
+    """Final checkpoint bit for bit the uninterrupted run's; every step trained once, with its loss."""
+    def check() -> None:
+        assert_same_run(ref / "ckpt", tmp_path / "ckpt")
+        assert lines(tmp_path / "loss.tsv") == lines(ref / "loss.tsv"), "loss history differs"
+    checked(job, check)
+
+
+# ---------------------------------------------------------------- 1. manual signal
+
+def test_manual_signal_commits_requeues_and_resumes_bit_exact(jobs, tmp_path, reference):
+    """scancel --signal=USR1 --batch mid-epoch: commit, requeue, rerun with restart 1, same final state."""
+    ref = reference()
+    script = write_script(tmp_path, "manual", command=train_command(tmp_path))
+    job = submit(script, cwd=tmp_path)
+    jobs.append(job)
+    wait_until(job, lambda: len(lines(tmp_path / "loss.tsv")) >= 5, "5 trained steps", 120)
+    sent = scancel("--signal=USR1", "--batch", job)
+    info = wait_for(job, {"COMPLETED"}, predicate=lambda i: restart_count(i) == 1, timeout=180)
+    ckpt = tmp_path / "ckpt"
+
+    def check() -> None:
+        assert info["ExitCode"] == "0:0"
+        (requeue,) = events(ckpt, "requeue")
+        assert 5 <= requeue["step"] < 16, "not mid-epoch 0"
+        starts = events(ckpt, "start")
+        assert [s["restart"] for s in starts] == [0, 1]
+        assert starts[1]["step"] == requeue["step"], "did not resume from the signal's checkpoint"
+        assert final_state(ckpt)["step"] == TOTAL_STEPS
+        assert CheckpointStore(str(ckpt)).committed()[0].manifest["restart_count"] == 1
+    checked(job, check)
+    assert_finished_like_reference(job, tmp_path, ref)
+    save = next(e for e in events(ckpt, "save") if e["reason"] == "signal SIGUSR1")
+    report("manual signal", signal_to_commit=save["time"] - sent,
+           requeue_to_resumed_start=events(ckpt, "start")[1]["time"] - events(ckpt, "requeue")[0]["time"],
+           signal_to_resumed_start=events(ckpt, "start")[1]["time"] - sent)
+
+
+# ---------------------------------------------------------------- 2. time limit
+
+def test_time_limit_warning_requeues_before_the_limit(jobs, tmp_path, reference):
+    """--time=1 with --signal=B:USR1@15 and 65 s of training: warned, commits, requeues, finishes later."""
+    ref = reference()
+    # slurmctld checks limits every 30 s and sends the warning when at most lead + 30 s remain
+    # (measured here: 5 s early for a 45 s lead, 30 s early for a 20 s one). With a 15 s lead it
+    # comes 15 to 45 s into each run, after Python started and before the limit, never after it.
+    script = write_script(tmp_path, "limit", time=1, lead_seconds=15,
+                          command=train_command(tmp_path, step_seconds=1.35))
+    job = submit(script, cwd=tmp_path)
+    jobs.append(job)
+    info = wait_for(job, {"COMPLETED"}, timeout=480)
+    ckpt = tmp_path / "ckpt"
+
+    def check() -> None:
+        runs = restart_count(info) + 1
+        assert runs >= 2, "training needing more than a minute finished in one run"
+        stops = events(ckpt, "requeue")
+        assert len(stops) == runs - 1, stops
+        assert all(e["progress"] for e in stops)
+        exits = [e["reason"] for e in events(ckpt, "exit")]
+        assert len(exits) == runs and exits[-1] == "finished", exits
+        assert all(r.startswith("checkpoint committed, requeue requested") for r in exits[:-1]), exits
+        assert "TIME LIMIT" not in output_tail(info, 400), "a run reached its time limit"
+    checked(job, check)
+    assert_finished_like_reference(job, tmp_path, ref)
+    starts = [e["time"] for e in events(ckpt, "start")]
+    signals = [e["time"] for e in events(ckpt, "signal")]
+    report("time limit", runs=len(starts), first_signal_after_start=signals[0] - starts[0],
+           total=starts[-1] - starts[0])
+
+
+# ---------------------------------------------------------------- 3. preemption
+
+HIGH = "#!/bin/bash\necho \"high job ran\"\nsleep 2\n"
+
+
+def test_preempted_low_job_commits_within_grace_and_resumes_after_high(jobs, tmp_path, reference):
+    """A low job preempted by an exclusive high job: commits within GraceTime, requeued, resumes after it."""
+    ref = reference()
+    script = write_script(tmp_path, "low", partition="low", command=train_command(tmp_path))
+    low = submit(script, cwd=tmp_path)
+    jobs.append(low)
+    wait_until(low, lambda: len(lines(tmp_path / "loss.tsv")) >= 5, "5 trained steps", 120)
+    (tmp_path / "high.sh").write_text(HIGH)
+    preempted_at = time.time()
+    high = submit(tmp_path / "high.sh", "--partition=high", "--exclusive", "--output=high-%j.out", cwd=tmp_path)
+    jobs.append(high)
+    high_info = wait_for(high, {"COMPLETED"}, timeout=120)
+    info = wait_for(low, {"COMPLETED"}, predicate=lambda i: restart_count(i) == 1, timeout=180)
+    ckpt = tmp_path / "ckpt"
+    grace = 10  # GraceTime of partition low in slurm/slurm.conf.in
+
+    def check() -> None:
+        assert info["Partition"] == "low" and info["ExitCode"] == "0:0"
+        save = next(e for e in events(ckpt, "save") if e["reason"] == "signal SIGUSR1")
+        resumed = events(ckpt, "start")[1]
+        assert save["time"] - preempted_at < grace, "checkpoint not committed within GraceTime"
+        assert resumed["time"] >= slurm_time(high_info["StartTime"]), "low job resumed before the high job ran"
+        assert resumed["step"] == save["step"]
+    checked(low, check)
+    assert_finished_like_reference(low, tmp_path, ref)
+    save = next(e for e in events(ckpt, "save") if e["reason"] == "signal SIGUSR1")
+    resumed = events(ckpt, "start")[1]
+    report("preemption", preempt_to_commit=save["time"] - preempted_at,
+           preempt_to_high_start=slurm_time(high_info["StartTime"]) - preempted_at,
+           high_end_to_low_resume=resumed["time"] - slurm_time(high_info["EndTime"]))
+
+
+# ---------------------------------------------------------------- 4. user cancel
+
+def test_user_cancel_commits_and_is_not_requeued(jobs, tmp_path):
+    """Plain scancel: TERM, a checkpoint commits, no requeue; the job ends CANCELLED."""
+    script = write_script(tmp_path, "cancel", command=train_command(tmp_path))
+    job = submit(script, cwd=tmp_path)
+    jobs.append(job)
+    wait_until(job, lambda: len(lines(tmp_path / "loss.tsv")) >= 5, "5 trained steps", 120)
+    sent = scancel(job)
+    info = wait_for(job, {"CANCELLED"}, timeout=60)
+    ckpt = tmp_path / "ckpt"
+
+    def check() -> None:
+        assert restart_count(info) == 0
+        assert not events(ckpt, "requeue")
+        (stop,) = events(ckpt, "stop")
+        assert stop["requeue"] is False and "SIGTERM" in stop["reason"]
+        save = next(e for e in events(ckpt, "save") if e["reason"] == "signal SIGTERM")
+        assert 5 <= save["step"] < TOTAL_STEPS
+        assert committed_steps(ckpt)[0] == save["step"]
+    checked(job, check)
+    # Cancelled means gone: it does not come back through the queue.
+    assert job_info(job)["JobState"] == "CANCELLED" and restart_count(job) == 0
+    save = next(e for e in events(ckpt, "save") if e["reason"] == "signal SIGTERM")
+    report("user cancel", signal_to_commit=save["time"] - sent)
+
+
+# ---------------------------------------------------------------- 5. requeue cap
+
+def test_requeue_cap_ends_with_a_clear_message(jobs, tmp_path):
+    """JOBWRAP_MAX_REQUEUES=1, signalled twice: requeued once, then committed, refused, FAILED."""
+    script = write_script(tmp_path, "cap", max_requeues=1, command=train_command(tmp_path))
+    job = submit(script, cwd=tmp_path)
+    jobs.append(job)
+    loss = tmp_path / "loss.tsv"
+    ckpt = tmp_path / "ckpt"
+    wait_until(job, lambda: len(lines(loss)) >= 5, "5 trained steps", 120)
+    scancel("--signal=USR1", "--batch", job)
+    wait_until(job, lambda: len(events(ckpt, "start")) == 2 and len(lines(loss)) >= 12,
+               "the second run training", 180)
+    scancel("--signal=USR1", "--batch", job)
+    info = wait_for(job, {"FAILED"}, timeout=120)
+
+    def check() -> None:
+        assert restart_count(info) == 1
+        assert "the requeue cap is reached (1 restarts, max_requeues=1)" in output_tail(info, 200)
+        assert "raise JOBWRAP_MAX_REQUEUES" in output_tail(info, 200)
+        assert len(events(ckpt, "requeue")) == 1
+        (stop,) = events(ckpt, "stop")
+        assert stop["requeue"] is False and committed_steps(ckpt)[0] == stop["step"] > 5
+    checked(job, check)
+
+
+# ---------------------------------------------------------------- 6. job array
+
+def test_array_task_requeues_only_itself(jobs, tmp_path, reference):
+    """USR1 to task 1 of a 2-task array: task 1 requeues as ARRAY_TASK, task 0 runs through untouched."""
+    ref = reference()
+    # The command cannot name a per-task loss log; a periodic checkpoint shows that training runs.
+    script = write_script(tmp_path, "array", extra_sbatch=("--array=0-1",),
+                          command=("python", TRAIN, *TRAIN_ARGS, "--step-seconds", "0.1"))
+    array = submit(script, cwd=tmp_path, env=job_env(JOBWRAP_SAVE_EVERY_STEPS="4"))
+    tasks = [f"{array}_0", f"{array}_1"]
+    jobs.extend(tasks)
+    wait_until(tasks[1], lambda: bool(committed_steps(tmp_path / "ckpt" / "1")), "a committed step in task 1", 120)
+    scancel("--signal=USR1", "--batch", tasks[1])
+    done = [wait_for(task, {"COMPLETED"}, timeout=180) for task in tasks]
+    wait_for(tasks[1], {"COMPLETED"}, predicate=lambda i: restart_count(i) == 1, timeout=120)
+
+    def check() -> None:
+        assert restart_count(done[0]) == 0 and restart_count(tasks[1]) == 1
+        assert not events(tmp_path / "ckpt" / "0", "requeue")
+        (requeue,) = events(tmp_path / "ckpt" / "1", "requeue")
+        assert requeue["job_id"] == tasks[1]
+        for task in ("0", "1"):
+            assert_same_run(ref / "ckpt", tmp_path / "ckpt" / task)
+    checked(tasks[1], check)
+
+
+# ---------------------------------------------------------------- 7. two ranks under srun
+
+def test_two_srun_ranks_stop_together_and_resume_bit_exact(jobs, tmp_path, ddp_reference):
+    """multi-gpu layout on the CPU: USR1 to the step, one commit, one requeue, equal to a two-rank run."""
+    script = write_script(tmp_path, "ddp", layout="multi-gpu", ntasks_per_node=2,
+                          command=("python", TRAIN_DDP, *DDP_ARGS, "--step-seconds", "0.3"))
+    job = submit(script, cwd=tmp_path, env=job_env(JOBWRAP_SAVE_EVERY_STEPS="3"))
+    jobs.append(job)
+    ckpt = tmp_path / "ckpt"
+    wait_until(job, lambda: bool(committed_steps(ckpt)), "a committed step", 180)
+    sent = scancel("--signal=USR1", job)  # no --batch: to the srun step's tasks, as --signal=USR1@N
+    info = wait_for(job, {"COMPLETED"}, predicate=lambda i: restart_count(i) == 1, timeout=240)
+
+    def check() -> None:
+        assert info["ExitCode"] == "0:0"
+        assert len(events(ckpt, "requeue")) == 1 and len(events(ckpt, "signal")) == 1
+        assert [s["world_size"] for s in events(ckpt, "start")] == [2, 2]
+        assert_same_run(ddp_reference, ckpt)
+        assert len(final_state(ckpt)["jobwrap"]["ranks"]) == 2
+    checked(job, check)
+    save = next(e for e in events(ckpt, "save") if e["reason"] == "signal SIGUSR1")
+    report("two ranks", signal_to_commit=save["time"] - sent,
+           signal_to_resumed_start=events(ckpt, "start")[1]["time"] - sent)
+
+
+# ---------------------------------------------------------------- requeue without scontrol
+
+def test_training_without_scontrol_is_requeued_by_jobwrap_run(jobs, tmp_path, reference):
+    """Training sees no scontrol (PATH of the child only): it touches the requeue file; jobwrap run requeues."""
+    ref = reference()
+    command = ("env", f"PATH={VENV_BIN}") + train_command(tmp_path)
+    script = write_script(tmp_path, "noscontrol", command=command)
+    job = submit(script, cwd=tmp_path)
+    jobs.append(job)
+    wait_until(job, lambda: len(lines(tmp_path / "loss.tsv")) >= 5, "5 trained steps", 120)
+    scancel("--signal=USR1", "--batch", job)
+    info = wait_for(job, {"COMPLETED"}, predicate=lambda i: restart_count(i) == 1, timeout=180)
+
+    def check() -> None:
+        out = output_tail(info, 200)
+        assert "scontrol not found on PATH" in out
+        assert f"requeued Slurm job {job}" in out
+    checked(job, check)
+    assert_finished_like_reference(job, tmp_path, ref)
+
+
+def test_srun_task_without_scontrol_exits_75_and_the_batch_script_requeues(jobs, tmp_path, reference):
+    """srun layout, no scontrol for the task: it exits 75 and the template's batch shell requeues."""
+    ref = reference()
+    command = ("env", f"PATH={VENV_BIN}") + train_command(tmp_path)
+    script = write_script(tmp_path, "noscontrol-srun", layout="multi-gpu", ntasks_per_node=1, command=command)
+    job = submit(script, cwd=tmp_path)
+    jobs.append(job)
+    wait_until(job, lambda: len(lines(tmp_path / "loss.tsv")) >= 5, "5 trained steps", 120)
+    scancel("--signal=USR1", job)
+    info = wait_for(job, {"COMPLETED"}, predicate=lambda i: restart_count(i) == 1, timeout=180)
+    checked(job, lambda: None if "scontrol not found on PATH" in output_tail(info, 200)
+            else pytest.fail("the task found scontrol"))
+    (requeue,) = events(tmp_path / "ckpt", "requeue")
+    assert requeue["exit_code"] == 75
+    assert_finished_like_reference(job, tmp_path, ref)
+
+
+# ---------------------------------------------------------------- jobwrap doctor in a job
+
+def doctor_rows(text: str) -> dict[str, list[str]]:
+    """check name -> the results it got in the printed tables (one per rank)."""
+    rows: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        for status in ("PASS", "WARN", "FAIL"):
+            head, sep, _ = line.partition(f"  {status}  ")
+            if sep and head.strip() and not head.startswith(" "):
+                rows.setdefault(head.strip(), []).append(status)
+    return rows
+
+
+def test_doctor_in_a_batch_job_passes_the_batch_layout(jobs, tmp_path):
+    """exec jobwrap run -- jobwrap doctor in a rendered batch script: signal via Slurm, scontrol, saves fit."""
+    script = write_script(tmp_path, "doctor", command=("jobwrap", "doctor", "--state-bytes", "5MB"))
+    job = submit(script, cwd=tmp_path)
+    jobs.append(job)
+    info = wait_for(job, {"COMPLETED"}, timeout=120)
+    out = output_tail(info, 60)
+    rows = doctor_rows(out)
+
+    def check() -> None:
+        assert rows["signal delivery"] == ["PASS"] and "scancel --signal=USR1 --batch" in out
+        assert "jobwrap run" in out and "forwarded it here" in out
+        assert rows["requeue"] == ["PASS"] and rows["directory writable"] == ["PASS"]
+        assert rows["save vs lead time"] == ["PASS"] and "lead time of 60 s" in out
+        assert rows["save vs GraceTime"] == ["PASS"] and "GraceTime" in out
+        assert not list(tmp_path.joinpath("ckpt").iterdir()), "the doctor left files behind"
+    checked(job, check)
+
+
+def test_doctor_under_srun_checks_every_rank(jobs, tmp_path):
+    """jobwrap doctor as two srun tasks: the step's signal reaches both; only rank 0 times a save."""
+    script = write_script(tmp_path, "doctor-srun", layout="multi-gpu", ntasks_per_node=2,
+                          command=("jobwrap", "doctor", "--state-bytes", "1MB"))
+    job = submit(script, cwd=tmp_path)
+    jobs.append(job)
+    info = wait_for(job, {"COMPLETED"}, timeout=120)
+    out = output_tail(info, 60)
+    rows = doctor_rows(out)
+
+    def check() -> None:
+        assert rows["signal delivery"] == ["PASS", "PASS"], out
+        assert "to every task of step" in out
+        assert rows["save vs lead time"] == ["PASS"] and "skipped on rank 1" in out
+    checked(job, check)
