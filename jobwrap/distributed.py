@@ -38,6 +38,9 @@ class Solo:
     def barrier(self) -> None:
         pass
 
+    def close(self, *, clean: bool) -> None:
+        pass
+
 
 class RankGroup:
     """All ranks of an initialised ``torch.distributed`` job, talking over their own gloo group."""
@@ -73,6 +76,15 @@ class RankGroup:
 
     def barrier(self) -> None:
         self._dist.barrier(group=self.group)
+
+    def close(self, *, clean: bool) -> None:
+        """Tear down our group before the user destroys theirs; wait for every rank first if all are here."""
+        try:
+            if clean:
+                self.barrier()
+            self._dist.destroy_process_group(self.group)
+        except Exception as exc:  # the job is ending: report, do not mask the real outcome
+            log.warning("could not close jobwrap's process group cleanly: %s", exc)
 
 
 def join(timeout_seconds: float = 600.0) -> Solo | RankGroup:

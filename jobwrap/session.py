@@ -204,6 +204,8 @@ class Session:
         failure = self._finish_background(exc)
         exc = exc or failure
         self._trap.restore()
+        # Every rank leaves together after a finished run or a Preempted; after an error some may not come.
+        self.group.close(clean=exc is None or isinstance(exc, Preempted))
         self._started = False
         if isinstance(exc, Preempted):
             self.events.append("exit", code=exc.code, reason=exc.reason, step=self.step)
