@@ -49,7 +49,7 @@ class RankGroup:
         import torch
         import torch.distributed as dist
 
-        self._torch, self._dist = torch, dist
+        self._dist = dist
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         # Collective: every rank creates it at Session start, in the same order.

@@ -19,10 +19,6 @@ class JobEnv:
     end_time: float | None = None  # epoch seconds when the allocation ends, if known
     requeue_file: str | None = None  # set by `jobwrap run`: touching it asks for a relaunch
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
 
 def _int(environ: Mapping[str, str], *names: str, default: int) -> int:
     for name in names:

@@ -189,11 +189,6 @@ class SubmitOptions:
         """Whether an extra ``--array=...`` line makes this a job array."""
         return any(line == "--array" or line.startswith("--array=") for line in self.extra_sbatch)
 
-    @property
-    def time_limit_seconds(self) -> int:
-        """The time limit in seconds."""
-        return parse_time(self.time)
-
 
 def parse_time(value: str | int) -> int:
     """A Slurm time limit in seconds: int minutes, ``MM``, ``MM:SS``, ``HH:MM:SS``,

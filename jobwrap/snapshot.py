@@ -98,11 +98,6 @@ class StagingArea:
         del self._buffers[self._used:]  # a payload that shrank frees what it no longer needs
         return staged
 
-    @property
-    def deferred_bytes(self) -> int:
-        """Bytes that :meth:`copy_deferred` still has to copy."""
-        return sum(storage.nbytes() for _, storage in self._pending)
-
     def copy_deferred(self, cancel: threading.Event | None = None) -> None:
         """Copy the deferred storages into their buffers (one thread, no torch thread pool)."""
         pending, self._pending = self._pending, []

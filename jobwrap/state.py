@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import random
 import sys
-from typing import Any, Mapping, Protocol, runtime_checkable
+from typing import Any, Mapping
 
 import torch
 
@@ -17,15 +17,6 @@ from jobwrap.errors import ConfigError, StateMismatchError
 log = logging.getLogger("jobwrap")
 
 RESERVED_KEYS = frozenset({"epoch", "step", "jobwrap"})
-
-
-@runtime_checkable
-class Stateful(Protocol):
-    """Anything with ``state_dict()`` and ``load_state_dict()``: models, optimizers, schedulers, scalers."""
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> Any: ...
 
 
 def is_stateful(obj: object) -> bool:
