@@ -12,6 +12,8 @@ step boundary (``JOBWRAP_TEST_HOLD_AT``) until the signal has arrived, so
     assert_same_run(plain.directory, cut.directory)
 
 With pytest, the ``jobwrap_preempt`` fixture gives the same with ``tmp_path`` filled in.
+For a job launched some other way (submitit, sbatch), set ``JOBWRAP_TEST_HOLD_AT`` and
+``JOBWRAP_TEST_CONTROL`` in its environment and call :func:`signal_when_held`.
 """
 from __future__ import annotations
 
@@ -23,9 +25,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
-__all__ = ["PreemptedRun", "run_preempted", "final_state", "assert_same_run", "assert_same_state"]
+__all__ = ["PreemptedRun", "run_preempted", "signal_when_held", "final_state", "assert_same_run",
+           "assert_same_state"]
 
 
 @dataclasses.dataclass
@@ -81,8 +84,7 @@ def run_preempted(command: Sequence[str], directory: str | os.PathLike, *,
                                          f"--- stderr tail (with every process's stack) ---\n"
                                          f"{err_path.read_text()[-6000:]}")
                 for step in list(pending):
-                    held = {int(p.name.rsplit("-r", 1)[1]): int(p.read_text() or 0)
-                            for p in control.glob(f"held-{step}-r*") if p.read_text()}
+                    held = _held(control, step)
                     if len(held) < ranks:
                         continue
                     targets = list(held) if target_ranks is None else list(target_ranks)
@@ -91,9 +93,7 @@ def run_preempted(command: Sequence[str], directory: str | os.PathLike, *,
                     else:
                         for rank in targets:
                             os.kill(held[rank], signal_)
-                    _wait_for(lambda: all((control / f"got-{step}-r{r}").exists() for r in targets),
-                              deadline, f"ranks {targets} did not see the signal at step {step}")
-                    (control / f"done-{step}").touch()  # releases the other ranks; relaunches pass by
+                    _release(control, step, targets, deadline)
                     pending.remove(step)
                     signalled.append(step)
                 time.sleep(0.005)
@@ -103,6 +103,37 @@ def run_preempted(command: Sequence[str], directory: str | os.PathLike, *,
                 proc.wait(timeout=10)
     return PreemptedRun(returncode=proc.returncode, stdout=out_path.read_text(), stderr=err_path.read_text(),
                         directory=directory, signalled_at=signalled)
+
+
+def signal_when_held(control: str | os.PathLike, step: int, send: Callable[[dict[int, int]], None], *,
+                     ranks: int = 1, timeout: float = 300) -> None:
+    """Wait until ``ranks`` processes hold at ``step``, call ``send``, release them once it arrived.
+
+    For jobs started by another driver with ``JOBWRAP_TEST_CONTROL=control`` and
+    ``JOBWRAP_TEST_HOLD_AT`` in their environment. ``send`` gets ``{rank: pid}``
+    of the held processes and delivers the signal its own way (``os.kill``,
+    ``scancel --signal=USR2 JOB``); the hold ends when every rank has seen it.
+    """
+    control = Path(control)
+    deadline = time.monotonic() + timeout
+    _wait_for(lambda: len(_held(control, step)) >= ranks, deadline,
+              f"{ranks} process(es) did not reach step {step} within {timeout:.0f} s (control: {control})")
+    held = _held(control, step)
+    send(held)
+    _release(control, step, list(held), deadline)
+
+
+def _held(control: Path, step: int) -> dict[int, int]:
+    """{rank: pid} of the processes holding at ``step`` (each writes its pid into held-STEP-rRANK)."""
+    return {int(p.name.rsplit("-r", 1)[1]): int(p.read_text())
+            for p in control.glob(f"held-{step}-r*") if p.read_text().strip()}
+
+
+def _release(control: Path, step: int, targets: list[int], deadline: float) -> None:
+    """Wait until ``targets`` saw the signal, then let every rank go on; relaunches pass the step."""
+    _wait_for(lambda: all((control / f"got-{step}-r{r}").exists() for r in targets),
+              deadline, f"ranks {targets} did not see the signal at step {step}")
+    (control / f"done-{step}").touch()
 
 
 def _wait_for(condition: Any, deadline: float, message: str) -> None:

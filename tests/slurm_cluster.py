@@ -15,6 +15,7 @@ from pathlib import Path
 
 __all__ = [
     "FINAL_STATES",
+    "accounted_runs",
     "SlurmError",
     "cancel",
     "cluster_available",
@@ -109,6 +110,29 @@ def restart_count(info: Mapping[str, str] | str) -> int:
     return int(record.get("Restarts", "0"))
 
 
+ACCOUNTING_FIELDS = ("JobID", "State", "ExitCode", "Start", "End")
+
+
+def accounted_runs(job_id: str, *, last_state: str | None = None, timeout: float = 30.0) -> list[dict[str, str]]:
+    """Every run of a job in Slurm's accounting (``sacct --duplicates``), oldest first.
+
+    A requeued job has one record per run. slurmctld sends records to slurmdbd
+    asynchronously, so with ``last_state`` this waits (bounded) until the newest
+    record is in that state.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        out = _run(["sacct", "--duplicates", "--allocations", "--parsable2", "--noheader", "-j", job_id,
+                    "-o", ",".join(ACCOUNTING_FIELDS)])
+        runs = [dict(zip(ACCOUNTING_FIELDS, line.split("|"))) for line in out.splitlines() if line]
+        if last_state is None or (runs and runs[-1]["State"] == last_state):
+            return runs
+        if time.monotonic() > deadline:
+            raise AssertionError(f"sacct: job {job_id}'s newest run is not {last_state} after {timeout:.0f} s: "
+                                 f"{runs}\n{daemon_log_tail()}")
+        time.sleep(0.5)
+
+
 def cancel(*job_ids: str) -> None:
     """Cancels jobs, ignoring ones already gone; for test cleanup."""
     if job_ids:
@@ -147,8 +171,11 @@ def _conf_value(key: str) -> str | None:
 
 
 def daemon_log_tail(lines: int = 30) -> str:
-    """The last lines of the slurmctld and slurmd logs, headed by their paths."""
+    """The last lines of the slurmctld, slurmd and slurmdbd logs, headed by their paths."""
     parts = []
+    dbd_log = Path(os.environ.get("SLURM_CONF", ".")).parent / "log" / "slurmdbd.log"
+    if dbd_log.exists():
+        parts.append(f"----- {dbd_log}\n{_tail(dbd_log, lines)}")
     for key in ("SlurmctldLogFile", "SlurmdLogFile"):
         path = _conf_value(key)
         if path:

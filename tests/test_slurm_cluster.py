@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import cancel, cluster_available, output_tail, restart_count, sbatch, wait_for
+from slurm_cluster import accounted_runs, cancel, cluster_available, output_tail, restart_count, sbatch, wait_for
 
 pytestmark = pytest.mark.slurm
 
@@ -99,6 +99,8 @@ def test_requeue_from_inside_job_runs_it_again(jobs: list[str], tmp_path: Path) 
     assert info["ExitCode"] == "0:0"
     runs = run_lines(tmp_path, job)
     assert [r.split()[1] for r in runs] == ["restart=unset", "restart=1"], runs
+    # Accounting (slurmdbd) keeps one record per run; `sacct` without it has nothing to say.
+    assert [r["State"] for r in accounted_runs(job, last_state="COMPLETED")] == ["REQUEUED", "COMPLETED"]
     first, second = (float(r.rsplit("t=", 1)[1]) for r in runs)
     print(f"requeue round trip: {second - first:.1f}s")
 

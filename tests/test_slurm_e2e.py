@@ -32,6 +32,7 @@ from slurm_cluster import (
     FINAL_STATES,
     JobInfo,
     SlurmError,
+    accounted_runs,
     cancel,
     cluster_available,
     daemon_log_tail,
@@ -241,6 +242,8 @@ def test_manual_signal_commits_requeues_and_resumes_bit_exact(jobs, tmp_path, re
         assert starts[1]["step"] == requeue["step"], "did not resume from the signal's checkpoint"
         assert final_state(ckpt)["step"] == TOTAL_STEPS
         assert CheckpointStore(str(ckpt)).committed()[0].manifest["restart_count"] == 1
+        # Slurm's own record agrees: one requeued run, then the completed one.
+        assert [r["State"] for r in accounted_runs(job, last_state="COMPLETED")] == ["REQUEUED", "COMPLETED"]
     checked(job, check)
     assert_finished_like_reference(job, tmp_path, ref)
     save = next(e for e in events(ckpt, "save") if e["reason"] == "signal SIGUSR1")
@@ -310,6 +313,8 @@ def test_preempted_low_job_commits_within_grace_and_resumes_after_high(jobs, tmp
         assert save["time"] - preempted_at < grace, "checkpoint not committed within GraceTime"
         assert resumed["time"] >= slurm_time(high_info["StartTime"]), "low job resumed before the high job ran"
         assert resumed["step"] == save["step"]
+        runs = accounted_runs(low, last_state="COMPLETED")
+        assert len(runs) == 2 and runs[0]["State"] in {"REQUEUED", "PREEMPTED"}, runs
     checked(low, check)
     assert_finished_like_reference(low, tmp_path, ref)
     save = next(e for e in events(ckpt, "save") if e["reason"] == "signal SIGUSR1")

@@ -18,11 +18,12 @@ submitit = pytest.importorskip("submitit")
 
 from jobwrap.events import read_events  # noqa: E402
 from jobwrap.submitit import Preemptible, preemption_signal  # noqa: E402
-from jobwrap.testing import assert_same_run  # noqa: E402
+from jobwrap.testing import signal_when_held  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))
 from submitit_train import train  # noqa: E402
+from submitit_jobs import assert_resumed_like_plain, wait_done  # noqa: E402
 
 WAIT = 240  # seconds, for one submitit job (several launches, each importing torch)
 
@@ -33,26 +34,9 @@ def _executor(folder: Path) -> "submitit.LocalExecutor":
     return executor
 
 
-def _wait(job, deadline: float) -> None:
-    while not job.done():
-        if time.monotonic() > deadline:
-            job.cancel()
-            raise AssertionError(f"submitit job {job.job_id} did not finish in time\n"
-                                 f"--- stderr ---\n{(job.stderr() or '')[-3000:]}")
-        time.sleep(0.2)
-
-
 def _signal_at(control: Path, step: int, sig: int, deadline: float) -> None:
     """Wait until the task holds at ``step`` (JOBWRAP_TEST_HOLD_AT), signal it, then release the hold."""
-    while not (held := sorted(control.glob(f"held-{step}*"))) or not held[0].read_text():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the task never reached step {step}")
-        time.sleep(0.02)
-    os.kill(int(held[0].read_text()), sig)
-    # The hold ends when the signal is seen (got-...) ; the done marker lets a relaunch pass the step.
-    while not list(control.glob(f"got-{step}*")) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    (control / f"done-{step}").touch()
+    signal_when_held(control, step, lambda held: os.kill(held[0], sig), timeout=deadline - time.monotonic())
 
 
 @pytest.fixture
@@ -87,15 +71,10 @@ def test_localexecutor_preempted_twice_resumes_bit_exact(tmp_path, job_env):
     cut = _executor(tmp_path / "logs-cut").submit(Preemptible(train, tmp_path / "cut"), epochs=2)
     for step in (3, 11):
         _signal_at(control, step, signal.SIGUSR2, deadline)
-    _wait(plain, deadline)
-    _wait(cut, deadline)
-    assert cut.result() == plain.result()
+    wait_done(plain, deadline)
+    wait_done(cut, deadline)
     assert cut.result()["step"] == 16
-    assert_same_run(tmp_path / "plain", tmp_path / "cut")
-
-    events = read_events(str(tmp_path / "cut"))
-    assert [e["step"] for e in events if e["event"] == "signal"] == [3, 11]
-    assert [e["scheduler"] for e in events if e["event"] == "requeue"] == ["submitit", "submitit"]
+    events = assert_resumed_like_plain(plain, cut, tmp_path, [3, 11])
     assert [e.get("resumed_from") is not None for e in events if e["event"] == "start"] == [False, True, True]
     log = cut.stderr() or ""
     assert log.count("Caught signal SIGUSR2") == 2, log[-3000:]   # submitit's own handler, twice
@@ -112,7 +91,7 @@ def test_requeue_refused_by_jobwrap_is_a_failed_submitit_job(tmp_path, job_env):
     job_env.setenv("JOBWRAP_TEST_HOLD_AT", "2")
     job = _executor(tmp_path / "logs").submit(Preemptible(train, tmp_path / "ck", max_requeues=0), epochs=1)
     _signal_at(control, 2, signal.SIGUSR2, deadline)
-    _wait(job, deadline)
+    wait_done(job, deadline)
     with pytest.raises(Exception, match="requeue cap is reached"):
         job.result()
     assert [e["event"] for e in read_events(str(tmp_path / "ck"))][-2:] == ["stop", "exit"]
