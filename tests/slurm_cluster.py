@@ -178,8 +178,9 @@ def daemon_log_tail(lines: int = 30) -> str:
         parts.append(f"----- {dbd_log}\n{_tail(dbd_log, lines)}")
     for key in ("SlurmctldLogFile", "SlurmdLogFile"):
         path = _conf_value(key)
-        if path:
-            parts.append(f"----- {path}\n{_tail(Path(path), lines)}")
+        if path:  # SlurmdLogFile has %n, the node's name: one log per node
+            for log in sorted(Path(path).parent.glob(Path(path).name.replace("%n", "*"))):
+                parts.append(f"----- {log}\n{_tail(log, lines)}")
         else:
             parts.append(f"----- {key}: not found in SLURM_CONF={os.environ.get('SLURM_CONF')}")
     return "\n".join(parts)

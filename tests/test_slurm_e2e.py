@@ -14,6 +14,7 @@ import contextlib
 import datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -425,6 +426,53 @@ def test_two_srun_ranks_stop_together_and_resume_bit_exact(jobs, tmp_path, ddp_r
     checked(job, check)
     save = next(e for e in events(ckpt, "save") if e["reason"] == "signal SIGUSR1")
     report("two ranks", signal_to_commit=save["time"] - sent,
+           signal_to_resumed_start=events(ckpt, "start")[1]["time"] - sent)
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A second local cluster of two nodes, each slurmd in its own network namespace; its SLURM_CONF."""
+    if reason := os.environ.get("JOBWRAP_SLURM_UNAVAILABLE"):
+        pytest.skip(reason)
+    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("nsenter"):
+        pytest.skip("two nodes in network namespaces need root, iproute2 and nsenter")
+    work = tmp_path_factory.mktemp("two-nodes")
+    # Ports apart from the main cluster's (6817..6820); no accounting: not needed here.
+    env = {**os.environ, "JOBWRAP_SLURM_DIR": str(work), "JOBWRAP_SLURM_PORT": "7417",
+           "JOBWRAP_SLURM_NODES": "2", "JOBWRAP_SLURM_ACCOUNTING": "0"}
+    up = subprocess.run([str(REPO / "scripts" / "slurm-local"), "up"], env=env, capture_output=True, text=True,
+                        timeout=120)
+    try:
+        assert up.returncode == 0, f"two-node cluster did not start:\n{up.stderr[-4000:]}"
+        yield str(work / "slurm.conf")
+    finally:
+        subprocess.run([str(REPO / "scripts" / "slurm-local"), "down"], env=env, capture_output=True, timeout=120)
+
+
+def test_two_nodes_over_a_network_stop_together_and_resume_bit_exact(monkeypatch, two_nodes, jobs, tmp_path,
+                                                                       ddp_reference):
+    """multi-node layout on two slurmd in network namespaces: rendezvous across the bridge, one commit, bit-exact."""
+    monkeypatch.setenv("SLURM_CONF", two_nodes)  # before `jobs`, so its cleanup cancels on this cluster
+    script = write_script(tmp_path, "nodes", layout="multi-node", nodes=2, ntasks_per_node=1,
+                          command=("python", TRAIN_DDP, *DDP_ARGS, "--step-seconds", "0.3"))
+    job = submit(script, cwd=tmp_path, env=job_env(JOBWRAP_SAVE_EVERY_STEPS="3"))
+    jobs.append(job)
+    ckpt = tmp_path / "ckpt"
+    wait_until(job, lambda: bool(committed_steps(ckpt)), "a committed step", 180)
+    sent = scancel("--signal=USR1", job)  # to the step's tasks, one on each node
+    info = wait_for(job, {"COMPLETED"}, predicate=lambda i: restart_count(i) == 1, timeout=240)
+
+    def check() -> None:
+        assert info["ExitCode"] == "0:0"
+        assert info["NodeList"] == "node[1-2]" and info["NumNodes"] == "2"
+        assert len(events(ckpt, "requeue")) == 1 and len(events(ckpt, "signal")) == 1
+        assert [s["world_size"] for s in events(ckpt, "start")] == [2, 2]
+        assert_same_run(ddp_reference, ckpt)
+        # Rank 0 ran on node1 (its own hostname), MASTER_ADDR of the template.
+        assert CheckpointStore(str(ckpt)).committed()[0].manifest["host"] == "node1"
+    checked(job, check)
+    save = next(e for e in events(ckpt, "save") if e["reason"] == "signal SIGUSR1")
+    report("two nodes", signal_to_commit=save["time"] - sent,
            signal_to_resumed_start=events(ckpt, "start")[1]["time"] - sent)
 
 
