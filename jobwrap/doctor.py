@@ -342,9 +342,10 @@ def check_handler(settings: Settings, environ: Mapping[str, str]) -> Row:
             f"training does not trap {name}: JOBWRAP_REQUEUE_SIGNALS is "
             f"{','.join(s.name for s in settings.requeue_signals)}. Export JOBWRAP_REQUEUE_SIGNALS="
             f"{name.removeprefix('SIG')} (jobwrap submit --signal sets both)"))
-    if sig in signal.pthread_sigmask(signal.SIG_BLOCK, []):
-        return Row(check, FAIL, (f"{name} is blocked in this process (a signal mask inherited from the "
-                                 f"launcher): it would never be delivered. Find the launcher that blocks it"))
+    # Blocked: by `jobwrap task` (srun layouts) so that an early signal waits, or inherited from a
+    # launcher. Either way jobwrap's trap unblocks it once installed, so it is delivered then.
+    held = "; held (blocked) until jobwrap's handler is installed" if sig in signal.pthread_sigmask(
+        signal.SIG_BLOCK, []) else "; not blocked"
     current = signal.getsignal(sig)
     if callable(current):
         owner = f"{getattr(current, '__module__', '?')}.{getattr(current, '__qualname__', current)}"
@@ -362,7 +363,7 @@ def check_handler(settings: Settings, environ: Mapping[str, str]) -> Row:
                      "switch to USR2 (jobwrap submit --signal USR2)")
     if notes:
         return Row(check, WARN, "; ".join(notes))
-    return Row(check, PASS, f"no other handler for {name} after importing {imported}; not blocked")
+    return Row(check, PASS, f"no other handler for {name} after importing {imported}{held}")
 
 
 def _nccl_possible(environ: Mapping[str, str]) -> bool:
@@ -388,6 +389,7 @@ def check_delivery(settings: Settings, environ: Mapping[str, str], *, run: Runne
     # Installed before anything is sent, and kept until the end of the doctor (see run_checks),
     # so a late second copy of the signal cannot kill it.
     signal.signal(sig, record)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])  # as jobwrap's trap does (see check_handler)
     plan = plan_delivery(chain if chain is not None else process_chain(sig), sig=sig, environ=environ,
                          scancel=which("scancel") is not None)
     if isinstance(plan, Row):

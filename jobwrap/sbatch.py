@@ -412,19 +412,18 @@ def _srun_body(opts: SubmitOptions) -> list[str]:
     srun = ["srun", f"--ntasks-per-node={opts.tasks_per_node}"]
     if opts.cpus_per_task is not None:
         srun.append(f"--cpus-per-task={opts.cpus_per_task}")
-    task = ("export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS; "
-            'exec "$@"')
-    launch = shlex.join(srun + ["bash", "-c", task, "jobwrap-task", *opts.command])
+    launch = shlex.join(srun + ["jobwrap", "task", "--", *opts.command])
     cpus = (" --cpus-per-task is repeated because srun of Slurm 22.05 to 23.02 does not take it from "
             "the allocation." if opts.cpus_per_task is not None else "")
     lines = _rendezvous(opts)
     lines += _with_why(
         "srun starts one task per GPU, each a Python process that receives the signal itself. Not "
         "torchrun: it does not pass USR1/USR2 on to its workers and SIGKILLs them 30 s after passing "
-        f"on TERM, too soon to commit a large checkpoint.{cpus} In each task, bash turns "
-        "srun's numbering into the variables torch.distributed reads (single quotes: expanded per "
-        "task, not here) and execs the command, so Python itself is the signalled task. The exit "
-        "status is kept, where set -e would end the script.",
+        f"on TERM, too soon to commit a large checkpoint.{cpus} In each task, `jobwrap task` "
+        "turns srun's numbering into the variables torch.distributed reads (RANK, LOCAL_RANK, "
+        f"WORLD_SIZE), holds back a {opts.signal} that comes before training traps it (it would kill the "
+        "task while torch imports), and execs the command, so Python itself is the signalled "
+        "task. The exit status is kept, where set -e would end the script.",
         "status=0",
         f"{launch} || status=$?")
     lines += _with_why(

@@ -37,6 +37,9 @@ class SignalTrap:
                 log.warning("%s already had a handler (%r); jobwrap takes it over and restores it at exit",
                             sig.name, previous)
             self._previous[sig] = previous
+        # `jobwrap task` (srun layouts) starts training with these signals blocked, so that one sent
+        # before this handler existed waited instead of killing the process: delivered now, recorded.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signals)
         return self
 
     def restore(self) -> None:

@@ -72,3 +72,39 @@ def test_training_signalled_while_starting_checkpoints_requeues_and_finishes_exa
     requeues = [e for e in read_events(str(tmp_path / "cut")) if e["event"] == "requeue"]
     assert len(requeues) == 1
     assert_same_run(tmp_path / "ref", tmp_path / "cut")
+
+
+EARLY_UNDER_SRUN = """\
+import os, signal, sys, time
+from pathlib import Path
+Path(sys.argv[1]).write_text(str(os.getpid()))  # started: the test signals now
+time.sleep(1.5)  # "importing torch": USR1's default action would kill us now
+from jobwrap.signals import SignalTrap
+trap = SignalTrap([signal.SIGUSR1]).install()
+print("got USR1" if trap.wait(5) else "no USR1", "rank", os.environ.get("RANK"), flush=True)
+"""
+
+
+def _signal_once_started(command: list[str], started: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Runs command, sends USR1 as soon as it has written its pid into ``started``; its outcome (bounded)."""
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not (started.exists() and started.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, "the script never started"
+        time.sleep(0.01)
+    os.kill(int(started.read_text()), signal.SIGUSR1)
+    out, err = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def test_srun_task_holds_a_signal_sent_before_training_traps_it(tmp_path: Path):
+    """`jobwrap task` (each srun task of the multi-process layouts): an early USR1 waits for jobwrap's trap."""
+    script = tmp_path / "early.py"
+    script.write_text(EARLY_UNDER_SRUN)
+    env = {**_env(), "SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_NTASKS": "2"}
+    bare = _signal_once_started([sys.executable, str(script), str(tmp_path / "bare")], tmp_path / "bare", env)
+    assert bare.returncode == -signal.SIGUSR1, "without jobwrap task the early USR1 should kill the task"
+    task = _signal_once_started([sys.executable, "-m", "jobwrap", "task", "--", sys.executable, str(script),
+                                 str(tmp_path / "task")], tmp_path / "task", env)
+    assert task.returncode == 0, task.stderr
+    assert task.stdout.split() == ["got", "USR1", "rank", "1"]

@@ -195,11 +195,9 @@ def test_srun_layouts_signal_the_tasks(layout: str, nodes: int) -> None:
     assert "#SBATCH --signal=USR1@120" in code and "#SBATCH --ntasks-per-node=4" in code
     assert "#SBATCH --gpus-per-node=4" in code
     srun = next(line for line in code if line.startswith("srun "))
-    assert srun.startswith("srun --ntasks-per-node=4 bash -c ")
     assert srun.endswith(" || status=$?")
     words = shlex.split(srun.removesuffix(" || status=$?"))
-    assert words[:4] == ["srun", "--ntasks-per-node=4", "bash", "-c"]
-    assert words[-3:] == ["jobwrap-task", "python", "train.py"]
+    assert words == ["srun", "--ntasks-per-node=4", "jobwrap", "task", "--", "python", "train.py"]
     assert "torchrun" in text  # the comment says why not
     assert 'if [ "$status" -eq 75 ]; then' in code
     assert ("MASTER_ADDR=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n1)" in code) == (nodes > 1)
@@ -335,6 +333,8 @@ esac
 """
 
 FAKE_JOBWRAP = r"""#!/bin/bash
+# `jobwrap task` is the real one (it sets each task's rank variables and execs training).
+if [ "$1" = task ]; then exec "$REAL_PYTHON" -m jobwrap "$@"; fi
 echo "jobwrap pid=$$ args=$* dir=$JOBWRAP_DIR grace=$JOBWRAP_GRACE_SECONDS signals=$JOBWRAP_REQUEUE_SIGNALS max=${JOBWRAP_MAX_REQUEUES:-}" >> "$FAKE_LOG"
 """
 
@@ -353,7 +353,8 @@ def fake_slurm(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str]]]:
         (bin_dir / name).chmod(0o755)
     log = tmp_path / "log"
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(log), "SLURM_JOB_ID": "4242",
-           "SLURM_JOB_NODELIST": "node[07-08]", "SLURM_NNODES": "1", "TRAIN_EXIT": "0"}
+           "SLURM_JOB_NODELIST": "node[07-08]", "SLURM_NNODES": "1", "TRAIN_EXIT": "0",
+           "REAL_PYTHON": sys.executable}
     yield log, env
 
 

@@ -22,7 +22,7 @@ examples:
   srun --ntasks-per-node=4 jobwrap doctor --dir /shared/run1 --state-bytes 12GB
   jobwrap doctor --dir checkpoints --lead 60 --state-bytes 500MB      # outside Slurm
 
-Checks: the signal handler is free and the signal not blocked; the signal
+Checks: the signal handler is free (a blocked signal is fine: jobwrap unblocks it); the signal
 arrives through the launch path; scontrol works or which fallback requeues;
 the directory is writable and shared; a save of --state-bytes fits in the
 lead time and the partition's GraceTime (twice over). Exit 1 on any fail.
