@@ -35,20 +35,32 @@ def init_distributed() -> None:
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def base_parser(description: str | None) -> argparse.ArgumentParser:
+    """The options the multi-rank examples share."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
     parser.add_argument("--step-seconds", type=float, default=0.0, help="sleep per step (slow it down)")
-    args = parser.parse_args()
+    return parser
 
+
+def start_ranks() -> int:
+    """Join the job and seed: each rank its own Python and NumPy streams, all the same initial weights."""
     init_distributed()
     rank = dist.get_rank()
     random.seed(rank)
     numpy.random.seed(rank)
-    torch.manual_seed(0)  # the same initial weights on every rank
+    torch.manual_seed(0)
+    return rank
+
+
+def main() -> None:
+    parser = base_parser(__doc__)
+    parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+    args = parser.parse_args()
+
+    rank = start_ranks()
     with jobwrap.Session() as job:  # after init_process_group: the ranks agree through it
         model, optimizer, scheduler = build(args)
         model = DistributedDataParallel(model.to(job.device))
@@ -56,17 +68,23 @@ def main() -> None:
         sampler = DistributedSampler(make_dataset(args.samples), shuffle=True, seed=7)
         loader = DataLoader(sampler.dataset, batch_size=args.batch_size, sampler=sampler)
         job.track(model=model.module, optimizer=optimizer, scheduler=scheduler)
-        for epoch in job.epochs(args.epochs):
-            sampler.set_epoch(epoch)
-            for x, y in job.loader(loader):
-                optimizer.zero_grad()
-                loss = F.mse_loss(model(x.to(job.device)), y.to(job.device))
-                loss.backward()
-                optimizer.step()
-                if args.step_seconds:
-                    time.sleep(args.step_seconds)
-            scheduler.step()
+        train_epochs(job, model, optimizer, scheduler, loader, args)
     dist.destroy_process_group()
+
+
+def train_epochs(job: jobwrap.Session, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: object,
+                 loader: DataLoader, args: argparse.Namespace) -> None:
+    """The training loop, the same for every rank and every kind of wrapping (DDP, FSDP)."""
+    for epoch in job.epochs(args.epochs):
+        loader.sampler.set_epoch(epoch)
+        for x, y in job.loader(loader):
+            optimizer.zero_grad()
+            loss = F.mse_loss(model(x.to(job.device)), y.to(job.device))
+            loss.backward()
+            optimizer.step()
+            if args.step_seconds:
+                time.sleep(args.step_seconds)
+        scheduler.step()
 
 
 if __name__ == "__main__":

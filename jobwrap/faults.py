@@ -9,6 +9,8 @@ import os
 import signal
 
 POINTS = (
+    "dcp-data-written",  # sharded state: this rank's files written and fsynced, the folder's .metadata not yet
+    "dcp-written",       # sharded state: torch.distributed.checkpoint.save returned on this rank, nothing committed
     "data-written",      # payload written, not yet fsynced
     "data-synced",       # payload fsynced, still under its temporary name
     "data-renamed",      # payload under its final name, manifest not written

@@ -10,6 +10,7 @@ The flow, top to bottom::
 """
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -21,7 +22,7 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import torch
 
-from jobwrap import __version__, deadline, progress
+from jobwrap import __version__, deadline, progress, sharded
 from jobwrap.config import Config, load_config
 from jobwrap.data import ResumableLoader
 from jobwrap.distributed import NO_STOP, STOP_EXIT, STOP_REQUEUE, Solo, join
@@ -34,7 +35,7 @@ from jobwrap.schedulers import Scheduler, requeue_refusal, scheduler_for
 from jobwrap.signals import SignalTrap
 from jobwrap.state import RESERVED_KEYS, capture_rng, is_stateful, load_into, plain, restore_rng
 from jobwrap.snapshot import BackgroundSave, ChangedWhileCopied, StagingArea, check_unchanged, lower_priority
-from jobwrap.store import FORMAT_VERSION, Checkpoint, CheckpointStore, SaveCancelled
+from jobwrap.store import FORMAT_VERSION, Checkpoint, CheckpointStore, SaveCancelled, folder_name
 
 log = logging.getLogger("jobwrap")
 
@@ -93,6 +94,7 @@ class Session:
         self.last_checkpoint: Checkpoint | None = None
         self.run_id = ""
         self._objects: dict[str, Any] = {}
+        self._sharded: list[str] = []  # tracked names saved through torch.distributed.checkpoint (FSDP)
         self._loader: ResumableLoader | None = None
         self._trap = SignalTrap(self.config.requeue_signals + self.config.exit_signals)
         self._pending: dict[str, Any] | None = None
@@ -162,7 +164,7 @@ class Session:
                                                    adopt=self.config.adopt)
                 self._open_events(run_id)
                 with progress.loading(self.store):
-                    found = self.store.newest_loadable(self._load, lineage=lineage, verify=False)
+                    found = self.store.newest_loadable(self._load_verified, lineage=lineage, verify=False)
                 decision = {"run_id": run_id, "step": found[0].step if found else None}
             except (JobwrapError, OSError) as exc:
                 self.group.broadcast({"error": f"{type(exc).__name__}: {exc}"})
@@ -187,7 +189,14 @@ class Session:
     def _my_rank_state(self, payload: dict[str, Any], checkpoint: Checkpoint) -> dict[str, Any]:
         ranks = payload["jobwrap"]["ranks"]
         here = self.group.world_size
-        if len(ranks) != here:
+        if len(ranks) != here and payload["jobwrap"].get("dcp"):
+            # Sharded state reshards exactly, and a job requeued onto fewer (or more) nodes is expected to
+            # go on; only the per-rank streams are approximate, so say so instead of refusing.
+            if self.group.rank == 0:
+                log.warning("resuming %d-rank checkpoint with %d ranks: the sharded model and optimizer state are "
+                            "resharded exactly; per-rank RNG streams and data order are not bit-exact "
+                            "(rank r continues the streams of saved rank r mod %d)", len(ranks), here, len(ranks))
+        elif len(ranks) != here:
             if not self.config.allow_world_size_change:
                 raise StateMismatchError(
                     f"{os.path.basename(checkpoint.path)} was saved by {len(ranks)} rank(s), this job has {here}: "
@@ -235,6 +244,8 @@ class Session:
         ``session["best_loss"]``.
         """
         self.start()
+        in_folder = (self._pending or {}).get("jobwrap", {}).get("dcp", {}).get("objects", [])
+        from_folder = []
         for name, obj in things.items():
             if name in RESERVED_KEYS or name in self._objects or name in self.extras:
                 raise ConfigError(f"cannot track {name!r}: the name is reserved or already tracked; pick another")
@@ -243,6 +254,8 @@ class Session:
                 if self._pending is not None:
                     if name in self._pending:
                         load_into(name, obj, self._pending[name])
+                    elif name in in_folder:
+                        from_folder.append(name)
                     else:
                         log.warning("checkpoint has no %r; it starts from its initial state", name)
             else:
@@ -250,6 +263,9 @@ class Session:
                 if self._pending is not None and name in self._pending:
                     value = self._pending[name]
                 self.extras[name] = value
+        self._sharded = sharded.sharded_names(self._objects)
+        if from_folder:
+            self._load_shards(from_folder)
         if self._pending is not None:
             self._restore_rng()  # loops with only step_done() have no boundary before their first step
         if self._trap.received and self.resumed_from is not None:
@@ -360,7 +376,7 @@ class Session:
 
     def _periodic_save(self) -> None:
         try:
-            if self.config.async_save and self.group.world_size == 1:
+            if self.config.async_save and self.group.world_size == 1 and not self._sharded:
                 self._save_in_background(reason="periodic")
             else:
                 self.save(reason="periodic")
@@ -441,31 +457,94 @@ class Session:
         if self.last_checkpoint is not None and self.last_checkpoint.step == self.step:
             return self.last_checkpoint
         ranks = self.group.gather(self._rank_state())
-        outcome: Any = None
-        if self.group.rank == 0:
-            try:
-                checkpoint = self._write(ranks, reason)
-                outcome = checkpoint
-            except StorageError as exc:
-                self.group.broadcast(exc)
-                raise
-        outcome = self.group.broadcast(outcome)
-        if isinstance(outcome, StorageError):
-            raise StorageError(outcome.errno, f"rank 0 could not save: {outcome}")
+        if self._sharded:
+            outcome = self._commit_sharded(ranks, reason)
+        else:
+            outcome = self._commit(lambda: self._write(ranks, reason))
         self.last_checkpoint = outcome
         self._last_save_time = time.monotonic()
         self._note_saved(outcome)
         return outcome
 
-    def _write(self, ranks: list[dict[str, Any]], reason: str) -> Checkpoint:
+    def _commit(self, write: Callable[[], Any]) -> Any:
+        """Rank 0 runs ``write``; every rank returns its checkpoint or raises its error."""
+        outcome: Any = None
+        if self.group.rank == 0:
+            try:
+                outcome = write()
+            except CheckpointError as exc:
+                self.group.broadcast(exc)
+                raise
+        outcome = self.group.broadcast(outcome)
+        if isinstance(outcome, StorageError):
+            raise StorageError(outcome.errno, f"rank 0 could not save: {outcome}")
+        if isinstance(outcome, CheckpointError):
+            raise CheckpointError(f"rank 0 could not save: {outcome}")
+        return outcome
+
+    def _commit_sharded(self, ranks: list[dict[str, Any]], reason: str) -> Checkpoint:
+        """Every rank writes its shards; only once all are durable does rank 0 write the .pt and commit.
+
+        The manifest stays the commit marker: a kill before it leaves a folder
+        that resume ignores and the next start removes.
+        """
         started = time.monotonic()
+        folder = self._commit(self._claim_folder)
+        if isinstance(folder, Checkpoint):
+            return folder
+        try:
+            files = sharded.write(sharded.state_dicts(self._objects, self._sharded), folder,
+                                  getattr(self.group, "group", None))
+            # DCP's coordinator, rank 0, wrote the folder's .metadata after every rank's data.
+            written: Any = sharded.describe(folder, files + ([sharded.METADATA] if self.group.rank == 0 else []))
+        except sharded.errors() as exc:  # gathered below, so that every rank raises instead of some hanging
+            written = sharded.failure(exc)
+        parts = self.group.gather(written)
+        return self._commit(lambda: self._write(ranks, reason, shards=self._seal_shards(parts), started=started))
+
+    def _claim_folder(self) -> Checkpoint | str:
+        """Rank 0: this step's committed checkpoint if there is one (never overwritten), else a fresh folder."""
+        existing = next((c for c in self.store.committed() if c.step == self.step), None)
+        return existing if existing is not None else self.store.open_folder(self.step)
+
+    def _seal_shards(self, parts: list[Any]) -> dict[str, Any]:
+        """Rank 0: the record of a folder every rank finished, made durable; or the first rank's failure."""
+        failed = [(rank, part) for rank, part in enumerate(parts) if isinstance(part, tuple)]
+        if failed:
+            self.store.discard_folder(self.step)
+            rank, (code, message) = failed[0]
+            raise StorageError(code or errno.EIO, f"rank {rank} could not write its part of the sharded state "
+                                                  f"of step {self.step}: {message}; nothing was committed")
+        files = {name: meta for part in parts for name, meta in part.items()}
+        self.store.seal_folder(self.step, files)
+        return {"folder": folder_name(self.step), "objects": list(self._sharded), "world_size": len(parts),
+                "files": files, "bytes": sum(f["size"] for f in files.values())}
+
+    def _load_shards(self, names: list[str]) -> None:
+        """Every rank: the tracked sharded objects from the resumed checkpoint's folder, resharded as needed."""
+        started = time.monotonic()
+        record = self._pending["jobwrap"]["dcp"]
+        folder = os.path.join(self.store.directory, record["folder"])
+        sharded.load(self._objects, names, folder, getattr(self.group, "group", None))
+        if self.group.rank == 0:
+            log.info("loaded %s from %s (saved by %d rank(s), loaded by %d) in %.2f s", ", ".join(names),
+                     record["folder"], record["world_size"], self.group.world_size, time.monotonic() - started)
+
+    def _write(self, ranks: list[dict[str, Any]], reason: str, shards: dict[str, Any] | None = None,
+               started: float | None = None) -> Checkpoint:
+        """Rank 0: the .pt and its manifest (the commit); ``shards``: the record of a sealed sharded folder."""
+        started = started or time.monotonic()
+        meta = self._meta(reason)
+        if shards is not None:
+            meta["dcp"] = {k: shards[k] for k in ("folder", "world_size", "bytes")}
         with progress.saving(self.store.directory, self.step, self.last_checkpoint):
-            checkpoint = self.store.save(self._payload(ranks), step=self.step, epoch=self.epoch,
-                                         meta=self._meta(reason))
+            checkpoint = self.store.save(self._payload(ranks, shards), step=self.step, epoch=self.epoch, meta=meta)
         seconds = time.monotonic() - started
+        size = checkpoint.size + (shards["bytes"] if shards else 0)
+        where = os.path.basename(checkpoint.path) + (f" + {shards['folder']}/" if shards else "")
         log.info("saved step %d (epoch %d, %s) to %s: %s in %.2f s", self.step, self.epoch, reason,
-                 os.path.basename(checkpoint.path), human_size(checkpoint.size), seconds)
-        self.events.append("save", step=self.step, epoch=self.epoch, bytes=checkpoint.size,
+                 where, human_size(size), seconds)
+        self.events.append("save", step=self.step, epoch=self.epoch, bytes=size,
                            seconds=round(seconds, 4), path=checkpoint.path, reason=reason)
         deleted = self.store.retain(self.config.keep_last)
         if deleted:
@@ -476,8 +555,9 @@ class Session:
         """What differs between ranks: RNG streams and the loader's epoch-start state."""
         return {"rng": capture_rng(), "data": self._loader.state_dict() if self._loader is not None else {}}
 
-    def _payload(self, ranks: list[dict[str, Any]]) -> dict[str, Any]:
-        payload: dict[str, Any] = {name: obj.state_dict() for name, obj in self._objects.items()}
+    def _payload(self, ranks: list[dict[str, Any]], shards: dict[str, Any] | None = None) -> dict[str, Any]:
+        payload: dict[str, Any] = {name: obj.state_dict() for name, obj in self._objects.items()
+                                   if name not in self._sharded}
         payload.update({name: plain(value, name) for name, value in self.extras.items()})
         payload["epoch"] = self.epoch
         payload["step"] = self.step
@@ -490,6 +570,8 @@ class Session:
             "extras": list(self.extras),
             "run_id": self.run_id,
         }
+        if shards is not None:
+            payload["jobwrap"]["dcp"] = shards
         return payload
 
     def _meta(self, reason: str) -> dict[str, Any]:
@@ -504,6 +586,14 @@ class Session:
             "jobwrap_version": __version__,
             "torch_version": torch.__version__,
         }
+
+    def _load_verified(self, checkpoint: Checkpoint) -> dict[str, Any]:
+        """Rank 0 at resume: the .pt, and its sharded folder's files against the checksums it records."""
+        payload = self._load(checkpoint)
+        record = payload["jobwrap"].get("dcp")
+        if record:
+            self.store.verify_folder(checkpoint, record["files"])
+        return payload
 
     def _load(self, checkpoint: Checkpoint) -> dict[str, Any]:
         # One read: torch.load pulls the bytes straight into its tensors while the checksum is computed.
@@ -592,7 +682,8 @@ class Session:
             if self._background.finished:
                 self._collect_background()
             return
-        if self._staging is None and self.config.async_save and self.step > max(self._resumed_step, 0):
+        if (self._staging is None and self.config.async_save and not self._sharded
+                and self.step > max(self._resumed_step, 0)):
             self._reserve_staging()
             return
         self._tend = False

@@ -115,9 +115,9 @@ def _check_module(name: str, module: torch.nn.Module, state: Mapping[str, Any]) 
         return
     parts = []
     if missing:
-        parts.append(f"missing keys {_few(missing)}")
+        parts.append(f"missing keys {few(missing)}")
     if unexpected:
-        parts.append(f"unexpected keys {_few(unexpected)}")
+        parts.append(f"unexpected keys {few(unexpected)}")
     if shapes:
         parts.append("shape mismatch " + ", ".join(
             f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in shapes[:5]))
@@ -126,6 +126,6 @@ def _check_module(name: str, module: torch.nn.Module, state: Mapping[str, Any]) 
         f"Build the model exactly as the run that saved it, or start a new run in a new directory.")
 
 
-def _few(keys: list[str], limit: int = 8) -> str:
+def few(keys: list[str], limit: int = 8) -> str:
     shown = ", ".join(keys[:limit])
     return f"[{shown}{', ...' if len(keys) > limit else ''}] ({len(keys)})"

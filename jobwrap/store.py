@@ -5,12 +5,16 @@ Layout of a checkpoint directory::
     run.json                   which run owns the directory (and runs it adopted)
     step-000000001200.pt       a plain ``torch.save`` dict
     step-000000001200.json     its manifest: size, checksum, metadata -- the commit record
+    step-000000001200.dcp/     sharded (FSDP) state, one torch.distributed.checkpoint folder
+                               written by every rank; the .pt records its files' sizes and checksums
     events.jsonl               the run's history (see :mod:`jobwrap.events`)
 
 Commit protocol: data to a temporary file in the same directory, fsync, rename;
 then the manifest the same way; then fsync the directory. A checkpoint without
 its manifest was never committed and is ignored (and cleaned up at the next
 start). Readers trust a checkpoint only when its size and checksum match.
+A step's ``.dcp`` folder is written before its ``.pt``, so the manifest stays
+the one commit marker for both: a folder without a manifest is a leftover.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import threading
 import time
 import uuid
@@ -36,7 +41,7 @@ log = logging.getLogger("jobwrap")
 
 FORMAT_VERSION = 1
 RUN_FILE = "run.json"
-_NAME = re.compile(r"^step-(\d{12})\.(pt|json)$")
+_NAME = re.compile(r"^step-(\d{12})\.(pt|json|dcp)$")
 _TMP_PREFIX = ".tmp-"
 _CHUNK = 16 << 20
 _WRITE_CHUNK = 8 << 20   # hashed while in cache, then written
@@ -48,11 +53,12 @@ _HASH_GAP = 1 << 20      # torch.load skips zip headers between records: hash th
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Listing:
-    """What a directory listing says about one step: which of its two files exist."""
+    """What a directory listing says about one step: which of its files (and its sharded folder) exist."""
 
     step: int
     has_data: bool
     has_manifest: bool
+    has_folder: bool = False
 
     @property
     def committed(self) -> bool:
@@ -66,7 +72,7 @@ def parse_listing(names: Iterable[str]) -> list[Listing]:
         match = _NAME.match(name)
         if match:
             found.setdefault(int(match.group(1)), set()).add(match.group(2))
-    return [Listing(step, "pt" in kinds, "json" in kinds)
+    return [Listing(step, "pt" in kinds, "json" in kinds, "dcp" in kinds)
             for step, kinds in sorted(found.items(), reverse=True)]
 
 
@@ -77,11 +83,12 @@ def retention_victims(committed_steps: Iterable[int], keep_last: int) -> list[in
 
 
 def leftovers(names: Iterable[str]) -> list[str]:
-    """Files a killed save left behind: temporaries and data files whose manifest never landed."""
+    """Files a killed save left behind: temporaries, and data files and folders whose manifest never landed."""
     names = list(names)
     orphans = [f"step-{item.step:012d}.pt" for item in parse_listing(names)
                if item.has_data and not item.has_manifest]
-    return [n for n in names if n.startswith(_TMP_PREFIX)] + orphans
+    folders = [folder_name(item.step) for item in parse_listing(names) if item.has_folder and not item.has_manifest]
+    return [n for n in names if n.startswith(_TMP_PREFIX)] + orphans + folders
 
 
 # ---------------------------------------------------------------- records
@@ -108,6 +115,11 @@ def _data_name(step: int) -> str:
 
 def _manifest_name(step: int) -> str:
     return f"step-{step:012d}.json"
+
+
+def folder_name(step: int) -> str:
+    """The step's torch.distributed.checkpoint folder, beside its ``.pt``."""
+    return f"step-{step:012d}.dcp"
 
 
 class SaveCancelled(Exception):
@@ -332,9 +344,8 @@ class CheckpointStore:
     # ------------------------------------------------------------ setup
     def prepare(self) -> None:
         """Create the directory, prove it is writable, and clean what a killed save left."""
-        dir_mode = 0o700 | ((self.file_mode & 0o040) and 0o050)
         try:
-            _makedirs(self.directory, dir_mode)
+            _makedirs(self.directory, self._dir_mode())
             probe = os.path.join(self.directory, f"{_TMP_PREFIX}probe-{uuid.uuid4().hex}")
             fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self.file_mode)
             os.close(fd)
@@ -436,7 +447,7 @@ class CheckpointStore:
         except OSError as exc:
             # Best effort (the disk that failed may refuse the unlinks too); the manifest goes first, in
             # case it was renamed before the directory's fsync failed: never a half-committed step.
-            for name in (data_tmp, _manifest_name(step), _data_name(step)):
+            for name in (data_tmp, _manifest_name(step), _data_name(step), folder_name(step)):
                 with contextlib.suppress(OSError):
                     self._remove(name)
             previous = self.committed()
@@ -461,12 +472,69 @@ class CheckpointStore:
                 self._remove(_manifest_name(step))
                 crash_point("retention")
                 self._remove(_data_name(step))
+                self._remove(folder_name(step))
             if victims:
                 fsync_dir(self.directory)
         except OSError as exc:  # the new checkpoint is committed; old ones stay until the next save
             log.warning("retention could not delete old checkpoints in %s: %s", self.directory,
                         _describe_oserror(exc))
         return victims
+
+    # ------------------------------------------------------------ sharded folders
+    def folder_path(self, step: int) -> str:
+        return os.path.join(self.directory, folder_name(step))
+
+    def open_folder(self, step: int) -> str:
+        """An empty folder for ``step``'s sharded state; what an earlier failed save of it left is removed."""
+        path = self.folder_path(step)
+        try:
+            self._remove(folder_name(step))
+            os.mkdir(path, self._dir_mode())
+        except OSError as exc:
+            raise StorageError(exc.errno, f"cannot create {path} for the sharded state of step {step}: "
+                               f"{_describe_oserror(exc)}") from exc
+        return path
+
+    def seal_folder(self, step: int, files: Iterable[str]) -> None:
+        """After every rank wrote its part: make the folder's entries (and the folder's own) durable."""
+        path = self.folder_path(step)
+        try:
+            for name in files:
+                fd = os.open(os.path.join(path, name), os.O_RDONLY)
+                try:
+                    os.fsync(fd)  # cheap: DCP fsynced each file as it wrote it (sync_files=True)
+                finally:
+                    os.close(fd)
+            fsync_dir(path)  # the files' names, which DCP does not fsync
+            fsync_dir(self.directory)
+        except OSError as exc:
+            self.discard_folder(step)
+            raise StorageError(exc.errno, f"could not make the sharded state of step {step} durable in {path}: "
+                               f"{_describe_oserror(exc)}") from exc
+
+    def discard_folder(self, step: int) -> None:
+        """Remove an uncommitted folder after a failed sharded save (best effort)."""
+        with contextlib.suppress(OSError):
+            self._remove(folder_name(step))
+
+    def verify_folder(self, checkpoint: Checkpoint, files: dict[str, dict[str, Any]]) -> None:
+        """Raise :class:`CorruptCheckpointError` unless every recorded file of the step's folder matches."""
+        path = self.folder_path(checkpoint.step)
+        if not os.path.isdir(path):
+            raise CorruptCheckpointError(f"{path}: the sharded state of {os.path.basename(checkpoint.path)} "
+                                         f"is missing")
+        for name, expected in sorted(files.items()):
+            file_path = os.path.join(path, name)
+            try:
+                digest, size = checksum_of(file_path)
+            except OSError as exc:
+                raise CorruptCheckpointError(f"{file_path}: cannot be read ({exc.strerror})") from exc
+            if size != expected["size"]:
+                raise CorruptCheckpointError(f"{file_path}: {size} bytes, checkpoint says {expected['size']} "
+                                             f"(truncated or replaced)")
+            if digest != expected["checksum"]:
+                raise CorruptCheckpointError(f"{file_path}: checksum {digest} does not match "
+                                             f"{expected['checksum']} (damaged on disk)")
 
     # ------------------------------------------------------------ read
     def committed(self) -> list[Checkpoint]:
@@ -566,18 +634,20 @@ class CheckpointStore:
 
     def _quarantine_step(self, step: int) -> str:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        target = ""
-        for name in (_manifest_name(step), _data_name(step)):
+        for name in (_manifest_name(step), _data_name(step), folder_name(step)):
             source = os.path.join(self.directory, name)
-            target = f"{source}.corrupt-{stamp}"
             try:
-                os.replace(source, target)
+                os.replace(source, f"{source}.corrupt-{stamp}")  # a sharded folder goes with its files
             except FileNotFoundError:
                 pass
         fsync_dir(self.directory)
-        return os.path.basename(target)
+        return f"{_data_name(step)}.corrupt-{stamp}"
 
     # ------------------------------------------------------------ helpers
+    def _dir_mode(self) -> int:
+        """0700, plus group read/traverse when files are group-readable."""
+        return 0o700 | ((self.file_mode & 0o040) and 0o050)
+
     def _manifest(self, step: int) -> Checkpoint | None:
         found = self._read_manifest(step)
         return found if isinstance(found, Checkpoint) else None
@@ -645,8 +715,12 @@ class CheckpointStore:
         return record if isinstance(record, dict) else None
 
     def _remove(self, name: str) -> None:
+        path = os.path.join(self.directory, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)  # a sharded folder; FileNotFoundError inside is as good as removed
+            return
         try:
-            os.unlink(os.path.join(self.directory, name))
+            os.unlink(path)
         except FileNotFoundError:
             pass
 

@@ -176,3 +176,50 @@ def test_listing_policy(files, junk):
         assert item.committed == ({f"step-{item.step:012d}.pt", f"step-{item.step:012d}.json"} <= names)
     for name in leftovers(names):
         assert name.startswith(".tmp-") or (name.endswith(".pt") and name[:-3] + ".json" not in names)
+
+
+def _sharded_save(store: CheckpointStore, step: int) -> tuple:
+    """A checkpoint with a sharded folder, as the session writes it: folder first, sealed, then the commit."""
+    folder = store.open_folder(step)
+    for name in ("__0_0.distcp", "__1_0.distcp", ".metadata"):
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(f"{name} of step {step}".encode())
+    from jobwrap.sharded import describe
+
+    files = describe(folder, os.listdir(folder))
+    store.seal_folder(step, files)
+    return _save(store, step), files
+
+
+def test_sharded_folder_goes_with_its_checkpoint(tmp_path):
+    """Retention deletes a step's .dcp folder with it, quarantine sets it aside, an uncommitted one is a leftover."""
+    store = CheckpointStore(str(tmp_path))
+    store.prepare()
+    saved = [_sharded_save(store, step) for step in (1, 2, 3)]
+    store.retain(2)
+    assert sorted(p.name for p in tmp_path.glob("step-*.dcp")) == ["step-000000000002.dcp", "step-000000000003.dcp"]
+    checkpoint, files = saved[2]
+    store.verify_folder(checkpoint, files)
+    store.quarantine(checkpoint)
+    assert not (tmp_path / "step-000000000003.dcp").exists() and list(tmp_path.glob("step-000000000003.dcp.corrupt-*"))
+    store.open_folder(4)  # a save killed before its commit
+    store.prepare()
+    assert sorted(p.name for p in tmp_path.glob("step-*.dcp")) == ["step-000000000002.dcp"]
+    assert [i.has_folder for i in parse_listing(os.listdir(tmp_path))] == [True]
+
+
+def test_damaged_or_missing_sharded_file_is_corrupt(tmp_path):
+    """verify_folder names the damaged shard, the truncated one, and a missing folder."""
+    store = CheckpointStore(str(tmp_path))
+    store.prepare()
+    checkpoint, files = _sharded_save(store, 5)
+    shard = tmp_path / "step-000000000005.dcp" / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[::-1])
+    with pytest.raises(CorruptCheckpointError, match=r"__1_0.distcp: checksum .* \(damaged on disk\)"):
+        store.verify_folder(checkpoint, files)
+    shard.write_bytes(b"short")
+    with pytest.raises(CorruptCheckpointError, match="truncated or replaced"):
+        store.verify_folder(checkpoint, files)
+    store.discard_folder(5)
+    with pytest.raises(CorruptCheckpointError, match="is missing"):
+        store.verify_folder(checkpoint, files)

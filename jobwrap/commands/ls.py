@@ -38,7 +38,8 @@ def listing(directory: str, *, verify: bool = True) -> list[dict[str, Any]]:
         if checkpoint is None:
             row.update(status="uncommitted", epoch=None, size=None, time=None)
         else:
-            row.update(epoch=checkpoint.epoch, size=checkpoint.size, time=checkpoint.manifest.get("wall_time"),
+            folder = (checkpoint.manifest.get("dcp") or {}).get("bytes", 0)  # its .dcp folder (FSDP state)
+            row.update(epoch=checkpoint.epoch, size=checkpoint.size + folder, time=checkpoint.manifest.get("wall_time"),
                        run_id=checkpoint.run_id, reason=checkpoint.manifest.get("reason"))
             if verify:
                 try:

@@ -1,0 +1,229 @@
+"""Sharded (FSDP) model and optimizer state through ``torch.distributed.checkpoint`` (DCP).
+
+A model whose parameters are DTensors (FSDP2's ``fully_shard``; FSDP1 too) has
+no full copy on any rank, so rank 0 cannot ``torch.save`` it. Such a model and
+the optimizers over its parameters are written by every rank into the step's
+``.dcp`` folder, FQN-keyed through ``get_state_dict``; everything else
+(scheduler, extras, every rank's RNG, the loader's position) stays in rank 0's
+small ``.pt``, which also records the folder's files with their sizes and
+checksums. The session commits the manifest only after every rank's part is
+durable, so the manifest remains the one commit marker.
+
+Loading goes through ``dcp.load`` into state dicts taken from the objects as
+they are now (the current sharding, the current device), then
+``set_state_dict``: a checkpoint saved by 2 ranks loads onto 1, or 4, exactly.
+
+``torch.distributed.checkpoint`` is imported only here, and only when sharded
+state is present.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from jobwrap.errors import StateMismatchError
+from jobwrap.faults import crash_point
+from jobwrap.state import few
+from jobwrap.store import checksum_of
+
+log = logging.getLogger("jobwrap")
+
+METADATA = ".metadata"  # DCP's own commit marker inside the folder, written by the coordinator (rank 0)
+
+
+# ---------------------------------------------------------------- detection
+
+def is_sharded(obj: object) -> bool:
+    """True for a module whose parameters are DTensors, or that holds an FSDP1 wrapper.
+
+    Nothing is imported: a DTensor can exist only once ``torch.distributed.tensor`` is loaded.
+    """
+    if not isinstance(obj, torch.nn.Module):
+        return False
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if dtensor is not None and any(isinstance(p, dtensor.DTensor) for p in obj.parameters()):
+        return True
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    legacy = getattr(fsdp, "FullyShardedDataParallel", None)
+    return legacy is not None and any(isinstance(m, legacy) for m in obj.modules())
+
+
+def owner(objects: Mapping[str, Any], optimizer: torch.optim.Optimizer) -> torch.nn.Module | None:
+    """The tracked module whose parameters ``optimizer`` updates (get/set_state_dict need the pair)."""
+    params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for obj in objects.values():
+        if isinstance(obj, torch.nn.Module) and params & {id(p) for p in obj.parameters()}:
+            return obj
+    return None
+
+
+def sharded_names(objects: Mapping[str, Any]) -> list[str]:
+    """Tracked names whose state goes through DCP: sharded modules and the optimizers over them."""
+    modules = [name for name, obj in objects.items() if is_sharded(obj)]
+    if not modules:
+        return []
+    sharded = {id(objects[name]) for name in modules}
+    optimizers = [name for name, obj in objects.items() if isinstance(obj, torch.optim.Optimizer)
+                  and id(owner(objects, obj)) in sharded]
+    return [name for name in objects if name in modules or name in optimizers]
+
+
+# ---------------------------------------------------------------- state dicts
+
+def state_dicts(objects: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:
+    """``{name: state}`` as DCP saves and loads it: sharded tensors, FQN keys, optimizer state initialised."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    state: dict[str, Any] = {}
+    for name in names:
+        obj = objects[name]
+        if isinstance(obj, torch.optim.Optimizer):
+            state[name] = get_optimizer_state_dict(_owner_of(objects, name, obj), obj)
+        else:
+            state[name] = get_model_state_dict(obj)
+    return state
+
+
+def _owner_of(objects: Mapping[str, Any], name: str, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
+    module = owner(objects, optimizer)
+    if module is None:
+        raise StateMismatchError(
+            f"optimizer {name!r} is in the checkpoint's sharded state, but no tracked model holds its "
+            f"parameters: track the model in the same session (session.track(model=model, {name}={name})).")
+    return module
+
+
+def apply(objects: Mapping[str, Any], state: Mapping[str, Any]) -> None:
+    """Load ``state`` (as :func:`state_dicts` made it, now filled) into the objects."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    for name, value in state.items():
+        obj = objects[name]
+        if isinstance(obj, torch.optim.Optimizer):
+            set_optimizer_state_dict(_owner_of(objects, name, obj), obj, value)
+        else:
+            set_model_state_dict(obj, value)
+
+
+# ---------------------------------------------------------------- write
+
+def write(state: dict[str, Any], folder: str, process_group: Any) -> list[str]:
+    """This rank's part of ``state`` into ``folder`` (DCP, every file fsynced); returns the files it wrote.
+
+    A collective: every rank calls it with the same folder. DCP's own planning
+    collectives run on ``process_group`` (jobwrap's gloo side group), never
+    behind the training's NCCL traffic.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    writer = _writer_class()(folder, sync_files=True)
+    dcp.save(state, storage_writer=writer, process_group=process_group, no_dist=_no_dist())
+    crash_point("dcp-written")
+    return sorted(writer.written)
+
+
+_WRITER: type | None = None
+
+
+def _writer_class() -> type:
+    """A FileSystemWriter that remembers which files this rank wrote (each rank checksums its own)."""
+    global _WRITER
+    if _WRITER is None:
+        from torch.distributed.checkpoint import FileSystemWriter
+
+        class RecordingWriter(FileSystemWriter):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                self.written: set[str] = set()
+
+            def write_data(self, plan: Any, planner: Any) -> Any:
+                future = super().write_data(plan, planner)
+                self.written |= {result.storage_data.relative_path for result in future.value()}
+                crash_point("dcp-data-written")
+                return future
+
+        _WRITER = RecordingWriter
+    return _WRITER
+
+
+def describe(folder: str, files: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """``{file: {size, checksum}}``: what verification at resume compares against."""
+    found = {}
+    for name in files:
+        digest, size = checksum_of(os.path.join(folder, name))
+        found[name] = {"size": size, "checksum": digest}
+    return found
+
+
+def errors() -> tuple[type[BaseException], ...]:
+    """What DCP raises: its CheckpointException (every rank's failures, gathered) is a BaseException."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return Exception, CheckpointException
+
+
+def failure(exc: BaseException) -> tuple[int | None, str]:
+    """A rank's save error as (errno, one line), to gather at rank 0 (exceptions may not pickle)."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    code = cause.errno if isinstance(cause, OSError) else None
+    return code, reason(exc)
+
+
+def reason(exc: BaseException, prefer: str = "") -> str:
+    """One line for a report. DCP's CheckpointException holds every failed rank's traceback: take the line
+    with ``prefer`` in it, else the last ``SomeError: ...`` line, which is the error itself."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    named = [line for line in lines if line.split(": ", 1)[0].endswith(("Error", "Exception"))]
+    preferred = [line for line in lines if prefer and prefer in line.lower()]
+    if preferred or named:
+        return (preferred or named[::-1])[0]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
+# ---------------------------------------------------------------- load
+
+def load(objects: Mapping[str, Any], names: list[str], folder: str, process_group: Any) -> None:
+    """Load the named objects from ``folder`` onto their current sharding and device (a collective)."""
+    import torch.distributed.checkpoint as dcp
+
+    reader = dcp.FileSystemReader(folder)
+    state = state_dicts(objects, names)
+    _check_keys(objects, state, set(reader.read_metadata().state_dict_metadata))
+    try:
+        dcp.load(state, storage_reader=reader, process_group=process_group, no_dist=_no_dist())
+    except errors() as exc:  # a shape mismatch: a ValueError, gathered into a CheckpointException
+        raise StateMismatchError(
+            f"the sharded state in {folder} does not fit {', '.join(names)}: {reason(exc, 'mismatch')}. "
+            f"Build the model exactly as the run that saved it (any world size), or start a new run "
+            f"in a new directory.") from exc
+    apply(objects, state)
+
+
+def _check_keys(objects: Mapping[str, Any], state: Mapping[str, Any], saved: set[str]) -> None:
+    """A model's parameter names against the checkpoint's (DCP ignores a saved key nobody asks for)."""
+    for name, value in state.items():
+        if isinstance(objects[name], torch.optim.Optimizer):
+            continue
+        prefix = f"{name}."
+        have = {key[len(prefix):] for key in saved if key.startswith(prefix)}
+        missing, unexpected = sorted(set(value) - have), sorted(have - set(value))
+        if missing or unexpected:
+            parts = ([f"missing keys {few(missing)}"] if missing else []) + \
+                    ([f"unexpected keys {few(unexpected)}"] if unexpected else [])
+            raise StateMismatchError(
+                f"checkpoint entry {name!r} (sharded) does not match the model: {'; '.join(parts)}. "
+                f"Build the model exactly as the run that saved it (any world size), or start a new run "
+                f"in a new directory.")
+
+
+def _no_dist() -> bool:
+    """One process without torch.distributed: DCP reads and writes without collectives."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized())

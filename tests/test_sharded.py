@@ -1,0 +1,132 @@
+"""Sharded (FSDP2) state under torchrun (gloo, CPU): DCP folders committed last, bit-exact resume, resharding."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from jobwrap.events import read_events
+from jobwrap.testing import assert_same_run, assert_same_state, final_state, run_preempted
+
+from conftest import REPO
+
+SCRIPT = str(REPO / "examples" / "train_fsdp.py")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", SCRIPT]
+SAVES = {"JOBWRAP_SAVE_EVERY_STEPS": "6"}  # 16 steps on 2 ranks: checkpoints at 6, 12 and 16
+
+
+def _folder(directory, step: int):
+    return directory / f"step-{step:012d}.dcp"
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def _one_process(directory, *args: str) -> subprocess.CompletedProcess:
+    """The example as one process (world size 1, gloo), without jobwrap run."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBWRAP_")}
+    env.update(JOBWRAP_DIR=str(directory), MASTER_PORT=_free_port(), PYTHONFAULTHANDLER="1")
+    return subprocess.run([sys.executable, SCRIPT, *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted two-rank run with checkpoints at steps 6, 12 and 16."""
+    directory = tmp_path_factory.mktemp("fsdp-reference")
+    run_preempted([*TORCHRUN, "--epochs", "2"], directory, ranks=2, env=SAVES, timeout=180).check()
+    return directory
+
+
+@pytest.fixture
+def copied(tmp_path, reference):
+    """A copy of the reference run's directory, to damage or resume."""
+    shutil.copytree(reference, tmp_path / "ck")
+    return tmp_path / "ck"
+
+
+def test_signal_to_one_rank_commits_sharded_state_and_resumes_bit_exact(tmp_path, reference):
+    """USR1 to rank 1 only: both ranks write their shards at step 5, one commit, and the resumed run is bit-exact."""
+    run = run_preempted([*TORCHRUN, "--epochs", "2"], tmp_path, ranks=2, preempt_at=[5], target_ranks=[1],
+                        env=SAVES, timeout=240).check()
+    assert run.signalled_at == [5]
+    events = read_events(str(tmp_path))
+    assert [e["step"] for e in events if e["event"] == "requeue"] == [5]
+    assert [e["step"] for e in events if e["event"] == "save"] == [5, 6, 12, 16]
+    assert run.stderr.count("saved step 5 ") == 1 and "step-000000000005.dcp/" in run.stderr
+    # Retention (keep_last=3) deleted step 5's folder with its checkpoint.
+    assert sorted(p.name for p in tmp_path.glob("step-*.dcp")) == [_folder(tmp_path, s).name for s in (6, 12, 16)]
+    state = final_state(tmp_path)
+    assert state["jobwrap"]["dcp"]["world_size"] == 2 and state["jobwrap"]["dcp"]["objects"] == ["model", "optimizer"]
+    assert "model" in state and "optimizer" in state  # gathered from the folder by final_state
+    assert_same_run(reference, tmp_path)
+
+
+def test_two_rank_checkpoint_reshards_onto_one_process_and_back(tmp_path, copied):
+    """2 -> 1 -> 2 ranks: after each resume the full model and optimizer state equal the saved values exactly."""
+    saved = final_state(copied)
+    one = _one_process(copied, "--epochs", "3", "--dump", str(tmp_path / "one.pt"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "resuming 2-rank checkpoint with 1 ranks" in one.stderr and "resharded exactly" in one.stderr
+    dumped = torch.load(tmp_path / "one.pt", weights_only=True)
+    assert_same_state(saved["model"], dumped["model"], "model")
+    assert_same_state(saved["optimizer"]["state"], dumped["optimizer"]["state"], "optimizer")
+
+    # The one process trained epoch 3 alone (16 steps of all 256 samples) and saved with world size 1.
+    saved_by_one = final_state(copied)
+    assert saved_by_one["step"] == 32 and saved_by_one["jobwrap"]["dcp"]["world_size"] == 1
+    run = run_preempted([*TORCHRUN, "--epochs", "3", "--dump", str(tmp_path / "two.pt")], copied, ranks=2,
+                        timeout=180).check()
+    assert "resuming 1-rank checkpoint with 2 ranks" in run.stderr
+    dumped = torch.load(tmp_path / "two.pt", weights_only=True)
+    assert_same_state(saved_by_one["model"], dumped["model"], "model")
+    assert_same_state(saved_by_one["optimizer"]["state"], dumped["optimizer"]["state"], "optimizer")
+
+
+def test_damaged_shard_and_missing_folder_fall_back_to_the_previous_checkpoint(copied, reference):
+    """A flipped byte in step 16's shard and step 12's folder gone: both set aside with one line, resume from 6."""
+    shard = _folder(copied, 16) / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    shutil.rmtree(_folder(copied, 12))
+    run = run_preempted([*TORCHRUN, "--epochs", "2"], copied, ranks=2, env=SAVES, timeout=180).check()
+    reports = [line for line in run.stderr.splitlines() if "corrupt checkpoint" in line]
+    assert len(reports) == 2, run.stderr[-3000:]
+    assert "__1_0.distcp: checksum" in reports[0] and "damaged on disk" in reports[0]
+    assert "step-000000000012.dcp: the sharded state" in reports[1] and "is missing" in reports[1]
+    assert "resumed from step-000000000006.pt" in run.stderr
+    assert list(copied.glob("step-000000000016.dcp.corrupt-*"))  # set aside with its checkpoint, not deleted
+    assert_same_run(reference, copied)
+
+
+def test_kill_during_sharded_write_commits_nothing(copied, reference):
+    """SIGKILL on every rank after its shard data, before DCP's .metadata: no commit; the next start cleans up."""
+    for step in (12, 16):  # as if the run had been cut after step 6
+        (copied / f"step-{step:012d}.json").unlink()
+    killed = run_preempted([*TORCHRUN, "--epochs", "2"], copied, ranks=2, timeout=180,
+                           env={**SAVES, "JOBWRAP_TEST_KILL_AT": "dcp-data-written"})
+    assert killed.returncode != 0
+    assert [c.name for c in copied.glob("step-*.json")] == ["step-000000000006.json"]
+    left = _folder(copied, 12)
+    assert left.is_dir() and not (left / ".metadata").exists(), sorted(os.listdir(copied))
+
+    run = run_preempted([*TORCHRUN, "--epochs", "2"], copied, ranks=2, env=SAVES, timeout=180).check()
+    assert "removing step-000000000012.dcp left by an interrupted save" in run.stderr
+    assert "resumed from step-000000000006.pt" in run.stderr
+    assert_same_run(reference, copied)
+
+
+def test_a_different_model_is_a_clear_error(copied):
+    """A model that does not match the sharded checkpoint: StateMismatchError naming the tensor and the fix."""
+    result = _one_process(copied, "--epochs", "2", "--hidden", "32")
+    assert result.returncode != 0
+    assert "StateMismatchError" in result.stderr
+    assert "model.0.weight" in result.stderr and "Build the model exactly as the run that saved it" in result.stderr
