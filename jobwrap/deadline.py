@@ -23,11 +23,24 @@ def measured_speed(manifests: Iterable[dict[str, Any]], *, recent: int = 5) -> f
     """
     speeds: dict[bool, list[float]] = {False: [], True: []}
     for manifest in manifests:
-        size, seconds = manifest.get("size"), manifest.get("save_seconds")
-        if isinstance(size, int) and isinstance(seconds, (int, float)) and seconds > 0 and size > 0:
+        size, seconds = checkpoint_bytes(manifest), manifest.get("save_seconds")
+        if isinstance(seconds, (int, float)) and seconds > 0 and size > 0:
+            seconds += _shards(manifest).get("seconds", 0.0)
             speeds[bool(manifest.get("background"))].append(size / seconds)
     chosen = speeds[False] or speeds[True]
     return statistics.median(chosen[:recent]) if chosen else None
+
+
+def checkpoint_bytes(manifest: dict[str, Any]) -> int:
+    """The bytes of a checkpoint: its file and, for sharded state, every rank's files in its folder."""
+    size = manifest.get("size")
+    return (size if isinstance(size, int) else 0) + int(_shards(manifest).get("bytes", 0))
+
+
+def _shards(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The sharded folder's record (bytes, and the seconds every rank took to write it), or {}."""
+    record = manifest.get("dcp")
+    return record if isinstance(record, dict) else {}
 
 
 def estimate_seconds(nbytes: int | None, bytes_per_second: float | None) -> float | None:

@@ -366,9 +366,9 @@ def _environment(opts: SubmitOptions) -> list[str]:
     lines += _with_why("The signal lead time, so the training process knows its deadline: the "
                        "checkpoint must be committed within this many seconds of the signal.",
                        f"export JOBWRAP_GRACE_SECONDS={opts.lead_seconds}")
-    lines += _with_why(f"Which signal means checkpoint, requeue and exit; it must be the one --signal "
-                       f"sends. TERM keeps meaning checkpoint and exit, so that scancel still ends "
-                       f"the job.", f"export JOBWRAP_REQUEUE_SIGNALS={opts.signal}")
+    lines += _with_why("Which signal means checkpoint, requeue and exit; it must be the one --signal "
+                       "sends. TERM keeps meaning checkpoint and exit, so that scancel still ends "
+                       "the job.", f"export JOBWRAP_REQUEUE_SIGNALS={opts.signal}")
     if opts.max_requeues is not None:
         lines += _with_why("Stop requeueing after this many restarts, so a job that keeps failing does "
                            "not loop forever.", f"export JOBWRAP_MAX_REQUEUES={opts.max_requeues}")

@@ -536,7 +536,9 @@ class Session:
         started = started or time.monotonic()
         meta = self._meta(reason)
         if shards is not None:
+            # The folder's time (every rank's writes, the seal) counts in the measured save speed.
             meta["dcp"] = {k: shards[k] for k in ("folder", "world_size", "bytes")}
+            meta["dcp"]["seconds"] = round(time.monotonic() - started, 6)
         with progress.saving(self.store.directory, self.step, self.last_checkpoint):
             checkpoint = self.store.save(self._payload(ranks, shards), step=self.step, epoch=self.epoch, meta=meta)
         seconds = time.monotonic() - started
@@ -759,7 +761,7 @@ class Session:
         left = deadline.grace_left(signal_at=self._trap.first_time, now=time.monotonic(),
                                    grace_seconds=self.config.grace_seconds, end_time=self.job.end_time,
                                    wall_now=time.time())
-        size = self.last_checkpoint.size if self.last_checkpoint is not None else None
+        size = deadline.checkpoint_bytes(self.last_checkpoint.manifest) if self.last_checkpoint else None
         fresh = deadline.estimate_seconds(size or (self._staging.nbytes if self._staging else None), self._save_speed)
         if self._background.busy and (self._background.finished or self._background.step is None):
             self._background.cancel()  # done already, or only reserving buffers
@@ -793,8 +795,8 @@ class Session:
             return
         self._save_speed = speed
         self._fit_checked = True
-        warning = deadline.fit_warning(nbytes=checkpoint.size, bytes_per_second=speed,
-                                       grace_seconds=self.config.grace_seconds)
+        warning = deadline.fit_warning(nbytes=deadline.checkpoint_bytes(checkpoint.manifest),
+                                       bytes_per_second=speed, grace_seconds=self.config.grace_seconds)
         if warning:
             log.warning("%s", warning)
 

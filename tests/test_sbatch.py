@@ -590,12 +590,20 @@ def test_help_shows_an_example() -> None:
 # --- a real Slurm (scripts/slurm-local); skipped when it is not up ---------------------
 
 # The "training" for a real job: reports each run, and on the warning signal exits 75
-# ("requeue me"), the way jobwrap.Session does when it cannot run scontrol itself. The
-# requeued run (SLURM_RESTART_COUNT set) ends at once.
-SIGNALLED_TRAIN = ["sh", "-c", 'trap \'echo "got USR1 rank=${RANK:-0}"; kill $p 2>/dev/null; exit 75\' USR1; '
-                               'echo "run restart=${SLURM_RESTART_COUNT:-0} rank=${RANK:-0}"; '
-                               '[ -z "${SLURM_RESTART_COUNT:-}" ] || exit 0; '
-                               'sleep 300 & p=$!; wait $p']
+# ("requeue me"), the way jobwrap.Session does when it cannot run scontrol itself. Like
+# jobwrap's trap, it unblocks USR1 once its handler is in place (`jobwrap task` starts
+# srun tasks with it blocked). The requeued run (SLURM_RESTART_COUNT set) ends at once.
+SIGNALLED_TRAIN = ["python", "-c", (
+    "import os, signal, time\n"
+    "rank = os.environ.get('RANK', '0')\n"
+    "def stop(*_):\n"
+    "    print(f'got USR1 rank={rank}', flush=True)\n"
+    "    os._exit(75)\n"
+    "signal.signal(signal.SIGUSR1, stop)\n"
+    "signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGUSR1])\n"
+    "print(f\"run restart={os.environ.get('SLURM_RESTART_COUNT', '0')} rank={rank}\", flush=True)\n"
+    "if 'SLURM_RESTART_COUNT' not in os.environ:\n"
+    "    time.sleep(300)\n")]
 
 
 @pytest.fixture

@@ -436,6 +436,11 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         pytest.skip(reason)
     if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("nsenter"):
         pytest.skip("two nodes in network namespaces need root, iproute2 and nsenter")
+    probe = f"jwprobe{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, timeout=30)
+    if made.returncode != 0:  # a sandbox without CAP_SYS_ADMIN/CAP_NET_ADMIN
+        pytest.skip(f"cannot create a network namespace here: {made.stderr.strip()}")
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=30)
     work = tmp_path_factory.mktemp("two-nodes")
     # Ports apart from the main cluster's (6817..6820); no accounting: not needed here.
     env = {**os.environ, "JOBWRAP_SLURM_DIR": str(work), "JOBWRAP_SLURM_PORT": "7417",

@@ -342,6 +342,14 @@ def test_measured_speed_and_fit_warning():
     assert message is not None and "--signal=B:USR1@155" in message
 
 
+def test_sharded_checkpoint_counts_its_folder_in_size_and_speed():
+    """An FSDP checkpoint's bytes and save time include every rank's files in its .dcp folder."""
+    manifest = {"size": 100, "save_seconds": 1.0, "dcp": {"bytes": 900, "seconds": 4.0}}
+    assert deadline.checkpoint_bytes(manifest) == 1000
+    assert deadline.measured_speed([manifest]) == 200  # 1000 bytes in 5 s, not 100 in 1 s
+    assert deadline.checkpoint_bytes({"size": 100}) == 100
+
+
 def test_disk_full_during_torch_save_surfaces_as_the_os_error():
     """ENOSPC inside torch.save's writer comes out as that OSError, not torch's 'unexpected pos' error."""
     from jobwrap.store import _HashingWriter

@@ -7,6 +7,7 @@ import os
 import time
 from typing import Any
 
+from jobwrap.deadline import checkpoint_bytes
 from jobwrap.errors import CorruptCheckpointError
 from jobwrap.format import human_age, human_size, table
 from jobwrap.store import CheckpointStore, parse_listing
@@ -38,8 +39,9 @@ def listing(directory: str, *, verify: bool = True) -> list[dict[str, Any]]:
         if checkpoint is None:
             row.update(status="uncommitted", epoch=None, size=None, time=None)
         else:
-            folder = (checkpoint.manifest.get("dcp") or {}).get("bytes", 0)  # its .dcp folder (FSDP state)
-            row.update(epoch=checkpoint.epoch, size=checkpoint.size + folder, time=checkpoint.manifest.get("wall_time"),
+            # with its .dcp folder (FSDP state)
+            row.update(epoch=checkpoint.epoch, size=checkpoint_bytes(checkpoint.manifest),
+                       time=checkpoint.manifest.get("wall_time"),
                        run_id=checkpoint.run_id, reason=checkpoint.manifest.get("reason"))
             if verify:
                 try:

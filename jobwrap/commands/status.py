@@ -7,6 +7,7 @@ import os
 import time
 from typing import Any
 
+from jobwrap.deadline import checkpoint_bytes
 from jobwrap.events import read_events
 from jobwrap.format import human_age, human_duration, human_size, table
 from jobwrap.history import History, Launch, summarize
@@ -40,7 +41,7 @@ def newest_committed(directory: str) -> dict[str, Any] | None:
     if not committed:
         return None
     newest = committed[0]
-    return {"step": newest.step, "epoch": newest.epoch, "bytes": newest.size, "path": newest.path,
+    return {"step": newest.step, "epoch": newest.epoch, "bytes": checkpoint_bytes(newest.manifest), "path": newest.path,
             "reason": newest.manifest.get("reason"), "time": newest.manifest.get("wall_time")}
 
 

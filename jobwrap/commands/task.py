@@ -31,7 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Set RANK, LOCAL_RANK and WORLD_SIZE from srun's SLURM_PROCID, SLURM_LOCALID and "
                     "SLURM_NTASKS, block the requeue signals (JOBWRAP_REQUEUE_SIGNALS, default USR1) so "
                     "that one sent before training traps it waits instead of killing the task, then "
-                    "exec CMD. jobwrap's Session unblocks them once its handler is installed.",
+                    "exec CMD. jobwrap's Session unblocks them once its handler is installed; a CMD "
+                    "without jobwrap must unblock them itself to see them.",
         epilog="example (in a batch script): srun --ntasks-per-node=4 jobwrap task -- python train.py",
     )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
