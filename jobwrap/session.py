@@ -500,12 +500,22 @@ class Session:
         except sharded.errors() as exc:  # gathered below, so that every rank raises instead of some hanging
             written = sharded.failure(exc)
         parts = self.group.gather(written)
-        return self._commit(lambda: self._write(ranks, reason, shards=self._seal_shards(parts), started=started))
+        return self._commit(lambda: self._write_sealed(ranks, reason, parts, started))
 
     def _claim_folder(self) -> Checkpoint | str:
         """Rank 0: this step's committed checkpoint if there is one (never overwritten), else a fresh folder."""
         existing = next((c for c in self.store.committed() if c.step == self.step), None)
         return existing if existing is not None else self.store.open_folder(self.step)
+
+    def _write_sealed(self, ranks: list[dict[str, Any]], reason: str, parts: list[Any], started: float) -> Checkpoint:
+        """Rank 0: seal every rank's part, then the .pt and the manifest; an uncommitted folder is not left behind."""
+        shards = self._seal_shards(parts)
+        try:
+            return self._write(ranks, reason, shards=shards, started=started)
+        except CheckpointError:
+            if not any(c.step == self.step for c in self.store.committed()):  # committed: the folder is its own
+                self.store.discard_folder(self.step)
+            raise
 
     def _seal_shards(self, parts: list[Any]) -> dict[str, Any]:
         """Rank 0: the record of a folder every rank finished, made durable; or the first rank's failure."""

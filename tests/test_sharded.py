@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from jobwrap.events import read_events
+from jobwrap.store import CheckpointStore
 from jobwrap.testing import assert_same_run, assert_same_state, final_state, run_preempted
 
 from conftest import REPO
@@ -130,3 +131,32 @@ def test_a_different_model_is_a_clear_error(copied):
     assert result.returncode != 0
     assert "StateMismatchError" in result.stderr
     assert "model.0.weight" in result.stderr and "Build the model exactly as the run that saved it" in result.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path, request):
+    """A real tmpfs of ``request.param`` bytes: room for one sharded checkpoint of the example (~190 KB)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to mount a size-limited tmpfs")
+    point = tmp_path / "disk"
+    point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={request.param},mode=0700", "tmpfs", str(point)],
+                             capture_output=True, text=True, timeout=30)
+    if mounted.returncode != 0:
+        pytest.skip(f"mount -t tmpfs refused: {mounted.stderr.strip()}")
+    yield point
+    if subprocess.run(["umount", str(point)], capture_output=True, timeout=30).returncode != 0:
+        subprocess.run(["umount", "-l", str(point)], capture_output=True, timeout=30)
+
+
+# 240 KB: step 12's shards do not fit. 340 KB: its shards fit, rank 0's .pt does not.
+@pytest.mark.parametrize("small_disk", ["240k", "340k"], indirect=True, ids=["shards", "pt"])
+def test_full_disk_during_a_sharded_save_keeps_the_previous_checkpoint(small_disk):
+    """ENOSPC while step 12 is written: every rank stops with StorageError; step 6 stays committed and whole."""
+    directory = small_disk / "ck"
+    run = run_preempted([*TORCHRUN, "--epochs", "2"], directory, ranks=2, env=SAVES, timeout=180)
+    assert run.returncode != 0
+    assert "StorageError" in run.stderr and "No space left on device" in run.stderr, run.stderr[-3000:]
+    assert [c.step for c in CheckpointStore(str(directory)).committed()] == [6]
+    assert not _folder(directory, 12).exists(), sorted(os.listdir(directory))  # its partial shards removed
+    assert final_state(directory)["step"] == 6  # verified: the .pt and every file of its folder
