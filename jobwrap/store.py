@@ -500,8 +500,9 @@ class CheckpointStore:
         path = self.folder_path(step)
         try:
             for name in files:
-                fd = os.open(os.path.join(path, name), os.O_RDONLY)
+                fd = os.open(os.path.join(path, name), os.O_RDONLY | os.O_NOFOLLOW)
                 try:
+                    os.fchmod(fd, self.file_mode)  # DCP creates them under the umask; ours are private
                     os.fsync(fd)  # cheap: DCP fsynced each file as it wrote it (sync_files=True)
                 finally:
                     os.close(fd)

@@ -200,6 +200,8 @@ def test_sharded_folder_goes_with_its_checkpoint(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("step-*.dcp")) == ["step-000000000002.dcp", "step-000000000003.dcp"]
     checkpoint, files = saved[2]
     store.verify_folder(checkpoint, files)
+    # Sealed files get the store's mode, like its own files (DCP wrote them under the umask).
+    assert {oct((tmp_path / "step-000000000003.dcp" / name).stat().st_mode & 0o777) for name in files} == {"0o600"}
     store.quarantine(checkpoint)
     assert not (tmp_path / "step-000000000003.dcp").exists() and list(tmp_path.glob("step-000000000003.dcp.corrupt-*"))
     store.open_folder(4)  # a save killed before its commit
