@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 from jobwrap.config import REQUEUE_EXIT_CODE
 from jobwrap.env import read_env
 from jobwrap.format import human_size
+from jobwrap.signals import SignalTrap
 
 __all__ = ["FAIL", "PASS", "WARN", "Proc", "Row", "Settings", "classify_filesystem", "find_mount",
            "parse_size", "plan_delivery", "run_checks", "save_fits"]
@@ -344,8 +345,8 @@ def check_handler(settings: Settings, environ: Mapping[str, str]) -> Row:
             f"{name.removeprefix('SIG')} (jobwrap submit --signal sets both)"))
     # Blocked: by `jobwrap task` (srun layouts) so that an early signal waits, or inherited from a
     # launcher. Either way jobwrap's trap unblocks it once installed, so it is delivered then.
-    held = "; held (blocked) until jobwrap's handler is installed" if sig in signal.pthread_sigmask(
-        signal.SIG_BLOCK, []) else "; not blocked"
+    blocked = sig in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    held = "; held (blocked) until jobwrap's handler is installed" if blocked else "; not blocked"
     current = signal.getsignal(sig)
     if callable(current):
         owner = f"{getattr(current, '__module__', '?')}.{getattr(current, '__qualname__', current)}"
@@ -380,16 +381,10 @@ def check_delivery(settings: Settings, environ: Mapping[str, str], *, run: Runne
     """(a) The signal reaches this process through the real launch path, within ``signal_timeout``."""
     sig = settings.signal
     check = "signal delivery"
-    arrival: list[float] = []
-
-    def record(signum: int, frame: object) -> None:
-        # Only an append: a threading.Event set here could deadlock against the main thread's wait().
-        arrival.append(time.monotonic())
-
-    # Installed before anything is sent, and kept until the end of the doctor (see run_checks),
-    # so a late second copy of the signal cannot kill it.
-    signal.signal(sig, record)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])  # as jobwrap's trap does (see check_handler)
+    # Training's own trap (which also unblocks a signal `jobwrap task` held). Installed before
+    # anything is sent, and kept until the end of the doctor (run_checks puts the previous
+    # handler back), so a late second copy of the signal cannot kill it.
+    trap = SignalTrap([sig]).install()
     plan = plan_delivery(chain if chain is not None else process_chain(sig), sig=sig, environ=environ,
                          scancel=which("scancel") is not None)
     if isinstance(plan, Row):
@@ -404,26 +399,18 @@ def check_delivery(settings: Settings, environ: Mapping[str, str], *, run: Runne
             pass
         if rank != 0:
             # Rank 0 may wait up to signal_timeout for the other tasks before it sends.
-            if not _arrives(arrival, 2 * settings.signal_timeout):
+            if not trap.wait(2 * settings.signal_timeout):
                 return Row(check, FAIL, f"rank {rank}: no {sig.name} within {2 * settings.signal_timeout:g} s "
                                         f"of being ready; rank 0 sends it ({plan.how})")
             return Row(check, plan.status, f"arrived on rank {rank}: {plan.how}")
     try:
-        return _send_and_wait(plan, settings, run, arrival, ready)
+        return _send_and_wait(plan, settings, run, trap, ready)
     finally:
         if ready is not None:  # rank 0, the last to need it
             shutil.rmtree(ready, ignore_errors=True)
 
 
-def _arrives(arrival: list[float], timeout: float) -> bool:
-    """Whether the handler recorded the signal within ``timeout`` s (polled)."""
-    deadline = time.monotonic() + timeout
-    while not arrival and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return bool(arrival)
-
-
-def _send_and_wait(plan: Delivery, settings: Settings, run: Runner, arrival: list[float],
+def _send_and_wait(plan: Delivery, settings: Settings, run: Runner, trap: SignalTrap,
                    ready: str | None) -> Row:
     """Rank 0 (or the only process): wait for the step's tasks to be ready, send, wait for the arrival."""
     sig, check = settings.signal, "signal delivery"
@@ -444,9 +431,9 @@ def _send_and_wait(plan: Delivery, settings: Settings, run: Runner, arrival: lis
     else:
         for pid in plan.pids:
             os.kill(pid, sig)
-    if not _arrives(arrival, settings.signal_timeout):
+    if not trap.wait(settings.signal_timeout):
         return Row(check, FAIL, f"no {sig.name} within {settings.signal_timeout:g} s; sent {plan.how}")
-    return Row(check, plan.status, f"arrived in {arrival[0] - sent:.2f} s; sent {plan.how}")
+    return Row(check, plan.status, f"arrived in {trap.first_time - sent:.2f} s; sent {plan.how}")
 
 
 def _step_ready_dir(settings: Settings, environ: Mapping[str, str]) -> str | None:

@@ -406,10 +406,12 @@ def test_array_task_requeues_only_itself(jobs, tmp_path, reference):
 
 # ---------------------------------------------------------------- 7. two ranks under srun
 
-def test_two_srun_ranks_stop_together_and_resume_bit_exact(jobs, tmp_path, ddp_reference):
-    """multi-gpu layout on the CPU: USR1 to the step, one commit, one requeue, equal to a two-rank run."""
-    script = write_script(tmp_path, "ddp", layout="multi-gpu", ntasks_per_node=2,
-                          command=("python", TRAIN_DDP, *DDP_ARGS, "--step-seconds", "0.3"))
+def preempt_ddp_job(jobs: list[str], tmp_path: Path, reference: Path, name: str,
+                    extra_check: Callable[[JobInfo], None] = lambda info: None, **layout: object) -> None:
+    """examples/train_ddp.py in an srun layout: USR1 to the step once a step is committed; the job
+    must stop all ranks at one step, commit once, requeue once and finish equal to ``reference``."""
+    script = write_script(tmp_path, name, command=("python", TRAIN_DDP, *DDP_ARGS, "--step-seconds", "0.3"),
+                          **layout)
     job = submit(script, cwd=tmp_path, env=job_env(JOBWRAP_SAVE_EVERY_STEPS="3"))
     jobs.append(job)
     ckpt = tmp_path / "ckpt"
@@ -421,12 +423,18 @@ def test_two_srun_ranks_stop_together_and_resume_bit_exact(jobs, tmp_path, ddp_r
         assert info["ExitCode"] == "0:0"
         assert len(events(ckpt, "requeue")) == 1 and len(events(ckpt, "signal")) == 1
         assert [s["world_size"] for s in events(ckpt, "start")] == [2, 2]
-        assert_same_run(ddp_reference, ckpt)
+        assert_same_run(reference, ckpt)
         assert len(final_state(ckpt)["jobwrap"]["ranks"]) == 2
+        extra_check(info)
     checked(job, check)
     save = next(e for e in events(ckpt, "save") if e["reason"] == "signal SIGUSR1")
-    report("two ranks", signal_to_commit=save["time"] - sent,
+    report(name.replace("-", " "), signal_to_commit=save["time"] - sent,
            signal_to_resumed_start=events(ckpt, "start")[1]["time"] - sent)
+
+
+def test_two_srun_ranks_stop_together_and_resume_bit_exact(jobs, tmp_path, ddp_reference):
+    """multi-gpu layout on the CPU: USR1 to the step, one commit, one requeue, equal to a two-rank run."""
+    preempt_ddp_job(jobs, tmp_path, ddp_reference, "two-ranks", layout="multi-gpu", ntasks_per_node=2)
 
 
 @pytest.fixture(scope="module")
@@ -458,27 +466,13 @@ def test_two_nodes_over_a_network_stop_together_and_resume_bit_exact(monkeypatch
                                                                        ddp_reference):
     """multi-node layout on two slurmd in network namespaces: rendezvous across the bridge, one commit, bit-exact."""
     monkeypatch.setenv("SLURM_CONF", two_nodes)  # before `jobs`, so its cleanup cancels on this cluster
-    script = write_script(tmp_path, "nodes", layout="multi-node", nodes=2, ntasks_per_node=1,
-                          command=("python", TRAIN_DDP, *DDP_ARGS, "--step-seconds", "0.3"))
-    job = submit(script, cwd=tmp_path, env=job_env(JOBWRAP_SAVE_EVERY_STEPS="3"))
-    jobs.append(job)
-    ckpt = tmp_path / "ckpt"
-    wait_until(job, lambda: bool(committed_steps(ckpt)), "a committed step", 180)
-    sent = scancel("--signal=USR1", job)  # to the step's tasks, one on each node
-    info = wait_for(job, {"COMPLETED"}, predicate=lambda i: restart_count(i) == 1, timeout=240)
 
-    def check() -> None:
-        assert info["ExitCode"] == "0:0"
+    def on_two_nodes(info: JobInfo) -> None:
         assert info["NodeList"] == "node[1-2]" and info["NumNodes"] == "2"
-        assert len(events(ckpt, "requeue")) == 1 and len(events(ckpt, "signal")) == 1
-        assert [s["world_size"] for s in events(ckpt, "start")] == [2, 2]
-        assert_same_run(ddp_reference, ckpt)
         # Rank 0 ran on node1 (its own hostname), MASTER_ADDR of the template.
-        assert CheckpointStore(str(ckpt)).committed()[0].manifest["host"] == "node1"
-    checked(job, check)
-    save = next(e for e in events(ckpt, "save") if e["reason"] == "signal SIGUSR1")
-    report("two nodes", signal_to_commit=save["time"] - sent,
-           signal_to_resumed_start=events(ckpt, "start")[1]["time"] - sent)
+        assert CheckpointStore(str(tmp_path / "ckpt")).committed()[0].manifest["host"] == "node1"
+    preempt_ddp_job(jobs, tmp_path, ddp_reference, "two-nodes", on_two_nodes, layout="multi-node", nodes=2,
+                    ntasks_per_node=1)
 
 
 # ---------------------------------------------------------------- requeue without scontrol
@@ -532,14 +526,19 @@ def doctor_rows(text: str) -> dict[str, list[str]]:
     return rows
 
 
-def test_doctor_in_a_batch_job_passes_the_batch_layout(jobs, tmp_path):
-    """exec jobwrap run -- jobwrap doctor in a rendered batch script: signal via Slurm, scontrol, saves fit."""
-    script = write_script(tmp_path, "doctor", command=("jobwrap", "doctor", "--state-bytes", "5MB"))
+def run_doctor(jobs: list[str], tmp_path: Path, name: str, state_bytes: str,
+               **layout: object) -> tuple[str, str, dict[str, list[str]]]:
+    """`jobwrap doctor` as the command of a rendered script; the job id, its output and its table's rows."""
+    script = write_script(tmp_path, name, command=("jobwrap", "doctor", "--state-bytes", state_bytes), **layout)
     job = submit(script, cwd=tmp_path)
     jobs.append(job)
-    info = wait_for(job, {"COMPLETED"}, timeout=120)
-    out = output_tail(info, 60)
-    rows = doctor_rows(out)
+    out = output_tail(wait_for(job, {"COMPLETED"}, timeout=120), 60)
+    return job, out, doctor_rows(out)
+
+
+def test_doctor_in_a_batch_job_passes_the_batch_layout(jobs, tmp_path):
+    """exec jobwrap run -- jobwrap doctor in a rendered batch script: signal via Slurm, scontrol, saves fit."""
+    job, out, rows = run_doctor(jobs, tmp_path, "doctor", "5MB")
 
     def check() -> None:
         assert rows["signal delivery"] == ["PASS"] and "scancel --signal=USR1 --batch" in out
@@ -553,13 +552,7 @@ def test_doctor_in_a_batch_job_passes_the_batch_layout(jobs, tmp_path):
 
 def test_doctor_under_srun_checks_every_rank(jobs, tmp_path):
     """jobwrap doctor as two srun tasks: the step's signal reaches both; only rank 0 times a save."""
-    script = write_script(tmp_path, "doctor-srun", layout="multi-gpu", ntasks_per_node=2,
-                          command=("jobwrap", "doctor", "--state-bytes", "1MB"))
-    job = submit(script, cwd=tmp_path)
-    jobs.append(job)
-    info = wait_for(job, {"COMPLETED"}, timeout=120)
-    out = output_tail(info, 60)
-    rows = doctor_rows(out)
+    job, out, rows = run_doctor(jobs, tmp_path, "doctor-srun", "1MB", layout="multi-gpu", ntasks_per_node=2)
 
     def check() -> None:
         assert rows["signal delivery"] == ["PASS", "PASS"], out
