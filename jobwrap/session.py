@@ -25,6 +25,7 @@ import torch
 from jobwrap import __version__, deadline, progress, sharded
 from jobwrap.config import Config, load_config
 from jobwrap.data import ResumableLoader
+from jobwrap.devices import resume_device
 from jobwrap.distributed import NO_STOP, STOP_EXIT, STOP_REQUEUE, Solo, join
 from jobwrap.env import JobEnv, default_run_id, read_env
 from jobwrap.errors import (CheckpointError, ConfigError, CorruptCheckpointError, JobwrapError, StateMismatchError,
@@ -69,11 +70,11 @@ def _ensure_log_handler() -> None:
     log.propagate = False
 
 
-def default_device(job: JobEnv) -> torch.device:
-    """``cuda:LOCAL_RANK`` when this process has CUDA, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", job.local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+def default_device(job: JobEnv, configured: str | None = None) -> torch.device:
+    """The configured device, else ``cuda:LOCAL_RANK`` when this process has CUDA, else the CPU
+    (the rule: :func:`jobwrap.devices.resume_device`)."""
+    cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return torch.device(resume_device(local_rank=job.local_rank, cuda_devices=cuda_devices, configured=configured))
 
 
 class Session:
@@ -85,7 +86,7 @@ class Session:
         self.job: JobEnv = read_env(environ)
         self.store = CheckpointStore(self.config.directory, file_mode=self.config.file_mode)
         self.scheduler: Scheduler = scheduler_for(self.job)
-        self.device = torch.device(self.config.device) if self.config.device else default_device(self.job)
+        self.device = default_device(self.job, self.config.device)
         self.epoch = 0
         self.step = 0
         self.position = 0
@@ -100,6 +101,7 @@ class Session:
         self._pending: dict[str, Any] | None = None
         self._resume_data: dict[str, Any] | None = None  # the loader's position state, until a loader takes it
         self._resumed_step = -1
+        self._rng_warned = False
         self._last_save_time = time.monotonic()
         self._started = False
         self.group: Solo = Solo()
@@ -348,7 +350,10 @@ class Session:
 
     def _restore_rng(self) -> None:
         meta = self._pending["jobwrap"]
-        restore_rng(meta["ranks"][self.group.rank % len(meta["ranks"])]["rng"])
+        warning = restore_rng(meta["ranks"][self.group.rank % len(meta["ranks"])]["rng"], self.device)
+        if warning and not self._rng_warned:
+            self._rng_warned = True  # restored twice per resume (track, first boundary): say it once
+            log.warning("%s", warning)
 
     def _finish_resume(self, *, after_step: bool = False) -> None:
         """Restore the RNG streams (again: setup code after track() may have drawn) and free the payload.
@@ -565,7 +570,7 @@ class Session:
 
     def _rank_state(self) -> dict[str, Any]:
         """What differs between ranks: RNG streams and the loader's epoch-start state."""
-        return {"rng": capture_rng(), "data": self._loader.state_dict() if self._loader is not None else {}}
+        return {"rng": capture_rng(self.device), "data": self._loader.state_dict() if self._loader is not None else {}}
 
     def _payload(self, ranks: list[dict[str, Any]], shards: dict[str, Any] | None = None) -> dict[str, Any]:
         payload: dict[str, Any] = {name: obj.state_dict() for name, obj in self._objects.items()

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 import torch
 
+from jobwrap.devices import cuda_rng_plan
 from jobwrap.errors import ConfigError, StateMismatchError
 
 log = logging.getLogger("jobwrap")
@@ -25,8 +26,12 @@ def is_stateful(obj: object) -> bool:
 
 # ---------------------------------------------------------------- RNG
 
-def capture_rng() -> dict[str, Any]:
-    """Every RNG stream this process may draw from: Python, NumPy (if used), torch CPU, each CUDA device."""
+def capture_rng(device: torch.device | None = None) -> dict[str, Any]:
+    """Every RNG stream this process may draw from: Python, NumPy (if used), torch CPU, each CUDA device.
+
+    ``device``: the one this rank computes on; recorded, so that its stream can
+    follow it to a node with another number of GPUs.
+    """
     version, internal, gauss = random.getstate()
     state: dict[str, Any] = {
         "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
@@ -40,11 +45,14 @@ def capture_rng() -> dict[str, Any]:
     # Only touch CUDA if this process already uses it: querying would create a context.
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = [t.cpu() for t in torch.cuda.get_rng_state_all()]
+        if device is not None and device.type == "cuda":
+            state["cuda_device"] = device.index if device.index is not None else torch.cuda.current_device()
     return state
 
 
-def restore_rng(state: Mapping[str, Any]) -> None:
-    """Put every captured stream back; a CUDA state with no CUDA here is reported, not fatal."""
+def restore_rng(state: Mapping[str, Any], device: torch.device | None = None) -> str | None:
+    """Put every captured stream back; returns a one-line warning when the CUDA streams cannot all be
+    (another number of GPUs, or none: see :func:`jobwrap.devices.cuda_rng_plan`), never fails on it."""
     python = state["python"]
     internal = tuple(int(v) for v in python["state"].tolist())
     random.setstate((python["version"], internal, python["gauss"]))
@@ -55,18 +63,14 @@ def restore_rng(state: Mapping[str, Any]) -> None:
         np_state = state["numpy"]
         numpy.random.set_state((np_state["kind"], np_state["keys"].cpu().numpy().astype("uint32"),
                                 np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"]))
-    cuda_states = state.get("cuda")
-    if cuda_states:
-        if not torch.cuda.is_available():
-            log.warning("checkpoint has CUDA RNG state for %d device(s) but CUDA is not available here; "
-                        "resuming on the CPU with the CPU RNG only", len(cuda_states))
-        elif torch.cuda.device_count() != len(cuda_states):
-            log.warning("checkpoint has CUDA RNG state for %d device(s), this process sees %d; "
-                        "restoring the overlapping devices", len(cuda_states), torch.cuda.device_count())
-            for index, device_state in enumerate(cuda_states[:torch.cuda.device_count()]):
-                torch.cuda.set_rng_state(device_state.cpu(), index)
-        else:
-            torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
+    cuda_states = state.get("cuda") or []
+    visible = torch.cuda.device_count() if cuda_states and torch.cuda.is_available() else 0
+    on_cuda = device is not None and device.type == "cuda"
+    plan, warning = cuda_rng_plan(saved=len(cuda_states), visible=visible, saved_device=state.get("cuda_device"),
+                                  device=(device.index or 0) if on_cuda else None)
+    for saved, index in plan:
+        torch.cuda.set_rng_state(cuda_states[saved].cpu(), index)
+    return warning
 
 
 # ---------------------------------------------------------------- plain values
