@@ -47,7 +47,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--step-seconds", type=float, default=0.0, help="sleep per step (slow it down)")
     parser.add_argument("--loss-log", default=None)
+    parser.add_argument("--deterministic", action="store_true",
+                        help="torch.use_deterministic_algorithms(True) (on a GPU, set CUBLAS_WORKSPACE_CONFIG=:4096:8)")
     args = parser.parse_args()
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True)
 
     random.seed(0)
     numpy.random.seed(0)

@@ -402,6 +402,29 @@ RESUME_KEYS = ["raw read into touched memory", "raw read into new memory", "torc
 _RECORDED: dict[str, str] = {}  # --report-only: the machine and software of the run being reported
 
 
+GPU_BEGIN, GPU_END = "<!-- gpu-check: begin -->", "<!-- gpu-check: end -->"
+GPU_NOT_RUN = ("Not run yet: no GPU machine has been lent to this project so far. On a machine with one GPU and a "
+               "python3 with a CUDA torch (2.4 or newer), psutil and xxhash: `scripts/gpu-check --out DIR` (at most "
+               "about 8 minutes; nothing is installed, jobwrap comes from the checkout), then "
+               "`scripts/gpu-check --report-only DIR` writes its results here.\n")
+
+
+def gpu_block(text: str) -> str | None:
+    """The body of a benchmarks page's GPU section (written by scripts/gpu-check), if it has one."""
+    if GPU_BEGIN in text and GPU_END in text:
+        return text.split(GPU_BEGIN, 1)[1].split(GPU_END, 1)[0].strip("\n") + "\n"
+    return None
+
+
+def with_gpu_block(text: str, body: str) -> str:
+    """``text`` with its GPU section's body replaced by ``body`` (the section appended where missing)."""
+    block = f"{GPU_BEGIN}\n{body}{GPU_END}"
+    if GPU_BEGIN in text and GPU_END in text:
+        head, rest = text.split(GPU_BEGIN, 1)
+        return head + block + rest.split(GPU_END, 1)[1]
+    return text.rstrip("\n") + f"\n\n## GPU\n\n{block}\n"
+
+
 def machine() -> str:
     if "machine" in _RECORDED:
         return _RECORDED["machine"]
@@ -636,10 +659,13 @@ def write_markdown(summaries: list[dict], step: dict, plots: list[str], gpu: dic
         "## Not covered",
         "",
         "- A GPU: this machine has none. On a GPU machine the same script also measures the pause of a periodic "
-        "save of a state on the GPU (device to pinned host memory, copied during the pause).",
+        "save of a state on the GPU (device to pinned host memory, copied during the pause); `scripts/gpu-check` "
+        "checks the GPU path and fills the GPU section below.",
         "- Multi-rank jobs: there, periodic saves stay synchronous (rank 0 writes while the others wait).",
     ]
-    (out / "benchmarks.md").write_text("\n".join(lines) + "\n")
+    page = out / "benchmarks.md"
+    kept = gpu_block(page.read_text()) if page.exists() else None  # scripts/gpu-check's, from a GPU machine
+    page.write_text(with_gpu_block("\n".join(lines) + "\n", kept or GPU_NOT_RUN))
 
 
 def bench_gpu_pause(nbytes: int, reps: int) -> dict[str, float] | None:
