@@ -404,8 +404,8 @@ _RECORDED: dict[str, str] = {}  # --report-only: the machine and software of the
 
 GPU_BEGIN, GPU_END = "<!-- gpu-check: begin -->", "<!-- gpu-check: end -->"
 GPU_NOT_RUN = ("Not run yet: no GPU machine has been lent to this project so far. On a machine with one GPU and a "
-               "python3 with a CUDA torch (2.4 or newer), psutil and xxhash: `scripts/gpu-check --out DIR` (at most "
-               "about 8 minutes; nothing is installed, jobwrap comes from the checkout), then "
+               "python3 with a CUDA torch (2.4 or newer), psutil, xxhash and numpy: `scripts/gpu-check --out DIR` "
+               "(at most about 8 minutes; nothing is installed, jobwrap comes from the checkout), then "
                "`scripts/gpu-check --report-only DIR` writes its results here.\n")
 
 

@@ -1,9 +1,9 @@
 """jobwrap on a real GPU: bit-exact preempt-and-resume, GPU checkpoints resumed on GPU and CPU, GPU ratios.
 
 Run through ``scripts/gpu-check`` on a machine with one GPU (about 8 minutes at most);
-it needs only python3 with a CUDA torch (2.4 or newer), psutil and xxhash, and
-takes jobwrap from the checkout. Results go to one directory: ``results.json``
-and ``results.md``. ``--report-only DIR`` writes them into the GPU section of
+it needs only python3 with a CUDA torch (2.4 or newer), psutil, xxhash and numpy
+(usually installed with torch), and takes jobwrap from the checkout. Results go
+to one directory: ``results.json`` and ``results.md``. ``--report-only DIR`` writes them into the GPU section of
 docs/benchmarks.md. ``--cpu-dry-run`` runs the same code with the CPU in place
 of CUDA and small sizes (the test suite runs it, so the script stays ready).
 
@@ -181,8 +181,9 @@ def _sync(device: str) -> None:
 def markdown(results: dict[str, Any]) -> str:
     """The GPU section's body (also results.md): what ran, where, and each ratio against its target."""
     demo, resume, ratios = results["demo"], results["resume"], results["ratios"]
-    lines = [f"Written by `scripts/gpu-check --report-only` from a run of `scripts/gpu-check`"
-             f"{' --cpu-dry-run (CPU in place of CUDA: not GPU figures)' if results['dry_run'] else ''} "
+    dry = results["dry_run"]
+    lines = [f"Written by `scripts/gpu-check --report-only` from a run of `scripts/gpu-check"
+             f"{' --cpu-dry-run` (CPU in place of CUDA: not GPU figures)' if dry else '`'} "
              f"on {results['machine']} ({results['software']}), {results['date']}, in {results['seconds']:.0f} s.",
              "",
              "| check | result |", "|---|---|",
@@ -190,7 +191,8 @@ def markdown(results: dict[str, Any]) -> str:
              f"(`CUBLAS_WORKSPACE_CONFIG=:4096:8`), against the uninterrupted run | "
              f"{'identical' if demo['identical'] else '**differs**'}, CUDA RNG states of "
              f"{demo['cuda_rng_devices']} device(s) included |",
-             f"| a checkpoint written from {', '.join(resume['saved_locations'])} memory, resumed onto the device | "
+             f"| a checkpoint written from {device_words(demo['device'])} (storages recorded on "
+             f"{', '.join(resume['saved_locations'])}), resumed onto {demo['device']} | "
              f"{'ok' if resume['onto the device']['ok'] else '**failed**'} "
              f"({', '.join(resume['onto the device']['devices'])}) |",
              f"| the same, resumed onto the CPU | {'ok' if resume['onto cpu']['ok'] else '**failed**'} |",
@@ -207,11 +209,26 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def device_words(device: str) -> str:
+    return "CPU memory (dry run)" if device == "cpu" else "GPU memory"
+
+
 def report_only(directory: Path, page: Path) -> None:
     results = json.loads((directory / "results.json").read_text())
     text = page.read_text()
     page.write_text(bench.with_gpu_block(text, markdown(results)))
     log(f"wrote the GPU section of {page} from {directory / 'results.json'}")
+
+
+def missing_requirements() -> list[str]:
+    """What the checks need beyond the standard library, not found in this python."""
+    import importlib.util
+
+    missing = [name for name in ("psutil", "xxhash", "numpy") if importlib.util.find_spec(name) is None]
+    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+    if (major, minor) < (2, 4):
+        missing.append(f"torch 2.4 or newer (it has {torch.__version__})")
+    return missing
 
 
 def main() -> int:
@@ -227,6 +244,11 @@ def main() -> int:
     if args.report_only:
         report_only(Path(args.report_only), Path(args.page))
         return 0
+    missing = missing_requirements()
+    if missing:
+        log(f"this python lacks {', '.join(missing)}: use a python3 with a CUDA torch (2.4 or newer), psutil, "
+            "xxhash and numpy (which the example and the raw baselines use)")
+        return 2
     if not args.cpu_dry_run and not torch.cuda.is_available():
         log("no CUDA device here: run it on a GPU machine, or use --cpu-dry-run to check the script")
         return 2
