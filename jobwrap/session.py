@@ -76,6 +76,22 @@ def default_device(job: JobEnv) -> torch.device:
     return torch.device("cpu")
 
 
+def usable_device(name: str) -> torch.device:
+    """The configured device, refused now if this node cannot use it (loading onto it would fail later)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"device {name!r} is not a torch device ({exc}); set JOBWRAP_DEVICE (device=...) "
+                          f"to e.g. cpu or cuda:0") from exc
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index is not None and device.index >= count):
+            raise ConfigError(f"device {name!r} is not usable on {socket.gethostname()}: it has {count} usable "
+                              f"CUDA device(s). Set JOBWRAP_DEVICE (device=...) to one it has (e.g. cpu), or run on "
+                              f"a node with a working GPU; no checkpoint was touched")
+    return device
+
+
 class Session:
     """One process's view of a preemptible run. Use as a context manager (or :func:`preemptible`)."""
 
@@ -85,7 +101,7 @@ class Session:
         self.job: JobEnv = read_env(environ)
         self.store = CheckpointStore(self.config.directory, file_mode=self.config.file_mode)
         self.scheduler: Scheduler = scheduler_for(self.job)
-        self.device = torch.device(self.config.device) if self.config.device else default_device(self.job)
+        self.device = usable_device(self.config.device) if self.config.device else default_device(self.job)
         self.epoch = 0
         self.step = 0
         self.position = 0

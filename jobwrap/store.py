@@ -34,7 +34,7 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import xxhash
 
-from jobwrap.errors import CorruptCheckpointError, ForeignRunError, StorageError
+from jobwrap.errors import CorruptCheckpointError, ForeignRunError, LoadFailedHereError, StorageError
 from jobwrap.faults import crash_point
 
 log = logging.getLogger("jobwrap")
@@ -333,6 +333,39 @@ def _describe_oserror(exc: OSError) -> str:
     return hints.get(exc.errno or -1, os.strerror(exc.errno) if exc.errno else str(exc))
 
 
+def _not_a_checkpoint(exc: BaseException) -> bool:
+    """Whether a load failure of an intact file says the file is no torch checkpoint at all.
+
+    weights_only refuses a pickle that would run code (UnpicklingError); a file
+    that is no zip archive fails in torch's reader. Anything else (no CUDA, out
+    of memory, I/O) depends on the node that loads it.
+    """
+    import pickle
+
+    if isinstance(exc, (pickle.UnpicklingError, EOFError)):
+        return True
+    return isinstance(exc, RuntimeError) and "PytorchStreamReader" in str(exc)
+
+
+def _environment_error(checkpoint: "Checkpoint", exc: BaseException) -> LoadFailedHereError:
+    """The error that stops a start whose checkpoint is intact but cannot be loaded on this node."""
+    cause = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    text = str(exc).lower()
+    if isinstance(exc, OSError):
+        fix = _describe_oserror(exc)
+    elif "cuda" in text or "device" in text:
+        fix = ("the device it is loaded onto is not usable here: run on a node with a working GPU, or set "
+               "JOBWRAP_DEVICE (device=...) to one this node has, e.g. JOBWRAP_DEVICE=cpu")
+    elif "out of memory" in text or isinstance(exc, MemoryError):
+        fix = ("out of memory while loading: free memory, ask for more, or load onto another device with "
+               "JOBWRAP_DEVICE (device=...)")
+    else:
+        fix = "fix the cause above and start again"
+    return LoadFailedHereError(
+        f"cannot load {checkpoint.path} on this node ({cause}). The file matches its checksum, so it was kept "
+        f"(nothing was set aside): {fix}")
+
+
 class CheckpointStore:
     """One run's checkpoint directory: write with the commit protocol, list, verify, load, retain."""
 
@@ -574,8 +607,10 @@ class CheckpointStore:
         """
         try:
             fd = os.open(checkpoint.path, os.O_RDONLY)
-        except OSError as exc:
+        except FileNotFoundError as exc:
             raise CorruptCheckpointError(f"{checkpoint.path}: cannot be read ({exc.strerror})") from exc
+        except OSError as exc:
+            raise _environment_error(checkpoint, exc) from exc
         try:
             actual_size = os.fstat(fd).st_size
             if actual_size != checkpoint.size:
@@ -588,11 +623,18 @@ class CheckpointStore:
                 value = load(reader)  # type: ignore[arg-type]
             except CorruptCheckpointError:
                 raise
-            except Exception:
-                if reader.digest() != checkpoint.checksum:  # damaged bytes explain the failure
+            except Exception as exc:
+                # The load may have stopped early: hash the rest, to tell damaged bytes from a failing node.
+                try:
+                    intact = reader.digest() == checkpoint.checksum
+                except OSError as failure:
+                    raise _environment_error(checkpoint, failure) from failure
+                if not intact:
                     raise CorruptCheckpointError(f"{checkpoint.path}: checksum does not match manifest "
                                                  f"{checkpoint.checksum} (damaged on disk)") from None
-                raise
+                if _not_a_checkpoint(exc):
+                    raise
+                raise _environment_error(checkpoint, exc) from exc
             digest = reader.digest()
         finally:
             os.close(fd)
@@ -605,8 +647,11 @@ class CheckpointStore:
                         verify: bool = True) -> tuple[Checkpoint, Any] | None:
         """The newest checkpoint that verifies and loads; bad ones are reported and set aside.
 
-        ``verify=False`` when ``load`` verifies as it reads (:meth:`read_verified`),
-        so the file is read once.
+        Only a file that fails its checksum or is not a checkpoint is bad. Any
+        other failure (no usable CUDA, out of memory, an I/O error) is this
+        node's, not the file's: :class:`LoadFailedHereError` stops the start and
+        nothing is moved. ``verify=False`` when ``load`` verifies as it reads
+        (:meth:`read_verified`), so the file is read once.
         """
         for checkpoint in self.committed():
             if checkpoint.manifest.get("format", 0) > FORMAT_VERSION:
@@ -621,9 +666,13 @@ class CheckpointStore:
                 if verify:
                     self.verify(checkpoint)
                 return checkpoint, load(checkpoint)
+            except LoadFailedHereError:
+                raise
             except CorruptCheckpointError as exc:
                 reason = str(exc)
-            except Exception as exc:  # unpicklable, refused by weights_only, not a torch file
+            except Exception as exc:
+                if not _not_a_checkpoint(exc):
+                    raise _environment_error(checkpoint, exc) from exc
                 reason = f"{checkpoint.path}: cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0]})"
             moved = self.quarantine(checkpoint)
             log.warning("corrupt checkpoint: %s; set aside as %s, trying the previous one", reason, moved)

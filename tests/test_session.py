@@ -160,3 +160,24 @@ def test_requeue_caps_policy():
                                               progress_history=[True, False, False, False], max_no_progress=3)
     assert requeue_refusal(restart_count=0, max_requeues=9, progress_history=[False, False, True],
                            max_no_progress=3) is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without usable CUDA")
+def test_unusable_device_is_refused_at_start_and_checkpoints_kept(tmp_path):
+    """device="cuda" without usable CUDA: refused at start naming JOBWRAP_DEVICE; the checkpoint is kept and
+    a start on a usable device resumes from it."""
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with _session(tmp_path) as job:
+        job.track(model=model, optimizer=optimizer)
+        _train_steps(job, model, optimizer, 3)
+        job.save()
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(ConfigError, match="JOBWRAP_DEVICE"):
+        with _session(tmp_path, device="cuda") as job:
+            job.track(model=model, optimizer=optimizer)
+    assert sorted(n for n in os.listdir(tmp_path) if n != "events.jsonl") == \
+        sorted(n for n in before if n != "events.jsonl")
+    with _session(tmp_path, save_at_end=False) as job:
+        job.track(model=nn.Linear(2, 1), optimizer=optimizer)
+        assert job.step == 3
