@@ -292,7 +292,17 @@ class Session:
         return self.extras[name]
 
     def __setitem__(self, name: str, value: Any) -> None:
-        self.extras[name] = value
+        """Set a tracked extra; checked now, so that a value no checkpoint can hold fails here, not at the signal.
+
+        Only names passed to :meth:`track` are accepted: there the initial value
+        and the restored one are told apart; a name first set here would be
+        saved but could not be restored before the script reads it.
+        """
+        if name not in self.extras:
+            raise ConfigError(
+                f"extra {name!r} is not tracked: declare it with job.track({name}=<initial value>) before setting "
+                f"job[{name!r}], so that a resumed run restores it (an extra set only by job[...] is not restored)")
+        self.extras[name] = plain(value, name)
 
     def loader(self, iterable: Iterable[T]) -> ResumableLoader[T]:
         """Wrap the training loader: each batch ends at a step boundary; resumes mid-epoch exactly."""

@@ -181,3 +181,23 @@ def test_unusable_device_is_refused_at_start_and_checkpoints_kept(tmp_path):
     with _session(tmp_path, save_at_end=False) as job:
         job.track(model=nn.Linear(2, 1), optimizer=optimizer)
         assert job.step == 3
+
+
+def test_extra_is_validated_when_set_and_must_be_tracked(tmp_path):
+    """job[name] = value refuses at once a value a checkpoint cannot hold, and a name never tracked
+    (it would be saved but not restored), each with the fix; a tracked extra still takes new values."""
+    np = pytest.importorskip("numpy")
+    with _session(tmp_path, save_at_end=False) as job:
+        job.track(best_loss=float("inf"), confusion=torch.zeros(2, 2))
+        with pytest.raises(ConfigError, match=r"'confusion'.*torch\.tensor"):
+            job["confusion"] = np.zeros((2, 2))
+        with pytest.raises(ConfigError, match=r"job\.track\(accuracy=") as untracked:
+            job["accuracy"] = 0.5
+        assert "restore" in str(untracked.value)
+        job["best_loss"] = np.float64(0.25)
+        assert job["best_loss"] == 0.25 and type(job["best_loss"]) is float
+        job.step_done()
+        job.save()
+    with _session(tmp_path, save_at_end=False) as job:
+        job.track(best_loss=float("inf"), confusion=torch.zeros(2, 2))
+        assert job["best_loss"] == 0.25
