@@ -45,8 +45,9 @@ class ResumableLoader(Generic[T]):
                 batch = next(iterator)
             except StopIteration:
                 return
+            session._batch_started()
             yield batch
-            session._step_done()
+            session._batch_finished()  # a save() inside the body may have counted the batch already
             # After the epoch's last batch the boundary is the next epoch's start (Session.epochs),
             # once the user's end-of-epoch code (scheduler.step(), validation) has run.
             if length is None or session.position < length:

@@ -201,3 +201,28 @@ def test_extra_is_validated_when_set_and_must_be_tracked(tmp_path):
     with _session(tmp_path, save_at_end=False) as job:
         job.track(best_loss=float("inf"), confusion=torch.zeros(2, 2))
         assert job["best_loss"] == 0.25
+
+
+def test_second_save_of_a_step_writes_only_when_the_state_moved(tmp_path):
+    """At one step: a save right after a periodic save writes nothing; after scheduler.step() and an extra
+    changed it writes a new checkpoint, which the resume loads."""
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    with _session(tmp_path, save_every_steps=2, async_save=False) as job:
+        job.track(model=model, optimizer=optimizer, scheduler=scheduler, best=1.0)
+        _train_steps(job, model, optimizer, 2)
+        periodic = job.last_checkpoint
+        assert periodic is not None and periodic.step == 2
+        assert job.save() is periodic
+        scheduler.step()
+        job["best"] = 0.5
+        moved = job.save()
+        assert (moved.step, moved.serial) == (2, 1)
+        assert job.save() is moved
+    assert sorted(n for n in os.listdir(tmp_path) if n.endswith(".pt")) == ["step-000000000002-1.pt",
+                                                                            "step-000000000002.pt"]
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    with _session(tmp_path, save_at_end=False) as job:
+        job.track(model=model, optimizer=optimizer, scheduler=scheduler, best=1.0)
+        assert job["best"] == 0.5 and scheduler.last_epoch == 1

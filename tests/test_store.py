@@ -267,3 +267,42 @@ def test_file_that_is_not_a_checkpoint_is_still_set_aside(tmp_path):
                                   verify=False)
     assert found is not None and found[0].step == 1
     assert any(n.startswith("step-000000000002.pt.corrupt") for n in os.listdir(tmp_path))
+
+
+def test_second_save_of_a_step_gets_its_own_name_and_wins(tmp_path):
+    """Saving a step that is already committed writes a new serial beside it; the first stays intact."""
+    store = CheckpointStore(str(tmp_path))
+    store.prepare()
+    first = _save(store, 5, 1.0)
+    second = _save(store, 5, 2.0)
+    assert os.path.basename(first.path) == "step-000000000005.pt"
+    assert os.path.basename(second.path) == "step-000000000005-1.pt" and second.serial == 1
+    store.verify(first)
+    assert [(c.step, c.serial) for c in store.committed()] == [(5, 1), (5, 0)]
+    found = store.newest_loadable(_load)
+    assert found is not None and found[0].serial == 1 and torch.equal(found[1]["model"]["w"], torch.full((4,), 2.0))
+
+
+def test_listing_orders_serials_newest_first_and_retention_counts_them():
+    """step-N.pt (old name, serial 0) and step-N-K.pt sort by (step, serial), newest first; orphans of a
+    serial are leftovers; retention keeps the newest (step, serial) pairs."""
+    names = ["step-000000000005.pt", "step-000000000005.json", "step-000000000005-2.pt",
+             "step-000000000005-2.json", "step-000000000005-1.pt", "step-000000000006.pt",
+             "step-000000000006.json", "step-000000000005-1x.pt", "step-000000000005-.pt"]
+    listing = parse_listing(names)
+    assert [(i.step, i.serial, i.committed) for i in listing] == [(6, 0, True), (5, 2, True), (5, 1, False),
+                                                                  (5, 0, True)]
+    assert leftovers(names) == ["step-000000000005-1.pt"]
+    assert retention_victims([(6, 0), (5, 2), (5, 0)], 2) == [(5, 0)]
+
+
+def test_retention_deletes_the_oldest_serials(tmp_path):
+    """With keep_last=2, three saves of one step then one of the next leave the two newest files."""
+    store = CheckpointStore(str(tmp_path))
+    store.prepare()
+    for value in (1.0, 2.0, 3.0):
+        _save(store, 4, value)
+    _save(store, 5, 4.0)
+    store.retain(2)
+    assert sorted(n for n in os.listdir(tmp_path) if n.endswith(".pt")) == ["step-000000000004-2.pt",
+                                                                            "step-000000000005.pt"]
