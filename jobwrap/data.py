@@ -46,7 +46,11 @@ class ResumableLoader(Generic[T]):
             except StopIteration:
                 return
             session._batch_started()
-            yield batch
+            try:
+                yield batch
+            except GeneratorExit:  # the loop was left (break): that batch is not counted, as before
+                session._batch_left()
+                raise
             session._batch_finished()  # a save() inside the body may have counted the batch already
             # After the epoch's last batch the boundary is the next epoch's start (Session.epochs),
             # once the user's end-of-epoch code (scheduler.step(), validation) has run.

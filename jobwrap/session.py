@@ -351,6 +351,10 @@ class Session:
         """The loader handed out a batch: the loop's body trains on it now."""
         self._in_batch = True
 
+    def _batch_left(self) -> None:
+        """The loop broke off with its batch: nothing counts it (a save() in the body already did)."""
+        self._in_batch = False
+
     def _batch_finished(self) -> None:
         """The body is done with its batch: count it, unless a save() inside the body counted it already."""
         if self._in_batch:

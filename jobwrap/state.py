@@ -164,6 +164,7 @@ def fingerprint(value: Any, *, by_content: bool = False) -> Any:
 
 
 def _tensor_version(tensor: torch.Tensor) -> Any:
+    tensor = getattr(tensor, "_local_tensor", tensor)  # a DTensor (FSDP2): this rank's shard holds the counter
     try:
         return ("tensor", tensor.data_ptr(), tensor._version, tuple(tensor.shape), tensor.dtype, str(tensor.device))
     except (RuntimeError, NotImplementedError):  # inference tensors, some tensor subclasses: no counter

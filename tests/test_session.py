@@ -226,3 +226,22 @@ def test_second_save_of_a_step_writes_only_when_the_state_moved(tmp_path):
     with _session(tmp_path, save_at_end=False) as job:
         job.track(model=model, optimizer=optimizer, scheduler=scheduler, best=1.0)
         assert job["best"] == 0.5 and scheduler.last_epoch == 1
+
+
+def test_save_in_the_loader_body_counts_the_batch_and_a_break_does_not(tmp_path):
+    """save() inside the body records the batch as done (step and position one ahead of the loop's count);
+    a loop left with break leaves its last batch uncounted, also for a later save."""
+    with _session(tmp_path) as job:
+        job.track(seen=[])
+        for _ in job.epochs(1):
+            for item in job.loader(list(range(6))):
+                if item == 4:
+                    break
+                job["seen"] = job["seen"] + [item]
+                if item == 1:
+                    saved = job.save()
+                    assert (saved.step, job.step, job.position) == (2, 2, 2)
+    assert job.step == 4 and job.last_checkpoint.step == 4
+    with _session(tmp_path, save_at_end=False) as job:
+        job.track(seen=[])
+        assert job["seen"] == [0, 1, 2, 3] and job.step == 4
