@@ -549,15 +549,16 @@ class CheckpointStore:
     def next_serial(self, step: int) -> int:
         """The serial of a new save of ``step``: 0 when no file of the step is here, else one past the newest.
 
-        Past every ``.pt`` and manifest of the step, committed or not, set aside
-        or not, so that a new save never reuses a file's name. A sharded folder
-        alone does not count: it is the one this save wrote first, or a leftover.
+        Past every ``.pt`` and manifest of the step, committed or not, so that a
+        new save never replaces a file. A sharded folder alone does not count: it
+        is the one this save wrote first, or a leftover; nor does a file set aside
+        (``*.corrupt-<time>``), whose name is free again.
         """
         try:
             names = os.listdir(self.directory)
         except OSError:
             return 0
-        serials = [parsed[1] for parsed in map(parse_name, (n.split(".corrupt-")[0] for n in names))
+        serials = [parsed[1] for parsed in map(parse_name, names)
                    if parsed and parsed[0] == step and parsed[2] != "dcp"]
         return max(serials) + 1 if serials else 0
 
