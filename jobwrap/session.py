@@ -523,7 +523,8 @@ class Session:
 
     def _fingerprint(self) -> Any:
         """What makes the state, cheaply (no tensor is read): compared to tell whether a save is needed."""
-        return (self.epoch, self.step, self.position, fingerprint(self._objects), fingerprint(self.extras),
+        return (self.epoch, self.step, self.position, fingerprint(self._objects),
+                fingerprint(self.extras, by_content=True),
                 fingerprint(self._rank_state(), by_content=True))
 
     def _moved_since_save(self) -> bool:

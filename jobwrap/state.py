@@ -133,18 +133,21 @@ def few(keys: list[str], limit: int = 8) -> str:
 
 # ---------------------------------------------------------------- has anything changed?
 
+_CONTENT_LIMIT = 1 << 20  # bytes: larger tensors count by version counter only, never copied to compare
+
 def fingerprint(value: Any, *, by_content: bool = False) -> Any:
     """A cheap picture of ``value`` to compare with a later one: equal pictures, nothing changed in between.
 
     Tensors count by storage and version counter (every in-place change, an
-    optimizer step included, bumps it; nothing is read), or ``by_content`` for
-    small ones made fresh at each call (RNG states). Modules count by their
+    optimizer step included, bumps it; nothing is read), or ``by_content`` when
+    small (RNG states made fresh at each call; extras, which a script replaces
+    with new tensors that may reuse a freed address). Modules count by their
     parameters and buffers, optimizers by their groups and state, other
     stateful objects (schedulers, GradScaler) by their state dict, plain
     values by value.
     """
     if isinstance(value, torch.Tensor):
-        if by_content:
+        if by_content and value.numel() * value.element_size() <= _CONTENT_LIMIT:
             return ("tensor", value.dtype, tuple(value.shape), value.detach().cpu().numpy().tobytes())
         return _tensor_version(value)
     if isinstance(value, torch.nn.Module):

@@ -245,3 +245,17 @@ def test_save_in_the_loader_body_counts_the_batch_and_a_break_does_not(tmp_path)
     with _session(tmp_path, save_at_end=False) as job:
         job.track(seen=[])
         assert job["seen"] == [0, 1, 2, 3] and job.step == 4
+
+
+def test_a_tensor_extra_replaced_by_a_new_value_is_saved_again(tmp_path):
+    """job["ema"] = a new tensor at the same step (same shape, new values) writes a new checkpoint."""
+    with _session(tmp_path, save_at_end=False) as job:
+        job.track(ema=torch.zeros(4))
+        job.step_done()
+        first = job.save()
+        job["ema"] = torch.ones(4)
+        second = job.save()
+        assert (second.step, second.serial) == (first.step, 1)
+    with _session(tmp_path, save_at_end=False) as job:
+        job.track(ema=torch.zeros(4))
+        assert torch.equal(job["ema"], torch.ones(4))
