@@ -45,8 +45,13 @@ class ResumableLoader(Generic[T]):
                 batch = next(iterator)
             except StopIteration:
                 return
-            yield batch
-            session._step_done()
+            session._batch_started()
+            try:
+                yield batch
+            except GeneratorExit:  # the loop was left (break): that batch is not counted, as before
+                session._batch_left()
+                raise
+            session._batch_finished()  # a save() inside the body may have counted the batch already
             # After the epoch's last batch the boundary is the next epoch's start (Session.epochs),
             # once the user's end-of-epoch code (scheduler.step(), validation) has run.
             if length is None or session.position < length:

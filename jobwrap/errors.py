@@ -18,6 +18,10 @@ class CorruptCheckpointError(CheckpointError):
     """A checkpoint file does not match its manifest (truncated, bit flips, foreign file)."""
 
 
+class LoadFailedHereError(CheckpointError):
+    """An intact checkpoint cannot be loaded on this node (no usable CUDA, out of memory, I/O): nothing is set aside."""
+
+
 class ForeignRunError(CheckpointError):
     """The checkpoint directory belongs to another run."""
 

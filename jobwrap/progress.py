@@ -99,7 +99,7 @@ class _Ticker(threading.Thread):
 
 def temporary_bytes(directory: str, step: int) -> Callable[[], int | None]:
     """A probe: the size of the save's temporary data file for ``step`` (None when there is none)."""
-    pattern = os.path.join(glob.escape(directory), f".tmp-step-{step:012d}.pt.*")
+    pattern = os.path.join(glob.escape(directory), f".tmp-step-{step:012d}*.pt.*")  # any serial of the step
 
     def probe() -> int | None:
         for path in glob.glob(pattern):

@@ -34,9 +34,9 @@ from jobwrap.events import EventLog
 from jobwrap.format import human_size
 from jobwrap.schedulers import Scheduler, requeue_refusal, scheduler_for
 from jobwrap.signals import SignalTrap
-from jobwrap.state import RESERVED_KEYS, capture_rng, is_stateful, load_into, plain, restore_rng
+from jobwrap.state import RESERVED_KEYS, capture_rng, fingerprint, is_stateful, load_into, plain, restore_rng
 from jobwrap.snapshot import BackgroundSave, ChangedWhileCopied, StagingArea, check_unchanged, lower_priority
-from jobwrap.store import FORMAT_VERSION, Checkpoint, CheckpointStore, SaveCancelled, folder_name
+from jobwrap.store import FORMAT_VERSION, Checkpoint, CheckpointStore, SaveCancelled, folder_name, parse_name
 
 log = logging.getLogger("jobwrap")
 
@@ -74,7 +74,12 @@ def default_device(job: JobEnv, configured: str | None = None) -> torch.device:
     """The configured device, else ``cuda:LOCAL_RANK`` when this process has CUDA, else the CPU
     (the rule: :func:`jobwrap.devices.resume_device`)."""
     cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return torch.device(resume_device(local_rank=job.local_rank, cuda_devices=cuda_devices, configured=configured))
+    name = resume_device(local_rank=job.local_rank, cuda_devices=cuda_devices, configured=configured)
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"device {name!r} (JOBWRAP_DEVICE or device=) is not a torch device ({exc}): "
+                          f"set it to e.g. cpu or cuda:0, or unset it") from exc
 
 
 class Session:
@@ -93,6 +98,9 @@ class Session:
         self.extras: dict[str, Any] = {}
         self.resumed_from: Checkpoint | None = None
         self.last_checkpoint: Checkpoint | None = None
+        self._saved_fingerprint: Any = None  # the state last_checkpoint holds (None: unknown, save again)
+        self._background_fingerprint: Any = None  # the state of the background save in flight
+        self._in_batch = False  # between the loader yielding a batch and the end of the loop's body
         self.run_id = ""
         self._objects: dict[str, Any] = {}
         self._sharded: list[str] = []  # tracked names saved through torch.distributed.checkpoint (FSDP)
@@ -167,7 +175,8 @@ class Session:
                 self._open_events(run_id)
                 with progress.loading(self.store):
                     found = self.store.newest_loadable(self._load_verified, lineage=lineage, verify=False)
-                decision = {"run_id": run_id, "step": found[0].step if found else None}
+                decision = {"run_id": run_id, "step": found[0].step if found else None,
+                            "serial": found[0].serial if found else 0}
             except (JobwrapError, OSError) as exc:
                 self.group.broadcast({"error": f"{type(exc).__name__}: {exc}"})
                 raise
@@ -179,7 +188,7 @@ class Session:
         self._open_events(decision["run_id"])
         if decision["step"] is None:
             return None
-        checkpoint = next(c for c in self.store.committed() if c.step == decision["step"])
+        checkpoint = next(c for c in self.store.committed() if c.key == (decision["step"], decision["serial"]))
         return checkpoint, self._load(checkpoint)  # rank 0 verified it
 
     def _open_events(self, run_id: str) -> None:
@@ -278,7 +287,17 @@ class Session:
         return self.extras[name]
 
     def __setitem__(self, name: str, value: Any) -> None:
-        self.extras[name] = value
+        """Set a tracked extra; checked now, so that a value no checkpoint can hold fails here, not at the signal.
+
+        Only names passed to :meth:`track` are accepted: there the initial value
+        and the restored one are told apart; a name first set here would be
+        saved but could not be restored before the script reads it.
+        """
+        if name not in self.extras:
+            raise ConfigError(
+                f"extra {name!r} is not tracked: declare it with job.track({name}=<initial value>) before setting "
+                f"job[{name!r}], so that a resumed run restores it (an extra set only by job[...] is not restored)")
+        self.extras[name] = plain(value, name)
 
     def loader(self, iterable: Iterable[T]) -> ResumableLoader[T]:
         """Wrap the training loader: each batch ends at a step boundary; resumes mid-epoch exactly."""
@@ -318,6 +337,20 @@ class Session:
     def _step_done(self) -> None:
         self.step += 1
         self.position += 1
+
+    def _batch_started(self) -> None:
+        """The loader handed out a batch: the loop's body trains on it now."""
+        self._in_batch = True
+
+    def _batch_left(self) -> None:
+        """The loop broke off with its batch: nothing counts it (a save() in the body already did)."""
+        self._in_batch = False
+
+    def _batch_finished(self) -> None:
+        """The body is done with its batch: count it, unless a save() inside the body counted it already."""
+        if self._in_batch:
+            self._in_batch = False
+            self._step_done()
 
     def _boundary(self) -> None:
         if self._pending is not None:
@@ -363,6 +396,7 @@ class Session:
         """
         if not after_step:
             self._restore_rng()
+            self._saved_fingerprint = self._fingerprint()  # the state is the checkpoint's, until the next step
         payload, self._pending = self._pending, None
         meta = payload["jobwrap"]
         untracked = [n for n in meta.get("objects", []) + meta.get("extras", [])
@@ -410,7 +444,7 @@ class Session:
     def _exit_decision(self, request: int, sig: signal.Signals | None,
                        checkpoint: Checkpoint) -> tuple[int, bool, str]:
         """(exit code, requeued, reason), decided by rank 0 alone; it runs the one requeue."""
-        progressed = checkpoint.step > self._resumed_step
+        progressed = checkpoint.key > (self.resumed_from.key if self.resumed_from else (-1, 0))
         if request == STOP_EXIT:
             reason = (f"{sig.name if sig else 'SIGTERM'}: checkpoint committed, exiting without requeueing "
                       f"(Slurm requeues a preempted job itself; a user's scancel must end the job)")
@@ -450,26 +484,49 @@ class Session:
 
     # ------------------------------------------------------------ save / load
     def save(self, *, reason: str = "manual") -> Checkpoint:
-        """Commit a checkpoint of the current state now (skipped if this step is already committed).
+        """Commit a checkpoint of the current state now (skipped only if the last checkpoint holds this state).
 
+        Inside the body of ``for batch in job.loader(...)``, call it after
+        ``optimizer.step()``: the batch counts as trained. A save at a step
+        that is committed already writes a new checkpoint (the next serial)
+        when anything changed since: the epoch, the position, an extra, a
+        tracked object (end-of-epoch code such as ``scheduler.step()``), the RNG.
         With several ranks every rank must call it (the step boundary does):
         rank 0 writes, with every rank's RNG and data state, and all ranks
         return only once the checkpoint is committed.
         """
         self.start()
+        if self._in_batch:
+            self._batch_finished()
         if self._background.busy:
             self._collect_background()  # a save in flight commits first (or its failure is raised)
-        if self.last_checkpoint is not None and self.last_checkpoint.step == self.step:
+        if (self.last_checkpoint is not None and self.last_checkpoint.step == self.step
+                and not self._moved_since_save()):
             return self.last_checkpoint
+        state = self._fingerprint()
         ranks = self.group.gather(self._rank_state())
         if self._sharded:
             outcome = self._commit_sharded(ranks, reason)
         else:
             outcome = self._commit(lambda: self._write(ranks, reason))
         self.last_checkpoint = outcome
+        self._saved_fingerprint = state
         self._last_save_time = time.monotonic()
         self._note_saved(outcome)
         return outcome
+
+    def _fingerprint(self) -> Any:
+        """What makes the state, cheaply (no tensor is read): compared to tell whether a save is needed."""
+        return (self.epoch, self.step, self.position, fingerprint(self._objects),
+                fingerprint(self.extras, by_content=True),
+                fingerprint(self._rank_state(), by_content=True))
+
+    def _moved_since_save(self) -> bool:
+        """Whether the state moved on since the last checkpoint without a step (every rank agrees)."""
+        moved = self._saved_fingerprint is None or self._fingerprint() != self._saved_fingerprint
+        if self.group.world_size > 1:
+            moved = self.group.agree(NO_STOP, moved)[1]
+        return moved
 
     def _commit(self, write: Callable[[], Any]) -> Any:
         """Rank 0 runs ``write``; every rank returns its checkpoint or raises its error."""
@@ -495,8 +552,7 @@ class Session:
         """
         started = time.monotonic()
         folder = self._commit(self._claim_folder)
-        if isinstance(folder, Checkpoint):
-            return folder
+        serial = parse_name(os.path.basename(folder))[1]
         try:
             files = sharded.write(sharded.state_dicts(self._objects, self._sharded), folder,
                                   getattr(self.group, "group", None))
@@ -505,34 +561,34 @@ class Session:
         except sharded.errors() as exc:  # gathered below, so that every rank raises instead of some hanging
             written = sharded.failure(exc)
         parts = self.group.gather(written)
-        return self._commit(lambda: self._write_sealed(ranks, reason, parts, started))
+        return self._commit(lambda: self._write_sealed(ranks, reason, parts, started, serial))
 
-    def _claim_folder(self) -> Checkpoint | str:
-        """Rank 0: this step's committed checkpoint if there is one (never overwritten), else a fresh folder."""
-        existing = next((c for c in self.store.committed() if c.step == self.step), None)
-        return existing if existing is not None else self.store.open_folder(self.step)
+    def _claim_folder(self) -> str:
+        """Rank 0: a fresh folder; a step saved before gets the next serial, a committed one is never overwritten."""
+        return self.store.open_folder(self.step, self.store.next_serial(self.step))
 
-    def _write_sealed(self, ranks: list[dict[str, Any]], reason: str, parts: list[Any], started: float) -> Checkpoint:
+    def _write_sealed(self, ranks: list[dict[str, Any]], reason: str, parts: list[Any], started: float,
+                      serial: int) -> Checkpoint:
         """Rank 0: seal every rank's part, then the .pt and the manifest; an uncommitted folder is not left behind."""
-        shards = self._seal_shards(parts)
+        shards = self._seal_shards(parts, serial)
         try:
-            return self._write(ranks, reason, shards=shards, started=started)
+            return self._write(ranks, reason, shards=shards, started=started, serial=serial)
         except CheckpointError:
-            if not any(c.step == self.step for c in self.store.committed()):  # committed: the folder is its own
-                self.store.discard_folder(self.step)
+            if not any(c.key == (self.step, serial) for c in self.store.committed()):  # committed: its own folder
+                self.store.discard_folder(self.step, serial)
             raise
 
-    def _seal_shards(self, parts: list[Any]) -> dict[str, Any]:
+    def _seal_shards(self, parts: list[Any], serial: int) -> dict[str, Any]:
         """Rank 0: the record of a folder every rank finished, made durable; or the first rank's failure."""
         failed = [(rank, part) for rank, part in enumerate(parts) if isinstance(part, tuple)]
         if failed:
-            self.store.discard_folder(self.step)
+            self.store.discard_folder(self.step, serial)
             rank, (code, message) = failed[0]
             raise StorageError(code or errno.EIO, f"rank {rank} could not write its part of the sharded state "
                                                   f"of step {self.step}: {message}; nothing was committed")
         files = {name: meta for part in parts for name, meta in part.items()}
-        self.store.seal_folder(self.step, files)
-        return {"folder": folder_name(self.step), "objects": list(self._sharded), "world_size": len(parts),
+        self.store.seal_folder(self.step, files, serial)
+        return {"folder": folder_name(self.step, serial), "objects": list(self._sharded), "world_size": len(parts),
                 "files": files, "bytes": sum(f["size"] for f in files.values())}
 
     def _load_shards(self, names: list[str]) -> None:
@@ -546,7 +602,7 @@ class Session:
                      record["folder"], record["world_size"], self.group.world_size, time.monotonic() - started)
 
     def _write(self, ranks: list[dict[str, Any]], reason: str, shards: dict[str, Any] | None = None,
-               started: float | None = None) -> Checkpoint:
+               started: float | None = None, serial: int | None = None) -> Checkpoint:
         """Rank 0: the .pt and its manifest (the commit); ``shards``: the record of a sealed sharded folder."""
         started = started or time.monotonic()
         meta = self._meta(reason)
@@ -555,7 +611,8 @@ class Session:
             meta["dcp"] = {k: shards[k] for k in ("folder", "world_size", "bytes")}
             meta["dcp"]["seconds"] = round(time.monotonic() - started, 6)
         with progress.saving(self.store.directory, self.step, self.last_checkpoint):
-            checkpoint = self.store.save(self._payload(ranks, shards), step=self.step, epoch=self.epoch, meta=meta)
+            checkpoint = self.store.save(self._payload(ranks, shards), step=self.step, epoch=self.epoch, meta=meta,
+                                         serial=serial)
         seconds = time.monotonic() - started
         size = checkpoint.size + (shards["bytes"] if shards else 0)
         where = os.path.basename(checkpoint.path) + (f" + {shards['folder']}/" if shards else "")
@@ -642,6 +699,7 @@ class Session:
         staging = self._staging = self._staging or StagingArea()
         defer, watched = self._deferrable() if self.config.lazy_copy else (set(), [])
         payload = staging.stage(self._payload([self._rank_state()]), defer=defer)
+        self._background_fingerprint = self._fingerprint()
         pause = time.monotonic() - started
         step, epoch = self.step, self.epoch
         meta = {**self._meta(reason), "stage_seconds": round(pause, 6), "background": True}
@@ -749,8 +807,9 @@ class Session:
         self.events.append("save", step=checkpoint.step, epoch=checkpoint.epoch, bytes=checkpoint.size,
                            seconds=round(seconds, 4), path=checkpoint.path, reason=checkpoint.manifest.get("reason"),
                            background=True, pause=round(pause, 6))
-        if self.last_checkpoint is None or checkpoint.step > self.last_checkpoint.step:
+        if self.last_checkpoint is None or checkpoint.key > self.last_checkpoint.key:
             self.last_checkpoint = checkpoint
+            self._saved_fingerprint = self._background_fingerprint
         self._note_saved(checkpoint)
         return checkpoint
 

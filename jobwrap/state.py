@@ -133,3 +133,46 @@ def _check_module(name: str, module: torch.nn.Module, state: Mapping[str, Any]) 
 def few(keys: list[str], limit: int = 8) -> str:
     shown = ", ".join(keys[:limit])
     return f"[{shown}{', ...' if len(keys) > limit else ''}] ({len(keys)})"
+
+
+# ---------------------------------------------------------------- has anything changed?
+
+_CONTENT_LIMIT = 1 << 20  # bytes: larger tensors count by version counter only, never copied to compare
+
+def fingerprint(value: Any, *, by_content: bool = False) -> Any:
+    """A cheap picture of ``value`` to compare with a later one: equal pictures, nothing changed in between.
+
+    Tensors count by storage and version counter (every in-place change, an
+    optimizer step included, bumps it; nothing is read), or ``by_content`` when
+    small (RNG states made fresh at each call; extras, which a script replaces
+    with new tensors that may reuse a freed address). Modules count by their
+    parameters and buffers, optimizers by their groups and state, other
+    stateful objects (schedulers, GradScaler) by their state dict, plain
+    values by value.
+    """
+    if isinstance(value, torch.Tensor):
+        if by_content and value.numel() * value.element_size() <= _CONTENT_LIMIT:
+            return ("tensor", value.dtype, tuple(value.shape), value.detach().cpu().numpy().tobytes())
+        return _tensor_version(value)
+    if isinstance(value, torch.nn.Module):
+        return ("module", tuple((name, _tensor_version(t)) for name, t in value.named_parameters()),
+                tuple((name, _tensor_version(t)) for name, t in value.named_buffers()))
+    if isinstance(value, torch.optim.Optimizer):
+        return ("optimizer", fingerprint(value.param_groups), fingerprint(list(value.state.values())))
+    if is_stateful(value):
+        return ("stateful", fingerprint(value.state_dict(), by_content=by_content))
+    if isinstance(value, dict):
+        return ("dict", tuple((repr(k), fingerprint(v, by_content=by_content)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(fingerprint(v, by_content=by_content) for v in value))
+    if isinstance(value, (bool, int, float, str, bytes)) or value is None:
+        return value
+    return object()  # unknown: never equal, so a save is written rather than wrongly skipped
+
+
+def _tensor_version(tensor: torch.Tensor) -> Any:
+    tensor = getattr(tensor, "_local_tensor", tensor)  # a DTensor (FSDP2): this rank's shard holds the counter
+    try:
+        return ("tensor", tensor.data_ptr(), tensor._version, tuple(tensor.shape), tensor.dtype, str(tensor.device))
+    except (RuntimeError, NotImplementedError):  # inference tensors, some tensor subclasses: no counter
+        return object()

@@ -5,6 +5,8 @@ Layout of a checkpoint directory::
     run.json                   which run owns the directory (and runs it adopted)
     step-000000001200.pt       a plain ``torch.save`` dict
     step-000000001200.json     its manifest: size, checksum, metadata -- the commit record
+    step-000000001200-1.pt     a second checkpoint of the same step (serial 1; the state moved on
+    step-000000001200-1.json   without a step: end-of-epoch code after a save) -- newer than serial 0
     step-000000001200.dcp/     sharded (FSDP) state, one torch.distributed.checkpoint folder
                                written by every rank; the .pt records its files' sizes and checksums
     events.jsonl               the run's history (see :mod:`jobwrap.events`)
@@ -34,14 +36,14 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import xxhash
 
-from jobwrap.errors import CorruptCheckpointError, ForeignRunError, StorageError
+from jobwrap.errors import CorruptCheckpointError, ForeignRunError, LoadFailedHereError, StorageError
 from jobwrap.faults import crash_point
 
 log = logging.getLogger("jobwrap")
 
 FORMAT_VERSION = 1
 RUN_FILE = "run.json"
-_NAME = re.compile(r"^step-(\d{12})\.(pt|json|dcp)$")
+_NAME = re.compile(r"^step-(\d{12})(?:-([1-9]\d{0,5}))?\.(pt|json|dcp)$")
 _TMP_PREFIX = ".tmp-"
 _CHUNK = 16 << 20
 _WRITE_CHUNK = 8 << 20   # hashed while in cache, then written
@@ -53,41 +55,59 @@ _HASH_GAP = 1 << 20      # torch.load skips zip headers between records: hash th
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Listing:
-    """What a directory listing says about one step: which of its files (and its sharded folder) exist."""
+    """What a directory listing says about one checkpoint: which of its files (and its sharded folder) exist.
+
+    A checkpoint is named by its step and a serial: 0 for the first save of a
+    step (the name without a suffix), 1, 2, ... for later saves of the same step.
+    """
 
     step: int
     has_data: bool
     has_manifest: bool
     has_folder: bool = False
+    serial: int = 0
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.step, self.serial)
 
     @property
     def committed(self) -> bool:
         return self.has_data and self.has_manifest
 
 
+def parse_name(name: str) -> tuple[int, int, str] | None:
+    """(step, serial, kind) of a checkpoint file name, kind "pt", "json" or "dcp"; None for any other name."""
+    match = _NAME.match(name)
+    if match is None:
+        return None
+    return int(match.group(1)), int(match.group(2) or 0), match.group(3)
+
+
 def parse_listing(names: Iterable[str]) -> list[Listing]:
-    """Group file names by step, newest first. Unknown names are ignored."""
-    found: dict[int, set[str]] = {}
+    """Group file names by checkpoint (step, serial), newest first. Unknown names are ignored."""
+    found: dict[tuple[int, int], set[str]] = {}
     for name in names:
-        match = _NAME.match(name)
-        if match:
-            found.setdefault(int(match.group(1)), set()).add(match.group(2))
-    return [Listing(step, "pt" in kinds, "json" in kinds, "dcp" in kinds)
-            for step, kinds in sorted(found.items(), reverse=True)]
+        parsed = parse_name(name)
+        if parsed:
+            found.setdefault(parsed[:2], set()).add(parsed[2])
+    return [Listing(step, "pt" in kinds, "json" in kinds, "dcp" in kinds, serial)
+            for (step, serial), kinds in sorted(found.items(), reverse=True)]
 
 
-def retention_victims(committed_steps: Iterable[int], keep_last: int) -> list[int]:
-    """Steps to delete so that the newest ``keep_last`` committed checkpoints remain (never below one)."""
+def retention_victims(committed: Iterable[Any], keep_last: int) -> list[Any]:
+    """Checkpoints (steps, or (step, serial) keys) to delete so that the newest ``keep_last`` remain (never
+    below one)."""
     keep = max(1, keep_last)
-    return sorted(committed_steps, reverse=True)[keep:]
+    return sorted(committed, reverse=True)[keep:]
 
 
 def leftovers(names: Iterable[str]) -> list[str]:
     """Files a killed save left behind: temporaries, and data files and folders whose manifest never landed."""
     names = list(names)
-    orphans = [f"step-{item.step:012d}.pt" for item in parse_listing(names)
-               if item.has_data and not item.has_manifest]
-    folders = [folder_name(item.step) for item in parse_listing(names) if item.has_folder and not item.has_manifest]
+    uncommitted = [item for item in parse_listing(names) if not item.has_manifest]
+    orphans = [data_name(item.step, item.serial) for item in uncommitted if item.has_data]
+    folders = [folder_name(item.step, item.serial) for item in uncommitted if item.has_folder]
     return [n for n in names if n.startswith(_TMP_PREFIX)] + orphans + folders
 
 
@@ -103,23 +123,34 @@ class Checkpoint:
     size: int
     checksum: str
     manifest: dict[str, Any]
+    serial: int = 0
 
     @property
     def run_id(self) -> str | None:
         return self.manifest.get("run_id")
 
-
-def _data_name(step: int) -> str:
-    return f"step-{step:012d}.pt"
-
-
-def _manifest_name(step: int) -> str:
-    return f"step-{step:012d}.json"
+    @property
+    def key(self) -> tuple[int, int]:
+        """What orders checkpoints: a later save of the same step is newer."""
+        return (self.step, self.serial)
 
 
-def folder_name(step: int) -> str:
-    """The step's torch.distributed.checkpoint folder, beside its ``.pt``."""
-    return f"step-{step:012d}.dcp"
+def _stem(step: int, serial: int) -> str:
+    return f"step-{step:012d}" + (f"-{serial}" if serial else "")
+
+
+def data_name(step: int, serial: int = 0) -> str:
+    """The checkpoint's ``.pt``: ``step-N.pt`` for the first save of a step, ``step-N-K.pt`` for later ones."""
+    return _stem(step, serial) + ".pt"
+
+
+def _manifest_name(step: int, serial: int = 0) -> str:
+    return _stem(step, serial) + ".json"
+
+
+def folder_name(step: int, serial: int = 0) -> str:
+    """The checkpoint's torch.distributed.checkpoint folder, beside its ``.pt``."""
+    return _stem(step, serial) + ".dcp"
 
 
 class SaveCancelled(Exception):
@@ -333,6 +364,39 @@ def _describe_oserror(exc: OSError) -> str:
     return hints.get(exc.errno or -1, os.strerror(exc.errno) if exc.errno else str(exc))
 
 
+def _not_a_checkpoint(exc: BaseException) -> bool:
+    """Whether a load failure of an intact file says the file is no torch checkpoint at all.
+
+    weights_only refuses a pickle that would run code (UnpicklingError); a file
+    that is no zip archive fails in torch's reader. Anything else (no CUDA, out
+    of memory, I/O) depends on the node that loads it.
+    """
+    import pickle
+
+    if isinstance(exc, (pickle.UnpicklingError, EOFError)):
+        return True
+    return isinstance(exc, RuntimeError) and "PytorchStreamReader" in str(exc)
+
+
+def _environment_error(checkpoint: "Checkpoint", exc: BaseException) -> LoadFailedHereError:
+    """The error that stops a start whose checkpoint is intact but cannot be loaded on this node."""
+    cause = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    text = str(exc).lower()
+    if isinstance(exc, OSError):
+        fix = _describe_oserror(exc)
+    elif "cuda" in text or "device" in text:
+        fix = ("the device it is loaded onto is not usable here: run on a node with a working GPU, or set "
+               "JOBWRAP_DEVICE (device=...) to one this node has, e.g. JOBWRAP_DEVICE=cpu")
+    elif "out of memory" in text or isinstance(exc, MemoryError):
+        fix = ("out of memory while loading: free memory, ask for more, or load onto another device with "
+               "JOBWRAP_DEVICE (device=...)")
+    else:
+        fix = "fix the cause above and start again"
+    return LoadFailedHereError(
+        f"cannot load {checkpoint.path} on this node ({cause}). The file matches its checksum, so it was kept "
+        f"(nothing was set aside): {fix}")
+
+
 class CheckpointStore:
     """One run's checkpoint directory: write with the commit protocol, list, verify, load, retain."""
 
@@ -357,10 +421,11 @@ class CheckpointStore:
             log.info("removing %s left by an interrupted save", name)
             self._remove(name)
         for item in parse_listing(os.listdir(self.directory)):
-            found = self._read_manifest(item.step) if item.has_manifest else None
+            found = self._read_manifest(item.step, item.serial) if item.has_manifest else None
             if isinstance(found, str):  # damaged or lying: never trusted, reported once, kept for a human
-                moved = self._quarantine_step(item.step)
-                log.warning("bad manifest %s: %s; set aside as %s", _manifest_name(item.step), found, moved)
+                moved = self._quarantine_step(item.step, item.serial)
+                log.warning("bad manifest %s: %s; set aside as %s", _manifest_name(item.step, item.serial),
+                            found, moved)
 
     def claim(self, run_id: str | None, *, adopt: bool = False) -> tuple[str, list[str]]:
         """Make sure this directory belongs to ``run_id``; return (run id, accepted lineage).
@@ -401,20 +466,20 @@ class CheckpointStore:
 
     # ------------------------------------------------------------ write
     def save(self, payload: dict[str, Any], *, step: int, epoch: int, meta: dict[str, Any],
-             cancel: threading.Event | None = None) -> Checkpoint:
+             cancel: threading.Event | None = None, serial: int | None = None) -> Checkpoint:
         """Write ``payload`` with ``torch.save`` and commit it; nothing older is touched.
 
-        One pass over the tensors (torch's CRC32 off, jobwrap's xxh3 computed as
-        the bytes are written), large writes, one fsync of the data. Setting
-        ``cancel`` abandons the save at the next chunk (:class:`SaveCancelled`).
+        A step that is committed already gets a new name (the next serial, or
+        ``serial`` when a sharded folder of that name was written first), so a
+        second save of a step never replaces a committed file. One pass over
+        the tensors (torch's CRC32 off, jobwrap's xxh3 computed as the bytes are
+        written), large writes, one fsync of the data. Setting ``cancel``
+        abandons the save at the next chunk (:class:`SaveCancelled`).
         """
         import torch
 
-        existing = self._manifest(step)
-        if existing is not None and os.path.exists(existing.path):
-            log.info("step %d is already committed in %s; not saving it twice", step, existing.path)
-            return existing
-        data_tmp = self._tmp_name(_data_name(step))
+        serial = self.next_serial(step) if serial is None else serial
+        data_tmp = self._tmp_name(data_name(step, serial))
         started = time.monotonic()
         try:
             fd = os.open(os.path.join(self.directory, data_tmp),
@@ -430,24 +495,25 @@ class CheckpointStore:
                 os.close(fd)
             crash_point("data-synced")
             os.replace(os.path.join(self.directory, data_tmp),
-                       os.path.join(self.directory, _data_name(step)))
+                       os.path.join(self.directory, data_name(step, serial)))
             crash_point("data-renamed")
             manifest = {
                 "format": FORMAT_VERSION,
-                "file": _data_name(step),
+                "file": data_name(step, serial),
                 "size": writer.size,
                 "checksum": "xxh3_64:" + writer.hash.hexdigest(),
                 "step": step,
                 "epoch": epoch,
+                **({"serial": serial} if serial else {}),
                 "save_seconds": round(time.monotonic() - started, 6),
                 **meta,
             }
-            self._write_json(_manifest_name(step), manifest, before_rename="manifest-written")
+            self._write_json(_manifest_name(step, serial), manifest, before_rename="manifest-written")
             crash_point("committed")
         except OSError as exc:
             # Best effort (the disk that failed may refuse the unlinks too); the manifest goes first, in
             # case it was renamed before the directory's fsync failed: never a half-committed step.
-            for name in (data_tmp, _manifest_name(step), _data_name(step), folder_name(step)):
+            for name in (data_tmp, _manifest_name(step, serial), data_name(step, serial), folder_name(step, serial)):
                 with contextlib.suppress(OSError):
                     self._remove(name)
             previous = self.committed()
@@ -464,40 +530,56 @@ class CheckpointStore:
         """Delete committed checkpoints beyond the newest ``keep_last``; uncommit before deleting data."""
         # Only checkpoints this run can load count and go: another run's or a newer format's are not
         # ours to delete, and must not push out the one just saved.
-        usable = [c.step for c in self.committed() if c.manifest.get("format", 0) <= FORMAT_VERSION
+        usable = [c.key for c in self.committed() if c.manifest.get("format", 0) <= FORMAT_VERSION
                   and (self.lineage is None or c.run_id in self.lineage)]
         victims = retention_victims(usable, keep_last)
         try:
-            for step in victims:
-                self._remove(_manifest_name(step))
+            for step, serial in victims:
+                self._remove(_manifest_name(step, serial))
                 crash_point("retention")
-                self._remove(_data_name(step))
-                self._remove(folder_name(step))
+                self._remove(data_name(step, serial))
+                self._remove(folder_name(step, serial))
             if victims:
                 fsync_dir(self.directory)
         except OSError as exc:  # the new checkpoint is committed; old ones stay until the next save
             log.warning("retention could not delete old checkpoints in %s: %s", self.directory,
                         _describe_oserror(exc))
-        return victims
+        return [step for step, _ in victims]
+
+    def next_serial(self, step: int) -> int:
+        """The serial of a new save of ``step``: 0 when no file of the step is here, else one past the newest.
+
+        Past every ``.pt`` and manifest of the step, committed or not, so that a
+        new save never replaces a file. A sharded folder alone does not count: it
+        is the one this save wrote first, or a leftover; nor does a file set aside
+        (``*.corrupt-<time>``), whose name is free again.
+        """
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return 0
+        serials = [parsed[1] for parsed in map(parse_name, names)
+                   if parsed and parsed[0] == step and parsed[2] != "dcp"]
+        return max(serials) + 1 if serials else 0
 
     # ------------------------------------------------------------ sharded folders
-    def folder_path(self, step: int) -> str:
-        return os.path.join(self.directory, folder_name(step))
+    def folder_path(self, step: int, serial: int = 0) -> str:
+        return os.path.join(self.directory, folder_name(step, serial))
 
-    def open_folder(self, step: int) -> str:
-        """An empty folder for ``step``'s sharded state; what an earlier failed save of it left is removed."""
-        path = self.folder_path(step)
+    def open_folder(self, step: int, serial: int = 0) -> str:
+        """An empty folder for a checkpoint's sharded state; what an earlier failed save of it left is removed."""
+        path = self.folder_path(step, serial)
         try:
-            self._remove(folder_name(step))
+            self._remove(folder_name(step, serial))
             os.mkdir(path, self._dir_mode())
         except OSError as exc:
             raise StorageError(exc.errno, f"cannot create {path} for the sharded state of step {step}: "
                                f"{_describe_oserror(exc)}") from exc
         return path
 
-    def seal_folder(self, step: int, files: Iterable[str]) -> None:
+    def seal_folder(self, step: int, files: Iterable[str], serial: int = 0) -> None:
         """After every rank wrote its part: make the folder's entries (and the folder's own) durable."""
-        path = self.folder_path(step)
+        path = self.folder_path(step, serial)
         try:
             for name in files:
                 fd = os.open(os.path.join(path, name), os.O_RDONLY | os.O_NOFOLLOW)
@@ -509,18 +591,18 @@ class CheckpointStore:
             fsync_dir(path)  # the files' names, which DCP does not fsync
             fsync_dir(self.directory)
         except OSError as exc:
-            self.discard_folder(step)
+            self.discard_folder(step, serial)
             raise StorageError(exc.errno, f"could not make the sharded state of step {step} durable in {path}: "
                                f"{_describe_oserror(exc)}") from exc
 
-    def discard_folder(self, step: int) -> None:
+    def discard_folder(self, step: int, serial: int = 0) -> None:
         """Remove an uncommitted folder after a failed sharded save (best effort)."""
         with contextlib.suppress(OSError):
-            self._remove(folder_name(step))
+            self._remove(folder_name(step, serial))
 
     def verify_folder(self, checkpoint: Checkpoint, files: dict[str, dict[str, Any]]) -> None:
         """Raise :class:`CorruptCheckpointError` unless every recorded file of the step's folder matches."""
-        path = self.folder_path(checkpoint.step)
+        path = self.folder_path(checkpoint.step, checkpoint.serial)
         if not os.path.isdir(path):
             raise CorruptCheckpointError(f"{path}: the sharded state of {os.path.basename(checkpoint.path)} "
                                          f"is missing")
@@ -547,7 +629,7 @@ class CheckpointStore:
         result = []
         for item in parse_listing(names):
             if item.committed:
-                checkpoint = self._manifest(item.step)
+                checkpoint = self._manifest(item.step, item.serial)
                 if checkpoint is not None:
                     result.append(checkpoint)
         return result
@@ -574,8 +656,10 @@ class CheckpointStore:
         """
         try:
             fd = os.open(checkpoint.path, os.O_RDONLY)
-        except OSError as exc:
+        except FileNotFoundError as exc:
             raise CorruptCheckpointError(f"{checkpoint.path}: cannot be read ({exc.strerror})") from exc
+        except OSError as exc:
+            raise _environment_error(checkpoint, exc) from exc
         try:
             actual_size = os.fstat(fd).st_size
             if actual_size != checkpoint.size:
@@ -588,11 +672,18 @@ class CheckpointStore:
                 value = load(reader)  # type: ignore[arg-type]
             except CorruptCheckpointError:
                 raise
-            except Exception:
-                if reader.digest() != checkpoint.checksum:  # damaged bytes explain the failure
+            except Exception as exc:
+                # The load may have stopped early: hash the rest, to tell damaged bytes from a failing node.
+                try:
+                    intact = reader.digest() == checkpoint.checksum
+                except OSError as failure:
+                    raise _environment_error(checkpoint, failure) from failure
+                if not intact:
                     raise CorruptCheckpointError(f"{checkpoint.path}: checksum does not match manifest "
                                                  f"{checkpoint.checksum} (damaged on disk)") from None
-                raise
+                if _not_a_checkpoint(exc):
+                    raise
+                raise _environment_error(checkpoint, exc) from exc
             digest = reader.digest()
         finally:
             os.close(fd)
@@ -605,8 +696,11 @@ class CheckpointStore:
                         verify: bool = True) -> tuple[Checkpoint, Any] | None:
         """The newest checkpoint that verifies and loads; bad ones are reported and set aside.
 
-        ``verify=False`` when ``load`` verifies as it reads (:meth:`read_verified`),
-        so the file is read once.
+        Only a file that fails its checksum or is not a checkpoint is bad. Any
+        other failure (no usable CUDA, out of memory, an I/O error) is this
+        node's, not the file's: :class:`LoadFailedHereError` stops the start and
+        nothing is moved. ``verify=False`` when ``load`` verifies as it reads
+        (:meth:`read_verified`), so the file is read once.
         """
         for checkpoint in self.committed():
             if checkpoint.manifest.get("format", 0) > FORMAT_VERSION:
@@ -621,9 +715,13 @@ class CheckpointStore:
                 if verify:
                     self.verify(checkpoint)
                 return checkpoint, load(checkpoint)
+            except LoadFailedHereError:
+                raise
             except CorruptCheckpointError as exc:
                 reason = str(exc)
-            except Exception as exc:  # unpicklable, refused by weights_only, not a torch file
+            except Exception as exc:
+                if not _not_a_checkpoint(exc):
+                    raise _environment_error(checkpoint, exc) from exc
                 reason = f"{checkpoint.path}: cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0]})"
             moved = self.quarantine(checkpoint)
             log.warning("corrupt checkpoint: %s; set aside as %s, trying the previous one", reason, moved)
@@ -631,36 +729,36 @@ class CheckpointStore:
 
     def quarantine(self, checkpoint: Checkpoint) -> str:
         """Rename a bad checkpoint out of the way (never delete it: a human may want it)."""
-        return self._quarantine_step(checkpoint.step)
+        return self._quarantine_step(checkpoint.step, checkpoint.serial)
 
-    def _quarantine_step(self, step: int) -> str:
+    def _quarantine_step(self, step: int, serial: int = 0) -> str:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        for name in (_manifest_name(step), _data_name(step), folder_name(step)):
+        for name in (_manifest_name(step, serial), data_name(step, serial), folder_name(step, serial)):
             source = os.path.join(self.directory, name)
             try:
                 os.replace(source, f"{source}.corrupt-{stamp}")  # a sharded folder goes with its files
             except FileNotFoundError:
                 pass
         fsync_dir(self.directory)
-        return f"{_data_name(step)}.corrupt-{stamp}"
+        return f"{data_name(step, serial)}.corrupt-{stamp}"
 
     # ------------------------------------------------------------ helpers
     def _dir_mode(self) -> int:
         """0700, plus group read/traverse when files are group-readable."""
         return 0o700 | ((self.file_mode & 0o040) and 0o050)
 
-    def _manifest(self, step: int) -> Checkpoint | None:
-        found = self._read_manifest(step)
+    def _manifest(self, step: int, serial: int = 0) -> Checkpoint | None:
+        found = self._read_manifest(step, serial)
         return found if isinstance(found, Checkpoint) else None
 
-    def _read_manifest(self, step: int) -> Checkpoint | str | None:
+    def _read_manifest(self, step: int, serial: int = 0) -> Checkpoint | str | None:
         """The manifest of ``step``: None if there is none, else the checkpoint, or why it cannot be trusted.
 
         A manifest that names another step is refused: trusting it would point
         verification (and the quarantine of a failure) at another checkpoint.
         """
         try:
-            with open(os.path.join(self.directory, _manifest_name(step))) as f:
+            with open(os.path.join(self.directory, _manifest_name(step, serial))) as f:
                 record = json.load(f)
         except OSError:
             return None
@@ -677,13 +775,17 @@ class CheckpointStore:
             return f"a field is missing or malformed ({type(exc).__name__}: {exc})"
         if checkpoint.step != step:
             return f"it says step {checkpoint.step} but is the manifest of step {step}"
+        if checkpoint.serial != serial:
+            return f"it says serial {checkpoint.serial} but is the manifest of {data_name(step, serial)}"
         return checkpoint
 
     def _as_checkpoint(self, record: dict[str, Any]) -> Checkpoint:
-        step = int(record["step"])
-        return Checkpoint(path=os.path.join(self.directory, _data_name(step)), step=step,
+        step, serial = int(record["step"]), int(record.get("serial", 0))
+        if serial < 0:
+            raise ValueError(f"serial {serial} is negative")
+        return Checkpoint(path=os.path.join(self.directory, data_name(step, serial)), step=step,
                           epoch=int(record["epoch"]), size=int(record["size"]),
-                          checksum=str(record["checksum"]), manifest=record)
+                          checksum=str(record["checksum"]), manifest=record, serial=serial)
 
     def _tmp_name(self, final: str) -> str:
         return f"{_TMP_PREFIX}{final}.{uuid.uuid4().hex[:8]}"

@@ -174,7 +174,7 @@ def final_state(directory: str | os.PathLike) -> dict[str, Any]:
     record = state["jobwrap"].get("dcp")
     if record:  # sharded state: verified, then gathered into full tensors as if rank 0 had saved it
         store.verify_folder(committed[0], record["files"])
-        state.update(_full_state(store.folder_path(committed[0].step)))
+        state.update(_full_state(store.folder_path(committed[0].step, committed[0].serial)))
     return state
 
 

@@ -160,3 +160,102 @@ def test_requeue_caps_policy():
                                               progress_history=[True, False, False, False], max_no_progress=3)
     assert requeue_refusal(restart_count=0, max_requeues=9, progress_history=[False, False, True],
                            max_no_progress=3) is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without usable CUDA")
+def test_unusable_device_is_refused_at_start_and_checkpoints_kept(tmp_path):
+    """device="cuda" without usable CUDA: refused at start naming JOBWRAP_DEVICE; the checkpoint is kept and
+    a start on a usable device resumes from it."""
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with _session(tmp_path) as job:
+        job.track(model=model, optimizer=optimizer)
+        _train_steps(job, model, optimizer, 3)
+        job.save()
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(ConfigError, match="JOBWRAP_DEVICE"):
+        with _session(tmp_path, device="cuda") as job:
+            job.track(model=model, optimizer=optimizer)
+    assert sorted(n for n in os.listdir(tmp_path) if n != "events.jsonl") == \
+        sorted(n for n in before if n != "events.jsonl")
+    with _session(tmp_path, save_at_end=False) as job:
+        job.track(model=nn.Linear(2, 1), optimizer=optimizer)
+        assert job.step == 3
+
+
+def test_extra_is_validated_when_set_and_must_be_tracked(tmp_path):
+    """job[name] = value refuses at once a value a checkpoint cannot hold, and a name never tracked
+    (it would be saved but not restored), each with the fix; a tracked extra still takes new values."""
+    np = pytest.importorskip("numpy")
+    with _session(tmp_path, save_at_end=False) as job:
+        job.track(best_loss=float("inf"), confusion=torch.zeros(2, 2))
+        with pytest.raises(ConfigError, match=r"'confusion'.*torch\.tensor"):
+            job["confusion"] = np.zeros((2, 2))
+        with pytest.raises(ConfigError, match=r"job\.track\(accuracy=") as untracked:
+            job["accuracy"] = 0.5
+        assert "restore" in str(untracked.value)
+        job["best_loss"] = np.float64(0.25)
+        assert job["best_loss"] == 0.25 and type(job["best_loss"]) is float
+        job.step_done()
+        job.save()
+    with _session(tmp_path, save_at_end=False) as job:
+        job.track(best_loss=float("inf"), confusion=torch.zeros(2, 2))
+        assert job["best_loss"] == 0.25
+
+
+def test_second_save_of_a_step_writes_only_when_the_state_moved(tmp_path):
+    """At one step: a save right after a periodic save writes nothing; after scheduler.step() and an extra
+    changed it writes a new checkpoint, which the resume loads."""
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    with _session(tmp_path, save_every_steps=2, async_save=False) as job:
+        job.track(model=model, optimizer=optimizer, scheduler=scheduler, best=1.0)
+        _train_steps(job, model, optimizer, 2)
+        periodic = job.last_checkpoint
+        assert periodic is not None and periodic.step == 2
+        assert job.save() is periodic
+        scheduler.step()
+        job["best"] = 0.5
+        moved = job.save()
+        assert (moved.step, moved.serial) == (2, 1)
+        assert job.save() is moved
+    assert sorted(n for n in os.listdir(tmp_path) if n.endswith(".pt")) == ["step-000000000002-1.pt",
+                                                                            "step-000000000002.pt"]
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    with _session(tmp_path, save_at_end=False) as job:
+        job.track(model=model, optimizer=optimizer, scheduler=scheduler, best=1.0)
+        assert job["best"] == 0.5 and scheduler.last_epoch == 1
+
+
+def test_save_in_the_loader_body_counts_the_batch_and_a_break_does_not(tmp_path):
+    """save() inside the body records the batch as done (step and position one ahead of the loop's count);
+    a loop left with break leaves its last batch uncounted, also for a later save."""
+    with _session(tmp_path) as job:
+        job.track(seen=[])
+        for _ in job.epochs(1):
+            for item in job.loader(list(range(6))):
+                if item == 4:
+                    break
+                job["seen"] = job["seen"] + [item]
+                if item == 1:
+                    saved = job.save()
+                    assert (saved.step, job.step, job.position) == (2, 2, 2)
+    assert job.step == 4 and job.last_checkpoint.step == 4
+    with _session(tmp_path, save_at_end=False) as job:
+        job.track(seen=[])
+        assert job["seen"] == [0, 1, 2, 3] and job.step == 4
+
+
+def test_a_tensor_extra_replaced_by_a_new_value_is_saved_again(tmp_path):
+    """job["ema"] = a new tensor at the same step (same shape, new values) writes a new checkpoint."""
+    with _session(tmp_path, save_at_end=False) as job:
+        job.track(ema=torch.zeros(4))
+        job.step_done()
+        first = job.save()
+        job["ema"] = torch.ones(4)
+        second = job.save()
+        assert (second.step, second.serial) == (first.step, 1)
+    with _session(tmp_path, save_at_end=False) as job:
+        job.track(ema=torch.zeros(4))
+        assert torch.equal(job["ema"], torch.ones(4))

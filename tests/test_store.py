@@ -1,6 +1,7 @@
 """The checkpoint store: commit protocol, verification, retention, run identity, permissions."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import stat
@@ -10,8 +11,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jobwrap.errors import CorruptCheckpointError, ForeignRunError, StorageError
-from jobwrap.store import CheckpointStore, leftovers, parse_listing, retention_victims
+from jobwrap.errors import CheckpointError, CorruptCheckpointError, ForeignRunError, StorageError
+from jobwrap.store import CheckpointStore, checksum_of, leftovers, parse_listing, retention_victims
 
 
 def _save(store: CheckpointStore, step: int, value: float = 1.0):
@@ -225,3 +226,83 @@ def test_damaged_or_missing_sharded_file_is_corrupt(tmp_path):
     store.discard_folder(5)
     with pytest.raises(CorruptCheckpointError, match="is missing"):
         store.verify_folder(checkpoint, files)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without usable CUDA")
+def test_load_error_of_the_environment_sets_nothing_aside(tmp_path):
+    """A good checkpoint that fails to load on this node (map_location="cuda", no CUDA) stops the start
+    with the cause and the fix, and every file stays where it is."""
+    store = CheckpointStore(str(tmp_path))
+    store.prepare()
+    _save(store, 1, 1.0)
+    _save(store, 2, 2.0)
+    before = sorted(os.listdir(tmp_path))
+
+    def load_on_cuda(checkpoint):
+        return store.read_verified(checkpoint, lambda f: torch.load(f, map_location="cuda", weights_only=True))
+
+    with pytest.raises(CheckpointError, match="JOBWRAP_DEVICE") as raised:
+        store.newest_loadable(load_on_cuda, verify=False)
+    assert not isinstance(raised.value, CorruptCheckpointError)
+    assert "step-000000000002.pt" in str(raised.value)
+    assert sorted(os.listdir(tmp_path)) == before
+    found = store.newest_loadable(lambda c: store.read_verified(c, lambda f: torch.load(f, weights_only=True)),
+                                  verify=False)
+    assert found is not None and found[0].step == 2
+
+
+def test_file_that_is_not_a_checkpoint_is_still_set_aside(tmp_path):
+    """A file whose manifest matches but that torch cannot read as a checkpoint (plain bytes) is set aside."""
+    store = CheckpointStore(str(tmp_path))
+    store.prepare()
+    _save(store, 1, 1.0)
+    junk = _save(store, 2, 2.0)
+    with open(junk.path, "wb") as f:
+        f.write(b"not a torch file at all" * 10)
+    manifest = tmp_path / "step-000000000002.json"
+    record = json.loads(manifest.read_text())
+    record["checksum"], record["size"] = checksum_of(junk.path)
+    manifest.write_text(json.dumps(record))
+    found = store.newest_loadable(lambda c: store.read_verified(c, lambda f: torch.load(f, weights_only=True)),
+                                  verify=False)
+    assert found is not None and found[0].step == 1
+    assert any(n.startswith("step-000000000002.pt.corrupt") for n in os.listdir(tmp_path))
+
+
+def test_second_save_of_a_step_gets_its_own_name_and_wins(tmp_path):
+    """Saving a step that is already committed writes a new serial beside it; the first stays intact."""
+    store = CheckpointStore(str(tmp_path))
+    store.prepare()
+    first = _save(store, 5, 1.0)
+    second = _save(store, 5, 2.0)
+    assert os.path.basename(first.path) == "step-000000000005.pt"
+    assert os.path.basename(second.path) == "step-000000000005-1.pt" and second.serial == 1
+    store.verify(first)
+    assert [(c.step, c.serial) for c in store.committed()] == [(5, 1), (5, 0)]
+    found = store.newest_loadable(_load)
+    assert found is not None and found[0].serial == 1 and torch.equal(found[1]["model"]["w"], torch.full((4,), 2.0))
+
+
+def test_listing_orders_serials_newest_first_and_retention_counts_them():
+    """step-N.pt (old name, serial 0) and step-N-K.pt sort by (step, serial), newest first; orphans of a
+    serial are leftovers; retention keeps the newest (step, serial) pairs."""
+    names = ["step-000000000005.pt", "step-000000000005.json", "step-000000000005-2.pt",
+             "step-000000000005-2.json", "step-000000000005-1.pt", "step-000000000006.pt",
+             "step-000000000006.json", "step-000000000005-1x.pt", "step-000000000005-.pt"]
+    listing = parse_listing(names)
+    assert [(i.step, i.serial, i.committed) for i in listing] == [(6, 0, True), (5, 2, True), (5, 1, False),
+                                                                  (5, 0, True)]
+    assert leftovers(names) == ["step-000000000005-1.pt"]
+    assert retention_victims([(6, 0), (5, 2), (5, 0)], 2) == [(5, 0)]
+
+
+def test_retention_deletes_the_oldest_serials(tmp_path):
+    """With keep_last=2, three saves of one step then one of the next leave the two newest files."""
+    store = CheckpointStore(str(tmp_path))
+    store.prepare()
+    for value in (1.0, 2.0, 3.0):
+        _save(store, 4, value)
+    _save(store, 5, 4.0)
+    store.retain(2)
+    assert sorted(n for n in os.listdir(tmp_path) if n.endswith(".pt")) == ["step-000000000004-2.pt",
+                                                                            "step-000000000005.pt"]

@@ -10,7 +10,7 @@ from typing import Any
 from jobwrap.deadline import checkpoint_bytes
 from jobwrap.errors import CorruptCheckpointError
 from jobwrap.format import human_age, human_size, table
-from jobwrap.store import CheckpointStore, parse_listing
+from jobwrap.store import CheckpointStore, data_name, parse_listing
 
 NAME = "ls"
 
@@ -30,11 +30,12 @@ def listing(directory: str, *, verify: bool = True) -> list[dict[str, Any]]:
     """One row per checkpoint file pair, newest first, with the resume pick marked."""
     store = CheckpointStore(directory)
     rows: list[dict[str, Any]] = []
-    committed = {c.step: c for c in store.committed()}
+    committed = {c.key: c for c in store.committed()}
     picked = False
     for item in parse_listing(os.listdir(directory)):
-        checkpoint = committed.get(item.step)
-        row: dict[str, Any] = {"step": item.step, "path": os.path.join(store.directory, f"step-{item.step:012d}.pt"),
+        checkpoint = committed.get(item.key)
+        row: dict[str, Any] = {"step": item.step, "path": os.path.join(store.directory,
+                                                                       data_name(item.step, item.serial)),
                                "committed": checkpoint is not None}
         if checkpoint is None:
             row.update(status="uncommitted", epoch=None, size=None, time=None)
