@@ -143,7 +143,15 @@ class ResumableLoader(Generic[T]):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "epoch_rng" in state:
+            state = _from_legacy(state)
         self._resume = dict(state) if "now" in state else None
+
+
+def _from_legacy(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint of a jobwrap that kept only torch's epoch-start state and the loader's generator."""
+    sources = {"generator": state["generator"]} if "generator" in state else {}
+    return {"now": sources, "epoch": {"rng": {**capture_rng(), "torch": state["epoch_rng"]}, "sources": sources}}
 
 
 # ---------------------------------------------------------------- what a loader is made of
@@ -161,6 +169,10 @@ def check_resumable(iterable: Any) -> None:
             "one epoch to the next, and draws the workers' seed only in its first epoch: a resumed run starts new "
             "workers and can rebuild neither. Build the DataLoader with persistent_workers=False (the default) "
             "instead.")
+    if not getattr(iterable, "in_order", True) and iterable.num_workers > 0:
+        raise ConfigError(
+            "DataLoader(in_order=False) hands out batches in the order the workers finish them, which no run "
+            "can repeat. Build the DataLoader with in_order=True (the default) instead.")
     for name in ("sampler", "batch_sampler"):
         part = getattr(iterable, name, None)
         if isinstance(part, IteratorABC) and not is_stateful(part):

@@ -52,11 +52,12 @@ def _table() -> TensorDataset:
     (lambda: (x for x in range(3)), "can be iterated only once"),
     (lambda: iter([1, 2, 3]), "can be iterated only once"),
     (lambda: DataLoader(_table(), num_workers=2, persistent_workers=True), "persistent_workers=True"),
+    (lambda: DataLoader(_table(), num_workers=2, in_order=False), "in_order=False"),
     (lambda: DataLoader(_table(), sampler=iter(range(12))), "sampler"),
     (lambda: DataLoader(_table(), batch_sampler=iter([[0, 1], [2, 3]])), "batch_sampler"),
 ])
 def test_loader_that_cannot_be_resumed_is_refused(tmp_path, make, problem):
-    """A one-shot iterator, persistent workers or a one-shot sampler is refused by job.loader(), naming the fix."""
+    """A one-shot iterator or sampler, persistent workers or out-of-order batches: refused, naming the fix."""
     with jobwrap.Session(str(tmp_path), environ={}) as job:
         with pytest.raises(ConfigError, match=problem) as refused:
             job.loader(make())
