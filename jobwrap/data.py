@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Generic, Iterable, Iterator, TypeVar
 import torch
 
 from jobwrap.errors import ConfigError, StateMismatchError
-from jobwrap.state import capture_rng, is_stateful, restore_rng
+from jobwrap.state import capture_rng, is_stateful, plain, restore_rng
 
 if TYPE_CHECKING:
     from jobwrap.session import Session
@@ -49,6 +49,9 @@ class ResumableLoader(Generic[T]):
         self.iterable = iterable
         self._sources = rng_sources(iterable)
         self._stateful = stateful_part(iterable)
+        get_sources(self._sources)  # a state_dict that a checkpoint cannot hold fails here, not at the signal
+        if self._stateful is not None:
+            _own_state(self._stateful)
         self._epoch: dict[str, Any] | None = None  # the global streams and sources when this epoch's iterator began
         self._iterator: Iterator[T] | None = None
         self._resume: dict[str, Any] | None = None
@@ -138,7 +141,7 @@ class ResumableLoader(Generic[T]):
         if self._epoch is not None:
             state["epoch"] = self._epoch
         if self._stateful is not None:
-            state["own"] = self._stateful.state_dict()
+            state["own"] = _own_state(self._stateful)
             state["ended"] = _fetcher_ended(self._iterator)
         return state
 
@@ -271,7 +274,16 @@ def _get_state(obj: Any) -> Any:
                 "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
     if kind == "numpy":
         return _to_plain(obj.bit_generator.state)
-    return obj.state_dict()
+    return _own_state(obj)
+
+
+def _own_state(obj: Any) -> Any:
+    """``obj.state_dict()`` as ``weights_only`` loads it, or a ConfigError naming the object."""
+    try:
+        return plain(obj.state_dict(), f"{type(obj).__name__}.state_dict()")
+    except ConfigError as exc:
+        raise ConfigError(f"job.loader(): the loader's {type(obj).__name__} has a state_dict() that a checkpoint "
+                          f"cannot hold ({exc}). Return only numbers, strings, lists, dicts and tensors from it.") from exc
 
 
 def _set_state(obj: Any, state: Any) -> None:

@@ -6,9 +6,12 @@ checkpoints are compared bit for bit.
 """
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
@@ -72,3 +75,56 @@ def test_second_loader_inside_the_epoch_is_refused(tmp_path):
             with pytest.raises(ConfigError, match="validation"):
                 job.loader(DataLoader(_table(), batch_size=4))
             break
+
+
+class _NumpyShuffle(torch.utils.data.Sampler):
+    """A custom sampler with its own NumPy Generator (no torch RNG at all)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.rng = n, numpy.random.default_rng(3)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return iter(self.rng.permutation(self.n).tolist())
+
+
+def _batches_seen(directory, stop_after: int | None) -> list[list[float]]:
+    """Two epochs of a loader with a NumPy-generator sampler; SIGUSR1 to this process during step stop_after."""
+    seen = []
+    loader = DataLoader(_table(), batch_size=2, sampler=_NumpyShuffle(12))
+    try:
+        with jobwrap.Session(str(directory), environ={}) as job:
+            for _ in job.epochs(2):
+                for (x,) in job.loader(loader):
+                    seen.append(x.flatten().tolist())
+                    if job.step + 1 == stop_after:
+                        os.kill(os.getpid(), signal.SIGUSR1)
+    except jobwrap.Preempted:
+        pass
+    return seen
+
+
+@pytest.mark.parametrize("stop_after", [8, 6])  # mid second epoch; the last batch of the first
+def test_numpy_generator_in_a_sampler_resumes_exactly(tmp_path, stop_after):
+    """A sampler's own numpy.random.Generator is put back: the resumed batches are the uninterrupted ones."""
+    plain = _batches_seen(tmp_path / "plain", None)
+    first = _batches_seen(tmp_path / "cut", stop_after)
+    assert len(first) == stop_after
+    assert first + _batches_seen(tmp_path / "cut", None) == plain
+
+
+class _UnsavableSampler(_NumpyShuffle):
+    def state_dict(self) -> dict:
+        return {"order": numpy.arange(self.n)}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def test_sampler_state_a_checkpoint_cannot_hold_is_refused(tmp_path):
+    """A stateful sampler whose state_dict holds a NumPy array is refused at job.loader(), not at the signal."""
+    with jobwrap.Session(str(tmp_path), environ={}) as job:
+        with pytest.raises(ConfigError, match="_UnsavableSampler has a state_dict"):
+            job.loader(DataLoader(_table(), sampler=_UnsavableSampler(12)))
