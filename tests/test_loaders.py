@@ -35,6 +35,7 @@ STEPS_PER_EPOCH = 7  # 40 samples in batches of 6; 6 with drop_last
     ["--loader", "iterable"],                                # IterableDataset without __len__
     ["--loader", "iterable", "--workers", "2"],
     ["--loader", "stateful-iterable"],                       # resumed through its state_dict
+    ["--loader", "stateful-iterable", "--workers", "2"],     # its state is in the workers: replayed
     ["--loader", "list"],
 ], ids=lambda options: "-".join(o.lstrip("-") for o in options[1:]))
 def test_loader_setup_resumes_bit_exact(tmp_path, options):
