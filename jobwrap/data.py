@@ -53,9 +53,9 @@ class ResumableLoader(Generic[T]):
         if self._stateful is not None:
             _own_state(self._stateful)
         self._epoch: dict[str, Any] | None = None  # the global streams and sources when this epoch's iterator began
-        self._iterator: Iterator[T] | None = None
+        self._iterator: Iterator[T] | None = None  # the epoch's iterator, for a loader resumed through its state
         self._resume: dict[str, Any] | None = None
-        self.active = False  # inside an epoch: another loader wrapped now would take over its boundaries
+        self.ran_in_epoch: int | None = None  # another loader wrapped in that epoch would take over its steps
 
     def __len__(self) -> int:
         return len(self.iterable)  # type: ignore[arg-type]
@@ -65,22 +65,18 @@ class ResumableLoader(Generic[T]):
         session._boundary()
         iterator = self._start_epoch()
         length = _length(self.iterable)
-        self.active = True
-        try:
-            while True:
-                try:
-                    batch = next(iterator)
-                except StopIteration:
-                    return
-                yield batch
-                session._step_done()
-                # After the epoch's last batch the boundary is the next epoch's start (Session.epochs),
-                # once the user's end-of-epoch code (scheduler.step(), validation) has run.
-                if length is None or session.position < length:
-                    session._boundary()
-        finally:
-            self.active = False
-            self._iterator = None
+        self.ran_in_epoch = session.epoch
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            yield batch
+            session._step_done()
+            # After the epoch's last batch the boundary is the next epoch's start (Session.epochs),
+            # once the user's end-of-epoch code (scheduler.step(), validation) has run.
+            if length is None or session.position < length:
+                session._boundary()
 
     def _start_epoch(self) -> Iterator[T]:
         resume, self._resume = self._resume, None
@@ -94,12 +90,14 @@ class ResumableLoader(Generic[T]):
                 if self._stateful is not None and "own" in resume:
                     self._stateful.load_state_dict(resume["own"])
             self._epoch = {"rng": capture_rng(), "sources": get_sources(self._sources)}
-            self._iterator = iter(self.iterable)
+            iterator = iter(self.iterable)
         elif self._stateful is not None:
-            self._iterator = self._continue(resume)
+            iterator = self._continue(resume)
         else:
-            self._iterator = self._replay(resume, position)
-        return self._iterator
+            iterator = self._replay(resume, position)
+        # Kept only where a save asks it whether the dataset ended: it holds the workers of an abandoned epoch.
+        self._iterator = iterator if self._stateful is not None else None
+        return iterator
 
     def _replay(self, resume: dict[str, Any], position: int) -> Iterator[T]:
         """The epoch from its starting state, less the batches done; then the checkpoint's state back."""

@@ -69,13 +69,18 @@ def test_loader_that_cannot_be_resumed_is_refused(tmp_path, make, problem):
 
 
 def test_second_loader_inside_the_epoch_is_refused(tmp_path):
-    """Wrapping a validation loader with job.loader() while the training epoch runs is refused."""
+    """Wrapping a validation loader with job.loader() during or after the training epoch is refused."""
     train = DataLoader(_table(), batch_size=3, sampler=RandomSampler(_table()))
     with jobwrap.Session(str(tmp_path), environ={}) as job:
-        for _ in job.loader(train):
+        for epoch in job.epochs(2):
+            for _ in job.loader(train):
+                if job.position == 1:
+                    with pytest.raises(ConfigError, match="validation"):
+                        job.loader(DataLoader(_table(), batch_size=4))
             with pytest.raises(ConfigError, match="validation"):
                 job.loader(DataLoader(_table(), batch_size=4))
-            break
+            train = DataLoader(_table(), batch_size=3, shuffle=True)  # a new loader each epoch is fine
+    assert job.step == 8
 
 
 class _NumpyShuffle(torch.utils.data.Sampler):
