@@ -1,36 +1,61 @@
 """A loader wrapper that makes every batch a step boundary and resumes mid-epoch exactly.
 
 On resume in the middle of an epoch it rebuilds the epoch's batch order from the
-RNG state the epoch started with (the sampler's shuffle seed and the workers'
-base seed are drawn when the iterator is created), fast-forwards past the
-batches already trained on, and then puts back the RNG state of the moment the
-checkpoint was taken. The remaining batches are then exactly those, in exactly
-the order, of the run that was never stopped.
+RNG state the epoch started with: every global stream (the sampler's shuffle seed
+and the workers' base seed are drawn when the iterator is created; forked
+workers inherit NumPy's and Python's state) and the loader's own RNG sources
+(``generator=``, a sampler's generator, a custom sampler's ``random.Random`` or
+NumPy generator, a stateful sampler's ``state_dict``). It fast-forwards past the
+batches already trained on, then puts back the state of the moment the checkpoint
+was taken. The remaining batches are then exactly those, in exactly the order, of
+the run that was never stopped. A loader that knows its place (an
+IterableDataset with ``state_dict``/``load_state_dict`` read in this process,
+or any iterable with them) is resumed through that state instead of a replay.
+Setups whose order cannot be rebuilt are refused when the loader is wrapped.
 """
 from __future__ import annotations
 
+import random
+import sys
+import types
+from collections.abc import Iterator as IteratorABC
 from typing import TYPE_CHECKING, Any, Generic, Iterable, Iterator, TypeVar
 
 import torch
 
-from jobwrap.state import capture_rng, restore_rng
+from jobwrap.errors import ConfigError, StateMismatchError
+from jobwrap.state import capture_rng, is_stateful, plain, restore_rng
 
 if TYPE_CHECKING:
     from jobwrap.session import Session
 
 T = TypeVar("T")
 _END = object()
+_WALK_DEPTH = 4
+_WALK_ITEMS = 32  # containers longer than this hold data, not a sampler's RNG
+_OPAQUE = (torch.Tensor, torch.nn.Module, str, bytes, int, float, type, types.FunctionType, types.MethodType,
+           types.ModuleType)
+_OPEN_FIX = ("Pass something that starts over each time it is iterated (a DataLoader, a list, a class whose "
+             "__iter__ returns a new iterator), or give it state_dict()/load_state_dict() so that jobwrap resumes "
+             "it through its own state instead.")
 
 
 class ResumableLoader(Generic[T]):
     """Wraps a DataLoader (or any re-iterable); get one from :meth:`Session.loader`."""
 
     def __init__(self, session: "Session", iterable: Iterable[T]) -> None:
+        check_resumable(iterable)
         self._session = session
         self.iterable = iterable
-        self._epoch_rng: torch.Tensor | None = None
-        self._epoch_generator: torch.Tensor | None = None
+        self._sources = rng_sources(iterable)
+        self._stateful = stateful_part(iterable)
+        get_sources(self._sources)  # a state_dict that a checkpoint cannot hold fails here, not at the signal
+        if self._stateful is not None:
+            _own_state(self._stateful)
+        self._epoch: dict[str, Any] | None = None  # the global streams and sources when this epoch's iterator began
+        self._iterator: Iterator[T] | None = None  # the epoch's iterator, for a loader resumed through its state
         self._resume: dict[str, Any] | None = None
+        self.ran_in_epoch: int | None = None  # another loader wrapped in that epoch would take over its steps
 
     def __len__(self) -> int:
         return len(self.iterable)  # type: ignore[arg-type]
@@ -39,7 +64,8 @@ class ResumableLoader(Generic[T]):
         session = self._session
         session._boundary()
         iterator = self._start_epoch()
-        length = len(self.iterable) if hasattr(self.iterable, "__len__") else None
+        length = _length(self.iterable)
+        self.ran_in_epoch = session.epoch
         while True:
             try:
                 batch = next(iterator)
@@ -58,35 +84,254 @@ class ResumableLoader(Generic[T]):
                 session._boundary()
 
     def _start_epoch(self) -> Iterator[T]:
-        generator = getattr(self.iterable, "generator", None)
         resume, self._resume = self._resume, None
         position = self._session.position if resume is not None else 0
         self._session.position = position
-        if position == 0:
-            self._epoch_rng = torch.get_rng_state()
-            self._epoch_generator = generator.get_state() if generator is not None else None
-            return iter(self.iterable)
-        # Replay the epoch from its starting RNG state, then return to the checkpoint's RNG state.
+        if resume is not None:
+            self._check_sources(resume)
+        if position == 0 or (self._stateful is None and "epoch" not in resume):
+            if resume is not None:  # the sources as the previous epoch left them
+                put_sources(self._sources, resume["now"], stateful=True)
+                if self._stateful is not None and "own" in resume:
+                    self._stateful.load_state_dict(resume["own"])
+            self._epoch = {"rng": capture_rng(), "sources": get_sources(self._sources)}
+            iterator = iter(self.iterable)
+        elif self._stateful is not None:
+            iterator = self._continue(resume)
+        else:
+            iterator = self._replay(resume, position)
+        # Kept only where a save asks it whether the dataset ended: it holds the workers of an abandoned epoch.
+        self._iterator = iterator if self._stateful is not None else None
+        return iterator
+
+    def _replay(self, resume: dict[str, Any], position: int) -> Iterator[T]:
+        """The epoch from its starting state, less the batches done; then the checkpoint's state back."""
         now = capture_rng()
-        self._epoch_rng = resume["epoch_rng"].cpu()
-        self._epoch_generator = resume.get("generator")
-        torch.set_rng_state(self._epoch_rng)
-        if generator is not None and self._epoch_generator is not None:
-            generator.set_state(self._epoch_generator.cpu())
+        self._epoch = resume["epoch"]
+        restore_rng(self._epoch["rng"])
+        put_sources(self._sources, self._epoch["sources"], stateful=True)
         iterator = iter(self.iterable)
         for _ in range(position):
             if next(iterator, _END) is _END:
                 break
         restore_rng(now)
+        # A stateful source was advanced by the replay as by the run; only RNGs may have been drawn by others.
+        put_sources(self._sources, resume["now"], stateful=False)
         return iterator
 
+    def _continue(self, resume: dict[str, Any]) -> Iterator[T]:
+        """Resume through the loader's own state; the draws of creating its iterator were made before the save."""
+        self._epoch = resume.get("epoch")
+        self._stateful.load_state_dict(resume["own"])  # type: ignore[union-attr]
+        if resume.get("ended"):  # its state already describes the next pass
+            return iter(())
+        now = capture_rng()
+        iterator = iter(self.iterable)
+        restore_rng(now)
+        put_sources(self._sources, resume["now"], stateful=False)
+        return iterator
+
+    def _check_sources(self, resume: dict[str, Any]) -> None:
+        saved = sorted(resume["now"])
+        if saved != sorted(self._sources):
+            raise StateMismatchError(
+                f"the loader's RNG sources {sorted(self._sources)} are not those of the run that saved the "
+                f"checkpoint {saved}: build the DataLoader, its sampler and generators as that run did, "
+                f"or start a new run in a new directory")
+
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {}
-        if self._epoch_rng is not None:
-            state["epoch_rng"] = self._epoch_rng
-        if self._epoch_generator is not None:
-            state["generator"] = self._epoch_generator
+        if self._resume is not None:  # resumed, not yet iterated (a save at its first boundary): still that state
+            return dict(self._resume)
+        state: dict[str, Any] = {"now": get_sources(self._sources)}
+        if self._epoch is not None:
+            state["epoch"] = self._epoch
+        if self._stateful is not None:
+            state["own"] = _own_state(self._stateful)
+            state["ended"] = _fetcher_ended(self._iterator)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._resume = dict(state) if state.get("epoch_rng") is not None else None
+        if "epoch_rng" in state:
+            state = _from_legacy(state)
+        self._resume = dict(state) if "now" in state else None
+
+
+def _from_legacy(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint of a jobwrap that kept only torch's epoch-start state and the loader's generator."""
+    sources = {"generator": state["generator"]} if "generator" in state else {}
+    return {"now": sources, "epoch": {"rng": {**capture_rng(), "torch": state["epoch_rng"]}, "sources": sources}}
+
+
+# ---------------------------------------------------------------- what a loader is made of
+
+def check_resumable(iterable: Any) -> None:
+    """Refuse, with the way out, a loader whose order a resumed run cannot rebuild."""
+    if isinstance(iterable, IteratorABC) and not is_stateful(iterable):
+        raise ConfigError(f"job.loader() got a {type(iterable).__name__}, which can be iterated only once: a resumed "
+                          f"run cannot replay it to find its place, and a second epoch would be empty. {_OPEN_FIX}")
+    if not isinstance(iterable, torch.utils.data.DataLoader):
+        return
+    if iterable.persistent_workers and iterable.num_workers > 0:
+        raise ConfigError(
+            "DataLoader(persistent_workers=True) keeps its worker processes, and the RNG state inside them, from "
+            "one epoch to the next, and draws the workers' seed only in its first epoch: a resumed run starts new "
+            "workers and can rebuild neither. Build the DataLoader with persistent_workers=False (the default) "
+            "instead.")
+    if not getattr(iterable, "in_order", True) and iterable.num_workers > 0:
+        raise ConfigError(
+            "DataLoader(in_order=False) hands out batches in the order the workers finish them, which no run "
+            "can repeat. Build the DataLoader with in_order=True (the default) instead.")
+    for name in ("sampler", "batch_sampler"):
+        part = getattr(iterable, name, None)
+        if isinstance(part, IteratorABC) and not is_stateful(part):
+            raise ConfigError(
+                f"the DataLoader's {name} is a {type(part).__name__}, which can be iterated only once: a resumed "
+                f"run cannot replay its order, and a second epoch would be empty. Pass a {name} class whose "
+                f"__iter__ starts over (torch.utils.data.Sampler) instead.")
+
+
+def stateful_part(iterable: Any) -> Any:
+    """What knows the loader's place in this process: the iterable itself, or a DataLoader's IterableDataset."""
+    if not isinstance(iterable, torch.utils.data.DataLoader):
+        return iterable if is_stateful(iterable) else None
+    dataset = iterable.dataset
+    # With workers the dataset's copies in the worker processes advance, never the one here.
+    if isinstance(dataset, torch.utils.data.IterableDataset) and is_stateful(dataset) and iterable.num_workers == 0:
+        return dataset
+    return None
+
+
+def rng_sources(iterable: Any) -> dict[str, Any]:
+    """{path: object} of the RNGs and stateful samplers a loader draws its order from, besides the global streams."""
+    if isinstance(iterable, torch.utils.data.DataLoader):
+        roots = {"generator": iterable.generator, "sampler": iterable.sampler,
+                 "batch_sampler": iterable.batch_sampler, "dataset": iterable.dataset}
+    elif isinstance(iterable, (list, tuple, dict, str, bytes)) or is_stateful(iterable):
+        return {}
+    else:
+        roots = {"iterable": iterable}
+    found: dict[str, Any] = {}
+    seen: set[int] = {id(stateful_part(iterable))}
+    for name, root in roots.items():
+        _walk(root, name, found, seen, _WALK_DEPTH)
+    return found
+
+
+def _walk(obj: Any, path: str, found: dict[str, Any], seen: set[int], depth: int) -> None:
+    if obj is None or id(obj) in seen or depth < 0:
+        return
+    seen.add(id(obj))
+    if _rng_kind(obj) is not None or (is_stateful(obj) and not isinstance(obj, torch.nn.Module)):
+        found[path] = obj
+        return
+    if isinstance(obj, _OPAQUE):
+        return
+    if isinstance(obj, (list, tuple)):
+        items = enumerate(obj) if len(obj) <= _WALK_ITEMS else ()
+    elif isinstance(obj, dict):
+        items = obj.items() if len(obj) <= _WALK_ITEMS else ()
+    else:
+        items = getattr(obj, "__dict__", {}).items()
+    for key, value in list(items):
+        _walk(value, f"{path}.{key}", found, seen, depth - 1)
+
+
+def _rng_kind(obj: Any) -> str | None:
+    if isinstance(obj, torch.Generator):
+        return "torch"
+    if isinstance(obj, random.Random):
+        return "python"
+    numpy = _numpy()
+    if numpy is not None:
+        if isinstance(obj, numpy.random.RandomState):
+            return "numpy-legacy"
+        if isinstance(obj, numpy.random.Generator):
+            return "numpy"
+    return None
+
+
+def _numpy() -> Any:
+    return sys.modules.get("numpy")
+
+
+def get_sources(sources: dict[str, Any]) -> dict[str, Any]:
+    """Each source's state as tensors and plain values (``weights_only`` loads them)."""
+    return {path: _get_state(obj) for path, obj in sources.items()}
+
+
+def put_sources(sources: dict[str, Any], states: dict[str, Any], *, stateful: bool) -> None:
+    """Set each RNG source (and each stateful one, with ``stateful``) to the state in ``states``."""
+    for path, obj in sources.items():
+        if _rng_kind(obj) is not None or stateful:
+            _set_state(obj, states[path])
+
+
+def _get_state(obj: Any) -> Any:
+    kind = _rng_kind(obj)
+    if kind == "torch":
+        return obj.get_state()
+    if kind == "python":
+        version, internal, gauss = obj.getstate()
+        return {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}
+    if kind == "numpy-legacy":
+        name, keys, pos, has_gauss, cached = obj.get_state()
+        return {"kind": str(name), "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    if kind == "numpy":
+        return _to_plain(obj.bit_generator.state)
+    return _own_state(obj)
+
+
+def _own_state(obj: Any) -> Any:
+    """``obj.state_dict()`` as ``weights_only`` loads it, or a ConfigError naming the object."""
+    try:
+        return plain(obj.state_dict(), f"{type(obj).__name__}.state_dict()")
+    except ConfigError as exc:
+        raise ConfigError(f"job.loader(): the loader's {type(obj).__name__} has a state_dict() that a checkpoint "
+                          f"cannot hold ({exc}). Return only numbers, strings, lists, dicts and tensors from it.") from exc
+
+
+def _set_state(obj: Any, state: Any) -> None:
+    kind = _rng_kind(obj)
+    if kind == "torch":
+        obj.set_state(state.cpu())
+    elif kind == "python":
+        obj.setstate((state["version"], tuple(int(v) for v in state["state"].tolist()), state["gauss"]))
+    elif kind == "numpy-legacy":
+        obj.set_state((state["kind"], state["keys"].numpy().astype("uint32"), state["pos"], state["has_gauss"],
+                       state["cached_gaussian"]))
+    elif kind == "numpy":
+        obj.bit_generator.state = _from_plain(state)
+    else:
+        obj.load_state_dict(state)
+
+
+def _to_plain(value: Any) -> Any:
+    """A NumPy bit generator's state: arrays become int64 tensors tagged with their dtype."""
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if hasattr(value, "dtype") and hasattr(value, "astype"):
+        return {"ndarray": torch.from_numpy(value.astype("int64")), "dtype": str(value.dtype)}
+    return value
+
+
+def _from_plain(value: Any) -> Any:
+    if isinstance(value, dict) and set(value) == {"ndarray", "dtype"}:
+        return value["ndarray"].numpy().astype(value["dtype"])
+    if isinstance(value, dict):
+        return {k: _from_plain(v) for k, v in value.items()}
+    return value
+
+
+def _length(iterable: Any) -> int | None:
+    """len(iterable), or None: a DataLoader over an IterableDataset has __len__ but may raise."""
+    try:
+        return len(iterable)
+    except TypeError:
+        return None
+
+
+def _fetcher_ended(iterator: Any) -> bool:
+    """Whether a single-process DataLoader iterator has hit the end of its IterableDataset (its last batch short)."""
+    fetcher = getattr(iterator, "_dataset_fetcher", None)
+    return bool(getattr(fetcher, "ended", False))

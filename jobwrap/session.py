@@ -303,6 +303,11 @@ class Session:
         """Wrap the training loader: each batch ends at a step boundary; resumes mid-epoch exactly."""
         self.start()
         if self._loader is None or self._loader.iterable is not iterable:
+            if self._loader is not None and self._loader.ran_in_epoch == self.epoch:
+                raise ConfigError(
+                    "job.loader() got another loader in the epoch in which the training loader ran: it wraps the "
+                    "training loader only, whose batches are the steps. Iterate a validation loader directly "
+                    "(for batch in val_loader) instead; its draws from the RNG are checkpointed with the rest.")
             self._loader = ResumableLoader(self, iterable)
             if self._resume_data is not None:
                 self._loader.load_state_dict(self._resume_data)

@@ -1,0 +1,136 @@
+"""Loader setups people use, preempted for real under `jobwrap run`: bit-exact, or refused at job.loader().
+
+Each setup is run once uninterrupted and once preempted at an epoch boundary and
+mid-epoch in the next epoch (tests/loader_jobs.py), and the two final
+checkpoints are compared bit for bit.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import numpy
+import pytest
+import torch
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+
+import jobwrap
+from jobwrap.errors import ConfigError
+from jobwrap.testing import assert_same_run, run_preempted
+
+JOB = Path(__file__).resolve().parent / "loader_jobs.py"
+STEPS_PER_EPOCH = 7  # 40 samples in batches of 6; 6 with drop_last
+
+
+@pytest.mark.parametrize("options", [
+    ["--loader", "generator"],                               # DataLoader(generator=g) at an epoch boundary
+    ["--loader", "sampler", "--augment"],                    # sampler=RandomSampler(generator=g)
+    ["--loader", "generator", "--workers", "2", "--worker-init", "--augment", "--validate", "--drop-last"],
+    ["--loader", "batch-sampler", "--augment", "--validate"],  # a custom batch_sampler with its own RNGs
+    ["--loader", "batch-sampler-generator", "--workers", "2"],
+    ["--loader", "distributed"],                             # DistributedSampler with set_epoch
+    ["--loader", "shuffle", "--workers", "2", "--augment"],  # numpy in forked workers, no worker_init_fn
+    ["--loader", "iterable"],                                # IterableDataset without __len__
+    ["--loader", "iterable", "--workers", "2"],
+    ["--loader", "stateful-iterable"],                       # resumed through its state_dict
+    ["--loader", "stateful-iterable", "--workers", "2"],     # its state is in the workers: replayed
+    ["--loader", "list"],
+], ids=lambda options: "-".join(o.lstrip("-") for o in options[1:]))
+def test_loader_setup_resumes_bit_exact(tmp_path, options):
+    """A preempted run of this loader setup ends with the uninterrupted run's checkpoint, bit for bit."""
+    steps = STEPS_PER_EPOCH - ("--drop-last" in options)
+    command = [sys.executable, str(JOB), "--epochs", "2", *options]
+    plain = run_preempted(command, tmp_path / "plain").check()
+    cut = run_preempted(command, tmp_path / "cut", preempt_at=[steps, steps + 3]).check()
+    assert cut.signalled_at == [steps, steps + 3]
+    assert_same_run(plain.directory, cut.directory)
+
+
+def _table() -> TensorDataset:
+    return TensorDataset(torch.arange(12.0).reshape(12, 1))
+
+
+@pytest.mark.parametrize("make, problem", [
+    (lambda: (x for x in range(3)), "can be iterated only once"),
+    (lambda: iter([1, 2, 3]), "can be iterated only once"),
+    (lambda: DataLoader(_table(), num_workers=2, persistent_workers=True), "persistent_workers=True"),
+    (lambda: DataLoader(_table(), num_workers=2, in_order=False), "in_order=False"),
+    (lambda: DataLoader(_table(), sampler=iter(range(12))), "sampler"),
+    (lambda: DataLoader(_table(), batch_sampler=iter([[0, 1], [2, 3]])), "batch_sampler"),
+])
+def test_loader_that_cannot_be_resumed_is_refused(tmp_path, make, problem):
+    """A one-shot iterator or sampler, persistent workers or out-of-order batches: refused, naming the fix."""
+    with jobwrap.Session(str(tmp_path), environ={}) as job:
+        with pytest.raises(ConfigError, match=problem) as refused:
+            job.loader(make())
+    assert "instead" in str(refused.value) or "Pass" in str(refused.value)
+
+
+def test_second_loader_inside_the_epoch_is_refused(tmp_path):
+    """Wrapping a validation loader with job.loader() during or after the training epoch is refused."""
+    train = DataLoader(_table(), batch_size=3, sampler=RandomSampler(_table()))
+    with jobwrap.Session(str(tmp_path), environ={}) as job:
+        for epoch in job.epochs(2):
+            for _ in job.loader(train):
+                if job.position == 1:
+                    with pytest.raises(ConfigError, match="validation"):
+                        job.loader(DataLoader(_table(), batch_size=4))
+            with pytest.raises(ConfigError, match="validation"):
+                job.loader(DataLoader(_table(), batch_size=4))
+            train = DataLoader(_table(), batch_size=3, shuffle=True)  # a new loader each epoch is fine
+    assert job.step == 8
+
+
+class _NumpyShuffle(torch.utils.data.Sampler):
+    """A custom sampler with its own NumPy Generator (no torch RNG at all)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.rng = n, numpy.random.default_rng(3)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return iter(self.rng.permutation(self.n).tolist())
+
+
+def _batches_seen(directory, stop_after: int | None) -> list[list[float]]:
+    """Two epochs of a loader with a NumPy-generator sampler; SIGUSR1 to this process during step stop_after."""
+    seen = []
+    loader = DataLoader(_table(), batch_size=2, sampler=_NumpyShuffle(12))
+    try:
+        with jobwrap.Session(str(directory), environ={}) as job:
+            for _ in job.epochs(2):
+                for (x,) in job.loader(loader):
+                    seen.append(x.flatten().tolist())
+                    if job.step + 1 == stop_after:
+                        os.kill(os.getpid(), signal.SIGUSR1)
+    except jobwrap.Preempted:
+        pass
+    return seen
+
+
+@pytest.mark.parametrize("stop_after", [8, 6])  # mid second epoch; the last batch of the first
+def test_numpy_generator_in_a_sampler_resumes_exactly(tmp_path, stop_after):
+    """A sampler's own numpy.random.Generator is put back: the resumed batches are the uninterrupted ones."""
+    plain = _batches_seen(tmp_path / "plain", None)
+    first = _batches_seen(tmp_path / "cut", stop_after)
+    assert len(first) == stop_after
+    assert first + _batches_seen(tmp_path / "cut", None) == plain
+
+
+class _UnsavableSampler(_NumpyShuffle):
+    def state_dict(self) -> dict:
+        return {"order": numpy.arange(self.n)}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def test_sampler_state_a_checkpoint_cannot_hold_is_refused(tmp_path):
+    """A stateful sampler whose state_dict holds a NumPy array is refused at job.loader(), not at the signal."""
+    with jobwrap.Session(str(tmp_path), environ={}) as job:
+        with pytest.raises(ConfigError, match="_UnsavableSampler has a state_dict"):
+            job.loader(DataLoader(_table(), sampler=_UnsavableSampler(12)))
