@@ -134,3 +134,26 @@ def test_supervisor_given_term_after_the_child_asked_for_a_requeue_does_not_rela
     assert runs.read_text().splitlines() == ["run"], result.stderr
     assert result.returncode == CANCEL, result.stderr
     assert "not relaunching" in result.stderr
+
+
+def test_which_signal_received_by_jobwrap_run_cancels_a_requested_requeue():
+    """TERM and INT cancel a requeue; a request made with requeue_on_exit_signals is cancelled by INT only."""
+    from jobwrap.schedulers import DESPITE_EXIT_SIGNALS
+    from jobwrap.supervisor import cancelled_by
+
+    cancel = (signal.SIGTERM, signal.SIGINT)
+    assert cancelled_by([signal.SIGUSR1, signal.SIGTERM], cancel, "requeue\n") == signal.SIGTERM
+    assert cancelled_by([signal.SIGUSR1], cancel, "requeue\n") is None
+    assert cancelled_by([signal.SIGTERM], cancel, f"requeue {DESPITE_EXIT_SIGNALS}\n") is None
+    assert cancelled_by([signal.SIGTERM, signal.SIGINT], cancel, f"requeue {DESPITE_EXIT_SIGNALS}\n") == signal.SIGINT
+
+
+def test_requeue_on_exit_signals_keeps_usr1_then_term_a_requeue(tmp_path):
+    """With requeue_on_exit_signals=True, USR1 then TERM requeues (the configured meaning of TERM)."""
+    with pytest.raises(jobwrap.Preempted) as stopped:
+        with jobwrap.Session(str(tmp_path), environ={}, save_at_end=False, requeue_on_exit_signals=True) as job:
+            job.track(model=nn.Linear(2, 1))
+            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), signal.SIGTERM)
+            job.step_done()
+    assert stopped.value.requeued and stopped.value.code == jobwrap.REQUEUE_EXIT_CODE
