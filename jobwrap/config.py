@@ -73,6 +73,10 @@ class Config:
     # ...and copy the tracked optimizers' CPU parameters and state on the writer thread while the next
     # step computes (their next step() waits for it); False copies everything during the pause.
     lazy_copy: bool = True
+    # One live trainer per directory (jobwrap/lock.py): a holder on another host whose lock this host
+    # cannot see is taken over after this many seconds without a heartbeat; break_lock takes it anyway.
+    lock_timeout: float = 120.0
+    break_lock: bool = False
     # Test hooks (jobwrap.testing): hold at these steps until a signal arrives.
     test_hold_at: tuple[int, ...] = ()
     test_control: str | None = None
@@ -103,6 +107,8 @@ class Config:
             raise ConfigError(f"file_mode={oct(self.file_mode)} is world-writable; use 0o600 or 0o640")
         if self.sync_every_steps < 1:
             raise ConfigError(f"sync_every_steps={self.sync_every_steps}: use 1 or more")
+        if self.lock_timeout <= 0:
+            raise ConfigError(f"lock_timeout={self.lock_timeout}: use a positive number of seconds")
         if self.on_save_error not in ("raise", "continue"):
             raise ConfigError(f"on_save_error={self.on_save_error!r}: use 'raise' (stop training) or "
                               f"'continue' (log it and keep training; the signal's save still raises)")
@@ -138,6 +144,8 @@ _ENV_FIELDS: dict[str, tuple[str, Any]] = {
     "JOBWRAP_SYNC_EVERY_STEPS": ("sync_every_steps", int),
     "JOBWRAP_ASYNC_SAVE": ("async_save", _flag),
     "JOBWRAP_LAZY_COPY": ("lazy_copy", _flag),
+    "JOBWRAP_LOCK_TIMEOUT": ("lock_timeout", float),
+    "JOBWRAP_BREAK_LOCK": ("break_lock", _flag),
     "JOBWRAP_TEST_HOLD_AT": ("test_hold_at", lambda v: tuple(int(x) for x in v.split(",") if x)),
     "JOBWRAP_TEST_CONTROL": ("test_control", str),
 }
@@ -186,6 +194,11 @@ class RunSettings:
     def forwarded(self) -> tuple[signal.Signals, ...]:
         """Every trapped signal, and INT so that Ctrl-C reaches the training process too."""
         return tuple(dict.fromkeys(self.requeue_signals + self.exit_signals + (signal.SIGINT,)))
+
+    @property
+    def cancelling(self) -> tuple[signal.Signals, ...]:
+        """Signals that end the job even after training asked to be requeued: the exit signals and INT."""
+        return tuple(dict.fromkeys(self.exit_signals + (signal.SIGINT,)))
 
 
 def load_run_settings(environ: Mapping[str, str] | None = None, **arguments: Any) -> RunSettings:

@@ -18,6 +18,25 @@ class JobEnv:
     world_size: int
     end_time: float | None = None  # epoch seconds when the allocation ends, if known
     requeue_file: str | None = None  # set by `jobwrap run`: touching it asks for a relaunch
+    supervisor: tuple[int, float] | None = None  # (pid, create time) of the `jobwrap run` that started it
+
+
+#: Set by ``jobwrap run`` for everything it starts: ``PID:CREATE_TIME`` of itself, so that a
+#: training process (also one under torchrun or a shell) can tell when its supervisor is gone.
+SUPERVISOR_VARIABLE = "JOBWRAP_SUPERVISOR"
+
+
+def supervisor_token(pid: int, create_time: float) -> str:
+    return f"{pid}:{create_time!r}"
+
+
+def parse_supervisor(value: str | None) -> tuple[int, float] | None:
+    """``PID:CREATE_TIME`` to a tuple; None when absent or malformed (then nothing is watched)."""
+    try:
+        pid, started = (value or "").split(":")
+        return int(pid), float(started)
+    except ValueError:
+        return None
 
 
 def _int(environ: Mapping[str, str], *names: str, default: int) -> int:
@@ -58,6 +77,7 @@ def read_env(environ: Mapping[str, str] | None = None) -> JobEnv:
             rank=rank, local_rank=local_rank, world_size=world_size,
             end_time=float(end) if end and end.isdigit() else None,
             requeue_file=environ.get("JOBWRAP_REQUEUE_FILE") or None,
+            supervisor=parse_supervisor(environ.get(SUPERVISOR_VARIABLE)),
         )
     return JobEnv(
         scheduler="local",
@@ -65,6 +85,7 @@ def read_env(environ: Mapping[str, str] | None = None) -> JobEnv:
         restart_count=_int(environ, "JOBWRAP_RESTART_COUNT", default=0),
         rank=rank, local_rank=local_rank, world_size=world_size,
         requeue_file=environ.get("JOBWRAP_REQUEUE_FILE") or None,
+        supervisor=parse_supervisor(environ.get(SUPERVISOR_VARIABLE)),
     )
 
 

@@ -26,6 +26,10 @@ class ForeignRunError(CheckpointError):
     """The checkpoint directory belongs to another run."""
 
 
+class DirectoryHeldError(CheckpointError):
+    """Another live trainer holds the checkpoint directory."""
+
+
 class StateMismatchError(CheckpointError):
     """A checkpoint does not fit the objects it is loaded into (model keys, shapes, world size)."""
 

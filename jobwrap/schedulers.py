@@ -26,7 +26,12 @@ class Scheduler(Protocol):
         """Ask for this job to run again; return the exit code the process should end with."""
 
 
-def ask_supervisor(requeue_file: str | None) -> int:
+#: What the requeue file says when training requeues on exit signals too (``requeue_on_exit_signals``):
+#: then an exit signal that reached ``jobwrap run`` is no cancel, and the relaunch goes ahead.
+DESPITE_EXIT_SIGNALS = "despite-exit-signals"
+
+
+def ask_supervisor(requeue_file: str | None, *, despite_exit_signals: bool = False) -> int:
     """Ask ``jobwrap run`` for a relaunch: touch its requeue file (exit 0), else exit with the requeue code.
 
     The file works through any launcher (torchrun turns a worker's non-zero exit
@@ -37,7 +42,7 @@ def ask_supervisor(requeue_file: str | None) -> int:
             # 0600 whatever the umask, and never through a symlink planted at that name.
             fd = os.open(requeue_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
             try:
-                os.write(fd, b"requeue\n")
+                os.write(fd, f"requeue {DESPITE_EXIT_SIGNALS}\n".encode() if despite_exit_signals else b"requeue\n")
             finally:
                 os.close(fd)
             return 0
@@ -52,11 +57,12 @@ class LocalScheduler:
 
     name = "local"
 
-    def __init__(self, requeue_file: str | None = None) -> None:
+    def __init__(self, requeue_file: str | None = None, *, despite_exit_signals: bool = False) -> None:
         self.requeue_file = requeue_file
+        self.despite_exit_signals = despite_exit_signals
 
     def requeue(self) -> int:
-        return ask_supervisor(self.requeue_file)
+        return ask_supervisor(self.requeue_file, despite_exit_signals=self.despite_exit_signals)
 
 
 class SlurmScheduler:
@@ -69,9 +75,10 @@ class SlurmScheduler:
     name = "slurm"
 
     def __init__(self, job_id: str, *, requeue_file: str | None = None, run: Runner = subprocess.run,
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, despite_exit_signals: bool = False) -> None:
         self.job_id = job_id
         self.requeue_file = requeue_file
+        self.despite_exit_signals = despite_exit_signals
         self._run = run
         self._timeout = timeout
 
@@ -82,7 +89,7 @@ class SlurmScheduler:
             return 0
         log.warning("scontrol requeue %s failed (%s); asking the batch script's jobwrap run "
                     "(or exit code %d) to requeue the job", self.job_id, error, REQUEUE_EXIT_CODE)
-        return ask_supervisor(self.requeue_file)
+        return ask_supervisor(self.requeue_file, despite_exit_signals=self.despite_exit_signals)
 
 
 def scontrol_requeue(job_id: str, *, run: Runner = subprocess.run, timeout: float = 30.0,
@@ -100,10 +107,11 @@ def scontrol_requeue(job_id: str, *, run: Runner = subprocess.run, timeout: floa
     return None
 
 
-def scheduler_for(job: JobEnv) -> Scheduler:
+def scheduler_for(job: JobEnv, *, despite_exit_signals: bool = False) -> Scheduler:
+    """The backend of this job; ``despite_exit_signals``: it requeues on exit signals too (the file says so)."""
     if job.scheduler == "slurm" and job.job_id:
-        return SlurmScheduler(job.job_id, requeue_file=job.requeue_file)
-    return LocalScheduler(job.requeue_file)
+        return SlurmScheduler(job.job_id, requeue_file=job.requeue_file, despite_exit_signals=despite_exit_signals)
+    return LocalScheduler(job.requeue_file, despite_exit_signals=despite_exit_signals)
 
 
 def requeue_refusal(*, restart_count: int, max_requeues: int,

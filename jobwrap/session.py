@@ -32,6 +32,7 @@ from jobwrap.errors import (CheckpointError, ConfigError, CorruptCheckpointError
                             StorageError)
 from jobwrap.events import EventLog
 from jobwrap.format import human_size
+from jobwrap.lock import DirectoryLock, alive
 from jobwrap.schedulers import Scheduler, requeue_refusal, scheduler_for
 from jobwrap.signals import SignalTrap
 from jobwrap.state import RESERVED_KEYS, capture_rng, fingerprint, is_stateful, load_into, plain, restore_rng
@@ -90,7 +91,8 @@ class Session:
         self.config: Config = load_config(environ, directory=directory, **settings)
         self.job: JobEnv = read_env(environ)
         self.store = CheckpointStore(self.config.directory, file_mode=self.config.file_mode)
-        self.scheduler: Scheduler = scheduler_for(self.job)
+        self.scheduler: Scheduler = scheduler_for(self.job,
+                                                  despite_exit_signals=self.config.requeue_on_exit_signals)
         self.device = default_device(self.job, self.config.device)
         self.epoch = 0
         self.step = 0
@@ -123,6 +125,10 @@ class Session:
         self._copied: Any = None  # threading.Event: set once the writer has copied the deferred tensors
         self._copy_wait = 0.0     # seconds optimizer.step() waited for that copy
         self._step_hooks: dict[int, Any] = {}
+        self._lock: DirectoryLock | None = None  # rank 0's hold on the directory
+        self._supervisor: tuple[int, float] | None = None  # (pid, start time) of the `jobwrap run` not to outlive
+        self._orphaned = False
+        self._next_watch = 0.0
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> "Session":
@@ -133,6 +139,9 @@ class Session:
         _ensure_log_handler()
         # Trap first, so a signal that arrives while resuming is honoured right after.
         self._trap.install()
+        # Watched only when seen alive now: in another PID namespace (a container) it would look gone.
+        if self.job.supervisor is not None and alive(*self.job.supervisor):
+            self._supervisor = self.job.supervisor
         try:
             self.group = join()
             opened = time.monotonic()
@@ -140,6 +149,7 @@ class Session:
             load_seconds = round(time.monotonic() - opened, 4)
         except BaseException:
             self._trap.restore()
+            self._release_directory()
             self._started = False
             raise
         if found is None:
@@ -169,6 +179,8 @@ class Session:
         decision: dict[str, Any] = {}
         if self.group.rank == 0:
             try:
+                self.store.ensure_directory()
+                self._hold_directory()  # before prepare(): its cleanup would delete a live trainer's temporaries
                 self.store.prepare()
                 run_id, lineage = self.store.claim(self.config.run_id or default_run_id(self.job),
                                                    adopt=self.config.adopt)
@@ -190,6 +202,17 @@ class Session:
             return None
         checkpoint = next(c for c in self.store.committed() if c.key == (decision["step"], decision["serial"]))
         return checkpoint, self._load(checkpoint)  # rank 0 verified it
+
+    def _hold_directory(self) -> None:
+        self._lock = DirectoryLock(self.store.directory, job_id=self.job.job_id, restart=self.job.restart_count,
+                                   timeout=self.config.lock_timeout, break_lock=self.config.break_lock,
+                                   file_mode=self.config.file_mode)
+        self._lock.acquire()
+
+    def _release_directory(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _open_events(self, run_id: str) -> None:
         self.run_id = run_id
@@ -236,6 +259,7 @@ class Session:
                 log.info("%s arrived after training ended; nothing left to checkpoint or requeue",
                          self._trap.first.name)
             self.events.append("exit", code=0, reason="finished", step=self.step)
+        self._release_directory()
         if failure is not None:
             raise failure
 
@@ -337,7 +361,7 @@ class Session:
     @property
     def should_stop(self) -> bool:
         """True once a trapped signal arrived (the next boundary will checkpoint and stop)."""
-        return bool(self._trap.received)
+        return bool(self._trap.received) or self._orphaned
 
     def _step_done(self) -> None:
         self.step += 1
@@ -360,10 +384,12 @@ class Session:
     def _boundary(self) -> None:
         if self._pending is not None:
             self._finish_resume()
+        if self._supervisor is not None:
+            self._watch_supervisor()
         if self.config.test_hold_at and self.step in self.config.test_hold_at:
             self._hold_for_test()
         if self.group.world_size == 1:
-            if self._trap.received:
+            if self._trap.received or self._orphaned:
                 self._stop(self._local_stop_request())
             if self._tend:
                 self._tend_background()
@@ -379,12 +405,29 @@ class Session:
             self._periodic_save()
 
     def _local_stop_request(self) -> int:
-        sig = self._trap.first
-        if sig is None:
-            return NO_STOP
-        if sig in self.config.requeue_signals or self.config.requeue_on_exit_signals:
-            return STOP_REQUEUE
-        return STOP_EXIT
+        """The strongest stop this process was asked for: a cancel (an exit signal) beats a requeue,
+        whichever came first (USR1 warns of the time limit, then a user's scancel sends TERM)."""
+        if self._exit_signal() is not None or self._orphaned:
+            return STOP_EXIT
+        return STOP_REQUEUE if self._trap.received else NO_STOP
+
+    def _watch_supervisor(self) -> None:
+        """At most once a second: a `jobwrap run` that is gone (SIGKILLed) leaves nobody to relaunch or stop
+        this process (torchrun's workers, a shell's child), so it stops as on a cancel."""
+        now = time.monotonic()
+        if now < self._next_watch:
+            return
+        self._next_watch = now + 1.0
+        if not alive(*self._supervisor):
+            log.warning("jobwrap run (pid %d) is gone: checkpointing and exiting", self._supervisor[0])
+            self._supervisor = None
+            self._orphaned = True
+
+    def _exit_signal(self) -> signal.Signals | None:
+        """The first exit signal received, unless exit signals requeue too (``requeue_on_exit_signals``)."""
+        if self.config.requeue_on_exit_signals:
+            return None
+        return next((sig for sig, _ in list(self._trap.received) if sig in self.config.exit_signals), None)
 
     def _restore_rng(self) -> None:
         meta = self._pending["jobwrap"]
@@ -433,14 +476,21 @@ class Session:
     def _stop(self, request: int) -> None:
         """Every rank arrives here at the same step: commit, then rank 0 decides the exit and requeue."""
         sig = self._trap.first
-        name = sig.name if sig is not None else "another rank's signal"
+        name = sig.name if sig is not None else ("jobwrap run gone" if self._orphaned else "another rank's signal")
         if sig is not None:
             delay = time.monotonic() - (self._trap.first_time or time.monotonic())
             log.info("%s received %.2f s ago: checkpointing at step %d (epoch %d)", name, delay,
                      self.step, self.epoch)
         self.events.append("signal", signal=name, step=self.step, epoch=self.epoch)
         checkpoint = self._save_before_exit(f"signal {name}")
-        decision = self.group.broadcast(self._exit_decision(request, sig, checkpoint)
+        # Decided after the save, from every signal received by now on any rank: a TERM (scancel)
+        # that came during the save still makes the stop a cancel instead of a requeue.
+        settled, _ = self.group.agree(max(request, self._local_stop_request()), False)
+        if settled == STOP_EXIT:
+            sig = self._exit_signal() or signal.SIGTERM
+            if settled != request:
+                log.info("%s arrived during the save: the job is cancelled, not requeued", sig.name)
+        decision = self.group.broadcast(self._exit_decision(settled, sig, checkpoint)
                                         if self.group.rank == 0 else None)
         code, requeued, reason = decision
         raise Preempted(code, signal=sig or signal.SIGTERM, checkpoint=checkpoint, requeued=requeued,
@@ -479,13 +529,19 @@ class Session:
         with open(os.path.join(control, f"held-{self.step}-r{rank}"), "w") as f:
             f.write(str(os.getpid()))
         deadline = time.monotonic() + 60
+        seen = 0
         while time.monotonic() < deadline:
-            if self._trap.wait(0.01):  # not event.wait(): see SignalTrap.wait
-                open(os.path.join(control, f"got-{self.step}-r{rank}"), "w").close()
-                return
+            # Held until the test lets go, so that each signal it sends (USR1, then TERM) lands here.
+            if self._trap.wait(0.01) and len(self._trap.received) > seen:  # not event.wait(): see SignalTrap.wait
+                seen = len(self._trap.received)
+                names = " ".join(dict.fromkeys(sig.name for sig, _ in self._trap.received[:seen]))
+                got = os.path.join(control, f"got-{self.step}-r{rank}")
+                with open(got + ".tmp", "w") as f:
+                    f.write(names)
+                os.replace(got + ".tmp", got)
             if os.path.exists(done):
                 return
-        log.warning("test hold at step %d: no signal within 60 s, continuing", self.step)
+        log.warning("test hold at step %d: not released within 60 s, continuing", self.step)
 
     # ------------------------------------------------------------ save / load
     def save(self, *, reason: str = "manual") -> Checkpoint:

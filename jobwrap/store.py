@@ -10,6 +10,7 @@ Layout of a checkpoint directory::
     step-000000001200.dcp/     sharded (FSDP) state, one torch.distributed.checkpoint folder
                                written by every rank; the .pt records its files' sizes and checksums
     events.jsonl               the run's history (see :mod:`jobwrap.events`)
+    lock, lock.json            held by the one live trainer of the directory (see :mod:`jobwrap.lock`)
 
 Commit protocol: data to a temporary file in the same directory, fsync, rename;
 then the manifest the same way; then fsync the directory. A checkpoint without
@@ -406,8 +407,8 @@ class CheckpointStore:
         self.lineage: list[str] | None = None  # set by claim(): the runs whose checkpoints are this run's
 
     # ------------------------------------------------------------ setup
-    def prepare(self) -> None:
-        """Create the directory, prove it is writable, and clean what a killed save left."""
+    def ensure_directory(self) -> None:
+        """Create the directory and prove it is writable (a clear StorageError if not)."""
         try:
             _makedirs(self.directory, self._dir_mode())
             probe = os.path.join(self.directory, f"{_TMP_PREFIX}probe-{uuid.uuid4().hex}")
@@ -417,6 +418,14 @@ class CheckpointStore:
         except OSError as exc:
             raise StorageError(exc.errno, f"checkpoint directory {self.directory} is not usable: "
                                f"{_describe_oserror(exc)}") from exc
+
+    def prepare(self) -> None:
+        """Create the directory, prove it is writable, and clean what a killed save left.
+
+        Only the trainer holding the directory (:mod:`jobwrap.lock`) may call it: the
+        temporaries it removes would be another live trainer's saves in progress.
+        """
+        self.ensure_directory()
         for name in leftovers(os.listdir(self.directory)):
             log.info("removing %s left by an interrupted save", name)
             self._remove(name)

@@ -7,20 +7,22 @@ could not run ``scontrol`` itself.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import psutil
 
 from jobwrap.config import REQUEUE_EXIT_CODE
-from jobwrap.env import read_env
-from jobwrap.schedulers import scontrol_requeue
+from jobwrap.env import SUPERVISOR_VARIABLE, read_env, supervisor_token
+from jobwrap.schedulers import DESPITE_EXIT_SIGNALS, scontrol_requeue
 
 log = logging.getLogger("jobwrap")
 
@@ -92,9 +94,47 @@ def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+def cancelled_by(received: Sequence[int], cancel: Sequence[int], request: str | None) -> signal.Signals | None:
+    """The signal received by ``jobwrap run`` that cancels the requeue training asked for, or None. Pure.
+
+    A user's ``scancel`` (TERM) or Ctrl-C (INT) ends the job even when it reaches
+    ``jobwrap run`` after training decided to requeue (a USR1 came first). Training
+    that requeues on exit signals too says so in its ``request``; then only INT cancels.
+    """
+    cancelling = set(cancel)
+    if request is not None and DESPITE_EXIT_SIGNALS in request.split():
+        cancelling &= {signal.SIGINT}
+    return next((signal.Signals(sig) for sig in received if sig in cancelling), None)
+
+
+def _die_with_me() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel send the command TERM when this process dies (Linux).
+
+    So a SIGKILLed ``jobwrap run`` does not leave training running, re-parented to init:
+    it commits a checkpoint and exits as on a cancel. Deeper processes (torchrun's
+    workers, a shell's child) watch this process themselves (``JOBWRAP_SUPERVISOR``).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the child only calls it
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # died before the prctl: nobody would send it
+            os._exit(128 + signal.SIGTERM)
+    return preexec
+
+
 def supervise(command: Sequence[str], *, forward: Sequence[signal.Signals], max_requeues: int,
-              environ: Mapping[str, str] | None = None) -> int:
-    """Run ``command`` until it ends with anything but the requeue code; return its exit status."""
+              environ: Mapping[str, str] | None = None, cancel: Sequence[signal.Signals] = ()) -> int:
+    """Run ``command`` until it ends with anything but the requeue code; return its exit status.
+
+    A ``cancel`` signal received while it runs means no relaunch, whatever the command asked.
+    """
     env = dict(os.environ if environ is None else environ)
     job = read_env(env)
     restart = job.restart_count
@@ -117,22 +157,29 @@ def supervise(command: Sequence[str], *, forward: Sequence[signal.Signals], max_
     os.close(fd)
     os.unlink(requeue_file)
     env["JOBWRAP_REQUEUE_FILE"] = requeue_file
+    env[SUPERVISOR_VARIABLE] = supervisor_token(os.getpid(), psutil.Process().create_time())
+    preexec = _die_with_me()
     previous = {sig: signal.signal(sig, relay) for sig in forward}
     try:
         while True:
             env["JOBWRAP_RESTART_COUNT"] = str(restart)
             log.debug("launching %s (restart %d)", list(command), restart)
             try:
-                child = subprocess.Popen(list(command), env=env)
+                child = subprocess.Popen(list(command), env=env, preexec_fn=preexec)
             except OSError as exc:
                 log.error("cannot start %s: %s", command[0], exc.strerror)
                 return 127
             while unsent:
                 hold(unsent.pop(0))
             status = exit_status(child.wait())
-            asked = _take(requeue_file)
-            if not asked and status != REQUEUE_EXIT_CODE:
+            request = _take(requeue_file)
+            if request is None and status != REQUEUE_EXIT_CODE:
                 return status
+            cancelled = cancelled_by(received, cancel, request)
+            if cancelled is not None:
+                log.info("%s received: not relaunching although training asked to be requeued "
+                         "(a cancel wins over a requeue)", cancelled.name)
+                return 128 + cancelled
             if job.scheduler == "slurm" and job.job_id:
                 error = scontrol_requeue(job.job_id)
                 if error is None:
@@ -153,10 +200,21 @@ def supervise(command: Sequence[str], *, forward: Sequence[signal.Signals], max_
         _take(requeue_file)
 
 
-def _take(path: str) -> bool:
-    """Whether the training process asked for a requeue through ``path``; consumes the request."""
+def _take(path: str) -> str | None:
+    """The requeue request the training process wrote into ``path`` (None: none); consumes it."""
+    try:
+        # Never through a symlink, never blocking on a FIFO planted at that name.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            request = os.read(fd, 256).decode(errors="replace")
+        finally:
+            os.close(fd)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        request = "requeue"  # there, but unreadable: still a request
     try:
         os.unlink(path)
-        return True
     except FileNotFoundError:
-        return False
+        pass
+    return request

@@ -52,7 +52,7 @@ class PreemptedRun:
 
 
 def run_preempted(command: Sequence[str], directory: str | os.PathLike, *,
-                  preempt_at: Iterable[int] = (), signal_: int = signal.SIGUSR1,
+                  preempt_at: Iterable[int] = (), signal_: int | Sequence[int] = signal.SIGUSR1,
                   env: Mapping[str, str] | None = None, run_args: Sequence[str] = (),
                   ranks: int = 1, target_ranks: Sequence[int] | None = None,
                   timeout: float = 300) -> PreemptedRun:
@@ -61,11 +61,14 @@ def run_preempted(command: Sequence[str], directory: str | os.PathLike, *,
     By default the signal goes to the supervisor, which forwards it to the
     training processes and relaunches them when they ask to be requeued, as
     Slurm would. With ``target_ranks`` it goes straight to those ranks only
-    (``ranks`` training processes must all reach the step first). On a timeout
-    every Python process of the run dumps its stack into the error.
+    (``ranks`` training processes must all reach the step first). ``signal_`` may be
+    several signals (``[SIGUSR1, SIGTERM]``: a warning, then a cancel): they are sent in
+    order, and the hold ends once the targets have seen every one. On a timeout every
+    Python process of the run dumps its stack into the error.
     """
     directory = Path(directory)
     pending = sorted(set(preempt_at))
+    signals = [signal_] if isinstance(signal_, int) else list(signal_)
     control = Path(tempfile.mkdtemp(prefix="jobwrap-control-"))
     run_env = {**os.environ, **(env or {}), "JOBWRAP_DIR": str(directory),
                "JOBWRAP_TEST_CONTROL": str(control), "PYTHONFAULTHANDLER": "1",
@@ -88,12 +91,10 @@ def run_preempted(command: Sequence[str], directory: str | os.PathLike, *,
                     if len(held) < ranks:
                         continue
                     targets = list(held) if target_ranks is None else list(target_ranks)
-                    if target_ranks is None:
-                        os.kill(proc.pid, signal_)
-                    else:
-                        for rank in targets:
-                            os.kill(held[rank], signal_)
-                    _release(control, step, targets, deadline)
+                    for sig in signals:
+                        for pid in [proc.pid] if target_ranks is None else [held[r] for r in targets]:
+                            os.kill(pid, sig)
+                    _release(control, step, targets, deadline, want=len(set(signals)))
                     pending.remove(step)
                     signalled.append(step)
                 time.sleep(0.005)
@@ -129,11 +130,19 @@ def _held(control: Path, step: int) -> dict[int, int]:
             for p in control.glob(f"held-{step}-r*") if p.read_text().strip()}
 
 
-def _release(control: Path, step: int, targets: list[int], deadline: float) -> None:
-    """Wait until ``targets`` saw the signal, then let every rank go on; relaunches pass the step."""
-    _wait_for(lambda: all((control / f"got-{step}-r{r}").exists() for r in targets),
-              deadline, f"ranks {targets} did not see the signal at step {step}")
+def _release(control: Path, step: int, targets: list[int], deadline: float, want: int = 1) -> None:
+    """Wait until ``targets`` saw ``want`` kinds of signal, then let every rank go on; relaunches pass the step."""
+    _wait_for(lambda: all(len(_seen(control / f"got-{step}-r{r}")) >= want for r in targets),
+              deadline, f"ranks {targets} did not see the {want} signal(s) at step {step}")
     (control / f"done-{step}").touch()
+
+
+def _seen(path: Path) -> set[str]:
+    """The signal names a held process wrote into its got-STEP-rRANK file (one or more once it exists)."""
+    try:
+        return set(path.read_text().split()) or {"?"}
+    except FileNotFoundError:
+        return set()
 
 
 def _wait_for(condition: Any, deadline: float, message: str) -> None:

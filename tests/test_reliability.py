@@ -174,7 +174,7 @@ def test_symlinked_events_log_is_not_followed(tmp_path):
 
 # ---------------------------------------------------------------- signals
 
-def test_signal_storm_gives_one_checkpoint_and_the_first_signals_exit(tmp_path):
+def test_signal_storm_gives_one_checkpoint_and_the_deciding_signals_exit(tmp_path):
     """~300 USR1/TERM in bursts while training and saving: one intact signal checkpoint, no hang."""
     rng = random.Random(5)
     for _ in range(3):

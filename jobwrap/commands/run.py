@@ -61,4 +61,5 @@ def main(args: argparse.Namespace) -> int:
         settings = load_run_settings(env)  # the flags are in env already: they beat the caller's variables
     except ConfigError as exc:
         raise SystemExit(f"jobwrap run: {exc}") from None
-    return supervise(command, forward=settings.forwarded, max_requeues=settings.max_requeues, environ=env)
+    return supervise(command, forward=settings.forwarded, max_requeues=settings.max_requeues, environ=env,
+                     cancel=settings.cancelling)
