@@ -206,6 +206,17 @@ def _accepted(dimensions: dict[str, tuple[Any, ...]]) -> dict[str, tuple[Any, ..
     return {name: tuple(v for v in values if v not in refused.get(name, ())) for name, values in dimensions.items()}
 
 
+def single_value_cells() -> list[Cell]:
+    """Each value alone on the baseline (TERM where it matters most): a failing pair is traced to a value."""
+    cells = []
+    for name, values in DIMENSIONS.items():
+        for value in values[1:]:
+            cell = Cell(**_fill_neutral({name: value}))
+            if valid(cell) and value not in SLURM_LAUNCHES:
+                cells.append(cell)
+    return cells
+
+
 def loader_by_signal() -> list[Cell]:
     """The full cross of loader x signal under ``jobwrap run``, with 2 workers wherever a DataLoader is used."""
     cells = []
@@ -229,7 +240,8 @@ def default_cells() -> list[Cell]:
 
 def full_cells() -> list[Cell]:
     """Every cell of the full matrix, without repeats: pairwise, loader x signal, Slurm."""
-    return list(dict.fromkeys(local_pairwise() + refusal_cells() + loader_by_signal() + slurm_cells()))
+    return list(dict.fromkeys(local_pairwise() + refusal_cells() + single_value_cells() + loader_by_signal()
+                              + slurm_cells()))
 
 
 def selected_cells(environ: dict[str, str] | None = None) -> list[Cell]:

@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from cells import CANCELS, Cell
 
+import jobwrap.errors
 from jobwrap.config import REQUEUE_EXIT_CODE
 from jobwrap.events import read_events
 from jobwrap.testing import assert_same_run
@@ -36,7 +37,8 @@ REPO = HERE.parent.parent
 TRAIN = HERE / "train_matrix.py"
 TIMEOUT = 240  # seconds for one run (all its launches); a hang fails with every process's stack
 PERIODIC_EVERY = 2  # JOBWRAP_SAVE_EVERY_STEPS of the sigkill cells
-_ERROR = re.compile(r"^(?:jobwrap\.errors\.)?(\w*(?:Error|Exception)): (.+)$", re.M)
+_ERROR = re.compile(r"^(?:\[rank\d+\]:\s*)?(?:[\w.]+\.)?(\w*(?:Error|Exception|Interrupt)): (.+)$", re.M)
+JOBWRAP_ERRORS = frozenset(name for name in dir(jobwrap.errors) if name.endswith("Error"))
 
 
 @dataclasses.dataclass
@@ -248,11 +250,17 @@ def preemption_points(reference: Run) -> list[int]:
 
 
 def refusal(run: Run) -> str | None:
-    """The error a run refused to start with: the launch failed before training a step."""
-    if run.codes and run.codes[-1] != 0 and not run.loss_lines():
-        errors = _ERROR.findall(run.output)
-        return f"{errors[-1][0]}: {errors[-1][1]}" if errors else f"exit {run.codes[-1]}: {run.output[-800:]}"
+    """The jobwrap error a run refused to start with (before training a step), or None."""
+    error = last_error(run)
+    if run.codes[-1:] != [0] and not run.loss_lines() and error.split(":")[0] in JOBWRAP_ERRORS:
+        return error
     return None
+
+
+def last_error(run: Run) -> str:
+    """The last exception line of a run's output (every rank's), or the output's tail."""
+    errors = _ERROR.findall(run.output)
+    return f"{errors[-1][0]}: {errors[-1][1]}" if errors else f"exit codes {run.codes}: {run.output[-600:]}"
 
 
 def judge(cell: Cell, reference: Run, cut: Run) -> Outcome:
@@ -279,6 +287,8 @@ def judge(cell: Cell, reference: Run, cut: Run) -> Outcome:
         assert_same_run(reference.directory, cut.directory)
     except AssertionError as exc:
         return Outcome("diverged", "; ".join(problems + [f"final state: {str(exc)[:300]}"]))
+    if cut.codes[-1:] != [0]:
+        problems.append(f"last error: {last_error(cut)}")
     if problems:
         kind = "failed" if cut.codes[-1:] != [0] else "diverged"
         return Outcome(kind, "; ".join(problems))
@@ -341,7 +351,8 @@ class Matrix:
         if refused is not None:
             return Outcome("refused", refused)
         if reference.codes[-1:] != [0]:
-            return Outcome("failed", f"uninterrupted run exited {reference.codes}: {reference.output[-1500:]}")
+            when = "after training" if reference.loss_lines() else "before the first step"
+            return Outcome("failed", f"uninterrupted run failed {when}: {last_error(reference)}")
         directory = Path(tempfile.mkdtemp(prefix="cut-", dir=self.base)) / "ck"
         cut = train(cell, directory, preemption_points(reference))
         return judge(cell, reference, cut)

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from cells import Cell, expected, selected_cells
+from cells import SLURM_LAUNCHES, Cell, expected, selected_cells
 from drive import Matrix
 
 CELLS = selected_cells()
@@ -22,12 +22,18 @@ def matrix(tmp_path_factory) -> Matrix:
 
 
 def _marks(cell: Cell) -> list:
-    return [pytest.mark.slurm] if cell.launch in ("slurm_batch", "srun") else []
+    return [pytest.mark.slurm] if cell.launch in SLURM_LAUNCHES else []
 
 
 @pytest.mark.parametrize("cell", [pytest.param(c, id=c.id, marks=_marks(c)) for c in CELLS])
 def test_cell(matrix, cell):
     """A cell ends bit-exact with its uninterrupted run after real signals, or is refused at start naming the option."""
+    if cell.launch in SLURM_LAUNCHES:
+        from slurm_cluster import cluster_available
+
+        up, why = cluster_available()
+        if not up:
+            pytest.skip(why)
     want = expected(cell)
     got = matrix.run(cell)
     if want.kind == "refused":
