@@ -47,7 +47,7 @@ CANCELS = ("term", "usr1_term", "sigkill")  # the job is not requeued: the test 
 
 #: How many cells of the pairwise cover the default (CI) run takes (with one cell per refused value);
 #: JOBWRAP_MATRIX=full runs all.
-DEFAULT_CELLS = 14
+DEFAULT_CELLS = 10
 
 
 @dataclasses.dataclass(frozen=True)

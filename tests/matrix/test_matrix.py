@@ -25,6 +25,7 @@ def _marks(cell: Cell) -> list:
     return [pytest.mark.slurm] if cell.launch in SLURM_LAUNCHES else []
 
 
+@pytest.mark.timeout(800)  # each run is bounded (drive.TIMEOUT); a cell runs at most three
 @pytest.mark.parametrize("cell", [pytest.param(c, id=c.id, marks=_marks(c)) for c in CELLS])
 def test_cell(matrix, cell):
     """A cell ends bit-exact with its uninterrupted run after real signals, or is refused at start naming the option."""
