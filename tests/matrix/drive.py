@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable, Sequence
 
 from cells import CANCELS, Cell
 
@@ -192,11 +192,10 @@ class Signaller(threading.Thread):
             send(signal.SIGUSR1)
         if kind in ("term", "usr1_term"):
             send(signal.SIGTERM, group=True)  # scancel: TERM to every process of the job
-        self._wait(lambda: all((self.control / f"got-{step}-r{r}").exists() for r in self._held(step)),
-                   quiet=True)
+        self._wait(lambda: all((self.control / f"got-{step}-r{r}").exists() for r in self._held(step)))
         if kind == "double":
             (self.control / f"done-{step}").touch()
-            if self._wait(lambda: (self.control / f"saving-{step}").exists(), quiet=True):
+            if self._wait(lambda: (self.control / f"saving-{step}").exists()):
                 send(signal.SIGUSR1)
                 time.sleep(0.2)  # let it land while the save waits (the save must not depend on this)
             else:
@@ -211,7 +210,7 @@ class Signaller(threading.Thread):
                 held[int(path.name.rsplit("-r", 1)[1])] = int(text)
         return held
 
-    def _wait(self, condition: Callable[[], bool], quiet: bool = False) -> bool:
+    def _wait(self, condition: Callable[[], bool]) -> bool:
         while not condition():
             if self.stop.is_set() or time.monotonic() > self.deadline:
                 return False
@@ -219,7 +218,7 @@ class Signaller(threading.Thread):
         return True
 
 
-def train(cell: Cell, directory: Path, points: list[int] = ()) -> Run:
+def train(cell: Cell, directory: Path, points: Sequence[int] = ()) -> Run:
     """Run ``cell``'s training in ``directory``, signalled at each step of ``points`` (none: uninterrupted)."""
     points = sorted(points)
     control = Path(tempfile.mkdtemp(prefix="matrix-control-", dir=directory.parent)) if points else None
