@@ -1,0 +1,279 @@
+"""The configuration matrix: its dimensions, the cells it runs, and what each cell must do.
+
+Everything that decides *which* combinations run and *what* they must give lives
+here, as pure functions: the dimensions and their values, the constraints between
+them, a deterministic greedy all-pairs cover, the full cross of loader x signal,
+the Slurm cells, and :func:`expected`, the one place that says "exact" or
+"refused, and why" for a cell. Adjust the expectations there, nowhere else.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+from typing import Any, Iterable, Iterator
+
+# ---------------------------------------------------------------- dimensions
+# The first value of each dimension is its baseline (used where a cell does not vary it).
+DIMENSIONS: dict[str, tuple[Any, ...]] = {
+    # How the training data is fed (tests/matrix/train_matrix.py builds each).
+    "loader": ("shuffled", "generator", "sampler", "batch_sampler", "iterable", "iterable_state",
+               "python_list", "python_generator"),
+    "workers": (0, 2),
+    "loader_option": ("none", "persistent_workers", "worker_init_fn", "drop_last"),
+    # none; a second DataLoader iterated directly inside the epoch; the same, but wrapped in job.loader() too.
+    "validation": ("none", "plain", "wrapped"),
+    # job.epochs() + job.loader(), or a hand-written loop that calls job.step_done() only.
+    "loop": ("epochs", "step_done"),
+    "accumulate": (1, 2),
+    "save": ("none", "epoch_end", "in_body"),
+    "scheduler": ("epoch", "per_batch"),
+    "scaler": ("none", "grad_scaler"),
+    "optimizers": (1, 2),
+    # allowed: one extra of each allowed type; numpy_array: job["confusion"] = np.zeros((2, 2));
+    # set_only: an extra set only through job[...] and never passed to track().
+    "extras": ("none", "allowed", "numpy_array", "set_only"),
+    # usr1: requeue; term: scancel (TERM to every process of the job); usr1_term: USR1, then TERM in the
+    # warning window; double: USR1, then USR1 again while the signal's save is being written;
+    # sigkill: periodic background saves, then SIGKILL to every process, then a plain relaunch.
+    "signal": ("usr1", "term", "usr1_term", "double", "sigkill"),
+    "launch": ("plain", "run", "torchrun", "slurm_batch", "srun"),
+}
+
+LOCAL_LAUNCHES = ("plain", "run", "torchrun")
+SLURM_LAUNCHES = ("slurm_batch", "srun")
+MULTI_RANK_LAUNCHES = ("torchrun", "srun")
+CANCELS = ("term", "usr1_term", "sigkill")  # the job is not requeued: the test relaunches it, as a user would
+
+#: How many cells of the pairwise cover the default (CI) run takes (with one cell per refused value);
+#: JOBWRAP_MATRIX=full runs all.
+DEFAULT_CELLS = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One combination: a value for every dimension."""
+
+    loader: str = "shuffled"
+    workers: int = 0
+    loader_option: str = "none"
+    validation: str = "none"
+    loop: str = "epochs"
+    accumulate: int = 1
+    save: str = "none"
+    scheduler: str = "epoch"
+    scaler: str = "none"
+    optimizers: int = 1
+    extras: str = "none"
+    signal: str = "usr1"
+    launch: str = "plain"
+
+    @property
+    def id(self) -> str:
+        """A short readable name: only the values that differ from the baseline."""
+        base = Cell()
+        parts = [f"{k}={v}" for k, v in dataclasses.asdict(self).items()
+                 if k not in ("signal", "launch") and v != getattr(base, k)]
+        return "-".join([self.launch, self.signal, *parts]) or "baseline"
+
+    @property
+    def ranks(self) -> int:
+        return 2 if self.launch in MULTI_RANK_LAUNCHES else 1
+
+    def training(self) -> dict[str, Any]:
+        """The training script's configuration: everything but how it is launched and signalled."""
+        values = dataclasses.asdict(self)
+        values.pop("signal")
+        values.pop("launch")
+        values["ranks"] = self.ranks
+        return values
+
+
+@dataclasses.dataclass(frozen=True)
+class Expectation:
+    """``exact``: the preempted run equals the uninterrupted one bit for bit; ``refused``: the start fails
+    with an error whose text matches ``match`` (it must name the option), for ``reason``."""
+
+    kind: str
+    reason: str = ""
+    match: str = ""
+
+
+# ---------------------------------------------------------------- constraints
+
+def valid(cell: Cell) -> bool:
+    """Whether a combination is meaningful (combinations PyTorch itself rejects, or no-ops, are left out)."""
+    python_data = cell.loader in ("python_list", "python_generator")
+    if cell.loader_option == "persistent_workers" and cell.workers == 0:
+        return False  # DataLoader raises ValueError itself
+    if python_data and (cell.workers or cell.loader_option != "none"):
+        return False  # no DataLoader: workers and loader options mean nothing
+    if cell.loop == "step_done" and (cell.loader != "shuffled" or cell.validation == "wrapped"):
+        return False  # the hand-written loop indexes its own data; job.loader() is not used
+    return True
+
+
+def _partial_ok(values: dict[str, Any]) -> bool:
+    """Whether some valid cell could still extend these values (for the greedy cover)."""
+    return valid(Cell(**{**dataclasses.asdict(Cell()), **_fill_neutral(values)}))
+
+
+def _fill_neutral(values: dict[str, Any]) -> dict[str, Any]:
+    """Fill unset dimensions with the value least likely to clash with what is set."""
+    filled = dict(values)
+    if "workers" not in filled:
+        filled["workers"] = 2 if filled.get("loader_option") == "persistent_workers" else 0
+    if "loader" not in filled:
+        filled["loader"] = "shuffled"
+    return filled
+
+
+# ---------------------------------------------------------------- generators
+
+def pairwise(dimensions: dict[str, tuple[Any, ...]]) -> list[Cell]:
+    """A deterministic greedy all-pairs cover: every valid pair of values of two dimensions is in some cell.
+
+    Each new cell is built dimension by dimension, taking the value that covers
+    the most uncovered pairs with the values already chosen (ties: the earlier
+    value), starting from the most-needed uncovered pair. No randomness, so the
+    same dimensions always give the same cells, in the same order.
+    """
+    names = list(dimensions)
+    uncovered = {pair for pair in _all_pairs(dimensions) if _partial_ok(dict(pair))}
+    cells: list[Cell] = []
+    while uncovered:
+        (a, va), (b, vb) = min(uncovered, key=lambda p: (names.index(p[0][0]), names.index(p[1][0]),
+                                                          dimensions[p[0][0]].index(p[0][1]),
+                                                          dimensions[p[1][0]].index(p[1][1])))
+        chosen: dict[str, Any] = {a: va, b: vb}
+        for name in names:
+            if name in chosen:
+                continue
+            best = max(dimensions[name], key=lambda v: (
+                _partial_ok({**chosen, name: v}),
+                sum(((name, v), (o, chosen[o])) in uncovered or ((o, chosen[o]), (name, v)) in uncovered
+                    for o in chosen),
+                -dimensions[name].index(v)))
+            chosen[name] = best
+        cell = Cell(**chosen)
+        if not valid(cell):  # cannot happen with _partial_ok, but never emit an invalid cell
+            uncovered.discard(((a, va), (b, vb)))
+            continue
+        cells.append(cell)
+        uncovered -= set(_pairs_of(cell, names))
+    return cells
+
+
+def _all_pairs(dimensions: dict[str, tuple[Any, ...]]) -> Iterator[tuple[tuple[str, Any], tuple[str, Any]]]:
+    for a, b in itertools.combinations(dimensions, 2):
+        for va in dimensions[a]:
+            for vb in dimensions[b]:
+                yield (a, va), (b, vb)
+
+
+def _pairs_of(cell: Cell, names: list[str]) -> Iterator[tuple[tuple[str, Any], tuple[str, Any]]]:
+    for a, b in itertools.combinations(names, 2):
+        yield (a, getattr(cell, a)), (b, getattr(cell, b))
+
+
+def refused_values() -> dict[str, tuple[Any, ...]]:
+    """The values :func:`expected` refuses on their own (in the baseline cell), by dimension.
+
+    They are kept out of the pairwise cover: a refused cell tests nothing about
+    its other values, so each would hide the pairs it was meant to cover.
+    """
+    found: dict[str, tuple[Any, ...]] = {}
+    for name, values in DIMENSIONS.items():
+        bad = tuple(v for v in values if expected(Cell(**_fill_neutral({name: v}))).kind == "refused")
+        if bad:
+            found[name] = bad
+    return found
+
+
+def local_pairwise() -> list[Cell]:
+    """The all-pairs cover over every dimension's accepted values, launches without Slurm."""
+    return pairwise(_accepted({**DIMENSIONS, "launch": LOCAL_LAUNCHES}))
+
+
+def refusal_cells() -> list[Cell]:
+    """Each refused value alone, under each local launch: the refusal must come at start, whatever the launch."""
+    return [Cell(**_fill_neutral({name: value}), launch=launch)
+            for name, values in refused_values().items() for value in values for launch in LOCAL_LAUNCHES]
+
+
+def _accepted(dimensions: dict[str, tuple[Any, ...]]) -> dict[str, tuple[Any, ...]]:
+    refused = refused_values()
+    return {name: tuple(v for v in values if v not in refused.get(name, ())) for name, values in dimensions.items()}
+
+
+def single_value_cells() -> list[Cell]:
+    """Each value alone on the baseline (TERM where it matters most): a failing pair is traced to a value."""
+    cells = []
+    for name, values in DIMENSIONS.items():
+        for value in values[1:]:
+            cell = Cell(**_fill_neutral({name: value}))
+            if valid(cell) and value not in SLURM_LAUNCHES:
+                cells.append(cell)
+    return cells
+
+
+def loader_by_signal() -> list[Cell]:
+    """The full cross of loader x signal under ``jobwrap run``, with 2 workers wherever a DataLoader is used."""
+    cells = []
+    for loader, sig in itertools.product(DIMENSIONS["loader"], DIMENSIONS["signal"]):
+        workers = 0 if loader in ("python_list", "python_generator") else 2
+        cells.append(Cell(loader=loader, workers=workers, signal=sig, launch="run"))
+    return cells
+
+
+def slurm_cells() -> list[Cell]:
+    """Fewer cells on the real local Slurm (slow): each signal in the batch layout, two in srun with 2 tasks."""
+    common = dict(workers=2, save="epoch_end", extras="allowed")
+    return ([Cell(signal=s, launch="slurm_batch", **common) for s in DIMENSIONS["signal"]]
+            + [Cell(signal=s, launch="srun", **common) for s in ("usr1", "term")])
+
+
+def default_cells() -> list[Cell]:
+    """The fixed subset CI runs: the first cells of the pairwise cover (the greedy cover front-loads pairs)."""
+    return local_pairwise()[:DEFAULT_CELLS] + [c for c in refusal_cells() if c.launch == "run"]
+
+
+def full_cells() -> list[Cell]:
+    """Every cell of the full matrix, without repeats: pairwise, loader x signal, Slurm."""
+    return list(dict.fromkeys(local_pairwise() + refusal_cells() + single_value_cells() + loader_by_signal()
+                              + slurm_cells()))
+
+
+def selected_cells(environ: dict[str, str] | None = None) -> list[Cell]:
+    """``JOBWRAP_MATRIX=full``: the full matrix; otherwise the default subset."""
+    environ = os.environ if environ is None else environ
+    return full_cells() if environ.get("JOBWRAP_MATRIX", "").strip().lower() == "full" else default_cells()
+
+
+def pair_coverage(cells: Iterable[Cell], dimensions: dict[str, tuple[Any, ...]] | None = None) -> float:
+    """The share of valid pairs the cells cover (1.0 for the pairwise cover)."""
+    dimensions = dimensions or _accepted({**DIMENSIONS, "launch": LOCAL_LAUNCHES})
+    wanted = {p for p in _all_pairs(dimensions) if _partial_ok(dict(p))}
+    covered = {p for cell in cells for p in _pairs_of(cell, list(dimensions))}
+    return len(wanted & covered) / len(wanted)
+
+
+# ---------------------------------------------------------------- expectations
+
+def expected(cell: Cell) -> Expectation:
+    """What jobwrap must do with ``cell`` once issue 11's defects are fixed: the one table to adjust.
+
+    Refusals come first (the start must fail with the option named); everything
+    else must be bit-exact, whatever the signal and the launch.
+    """
+    if cell.extras == "numpy_array":
+        return Expectation("refused", "a numpy array cannot be read back with weights_only; refused when set "
+                                      "(defect 4), not at the preemption", match=r"confusion")
+    if cell.loader == "python_generator":
+        return Expectation("refused", "a one-shot generator cannot be replayed to resume mid-epoch; "
+                                      "refused at loader()", match=r"(?i)generator|re-?iterable")
+    if cell.validation == "wrapped":
+        return Expectation("refused", "a second loader wrapped in job.loader() inside the epoch would replace "
+                                      "the training loader's position; refused at the second loader()",
+                           match=r"(?i)loader")
+    return Expectation("exact")

@@ -1,0 +1,44 @@
+"""The configuration matrix (tests/matrix/cells.py): each cell is bit-exact after real preemptions, or refused at start.
+
+The default run takes a fixed pairwise subset; ``JOBWRAP_MATRIX=full`` runs every cell
+(``scripts/matrix`` does, and writes docs/compatibility.md).
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from cells import SLURM_LAUNCHES, Cell, expected, selected_cells
+from drive import Matrix
+
+CELLS = selected_cells()
+
+
+@pytest.fixture(scope="session")
+def matrix(tmp_path_factory) -> Matrix:
+    """One runner for the session: each uninterrupted reference run is shared by the cells that need it."""
+    return Matrix(tmp_path_factory.mktemp("matrix"))
+
+
+def _marks(cell: Cell) -> list:
+    return [pytest.mark.slurm] if cell.launch in SLURM_LAUNCHES else []
+
+
+@pytest.mark.timeout(800)  # each run is bounded (drive.TIMEOUT); a cell runs at most three
+@pytest.mark.parametrize("cell", [pytest.param(c, id=c.id, marks=_marks(c)) for c in CELLS])
+def test_cell(matrix, cell):
+    """A cell ends bit-exact with its uninterrupted run after real signals, or is refused at start naming the option."""
+    if cell.launch in SLURM_LAUNCHES:
+        from slurm_cluster import cluster_available
+
+        up, why = cluster_available()
+        if not up:
+            pytest.skip(why)
+    want = expected(cell)
+    got = matrix.run(cell)
+    if want.kind == "refused":
+        assert got.kind == "refused", f"expected a refusal at start ({want.reason}), got {got.kind}: {got.detail}"
+        assert re.search(want.match, got.detail), f"refusal does not name the option ({want.match!r}): {got.detail}"
+    else:
+        assert got.kind == "exact", f"{got.kind}: {got.detail}"
