@@ -269,6 +269,12 @@ def expected(cell: Cell) -> Expectation:
     if cell.extras == "numpy_array":
         return Expectation("refused", "a numpy array cannot be read back with weights_only; refused when set "
                                       "(defect 4), not at the preemption", match=r"confusion")
+    if cell.extras == "set_only":
+        return Expectation("refused", "an extra set only through job[...] would not be restored on resume; "
+                                      "refused when set, naming job.track(name=initial)", match=r"track\(")
+    if cell.loader_option == "persistent_workers" and cell.loop == "epochs":
+        return Expectation("refused", "persistent workers keep their RNG state across epochs, which a resume "
+                                      "cannot restore; refused at loader()", match=r"persistent_workers")
     if cell.loader == "python_generator":
         return Expectation("refused", "a one-shot generator cannot be replayed to resume mid-epoch; "
                                       "refused at loader()", match=r"(?i)generator|re-?iterable")

@@ -212,11 +212,7 @@ class Trainer:
             job["improved"] = loss <= job["best"]
             job["np_scalar"] = numpy.float64(loss)
         elif self.cfg["extras"] == "set_only":
-            try:
-                seen = job["seen"]
-            except KeyError:
-                seen = 0
-            job["seen"] = seen + 1
+            job["seen"] = job["seen"] + 1
 
 
 def allowed_extras() -> dict[str, Any]:
@@ -270,6 +266,8 @@ def main() -> None:
         job.track(**things)
         if cfg["extras"] == "numpy_array":
             job["confusion"] = numpy.zeros((2, 2))
+        elif cfg["extras"] == "set_only":
+            job["seen"] = 0  # set, never tracked: the way a script starts its bookkeeping
         log = open(f"{loss_log}.r{rank}", "a")
 
         def body(x: torch.Tensor, y: torch.Tensor) -> None:
