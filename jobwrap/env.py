@@ -18,6 +18,7 @@ class JobEnv:
     world_size: int
     end_time: float | None = None  # epoch seconds when the allocation ends, if known
     requeue_file: str | None = None  # set by `jobwrap run`: touching it asks for a relaunch
+    trainers_dir: str | None = None  # set by `jobwrap run`: training processes register there for its signals
 
 
 def _int(environ: Mapping[str, str], *names: str, default: int) -> int:
@@ -58,6 +59,7 @@ def read_env(environ: Mapping[str, str] | None = None) -> JobEnv:
             rank=rank, local_rank=local_rank, world_size=world_size,
             end_time=float(end) if end and end.isdigit() else None,
             requeue_file=environ.get("JOBWRAP_REQUEUE_FILE") or None,
+            trainers_dir=environ.get("JOBWRAP_TRAINERS") or None,
         )
     return JobEnv(
         scheduler="local",
@@ -65,6 +67,7 @@ def read_env(environ: Mapping[str, str] | None = None) -> JobEnv:
         restart_count=_int(environ, "JOBWRAP_RESTART_COUNT", default=0),
         rank=rank, local_rank=local_rank, world_size=world_size,
         requeue_file=environ.get("JOBWRAP_REQUEUE_FILE") or None,
+        trainers_dir=environ.get("JOBWRAP_TRAINERS") or None,
     )
 
 

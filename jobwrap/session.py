@@ -36,6 +36,7 @@ from jobwrap.signals import SignalTrap
 from jobwrap.state import RESERVED_KEYS, capture_rng, is_stateful, load_into, plain, restore_rng
 from jobwrap.snapshot import BackgroundSave, ChangedWhileCopied, StagingArea, check_unchanged, lower_priority
 from jobwrap.store import FORMAT_VERSION, Checkpoint, CheckpointStore, SaveCancelled, folder_name
+from jobwrap.workers import guard_dataloader_workers
 
 log = logging.getLogger("jobwrap")
 
@@ -96,7 +97,8 @@ class Session:
         self._objects: dict[str, Any] = {}
         self._sharded: list[str] = []  # tracked names saved through torch.distributed.checkpoint (FSDP)
         self._loader: ResumableLoader | None = None
-        self._trap = SignalTrap(self.config.requeue_signals + self.config.exit_signals)
+        self._trap = SignalTrap(self.config.requeue_signals + self.config.exit_signals,
+                                registry=self.job.trainers_dir)
         self._pending: dict[str, Any] | None = None
         self._resume_data: dict[str, Any] | None = None  # the loader's position state, until a loader takes it
         self._resumed_step = -1
@@ -113,6 +115,7 @@ class Session:
         self._copied: Any = None  # threading.Event: set once the writer has copied the deferred tensors
         self._copy_wait = 0.0     # seconds optimizer.step() waited for that copy
         self._step_hooks: dict[int, Any] = {}
+        self._unguard_workers: Callable[[], None] = lambda: None
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> "Session":
@@ -123,6 +126,7 @@ class Session:
         _ensure_log_handler()
         # Trap first, so a signal that arrives while resuming is honoured right after.
         self._trap.install()
+        self._unguard_workers = guard_dataloader_workers(self._trap.signals)
         try:
             self.group = join()
             opened = time.monotonic()
@@ -130,6 +134,7 @@ class Session:
             load_seconds = round(time.monotonic() - opened, 4)
         except BaseException:
             self._trap.restore()
+            self._unguard_workers()
             self._started = False
             raise
         if found is None:
@@ -213,6 +218,7 @@ class Session:
         failure = self._finish_background(exc)
         exc = exc or failure
         self._trap.restore()
+        self._unguard_workers()
         # Every rank leaves together after a finished run or a Preempted; after an error some may not come.
         self.group.close(clean=exc is None or isinstance(exc, Preempted))
         self._started = False
