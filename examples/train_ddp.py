@@ -42,6 +42,7 @@ def base_parser(description: str | None) -> argparse.ArgumentParser:
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--step-seconds", type=float, default=0.0, help="sleep per step (slow it down)")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes per rank")
     return parser
 
 
@@ -66,7 +67,7 @@ def main() -> None:
         model = DistributedDataParallel(model.to(job.device))
         torch.manual_seed(1000 + rank)  # each rank's own dropout stream, saved per rank
         sampler = DistributedSampler(make_dataset(args.samples), shuffle=True, seed=7)
-        loader = DataLoader(sampler.dataset, batch_size=args.batch_size, sampler=sampler)
+        loader = DataLoader(sampler.dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers)
         job.track(model=model.module, optimizer=optimizer, scheduler=scheduler)
         train_epochs(job, model, optimizer, scheduler, loader, args)
     dist.destroy_process_group()

@@ -384,7 +384,7 @@ def check_delivery(settings: Settings, environ: Mapping[str, str], *, run: Runne
     # Training's own trap (which also unblocks a signal `jobwrap task` held). Installed before
     # anything is sent, and kept until the end of the doctor (run_checks puts the previous
     # handler back), so a late second copy of the signal cannot kill it.
-    trap = SignalTrap([sig]).install()
+    trap = SignalTrap([sig], registry=read_env(environ).trainers_dir).install()
     plan = plan_delivery(chain if chain is not None else process_chain(sig), sig=sig, environ=environ,
                          scancel=which("scancel") is not None)
     if isinstance(plan, Row):

@@ -19,6 +19,7 @@ class JobEnv:
     end_time: float | None = None  # epoch seconds when the allocation ends, if known
     requeue_file: str | None = None  # set by `jobwrap run`: touching it asks for a relaunch
     supervisor: tuple[int, float] | None = None  # (pid, create time) of the `jobwrap run` that started it
+    trainers_dir: str | None = None  # set by `jobwrap run`: training processes register there for its signals
 
 
 #: Set by ``jobwrap run`` for everything it starts: ``PID:CREATE_TIME`` of itself, so that a
@@ -78,6 +79,7 @@ def read_env(environ: Mapping[str, str] | None = None) -> JobEnv:
             end_time=float(end) if end and end.isdigit() else None,
             requeue_file=environ.get("JOBWRAP_REQUEUE_FILE") or None,
             supervisor=parse_supervisor(environ.get(SUPERVISOR_VARIABLE)),
+            trainers_dir=environ.get("JOBWRAP_TRAINERS") or None,
         )
     return JobEnv(
         scheduler="local",
@@ -86,6 +88,7 @@ def read_env(environ: Mapping[str, str] | None = None) -> JobEnv:
         rank=rank, local_rank=local_rank, world_size=world_size,
         requeue_file=environ.get("JOBWRAP_REQUEUE_FILE") or None,
         supervisor=parse_supervisor(environ.get(SUPERVISOR_VARIABLE)),
+        trainers_dir=environ.get("JOBWRAP_TRAINERS") or None,
     )
 
 

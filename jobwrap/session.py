@@ -38,6 +38,7 @@ from jobwrap.signals import SignalTrap
 from jobwrap.state import RESERVED_KEYS, capture_rng, fingerprint, is_stateful, load_into, plain, restore_rng
 from jobwrap.snapshot import BackgroundSave, ChangedWhileCopied, StagingArea, check_unchanged, lower_priority
 from jobwrap.store import FORMAT_VERSION, Checkpoint, CheckpointStore, SaveCancelled, folder_name, parse_name
+from jobwrap.workers import guard_dataloader_workers
 
 log = logging.getLogger("jobwrap")
 
@@ -107,7 +108,8 @@ class Session:
         self._objects: dict[str, Any] = {}
         self._sharded: list[str] = []  # tracked names saved through torch.distributed.checkpoint (FSDP)
         self._loader: ResumableLoader | None = None
-        self._trap = SignalTrap(self.config.requeue_signals + self.config.exit_signals)
+        self._trap = SignalTrap(self.config.requeue_signals + self.config.exit_signals,
+                                registry=self.job.trainers_dir)
         self._pending: dict[str, Any] | None = None
         self._resume_data: dict[str, Any] | None = None  # the loader's position state, until a loader takes it
         self._resumed_step = -1
@@ -129,6 +131,7 @@ class Session:
         self._supervisor: tuple[int, float] | None = None  # (pid, start time) of the `jobwrap run` not to outlive
         self._orphaned = False
         self._next_watch = 0.0
+        self._unguard_workers: Callable[[], None] = lambda: None
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> "Session":
@@ -142,6 +145,7 @@ class Session:
         # Watched only when seen alive now: in another PID namespace (a container) it would look gone.
         if self.job.supervisor is not None and alive(*self.job.supervisor):
             self._supervisor = self.job.supervisor
+        self._unguard_workers = guard_dataloader_workers(self._trap.signals)
         try:
             self.group = join()
             opened = time.monotonic()
@@ -150,6 +154,7 @@ class Session:
         except BaseException:
             self._trap.restore()
             self._release_directory()
+            self._unguard_workers()
             self._started = False
             raise
         if found is None:
@@ -247,6 +252,7 @@ class Session:
         failure = self._finish_background(exc)
         exc = exc or failure
         self._trap.restore()
+        self._unguard_workers()
         # Every rank leaves together after a finished run or a Preempted; after an error some may not come.
         self.group.close(clean=exc is None or isinstance(exc, Preempted))
         self._started = False

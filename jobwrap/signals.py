@@ -8,6 +8,8 @@ import time
 from types import FrameType
 from typing import Callable, Iterable
 
+from jobwrap import trainers
+
 log = logging.getLogger("jobwrap")
 
 Handler = Callable[[int, FrameType | None], object] | int | signal.Handlers | None
@@ -18,11 +20,15 @@ class SignalTrap:
 
     The handler does nothing but append to a list and set an event: no I/O, no
     locks that the interrupted code may hold, so it is safe at any instruction.
-    Previous handlers are kept and put back by :meth:`restore`.
+    Previous handlers are kept and put back by :meth:`restore`. With ``registry``
+    (``jobwrap run``'s ``JOBWRAP_TRAINERS``) the process registers there while the trap
+    is installed: the supervisor signals registered processes only (:mod:`jobwrap.trainers`).
     """
 
-    def __init__(self, signals: Iterable[signal.Signals]) -> None:
+    def __init__(self, signals: Iterable[signal.Signals], *, registry: str | None = None) -> None:
         self.signals = tuple(dict.fromkeys(signals))
+        self.registry = registry
+        self._registration: str | None = None
         self.received: list[tuple[signal.Signals, float]] = []
         self.event = threading.Event()
         self._setting = False
@@ -40,9 +46,12 @@ class SignalTrap:
         # `jobwrap task` (srun layouts) starts training with these signals blocked, so that one sent
         # before this handler existed waited instead of killing the process: delivered now, recorded.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signals)
+        self._registration = trainers.register(self.registry)  # handlers first: from now on it may be signalled
         return self
 
     def restore(self) -> None:
+        trainers.unregister(self._registration)
+        self._registration = None
         for sig, previous in self._previous.items():
             signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
         self._previous.clear()

@@ -1,4 +1,4 @@
-"""``jobwrap run``: run a training command, forward signals to it, requeue it when it asks.
+"""``jobwrap run``: run a training command, forward signals to its training processes, requeue it when it asks.
 
 Locally it stands in for the scheduler (relaunching on the requeue exit code);
 inside a Slurm batch script (``exec jobwrap run -- ...``) it is the process the
@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,16 +19,15 @@ import threading
 import time
 from typing import Callable, Mapping, Sequence
 
-import psutil
-
+from jobwrap import trainers
 from jobwrap.config import REQUEUE_EXIT_CODE
 from jobwrap.env import SUPERVISOR_VARIABLE, read_env, supervisor_token
 from jobwrap.schedulers import DESPITE_EXIT_SIGNALS, scontrol_requeue
 
 log = logging.getLogger("jobwrap")
 
-#: How long a signal that nothing in the training tree traps yet is held for it (see
-#: :func:`deliver_when_trapped`) before it goes to the command anyway.
+#: How long a signal that comes before any training process registered (see
+#: :func:`deliver_when_registered`) is held for one before it goes to the command anyway.
 HOLD_SECONDS = 60.0
 
 
@@ -43,48 +43,44 @@ def catches(pid: int, signum: int) -> bool | None:
     return None
 
 
-def signal_tree(pid: int, signum: int, *, fallback: bool = True) -> list[int]:
-    """Send ``signum`` to the processes under ``pid`` that handle it; return who got it.
+def signal_trainers(registry: str, signum: int) -> list[int]:
+    """Send ``signum`` to the training processes registered in ``registry``; return who got it.
 
-    A signal such as USR1 kills a process that does not handle it: a shell in
-    between, or torchrun, which passes only INT/TERM/HUP/QUIT to its workers.
-    So it goes straight to every process in the tree that traps it (the
-    training ranks, whatever launched them) and to the root only when nobody
-    does (with ``fallback``; without it, nobody gets it).
+    Only to them: not to a launcher in between (torchrun traps TERM, passes it on and
+    SIGKILLs the ranks 30 s later, before a slow step reaches its boundary), not to
+    their helpers (a DataLoader worker dies of TERM, and its loader then raises in the
+    middle of the step). Each rank decides, and the ranks agree at a step boundary.
     """
-    try:
-        root = psutil.Process(pid)
-        members = root.children(recursive=True)[::-1] + [root]
-    except psutil.NoSuchProcess:
-        return []
-    targets = [p for p in members if catches(p.pid, signum) is not False]
-    if not targets and not fallback:
-        return []
-    targets = targets or [root]
     reached = []
-    for proc in targets:
+    for pid in trainers.registered(registry):
         try:
-            proc.send_signal(signum)
-            reached.append(proc.pid)
-        except psutil.NoSuchProcess:
+            os.kill(pid, signum)
+            reached.append(pid)
+        except ProcessLookupError:
             continue
     return reached
 
 
-def deliver_when_trapped(child: subprocess.Popen, signum: int, *, hold: float = HOLD_SECONDS,
-                         poll: float = 0.05) -> list[int]:
-    """Send ``signum`` once a process of the child's tree traps it; after ``hold`` s, as :func:`signal_tree` does.
+def deliver_when_registered(child: subprocess.Popen, registry: str, signum: int, *,
+                            hold: float = HOLD_SECONDS, poll: float = 0.05) -> list[int]:
+    """Send ``signum`` once a training process registered; after ``hold`` s, to the command itself.
 
     Slurm's signal can come while training is still starting (importing torch, before
     jobwrap installs its handler): USR1 sent then would kill it, and a preempted job
     that dies is not requeued. Held, it reaches the training process as soon as it can
-    take it, and the session stops at its first step boundary.
+    take it, and the session stops at its first step boundary. A command that never
+    registers (it does not use jobwrap) gets it after ``hold``, as the last resort.
     """
     deadline = time.monotonic() + hold
     while child.poll() is None:
-        reached = signal_tree(child.pid, signum, fallback=time.monotonic() > deadline)
+        reached = signal_trainers(registry, signum)
         if reached:
             return reached
+        if time.monotonic() > deadline:
+            log.warning("%s: no training process registered within %.0f s; sending it to the command (pid %d)",
+                        signal.Signals(signum).name, hold, child.pid)
+            child.send_signal(signum)
+            return [child.pid]
         time.sleep(poll)
     return []
 
@@ -142,15 +138,18 @@ def supervise(command: Sequence[str], *, forward: Sequence[signal.Signals], max_
     received: list[int] = []
     unsent: list[int] = []  # arrived while no command ran (starting, between relaunches): for the next
 
+    registry = tempfile.mkdtemp(prefix="jobwrap-trainers-")
+    env[trainers.REGISTRY_VARIABLE] = registry
+
     def hold(signum: int) -> None:
-        # A thread waits for the trap: the signal handler must return for the main thread's wait().
-        threading.Thread(target=deliver_when_trapped, args=(child, signum), daemon=True).start()
+        # A thread waits for a trainer: the signal handler must return for the main thread's wait().
+        threading.Thread(target=deliver_when_registered, args=(child, registry, signum), daemon=True).start()
 
     def relay(signum: int, frame: object) -> None:
         received.append(signum)
         if child is None or child.poll() is not None:
             unsent.append(signum)
-        elif not signal_tree(child.pid, signum, fallback=False):
+        elif not signal_trainers(registry, signum):
             hold(signum)
 
     fd, requeue_file = tempfile.mkstemp(prefix="jobwrap-requeue-")
@@ -198,6 +197,7 @@ def supervise(command: Sequence[str], *, forward: Sequence[signal.Signals], max_
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         _take(requeue_file)
+        shutil.rmtree(registry, ignore_errors=True)
 
 
 def _take(path: str) -> str | None:

@@ -55,15 +55,20 @@ def run_preempted(command: Sequence[str], directory: str | os.PathLike, *,
                   preempt_at: Iterable[int] = (), signal_: int | Sequence[int] = signal.SIGUSR1,
                   env: Mapping[str, str] | None = None, run_args: Sequence[str] = (),
                   ranks: int = 1, target_ranks: Sequence[int] | None = None,
+                  to_group: bool = False, supervised: bool = True,
                   timeout: float = 300) -> PreemptedRun:
     """Run ``command`` under ``jobwrap run`` and send ``signal_`` when it reaches each step in ``preempt_at``.
 
     By default the signal goes to the supervisor, which forwards it to the
     training processes and relaunches them when they ask to be requeued, as
     Slurm would. With ``target_ranks`` it goes straight to those ranks only
-    (``ranks`` training processes must all reach the step first). ``signal_`` may be
-    several signals (``[SIGUSR1, SIGTERM]``: a warning, then a cancel): they are sent in
-    order, and the hold ends once the targets have seen every one. On a timeout every
+    (``ranks`` training processes must all reach the step first). With
+    ``to_group`` it goes to every process of the run (its process group, with
+    DataLoader workers and launchers), as a plain ``scancel`` or an ``srun``
+    step's signal does. ``supervised=False`` runs ``command`` itself, without
+    ``jobwrap run`` (nothing relaunches it). ``signal_`` may be several signals
+    (``[SIGUSR1, SIGTERM]``: a warning, then a cancel): they are sent in order,
+    and the hold ends once the targets have seen every one. On a timeout every
     Python process of the run dumps its stack into the error.
     """
     directory = Path(directory)
@@ -73,7 +78,7 @@ def run_preempted(command: Sequence[str], directory: str | os.PathLike, *,
     run_env = {**os.environ, **(env or {}), "JOBWRAP_DIR": str(directory),
                "JOBWRAP_TEST_CONTROL": str(control), "PYTHONFAULTHANDLER": "1",
                "JOBWRAP_TEST_HOLD_AT": ",".join(str(s) for s in pending)}
-    argv = [sys.executable, "-m", "jobwrap", "run", *run_args, "--", *command]
+    argv = [sys.executable, "-m", "jobwrap", "run", *run_args, "--", *command] if supervised else list(command)
     out_path, err_path = control / "stdout", control / "stderr"
     signalled: list[int] = []
     with open(out_path, "w") as out, open(err_path, "w") as err:
@@ -92,8 +97,11 @@ def run_preempted(command: Sequence[str], directory: str | os.PathLike, *,
                         continue
                     targets = list(held) if target_ranks is None else list(target_ranks)
                     for sig in signals:
-                        for pid in [proc.pid] if target_ranks is None else [held[r] for r in targets]:
-                            os.kill(pid, sig)
+                        if to_group:
+                            os.killpg(proc.pid, sig)  # start_new_session: the group of the run
+                        else:
+                            for pid in [proc.pid] if target_ranks is None else [held[r] for r in targets]:
+                                os.kill(pid, sig)
                     _release(control, step, targets, deadline, want=len(set(signals)))
                     pending.remove(step)
                     signalled.append(step)

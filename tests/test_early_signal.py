@@ -22,11 +22,10 @@ from conftest import TRAIN
 LATE_TRAP = """\
 import signal, sys, time
 time.sleep(1.5)  # "importing torch": USR1 would kill us now
-got = []
-signal.signal(signal.SIGUSR1, lambda *a: got.append(1))
-deadline = time.monotonic() + 20
-while not got and time.monotonic() < deadline:
-    time.sleep(0.01)
+from jobwrap.env import read_env
+from jobwrap.signals import SignalTrap
+trap = SignalTrap([signal.SIGUSR1], registry=read_env().trainers_dir).install()  # as a Session does
+got = trap.wait(20)
 print("got USR1" if got else "no USR1", flush=True)
 sys.exit(0 if got else 3)
 """
@@ -48,7 +47,7 @@ def _start(command: list[str], env: dict[str, str]) -> subprocess.Popen:
 
 
 def test_signal_before_the_trap_is_delivered_once_trapped(tmp_path: Path):
-    """USR1 while the child has no handler yet: held, and delivered when the child installs one."""
+    """USR1 while the child has no handler yet: held, and delivered when the child installs jobwrap's trap."""
     script = tmp_path / "late.py"
     script.write_text(LATE_TRAP)
     proc = _start([sys.executable, str(script)], _env())

@@ -1,9 +1,11 @@
 """Two ranks under torchrun (gloo, CPU): all stop at the same step, one commit, one requeue, bit-exact resume."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -44,6 +46,60 @@ def test_sigterm_to_one_rank_stops_all_without_requeue(tmp_path):
                         signal_=signal.SIGTERM, timeout=240)
     assert run.returncode != 0  # torchrun reports the ranks' 143 as a failure: the job was cancelled
     assert final_state(tmp_path)["step"] == 3
+    assert not [e for e in read_events(str(tmp_path)) if e["event"] == "requeue"]
+
+
+SLOW_STEP = """\
+import sys, time
+from pathlib import Path
+import torch.distributed as dist
+import jobwrap
+
+dist.init_process_group("gloo")
+with jobwrap.Session() as job:
+    job.track(rank=dist.get_rank())
+    while job.step < 100:
+        if job.step == 3:  # a step longer than torchrun's 30 s between passing TERM on and SIGKILL
+            (Path(sys.argv[1]) / f"slow-{dist.get_rank()}").touch()
+            time.sleep(float(sys.argv[2]))
+        job.step_done()
+dist.destroy_process_group()
+"""
+
+
+def test_term_to_jobwrap_run_reaches_the_ranks_not_torchrun(tmp_path):
+    """TERM to jobwrap run over torchrun goes to the ranks only: a step slower than torchrun's 30 s kill still commits."""
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW_STEP)
+    command = [sys.executable, "-m", "jobwrap", "run", "--dir", str(tmp_path / "ck"), "--",
+               sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(script), str(tmp_path), "35"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JOBWRAP_", "SLURM_"))}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while len(list(tmp_path.glob("slow-*"))) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, "the ranks never reached the slow step"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert final_state(tmp_path / "ck")["step"] == 4, err[-3000:]
+    assert "death signal" not in err, "torchrun was signalled"
+    assert not [e for e in read_events(str(tmp_path / "ck")) if e["event"] == "requeue"]
+
+
+def test_term_to_jobwrap_run_over_torchrun_with_workers_commits(tmp_path):
+    """TERM to jobwrap run, two ranks with two DataLoader workers each: no worker is signalled, the step commits."""
+    run = run_preempted(TORCHRUN + ["--workers", "2"], tmp_path, ranks=2, preempt_at=[3], signal_=signal.SIGTERM,
+                        timeout=240)
+    assert run.returncode != 0  # torchrun reports the ranks' 143 as a failure: the job was cancelled
+    assert "killed by signal" not in run.stderr
+    assert final_state(tmp_path)["step"] == 3, run.stderr[-3000:]
     assert not [e for e in read_events(str(tmp_path)) if e["event"] == "requeue"]
 
 

@@ -45,15 +45,17 @@ def _cmd(optimizer, epochs, loss_log, *extra):
             "--loss-log", str(loss_log), *extra]
 
 
-@pytest.mark.parametrize("optimizer,preempt_at", [
-    ("sgd", [3]),                                   # before the first checkpoint, mid-epoch
-    ("adam", [STEPS_PER_EPOCH]),                    # exactly at an epoch boundary
-    ("adam", [0, 5, STEPS_PER_EPOCH + 3, 2 * STEPS_PER_EPOCH - 1]),  # several times, first before step 1
+@pytest.mark.parametrize("optimizer,preempt_at,workers", [
+    ("sgd", [3], "0"),                                   # before the first checkpoint, mid-epoch
+    ("adam", [STEPS_PER_EPOCH], "0"),                    # exactly at an epoch boundary
+    ("adam", [0, 5, STEPS_PER_EPOCH + 3, 2 * STEPS_PER_EPOCH - 1], "0"),  # several times, first before step 1
+    ("adam", [3, STEPS_PER_EPOCH + 2], "2"),             # DataLoader workers: the same batches as without
 ])
-def test_preempted_run_is_bit_exact(tmp_path, reference, optimizer, preempt_at):
+def test_preempted_run_is_bit_exact(tmp_path, reference, optimizer, preempt_at, workers):
     """SGD+momentum / Adam+StepLR+dropout on a shuffled DataLoader: the preempted run equals the plain one."""
     ref = reference(optimizer)
-    run = run_preempted(_cmd(optimizer, 2, tmp_path / "loss"), tmp_path / "ck", preempt_at=preempt_at).check()
+    run = run_preempted(_cmd(optimizer, 2, tmp_path / "loss", "--workers", workers), tmp_path / "ck",
+                        preempt_at=preempt_at).check()
     assert run.signalled_at == preempt_at
     assert_same_run(ref / "ck", tmp_path / "ck")
     history = (tmp_path / "loss").read_text().splitlines()
@@ -71,14 +73,37 @@ def test_multiprocess_loader_resumes_mid_epoch(tmp_path, reference):
     assert_same_run(plain.directory, cut.directory)
 
 
-def test_sigterm_commits_and_does_not_requeue(tmp_path):
-    """SIGTERM (a user's scancel, or Slurm's preemption) commits a checkpoint and ends the job with 143."""
-    run = run_preempted(_cmd("adam", 2, tmp_path / "loss"), tmp_path / "ck", preempt_at=[6],
-                        signal_=signal.SIGTERM)
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_sigterm_commits_and_does_not_requeue(tmp_path, workers):
+    """SIGTERM to jobwrap run (with and without DataLoader workers) commits and ends the job with 143."""
+    run = run_preempted(_cmd("adam", 2, tmp_path / "loss", "--workers", workers), tmp_path / "ck",
+                        preempt_at=[6], signal_=signal.SIGTERM)
     assert run.returncode == 128 + signal.SIGTERM, run.stderr
     assert "exiting without requeueing" in run.stderr
     assert final_state(tmp_path / "ck")["step"] == 6
     assert "relaunching" not in run.stderr
+    assert "killed by signal" not in run.stderr
+
+
+@pytest.mark.parametrize("supervised", [False, True], ids=["plain-python", "jobwrap-run"])
+def test_sigterm_to_every_process_with_workers_commits(tmp_path, supervised):
+    """TERM to every process of the run, workers included (a plain scancel): the step ends, the checkpoint commits."""
+    run = run_preempted(_cmd("adam", 2, tmp_path / "loss", "--workers", "2"), tmp_path / "ck", preempt_at=[6],
+                        signal_=signal.SIGTERM, to_group=True, supervised=supervised)
+    assert run.returncode == 128 + signal.SIGTERM, run.stderr
+    assert "killed by signal" not in run.stderr
+    assert final_state(tmp_path / "ck")["step"] == 6
+    assert [e["step"] for e in read_events(str(tmp_path / "ck")) if e["event"] == "stop"] == [6]
+
+
+def test_usr1_to_every_process_with_workers_resumes_bit_exact(tmp_path, reference):
+    """USR1 to every process of the run, workers included (an srun step's signal): requeued, resumed bit-exact."""
+    run = run_preempted(_cmd("adam", 2, tmp_path / "loss", "--workers", "2"), tmp_path / "ck", preempt_at=[5],
+                        to_group=True).check()
+    assert run.signalled_at == [5]
+    assert "killed by signal" not in run.stderr
+    assert_same_run(reference("adam") / "ck", tmp_path / "ck")
+    assert (tmp_path / "loss").read_text().splitlines() == (reference("adam") / "loss").read_text().splitlines()
 
 
 def test_requeue_cap_ends_with_a_clear_message(tmp_path):

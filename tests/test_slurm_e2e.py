@@ -325,11 +325,45 @@ def test_preempted_low_job_commits_within_grace_and_resumes_after_high(jobs, tmp
            high_end_to_low_resume=resumed["time"] - slurm_time(high_info["EndTime"]))
 
 
+def test_preemption_with_term_only_resumes_bit_exact(jobs, tmp_path, reference):
+    """Preempted with no user signal (TERM only, after GraceTime), 2 DataLoader workers: commits, Slurm requeues, exact."""
+    ref = reference()
+    script = write_script(tmp_path, "low-term", partition="low",
+                          command=train_command(tmp_path, "--workers", "2", step_seconds=0.6))
+    # No --signal: the partition's TERM at the end of GraceTime is the only warning (most clusters).
+    script.write_text("".join(line for line in script.read_text().splitlines(keepends=True)
+                              if not line.startswith("#SBATCH --signal")))
+    low = submit(script, cwd=tmp_path)
+    jobs.append(low)
+    wait_until(low, lambda: len(lines(tmp_path / "loss.tsv")) >= 5, "5 trained steps", 120)
+    (tmp_path / "high.sh").write_text(HIGH)
+    preempted_at = time.time()
+    high = submit(tmp_path / "high.sh", "--partition=high", "--exclusive", "--output=high-%j.out", cwd=tmp_path)
+    jobs.append(high)
+    wait_for(high, {"COMPLETED"}, timeout=120)
+    info = wait_for(low, {"COMPLETED"}, predicate=lambda i: restart_count(i) == 1, timeout=180)
+    ckpt = tmp_path / "ckpt"
+
+    def check() -> None:
+        assert info["ExitCode"] == "0:0"
+        save = next(e for e in events(ckpt, "save") if e["reason"] == "signal SIGTERM")
+        (stop,) = events(ckpt, "stop")
+        assert stop["requeue"] is False and stop["step"] == save["step"] < TOTAL_STEPS
+        assert not events(ckpt, "requeue"), "Slurm requeues a preempted job itself"
+        starts = events(ckpt, "start")
+        assert [s["restart"] for s in starts] == [0, 1] and starts[1]["step"] == save["step"]
+        assert "killed by signal" not in output_tail(info, 200)
+    checked(low, check)
+    assert_finished_like_reference(low, tmp_path, ref)
+    save = next(e for e in events(ckpt, "save") if e["reason"] == "signal SIGTERM")
+    report("preemption, TERM only", preempt_to_commit=save["time"] - preempted_at)
+
+
 # ---------------------------------------------------------------- 4. user cancel
 
 def test_user_cancel_commits_and_is_not_requeued(jobs, tmp_path):
-    """Plain scancel: TERM, a checkpoint commits, no requeue; the job ends CANCELLED."""
-    script = write_script(tmp_path, "cancel", command=train_command(tmp_path))
+    """Plain scancel, 2 DataLoader workers: TERM to every process, a checkpoint commits, no requeue; CANCELLED."""
+    script = write_script(tmp_path, "cancel", command=train_command(tmp_path, "--workers", "2"))
     job = submit(script, cwd=tmp_path)
     jobs.append(job)
     wait_until(job, lambda: len(lines(tmp_path / "loss.tsv")) >= 5, "5 trained steps", 120)
@@ -345,6 +379,7 @@ def test_user_cancel_commits_and_is_not_requeued(jobs, tmp_path):
         save = next(e for e in events(ckpt, "save") if e["reason"] == "signal SIGTERM")
         assert 5 <= save["step"] < TOTAL_STEPS
         assert committed_steps(ckpt)[0] == save["step"]
+        assert "killed by signal" not in output_tail(info, 200)
     checked(job, check)
     # Cancelled means gone: it does not come back through the queue.
     assert job_info(job)["JobState"] == "CANCELLED" and restart_count(job) == 0

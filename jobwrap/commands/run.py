@@ -26,8 +26,10 @@ _FLAG_FIELDS = {
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         NAME, help="run a training command; forward signals; relaunch it when it asks to be requeued",
-        description="Run CMD, forward the scheduler's signals to its whole process tree and, when it exits "
-                    "with the requeue code (75), requeue it: scontrol requeue under Slurm, else relaunch here.",
+        description="Run CMD, forward the scheduler's signals to its training processes (those that start a "
+                    "jobwrap Session register with it; not launchers such as torchrun, not DataLoader workers) "
+                    "and, when it exits with the requeue code (75), requeue it: scontrol requeue under Slurm, "
+                    "else relaunch here.",
         epilog="example: jobwrap run --dir ckpt --max-requeues 5 -- python train.py --epochs 10",
     )
     parser.add_argument("--dir", help="checkpoint directory (JOBWRAP_DIR)")

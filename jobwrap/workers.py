@@ -1,0 +1,121 @@
+"""DataLoader workers outlive the scheduler's stop signals; the commit needs them.
+
+A plain ``scancel``, a node drain, a preemption without a user signal: Slurm sends
+TERM to every process of the job. A DataLoader worker installs a C handler for TERM
+that kills it unless its parent sent it; its loader then raises ``RuntimeError:
+DataLoader worker ... is killed by signal`` in the middle of the step, and nothing is
+committed. The same happens with USR1 in the ``srun`` layouts, where Slurm signals
+every process of the step.
+
+So while a Session runs, every DataLoader worker starts shielded: the session's
+signals are blocked in it and taken by a thread with ``sigwaitinfo``, which knows
+the sender. From anyone else they are dropped; from the worker's parent (the
+loader shutting a stuck worker down, or multiprocessing's exit handler ending its
+daemon children) they end the worker at once with status 0, as torch's own
+handler does. Ignoring them instead (SIG_IGN) would hang the training process at
+exit: multiprocessing terminates daemon children there and joins them.
+SIGKILL still ends a worker, and a worker ends with its parent (torch's watchdog).
+Spawn and forkserver workers are covered less well: see :func:`_ignore_if_unshielded`.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Any, Callable, Iterable
+
+_torch_loop: Callable[..., Any] | None = None  # torch's worker entry point, while the guard replaces it
+
+
+def shield(signals: Iterable[int]) -> threading.Thread | None:
+    """In a helper process: drop ``signals`` unless its parent sends them, which ends it (status 0)."""
+    signals = set(signals)
+    if not signals:
+        return None
+    # Blocked before the thread starts, so every thread started from now on inherits the mask and
+    # the signal waits for sigwaitinfo instead of running a handler (torch's kills the worker).
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    parent = os.getppid()
+    waiter = threading.Thread(target=_absorb, args=(signals, parent), name="jobwrap-shield", daemon=True)
+    waiter.start()
+    return waiter
+
+
+def _absorb(signals: set[int], parent: int) -> None:
+    while True:
+        info = signal.sigwaitinfo(signals)
+        if info.si_pid == parent:
+            os._exit(0)
+
+
+def unblocked_elsewhere(signals: Iterable[int], skip: Iterable[int]) -> bool:
+    """Whether a thread of this process (other than ``skip``, native ids) has one of ``signals`` unblocked."""
+    mask = sum(1 << (s - 1) for s in signals)
+    skip = set(skip)
+    for tid in os.listdir("/proc/self/task"):
+        if int(tid) in skip:
+            continue
+        try:
+            with open(f"/proc/self/task/{tid}/status") as f:
+                blocked = next(int(line.split()[1], 16) for line in f if line.startswith("SigBlk:"))
+        except (OSError, StopIteration, ValueError):
+            continue
+        if blocked & mask != mask:
+            return True
+    return False
+
+
+def _ignore_if_unshielded(signals: tuple[int, ...], waiter: threading.Thread | None) -> None:
+    """After torch's worker handlers: a thread that does not block the signals would run them and die.
+
+    A forked worker has none (fork copies one thread). A spawn or forkserver worker has the
+    threads its imports started (OpenBLAS's pool) before the shield: there the signals are
+    ignored instead. A TERM from the parent that lands on such a thread is then ignored too,
+    and the worker ends with its parent (torch's watchdog) rather than when the loader
+    terminates it.
+    """
+    skip = [threading.get_native_id()] + ([waiter.native_id] if waiter is not None and waiter.native_id else [])
+    if unblocked_elsewhere(signals, skip):
+        for sig in signals:
+            signal.signal(sig, signal.SIG_IGN)
+
+
+class _GuardedLoop:
+    """torch's DataLoader worker entry point, shielded first; picklable for spawn and forkserver workers."""
+
+    def __init__(self, signals: Iterable[int]) -> None:
+        self.signals = tuple(int(s) for s in signals)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        waiter = shield(self.signals)
+        from torch.utils.data._utils import signal_handling, worker
+
+        install = signal_handling._set_worker_signal_handlers
+
+        def install_then_check() -> None:  # torch's loop installs its handlers first thing
+            install()
+            _ignore_if_unshielded(self.signals, waiter)
+        signal_handling._set_worker_signal_handlers = install_then_check
+        loop = _torch_loop or worker._worker_loop  # a spawned worker imported torch afresh: never replaced there
+        loop(*args, **kwargs)
+
+
+def guard_dataloader_workers(signals: Iterable[int]) -> Callable[[], None]:
+    """Make each DataLoader worker started from now on shielded from ``signals``; returns the undo.
+
+    It replaces the entry point torch's loader iterator starts its workers with, so
+    it covers every loader of the process (validation loaders too), whatever its
+    multiprocessing context.
+    """
+    global _torch_loop
+    from torch.utils.data._utils import worker
+
+    if _torch_loop is None:
+        _torch_loop = worker._worker_loop
+    guarded = worker._worker_loop = _GuardedLoop(signals)
+
+    def undo() -> None:
+        global _torch_loop
+        if worker._worker_loop is guarded and _torch_loop is not None:
+            worker._worker_loop, _torch_loop = _torch_loop, None
+    return undo
