@@ -19,6 +19,8 @@ import threading
 import time
 from typing import Callable, Mapping, Sequence
 
+import psutil
+
 from jobwrap import trainers
 from jobwrap.config import REQUEUE_EXIT_CODE
 from jobwrap.env import SUPERVISOR_VARIABLE, read_env, supervisor_token
