@@ -1,6 +1,7 @@
 """Two ranks under torchrun (gloo, CPU): all stop at the same step, one commit, one requeue, bit-exact resume."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -59,3 +60,32 @@ def test_changed_world_size_is_a_clear_error(tmp_path, reference):
     assert result.returncode != 0
     assert "saved by 2 rank(s), this job has 1" in result.stderr
     assert "JOBWRAP_ALLOW_WORLD_SIZE_CHANGE=1" in result.stderr
+
+
+THREADS_AFTER_CLOSE = """\
+import os, sys, torch, torch.distributed as dist
+import jobwrap
+dist.init_process_group("gloo")
+def threads():
+    return len(os.listdir("/proc/self/task"))
+before = threads()
+with jobwrap.Session(sys.argv[1]) as job:
+    job.track(model=torch.nn.Linear(2, 2), best=0.0)
+    job.step_done()
+    job.save()
+after = threads()  # `job` is still referenced, as in any script using `with ... as job`
+print(f"rank {dist.get_rank()}: {before} threads before the session, {after} after close", flush=True)
+dist.destroy_process_group()
+sys.exit(0 if after == before else 3)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc")
+def test_close_joins_jobwrap_gloo_threads(tmp_path):
+    """After close() no gloo worker of jobwrap's group is left to die at interpreter exit (the teardown abort)."""
+    script = tmp_path / "threads.py"
+    script.write_text(THREADS_AFTER_CLOSE)
+    result = subprocess.run([*TORCHRUN[:-3], str(script), str(tmp_path / "ck")], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "JOBWRAP_NO_SLURM": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert result.stdout.count("after close") == 2
