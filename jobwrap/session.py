@@ -268,8 +268,11 @@ class Session:
             self._load_shards(from_folder)
         if self._pending is not None:
             self._restore_rng()  # loops with only step_done() have no boundary before their first step
-        if self._trap.received and self.resumed_from is not None:
-            self._boundary()  # a signal that came while resuming: stop now, the state is the checkpoint's
+        if self._trap.received and self.resumed_from is not None and self.group.world_size == 1:
+            # A signal that came while resuming: stop now, the state is the checkpoint's. With several
+            # ranks the stop is a collective that only this rank would enter here (the others may be in
+            # one of their own, building DDP): the first boundary, which every rank reaches, stops them all.
+            self._boundary()
         return self
 
     def __getitem__(self, name: str) -> Any:

@@ -89,3 +89,64 @@ def test_close_joins_jobwrap_gloo_threads(tmp_path):
                             timeout=120, env={**os.environ, "JOBWRAP_NO_SLURM": "1"})
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     assert result.stdout.count("after close") == 2
+
+
+SIGNAL_DURING_RESUME = """\
+import os, signal, sys, torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+import jobwrap
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 1)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+data = [torch.randn(8, 4) for _ in range(6)]
+try:
+    with jobwrap.Session(sys.argv[1]) as job:
+        if job.resumed_from is not None and rank == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)  # the signal reaches one rank while it restores its state
+        job.track(model=model, optimizer=optimizer)
+        ddp = DistributedDataParallel(model)  # a collective on the default group, before the first boundary
+        for epoch in job.epochs(1):
+            for x in job.loader(data):
+                optimizer.zero_grad()
+                ddp(x).sum().backward()
+                optimizer.step()
+                if job.resumed_from is None and job.step == 3:
+                    break
+            if job.resumed_from is None:
+                break
+        if job.resumed_from is None:
+            job.save()  # the first run stops at step 3 with a checkpoint
+except jobwrap.Preempted as stop:
+    print(f"rank {rank}: stopped at step {job.step}, requeued={stop.requeued}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def _torchrun(script, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The script under torchrun with 2 ranks; a hang is killed (the whole process group) and fails the test."""
+    proc = subprocess.Popen([*TORCHRUN[:-3], str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, env={**os.environ, "JOBWRAP_NO_SLURM": "1"})
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        import psutil
+
+        for member in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+            member.kill()  # torchrun's workers may sit in sessions of their own
+        out, err = proc.communicate(timeout=30)
+        pytest.fail(f"the ranks hung for {timeout:.0f} s\n--- stdout ---\n{out}\n--- stderr ---\n{err[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_signal_during_resume_on_one_rank_does_not_deadlock_a_collective_after_track(tmp_path):
+    """USR1 to rank 1 while it restores, then DDP is built (a collective): both ranks stop together, no hang."""
+    script = tmp_path / "resume_signal.py"
+    script.write_text(SIGNAL_DURING_RESUME)
+    first = _torchrun(script, str(tmp_path / "ck"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = _torchrun(script, str(tmp_path / "ck"))
+    assert "rank 0: stopped at step 3" in resumed.stdout and "rank 1: stopped at step 3" in resumed.stdout, \
+        resumed.stdout + resumed.stderr[-3000:]
+    assert [e["step"] for e in read_events(str(tmp_path / "ck")) if e["event"] in ("requeue", "stop")] == [3]
