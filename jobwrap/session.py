@@ -166,7 +166,7 @@ class Session:
                 with progress.loading(self.store):
                     found = self.store.newest_loadable(self._load_verified, lineage=lineage, verify=False)
                 decision = {"run_id": run_id, "step": found[0].step if found else None}
-            except (JobwrapError, OSError) as exc:
+            except BaseException as exc:  # any failure: the other ranks wait for the decision
                 self.group.broadcast({"error": f"{type(exc).__name__}: {exc}"})
                 raise
             self.group.broadcast(decision)
@@ -475,8 +475,8 @@ class Session:
         if self.group.rank == 0:
             try:
                 outcome = write()
-            except CheckpointError as exc:
-                self.group.broadcast(exc)
+            except BaseException as exc:  # any failure: the other ranks wait in the broadcast below
+                self.group.broadcast(_shareable(exc))
                 raise
         outcome = self.group.broadcast(outcome)
         if isinstance(outcome, StorageError):
@@ -812,6 +812,11 @@ class Session:
                                        bytes_per_second=speed, grace_seconds=self.config.grace_seconds)
         if warning:
             log.warning("%s", warning)
+
+
+def _shareable(exc: BaseException) -> CheckpointError:
+    """Rank 0's save error as the other ranks raise it: a CheckpointError (any exception may not pickle)."""
+    return exc if isinstance(exc, CheckpointError) else CheckpointError(f"{type(exc).__name__}: {exc}")
 
 
 def preemptible(directory: str | os.PathLike | None = None, **settings: Any

@@ -150,3 +150,46 @@ def test_signal_during_resume_on_one_rank_does_not_deadlock_a_collective_after_t
     assert "rank 0: stopped at step 3" in resumed.stdout and "rank 1: stopped at step 3" in resumed.stdout, \
         resumed.stdout + resumed.stderr[-3000:]
     assert [e["step"] for e in read_events(str(tmp_path / "ck")) if e["event"] in ("requeue", "stop")] == [3]
+
+
+RANK0_WRITE_FAILS = """\
+import os, sys, time, torch, torch.distributed as dist
+import jobwrap
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+done = os.path.join(sys.argv[1], "..", "rank1-done")
+
+class Fragile:
+    def state_dict(self):
+        if rank == 0:
+            raise RuntimeError("state_dict failed on rank 0")
+        return {}
+    def load_state_dict(self, state):
+        pass
+
+with jobwrap.Session(sys.argv[1]) as job:
+    job.track(model=torch.nn.Linear(2, 2), fragile=Fragile())
+    job.step_done()
+    try:
+        job.save()
+    except Exception as exc:
+        print(f"rank {rank}: {type(exc).__name__}: {exc}", flush=True)
+    if rank == 1:
+        open(done, "w").close()
+    else:  # rank 0 stays alive (as a script that handles the error would): rank 1 must not wait for it
+        deadline = time.monotonic() + 60
+        while not os.path.exists(done) and time.monotonic() < deadline:
+            time.sleep(0.05)
+dist.destroy_process_group()
+"""
+
+
+def test_a_failed_write_on_rank_0_is_a_clear_error_on_every_rank(tmp_path):
+    """Rank 0's save fails with a plain exception while it stays alive: rank 1 gets a clear error, not a hang."""
+    script = tmp_path / "rank0_fails.py"
+    script.write_text(RANK0_WRITE_FAILS)
+    result = _torchrun(script, str(tmp_path / "ck"))
+    assert "rank 0: RuntimeError: state_dict failed on rank 0" in result.stdout, result.stdout + result.stderr[-3000:]
+    assert "rank 1: CheckpointError: rank 0 could not save: RuntimeError: state_dict failed on rank 0" \
+        in result.stdout, result.stdout + result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-3000:]
