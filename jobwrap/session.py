@@ -535,10 +535,17 @@ class Session:
 
     def _load_shards(self, names: list[str]) -> None:
         """Every rank: the tracked sharded objects from the resumed checkpoint's folder, resharded as needed."""
+        plain = [name for name in names if name not in self._sharded]
+        if plain:
+            raise StateMismatchError(
+                f"{os.path.basename(self.resumed_from.path)} holds {', '.join(plain)} as sharded state (FSDP, saved "
+                f"through torch.distributed.checkpoint), but here {'they are' if len(plain) > 1 else 'it is'} not "
+                f"sharded: wrap the model as the run that saved it did (fully_shard) before track(), tracking its "
+                f"optimizer in the same call, or start a new run in a new directory.")
         started = time.monotonic()
         record = self._pending["jobwrap"]["dcp"]
-        folder = os.path.join(self.store.directory, record["folder"])
-        sharded.load(self._objects, names, folder, getattr(self.group, "group", None))
+        folder = self.store.folder_path(self.resumed_from.step)  # the verified one, never a path from the file
+        sharded.load(self._objects, names, folder, getattr(self.group, "group", None), files=record["files"])
         if self.group.rank == 0:
             log.info("loaded %s from %s (saved by %d rank(s), loaded by %d) in %.2f s", ", ".join(names),
                      record["folder"], record["world_size"], self.group.world_size, time.monotonic() - started)
@@ -607,6 +614,7 @@ class Session:
         payload = self._load(checkpoint)
         record = payload["jobwrap"].get("dcp")
         if record:
+            sharded.check_record(record, folder_name(checkpoint.step))
             self.store.verify_folder(checkpoint, record["files"])
         return payload
 
