@@ -614,7 +614,7 @@ class Session:
         payload = self._load(checkpoint)
         record = payload["jobwrap"].get("dcp")
         if record:
-            sharded.check_record(record, folder_name(checkpoint.step))
+            sharded.check_record(record, folder_name(checkpoint.step), os.path.basename(checkpoint.path))
             self.store.verify_folder(checkpoint, record["files"])
         return payload
 

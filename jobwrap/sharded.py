@@ -189,21 +189,22 @@ def reason(exc: BaseException, prefer: str = "") -> str:
 
 # ---------------------------------------------------------------- load
 
-def check_record(record: Any, folder: str) -> None:
-    """A checkpoint's record of its sharded folder, before anything in the folder is read.
+def check_record(record: Any, folder: str, source: str) -> None:
+    """``source``'s record of its sharded folder, checked before anything in the folder is read.
 
     The folder is the step's own (``folder``), never a path the file names; every
     file is a plain name in it, and DCP's ``.metadata`` is among the checksummed
     files. A record that says otherwise was not written by jobwrap.
     """
     files = record.get("files") if isinstance(record, dict) else None
-    if not isinstance(files, dict) or record.get("folder") != folder:
-        raise CorruptCheckpointError(f"its sharded-state record names {_short(record)}, not its own folder "
-                                     f"{folder}: not written by jobwrap, nothing in it is read")
+    named = record.get("folder") if isinstance(record, dict) else record
+    if not isinstance(files, dict) or named != folder:
+        raise CorruptCheckpointError(f"{source}: its sharded state is said to be in {_short(named)}, not in its "
+                                     f"own folder {folder}: not written by jobwrap, nothing there is read")
     odd = [name for name in files if not _plain_name(name)]
     if odd or METADATA not in files:
-        raise CorruptCheckpointError(f"its sharded-state record lists {few(odd) if odd else 'no ' + METADATA}: "
-                                     f"not written by jobwrap, nothing in it is read")
+        raise CorruptCheckpointError(f"{source}: its sharded-state record lists {few(odd) if odd else 'no ' + METADATA}"
+                                     f": not written by jobwrap, nothing in the folder is read")
 
 
 def _plain_name(name: Any) -> bool:

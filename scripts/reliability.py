@@ -1404,6 +1404,10 @@ def torch_load_calls(root: str) -> tuple[int, list[str]]:
             with open(path) as f:
                 tree = ast.parse(f.read(), path)
             for node in ast.walk(tree):
+                if isinstance(node, ast.ClassDef) and any(ast.unparse(b).endswith("Unpickler") for b in node.bases):
+                    found += 1  # a restricted unpickler: only one that decides every global it lets through
+                    if not any(isinstance(f, ast.FunctionDef) and f.name == "find_class" for f in node.body):
+                        bad.append(f"{os.path.relpath(path, root)}:{node.lineno} {node.name} without find_class")
                 if not isinstance(node, ast.Call):
                     continue
                 target = ast.unparse(node.func)
@@ -1560,7 +1564,8 @@ def section_hostile(c: Campaign) -> None:
                   "is a malicious pickle, checksums consistent", 1, "nothing runs; a clear error or the previous used",
                   observed, 0 if ok else 1))
     found, bad = torch_load_calls(REPO)
-    c.add(Row("hostile", "every torch.load in jobwrap/ pinned to weights_only=True; no pickle/safe_globals", found,
+    c.add(Row("hostile", "every torch.load in jobwrap/ pinned to weights_only=True; no pickle/safe_globals; "
+              "an Unpickler only with its own find_class", found,
               "all pinned, no option to unpin", "all pinned" if not bad else "; ".join(bad), len(bad)))
     for label, check in (("run id / job id / manifest fields with '..' or absolute parts", check_traversal),
                          ("umask 000: modes of everything jobwrap creates", check_modes),
