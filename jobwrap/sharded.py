@@ -310,12 +310,17 @@ def _safe_reader(folder: str, files: set[str]) -> Any:
     return SafeReader(folder)
 
 
-def _safe_planner() -> Any:
-    """DCP's default load planner, with non-tensor values loaded under weights_only."""
+def _safe_planner(*, empty: bool = False) -> Any:
+    """DCP's load planner, with non-tensor values loaded under weights_only.
+
+    ``empty``: DCP's planner for loading a whole checkpoint into an empty dict
+    (what ``dcp_to_torch_save`` uses), for :func:`read_full`.
+    """
     from torch.distributed.checkpoint import DefaultLoadPlanner
     from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 
-    class SafePlanner(DefaultLoadPlanner):
+    class SafePlanner(_EmptyStateDictLoadPlanner if empty else DefaultLoadPlanner):  # type: ignore[misc]
         def load_bytes(self, read_item: Any, value: Any) -> None:
             loaded = torch.load(value, weights_only=True)
             if self.flatten_state_dict:
@@ -324,6 +329,16 @@ def _safe_planner() -> Any:
                 self.state_dict[read_item.dest_index.fqn] = loaded
 
     return SafePlanner()
+
+
+def read_full(folder: str, files: Iterable[str]) -> dict[str, Any]:
+    """A whole DCP folder as one unsharded state dict, in this process, read as safely as :func:`load`."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict[str, Any] = {}  # filled in place; dcp.load would fill a copy (as dcp_to_torch_save knows)
+    _load_state_dict(state, storage_reader=_safe_reader(folder, set(files)), planner=_safe_planner(empty=True),
+                     no_dist=True)
+    return state
 
 
 def _check_keys(objects: Mapping[str, Any], state: Mapping[str, Any], saved: set[str]) -> None:
