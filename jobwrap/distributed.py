@@ -8,6 +8,8 @@ the same answer at the same step, so they stop, save and exit together.
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import datetime
 import logging
 from typing import Any
@@ -55,6 +57,8 @@ class RankGroup:
         # Collective: every rank creates it at Session start, in the same order.
         self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_seconds))
         self._flags = torch.zeros(2, dtype=torch.int32)
+        # A script that never closes its Session: the threads are still joined before the interpreter ends.
+        atexit.register(self._abandon)
 
     def agree(self, stop: int, save_due: bool) -> tuple[int, bool]:
         self._flags[0] = stop
@@ -79,12 +83,36 @@ class RankGroup:
 
     def close(self, *, clean: bool) -> None:
         """Tear down our group before the user destroys theirs; wait for every rank first if all are here."""
+        atexit.unregister(self._abandon)
+        if self.group is None:
+            return
         try:
             if clean:
                 self.barrier()
             self._dist.destroy_process_group(self.group)
         except Exception as exc:  # the job is ending: report, do not mask the real outcome
             log.warning("could not close jobwrap's process group cleanly: %s", exc)
+        finally:
+            self._release()
+
+    def _abandon(self) -> None:
+        """At interpreter exit, for a Session never closed: no barrier (the other ranks may be gone)."""
+        with contextlib.suppress(Exception):  # the user may have destroyed every group already
+            self._dist.destroy_process_group(self.group)
+        self._release()
+
+    def _release(self) -> None:
+        """Drop the last reference to our group, so that its gloo threads are joined now.
+
+        destroy_process_group() only unregisters a group: its worker threads live
+        as long as the object. A worker that frees a finished collective's tensors
+        takes the GIL for them; if that happens while the interpreter finalizes,
+        Python ends the thread inside C++ and the process aborts ("terminate called
+        without an active exception"). Freeing the object here (torch releases the
+        GIL while it joins) lets every worker finish while the interpreter is whole.
+        """
+        self.group = None
+        self._flags = None
 
 
 def join(timeout_seconds: float = 600.0) -> Solo | RankGroup:

@@ -194,7 +194,7 @@ class Session:
                     found = self.store.newest_loadable(self._load_verified, lineage=lineage, verify=False)
                 decision = {"run_id": run_id, "step": found[0].step if found else None,
                             "serial": found[0].serial if found else 0}
-            except (JobwrapError, OSError) as exc:
+            except BaseException as exc:  # any failure: the other ranks wait for the decision
                 self.group.broadcast({"error": f"{type(exc).__name__}: {exc}"})
                 raise
             self.group.broadcast(decision)
@@ -309,8 +309,11 @@ class Session:
             self._load_shards(from_folder)
         if self._pending is not None:
             self._restore_rng()  # loops with only step_done() have no boundary before their first step
-        if self._trap.received and self.resumed_from is not None:
-            self._boundary()  # a signal that came while resuming: stop now, the state is the checkpoint's
+        if self._trap.received and self.resumed_from is not None and self.group.world_size == 1:
+            # A signal that came while resuming: stop now, the state is the checkpoint's. With several
+            # ranks the stop is a collective that only this rank would enter here (the others may be in
+            # one of their own, building DDP): the first boundary, which every rank reaches, stops them all.
+            self._boundary()
         return self
 
     def __getitem__(self, name: str) -> Any:
@@ -601,8 +604,8 @@ class Session:
         if self.group.rank == 0:
             try:
                 outcome = write()
-            except CheckpointError as exc:
-                self.group.broadcast(exc)
+            except BaseException as exc:  # any failure: the other ranks wait in the broadcast below
+                self.group.broadcast(_shareable(exc))
                 raise
         outcome = self.group.broadcast(outcome)
         if isinstance(outcome, StorageError):
@@ -660,10 +663,17 @@ class Session:
 
     def _load_shards(self, names: list[str]) -> None:
         """Every rank: the tracked sharded objects from the resumed checkpoint's folder, resharded as needed."""
+        plain = [name for name in names if name not in self._sharded]
+        if plain:
+            raise StateMismatchError(
+                f"{os.path.basename(self.resumed_from.path)} holds {', '.join(plain)} as sharded state (FSDP, saved "
+                f"through torch.distributed.checkpoint), but here {'they are' if len(plain) > 1 else 'it is'} not "
+                f"sharded: wrap the model as the run that saved it did (fully_shard) before track(), tracking its "
+                f"optimizer in the same call, or start a new run in a new directory.")
         started = time.monotonic()
         record = self._pending["jobwrap"]["dcp"]
-        folder = os.path.join(self.store.directory, record["folder"])
-        sharded.load(self._objects, names, folder, getattr(self.group, "group", None))
+        folder = self.store.folder_path(self.resumed_from.step, self.resumed_from.serial)  # the verified one, never a path from the file
+        sharded.load(self._objects, names, folder, getattr(self.group, "group", None), files=record["files"])
         if self.group.rank == 0:
             log.info("loaded %s from %s (saved by %d rank(s), loaded by %d) in %.2f s", ", ".join(names),
                      record["folder"], record["world_size"], self.group.world_size, time.monotonic() - started)
@@ -733,6 +743,7 @@ class Session:
         payload = self._load(checkpoint)
         record = payload["jobwrap"].get("dcp")
         if record:
+            sharded.check_record(record, folder_name(checkpoint.step, checkpoint.serial), os.path.basename(checkpoint.path))
             self.store.verify_folder(checkpoint, record["files"])
         return payload
 
@@ -940,6 +951,11 @@ class Session:
                                        bytes_per_second=speed, grace_seconds=self.config.grace_seconds)
         if warning:
             log.warning("%s", warning)
+
+
+def _shareable(exc: BaseException) -> CheckpointError:
+    """Rank 0's save error as the other ranks raise it: a CheckpointError (any exception may not pickle)."""
+    return exc if isinstance(exc, CheckpointError) else CheckpointError(f"{type(exc).__name__}: {exc}")
 
 
 def preemptible(directory: str | os.PathLike | None = None, **settings: Any

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import sys
 from typing import Any, Iterable, Mapping
 
 import torch
 
-from jobwrap.errors import StateMismatchError
+from jobwrap.errors import CorruptCheckpointError, StateMismatchError
 from jobwrap.faults import crash_point
 from jobwrap.state import few
 from jobwrap.store import checksum_of
@@ -188,21 +189,156 @@ def reason(exc: BaseException, prefer: str = "") -> str:
 
 # ---------------------------------------------------------------- load
 
-def load(objects: Mapping[str, Any], names: list[str], folder: str, process_group: Any) -> None:
-    """Load the named objects from ``folder`` onto their current sharding and device (a collective)."""
+def check_record(record: Any, folder: str, source: str) -> None:
+    """``source``'s record of its sharded folder, checked before anything in the folder is read.
+
+    The folder is the step's own (``folder``), never a path the file names; every
+    file is a plain name in it, and DCP's ``.metadata`` is among the checksummed
+    files. A record that says otherwise was not written by jobwrap.
+    """
+    files = record.get("files") if isinstance(record, dict) else None
+    named = record.get("folder") if isinstance(record, dict) else record
+    if not isinstance(files, dict) or named != folder:
+        raise CorruptCheckpointError(f"{source}: its sharded state is said to be in {_short(named)}, not in its "
+                                     f"own folder {folder}: not written by jobwrap, nothing there is read")
+    odd = [name for name in files if not _plain_name(name)]
+    if odd or METADATA not in files:
+        raise CorruptCheckpointError(f"{source}: its sharded-state record lists {few(odd) if odd else 'no ' + METADATA}"
+                                     f": not written by jobwrap, nothing in the folder is read")
+
+
+def _plain_name(name: Any) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def load(objects: Mapping[str, Any], names: list[str], folder: str, process_group: Any,
+         files: Iterable[str]) -> None:
+    """Load the named objects from ``folder`` onto their current sharding and device (a collective).
+
+    ``files``: the folder's files whose checksums were verified; DCP reads no other.
+    """
     import torch.distributed.checkpoint as dcp
 
-    reader = dcp.FileSystemReader(folder)
+    reader = _safe_reader(folder, set(files))
     state = state_dicts(objects, names)
     _check_keys(objects, state, set(reader.read_metadata().state_dict_metadata))
     try:
-        dcp.load(state, storage_reader=reader, process_group=process_group, no_dist=_no_dist())
+        dcp.load(state, storage_reader=reader, planner=_safe_planner(), process_group=process_group,
+                 no_dist=_no_dist())
     except errors() as exc:  # a shape mismatch: a ValueError, gathered into a CheckpointException
         raise StateMismatchError(
             f"the sharded state in {folder} does not fit {', '.join(names)}: {reason(exc, 'mismatch')}. "
             f"Build the model exactly as the run that saved it (any world size), or start a new run "
             f"in a new directory.") from exc
     apply(objects, state)
+
+
+# ---------------------------------------------------------------- safe reading
+
+# DCP's .metadata is a plain pickle, and DCP loads non-tensor values (an optimizer's
+# param_groups) with torch.load(weights_only=False): a crafted folder would run code.
+# Only the classes a DCP metadata file is made of are let through, and values load
+# under weights_only. Checksums alone cannot help: whoever crafts a whole directory
+# crafts consistent checksums too.
+_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP metadata and nothing else: any other global (os.system, eval, ...) is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _METADATA_CLASSES.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+
+def read_metadata(folder: str, files: set[str]) -> Any:
+    """The folder's DCP metadata, unpickled safely; every file it points to is one of ``files``."""
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    path = os.path.join(folder, METADATA)
+    try:
+        with open(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except OSError:
+        raise  # the storage, not the file: not a reason to set the checkpoint aside
+    except Exception as exc:  # a crafted or damaged pickle: every failure of it is the file's fault
+        raise CorruptCheckpointError(f"{path}: not a checkpoint's metadata ({type(exc).__name__}: {exc}); "
+                                     f"refused without running any of it") from exc
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
+        raise CorruptCheckpointError(f"{path}: not a checkpoint's metadata ({type(metadata).__name__}); refused")
+    stray = sorted({str(getattr(info, "relative_path", None)) for info in metadata.storage_data.values()} - files)
+    if stray:
+        raise CorruptCheckpointError(f"{path}: points to {few(stray)}, not among the verified files of the "
+                                     f"folder; refused")
+    if getattr(metadata, "storage_meta", None) is None:
+        metadata.storage_meta = StorageMeta()
+    return metadata
+
+
+def _safe_reader(folder: str, files: set[str]) -> Any:
+    """A FileSystemReader whose metadata comes from :func:`read_metadata` (read once)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class SafeReader(FileSystemReader):
+        _metadata: Any = None
+
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("rank") is not None:
+                raise CorruptCheckpointError(f"{folder}: no per-rank metadata is read")
+            if self._metadata is None:
+                self._metadata = read_metadata(folder, files)
+            self._metadata.storage_meta.load_id = self.load_id
+            return self._metadata
+
+    return SafeReader(folder)
+
+
+def _safe_planner(*, empty: bool = False) -> Any:
+    """DCP's load planner, with non-tensor values loaded under weights_only.
+
+    ``empty``: DCP's planner for loading a whole checkpoint into an empty dict
+    (what ``dcp_to_torch_save`` uses), for :func:`read_full`.
+    """
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+
+    class SafePlanner(_EmptyStateDictLoadPlanner if empty else DefaultLoadPlanner):  # type: ignore[misc]
+        def load_bytes(self, read_item: Any, value: Any) -> None:
+            loaded = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = loaded
+
+    return SafePlanner()
+
+
+def read_full(folder: str, files: Iterable[str]) -> dict[str, Any]:
+    """A whole DCP folder as one unsharded state dict, in this process, read as safely as :func:`load`."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict[str, Any] = {}  # filled in place; dcp.load would fill a copy (as dcp_to_torch_save knows)
+    _load_state_dict(state, storage_reader=_safe_reader(folder, set(files)), planner=_safe_planner(empty=True),
+                     no_dist=True)
+    return state
 
 
 def _check_keys(objects: Mapping[str, Any], state: Mapping[str, Any], saved: set[str]) -> None:

@@ -30,6 +30,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import threading
 import time
 import uuid
@@ -612,12 +613,14 @@ class CheckpointStore:
     def verify_folder(self, checkpoint: Checkpoint, files: dict[str, dict[str, Any]]) -> None:
         """Raise :class:`CorruptCheckpointError` unless every recorded file of the step's folder matches."""
         path = self.folder_path(checkpoint.step, checkpoint.serial)
-        if not os.path.isdir(path):
+        if os.path.islink(path) or not os.path.isdir(path):
             raise CorruptCheckpointError(f"{path}: the sharded state of {os.path.basename(checkpoint.path)} "
-                                         f"is missing")
+                                         f"is missing" + (" (a symlink, not followed)" if os.path.islink(path) else ""))
         for name, expected in sorted(files.items()):
             file_path = os.path.join(path, name)
             try:
+                if not stat.S_ISREG(os.lstat(file_path).st_mode):  # a symlink would lead out of the directory
+                    raise CorruptCheckpointError(f"{file_path}: not a regular file (a symlink is not followed)")
                 digest, size = checksum_of(file_path)
             except OSError as exc:
                 raise CorruptCheckpointError(f"{file_path}: cannot be read ({exc.strerror})") from exc

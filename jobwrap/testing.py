@@ -190,22 +190,13 @@ def final_state(directory: str | os.PathLike) -> dict[str, Any]:
     state = torch.load(committed[0].path, map_location="cpu", weights_only=True)
     record = state["jobwrap"].get("dcp")
     if record:  # sharded state: verified, then gathered into full tensors as if rank 0 had saved it
+        from jobwrap import sharded
+        from jobwrap.store import folder_name
+
+        sharded.check_record(record, folder_name(committed[0].step, committed[0].serial), os.path.basename(committed[0].path))
         store.verify_folder(committed[0], record["files"])
-        state.update(_full_state(store.folder_path(committed[0].step, committed[0].serial)))
+        state.update(sharded.read_full(store.folder_path(committed[0].step, committed[0].serial), record["files"]))
     return state
-
-
-def _full_state(folder: str) -> dict[str, Any]:
-    """A torch.distributed.checkpoint folder as one unsharded state dict, in this process."""
-    import io
-
-    import torch
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    buffer = io.BytesIO()
-    dcp_to_torch_save(folder, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
 
 
 def assert_same_state(a: Any, b: Any, path: str = "checkpoint") -> None:

@@ -1350,6 +1350,49 @@ def check_malicious_pickle(base: str, workdir: str, kind: str) -> tuple[bool, st
                 (_short(f"refused by weights_only, step 1 used: {about[0]}") if about else f"{outcome}"))
 
 
+def check_crafted_dcp_folder(workdir: str, where: str) -> tuple[bool, str]:
+    """A plain model's newest checkpoint, rewritten to name a sharded (DCP) folder whose .metadata is a
+    malicious pickle, every checksum consistent: nothing runs, the start stops or falls back with one clear line."""
+    import pickle
+
+    directory = os.path.join(tempfile.mkdtemp(prefix="case-", dir=workdir), "ck")
+    settings = _known({"save_at_end": False, "async_save": False})
+    with capture_logs(), jobwrap.Session(directory, environ={}, run_id="mine", **settings) as job:
+        job.track(model=torch.nn.Linear(4, 4), tag=-1)  # a plain (not sharded) module, saved at steps 1 and 2
+        for _ in range(2):
+            job.step_done()
+            job.save()
+    marker = os.path.join(os.path.dirname(directory), "pwned")
+    folder = {"own folder": "step-000000000002.dcp", "'../' path": "../evil.dcp",
+              "absolute path": os.path.join(os.path.dirname(directory), "abs.dcp")}[where]
+    # The step's own folder too, consistent, so that verification passes wherever it looks.
+    for target in {os.path.normpath(os.path.join(directory, folder)), os.path.join(directory, "step-000000000002.dcp")}:
+        os.makedirs(target, exist_ok=True)
+        with open(os.path.join(target, ".metadata"), "wb") as f:
+            pickle.dump(_Evil(marker), f)
+    digest, size = checksum_of(os.path.join(directory, "step-000000000002.dcp", ".metadata"))
+    payload = torch.load(_data_path(directory, 2), weights_only=True)
+    payload.pop("model")  # so that the model is looked for in the folder
+    payload["jobwrap"]["dcp"] = {"folder": folder, "objects": ["model"], "world_size": 1, "bytes": size,
+                                 "files": {".metadata": {"size": size, "checksum": digest}}}
+    torch.save(payload, _data_path(directory, 2))
+    _rehash(directory, 2)
+    with capture_logs() as records:
+        step, error = None, ""
+        try:
+            with jobwrap.Session(directory, environ={}, run_id="mine", **settings) as job:
+                job.track(model=torch.nn.Linear(4, 4), tag=-1)
+                step = job.resumed_from.step if job.resumed_from is not None else None
+        except Exception as exc:  # noqa: BLE001 - the outcome is what is checked
+            error = f"{type(exc).__name__}: {exc}"
+    ran = os.path.exists(marker)
+    said = error or next((w for w in _warnings(records) if "step-000000000002" in w), "")
+    clear = "sharded" in said and ("not written by jobwrap" in said or "new directory" in said)
+    ok = not ran and clear and step in (None, 1)
+    return ok, ("command NOT run; " if not ran else "COMMAND RAN; ") + _short(
+        f"{'stopped' if error else f'step {step} used'}: {said}")
+
+
 def torch_load_calls(root: str) -> tuple[int, list[str]]:
     """Every torch.load / pickle load in the package; the ones not pinned to weights_only=True."""
     found, bad = 0, []
@@ -1361,6 +1404,10 @@ def torch_load_calls(root: str) -> tuple[int, list[str]]:
             with open(path) as f:
                 tree = ast.parse(f.read(), path)
             for node in ast.walk(tree):
+                if isinstance(node, ast.ClassDef) and any(ast.unparse(b).endswith("Unpickler") for b in node.bases):
+                    found += 1  # a restricted unpickler: only one that decides every global it lets through
+                    if not any(isinstance(f, ast.FunctionDef) and f.name == "find_class" for f in node.body):
+                        bad.append(f"{os.path.relpath(path, root)}:{node.lineno} {node.name} without find_class")
                 if not isinstance(node, ast.Call):
                     continue
                 target = ast.unparse(node.func)
@@ -1511,8 +1558,14 @@ def section_hostile(c: Campaign) -> None:
         c.add(Row("hostile", f"malicious pickle ({kind}) as the newest checkpoint, manifest consistent, "
                   "loaded through Session resume", 1, "refused, nothing runs, previous used", observed,
                   0 if ok else 1))
+    for where in ("own folder", "'../' path", "absolute path"):
+        ok, observed = check_crafted_dcp_folder(c.workdir, where)
+        c.add(Row("hostile", f"a plain model's checkpoint naming a sharded folder ({where}) whose DCP .metadata "
+                  "is a malicious pickle, checksums consistent", 1, "nothing runs; a clear error or the previous used",
+                  observed, 0 if ok else 1))
     found, bad = torch_load_calls(REPO)
-    c.add(Row("hostile", "every torch.load in jobwrap/ pinned to weights_only=True; no pickle/safe_globals", found,
+    c.add(Row("hostile", "every torch.load in jobwrap/ pinned to weights_only=True; no pickle/safe_globals; "
+              "an Unpickler only with its own find_class", found,
               "all pinned, no option to unpin", "all pinned" if not bad else "; ".join(bad), len(bad)))
     for label, check in (("run id / job id / manifest fields with '..' or absolute parts", check_traversal),
                          ("umask 000: modes of everything jobwrap creates", check_modes),

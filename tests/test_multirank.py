@@ -115,3 +115,136 @@ def test_changed_world_size_is_a_clear_error(tmp_path, reference):
     assert result.returncode != 0
     assert "saved by 2 rank(s), this job has 1" in result.stderr
     assert "JOBWRAP_ALLOW_WORLD_SIZE_CHANGE=1" in result.stderr
+
+
+THREADS_AFTER_CLOSE = """\
+import os, sys, torch, torch.distributed as dist
+import jobwrap
+dist.init_process_group("gloo")
+def threads():
+    return len(os.listdir("/proc/self/task"))
+before = threads()
+with jobwrap.Session(sys.argv[1]) as job:
+    job.track(model=torch.nn.Linear(2, 2), best=0.0)
+    job.step_done()
+    job.save()
+after = threads()  # `job` is still referenced, as in any script using `with ... as job`
+print(f"rank {dist.get_rank()}: {before} threads before the session, {after} after close", flush=True)
+dist.destroy_process_group()
+sys.exit(0 if after == before else 3)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc")
+def test_close_joins_jobwrap_gloo_threads(tmp_path):
+    """After close() no gloo worker of jobwrap's group is left to die at interpreter exit (the teardown abort)."""
+    script = tmp_path / "threads.py"
+    script.write_text(THREADS_AFTER_CLOSE)
+    result = subprocess.run([*TORCHRUN[:-3], str(script), str(tmp_path / "ck")], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "JOBWRAP_NO_SLURM": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert result.stdout.count("after close") == 2
+
+
+SIGNAL_DURING_RESUME = """\
+import os, signal, sys, torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+import jobwrap
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 1)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+data = [torch.randn(8, 4) for _ in range(6)]
+try:
+    with jobwrap.Session(sys.argv[1]) as job:
+        if job.resumed_from is not None and rank == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)  # the signal reaches one rank while it restores its state
+        job.track(model=model, optimizer=optimizer)
+        ddp = DistributedDataParallel(model)  # a collective on the default group, before the first boundary
+        for epoch in job.epochs(1):
+            for x in job.loader(data):
+                optimizer.zero_grad()
+                ddp(x).sum().backward()
+                optimizer.step()
+                if job.resumed_from is None and job.step == 3:
+                    break
+            if job.resumed_from is None:
+                break
+        if job.resumed_from is None:
+            job.save()  # the first run stops at step 3 with a checkpoint
+except jobwrap.Preempted as stop:
+    print(f"rank {rank}: stopped at step {job.step}, requeued={stop.requeued}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def _torchrun(script, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The script under torchrun with 2 ranks; a hang is killed (the whole process group) and fails the test."""
+    proc = subprocess.Popen([*TORCHRUN[:-3], str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, env={**os.environ, "JOBWRAP_NO_SLURM": "1"})
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        import psutil
+
+        for member in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+            member.kill()  # torchrun's workers may sit in sessions of their own
+        out, err = proc.communicate(timeout=30)
+        pytest.fail(f"the ranks hung for {timeout:.0f} s\n--- stdout ---\n{out}\n--- stderr ---\n{err[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_signal_during_resume_on_one_rank_does_not_deadlock_a_collective_after_track(tmp_path):
+    """USR1 to rank 1 while it restores, then DDP is built (a collective): both ranks stop together, no hang."""
+    script = tmp_path / "resume_signal.py"
+    script.write_text(SIGNAL_DURING_RESUME)
+    first = _torchrun(script, str(tmp_path / "ck"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = _torchrun(script, str(tmp_path / "ck"))
+    assert "rank 0: stopped at step 3" in resumed.stdout and "rank 1: stopped at step 3" in resumed.stdout, \
+        resumed.stdout + resumed.stderr[-3000:]
+    assert [e["step"] for e in read_events(str(tmp_path / "ck")) if e["event"] in ("requeue", "stop")] == [3]
+
+
+RANK0_WRITE_FAILS = """\
+import os, sys, time, torch, torch.distributed as dist
+import jobwrap
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+done = os.path.join(sys.argv[1], "..", "rank1-done")
+
+class Fragile:
+    def state_dict(self):
+        if rank == 0:
+            raise RuntimeError("state_dict failed on rank 0")
+        return {}
+    def load_state_dict(self, state):
+        pass
+
+with jobwrap.Session(sys.argv[1]) as job:
+    job.track(model=torch.nn.Linear(2, 2), fragile=Fragile())
+    job.step_done()
+    try:
+        job.save()
+    except Exception as exc:
+        print(f"rank {rank}: {type(exc).__name__}: {exc}", flush=True)
+    if rank == 1:
+        open(done, "w").close()
+    else:  # rank 0 stays alive (as a script that handles the error would): rank 1 must not wait for it
+        deadline = time.monotonic() + 60
+        while not os.path.exists(done) and time.monotonic() < deadline:
+            time.sleep(0.05)
+dist.destroy_process_group()
+"""
+
+
+def test_a_failed_write_on_rank_0_is_a_clear_error_on_every_rank(tmp_path):
+    """Rank 0's save fails with a plain exception while it stays alive: rank 1 gets a clear error, not a hang."""
+    script = tmp_path / "rank0_fails.py"
+    script.write_text(RANK0_WRITE_FAILS)
+    result = _torchrun(script, str(tmp_path / "ck"))
+    assert "rank 0: RuntimeError: state_dict failed on rank 0" in result.stdout, result.stdout + result.stderr[-3000:]
+    assert "rank 1: CheckpointError: rank 0 could not save: RuntimeError: state_dict failed on rank 0" \
+        in result.stdout, result.stdout + result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-3000:]

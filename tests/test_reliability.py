@@ -150,6 +150,12 @@ def test_malicious_pickle_is_refused_on_the_resume_path(tmp_path, base_run, kind
     _check(R.check_malicious_pickle, base_run, str(tmp_path), kind)
 
 
+@pytest.mark.parametrize("where", ["own folder", "'../' path", "absolute path"])
+def test_crafted_sharded_folder_runs_nothing_for_a_plain_model(tmp_path, where):
+    """A .pt naming a DCP folder with a malicious .metadata (checksums consistent): nothing runs, a clear error."""
+    _check(R.check_crafted_dcp_folder, str(tmp_path), where)
+
+
 def test_every_torch_load_is_weights_only():
     """No torch.load in jobwrap/ without weights_only=True, and no pickle/safe_globals loophole."""
     found, bad = R.torch_load_calls(str(REPO))

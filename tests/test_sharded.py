@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from jobwrap.errors import CorruptCheckpointError
 from jobwrap.events import read_events
 from jobwrap.store import CheckpointStore
 from jobwrap.testing import assert_same_run, assert_same_state, final_state, run_preempted
@@ -160,3 +161,60 @@ def test_full_disk_during_a_sharded_save_keeps_the_previous_checkpoint(small_dis
     assert [c.step for c in CheckpointStore(str(directory)).committed()] == [6]
     assert not _folder(directory, 12).exists(), sorted(os.listdir(directory))  # its partial shards removed
     assert final_state(directory)["step"] == 6  # verified: the .pt and every file of its folder
+
+
+class _Evil:
+    """Pickles into a call of os.system: unpickling it would create ``marker``."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _dcp_folder(folder, state) -> set[str]:
+    """``state`` saved by DCP in one process (no torch.distributed); the names of the files written."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(folder)), no_dist=True)
+    return set(os.listdir(folder))
+
+
+def test_crafted_dcp_metadata_is_refused_without_running_it(tmp_path):
+    """A .metadata whose pickle would run a command: a clear CorruptCheckpointError, the command never runs."""
+    import pickle
+
+    from jobwrap import sharded
+
+    marker = tmp_path / "pwned"
+    files = _dcp_folder(tmp_path / "real", {"w": torch.ones(3)})
+    assert set(sharded.read_metadata(str(tmp_path / "real"), files).state_dict_metadata) == {"w"}  # DCP's own: read
+    (tmp_path / "real" / ".metadata").write_bytes(pickle.dumps(_Evil(str(marker))))
+    with pytest.raises(CorruptCheckpointError, match="not a checkpoint's metadata.*refused without running"):
+        sharded.read_metadata(str(tmp_path / "real"), files)
+    assert not marker.exists()
+
+
+def test_dcp_metadata_pointing_outside_the_verified_files_is_refused(tmp_path):
+    """Metadata naming a data file that was not verified (say ../x): refused before DCP reads it."""
+    from jobwrap import sharded
+
+    files = _dcp_folder(tmp_path / "real", {"w": torch.ones(3)})
+    with pytest.raises(CorruptCheckpointError, match="not among the verified files"):
+        sharded.read_metadata(str(tmp_path / "real"), files - {"__0_0.distcp"})
+
+
+def test_crafted_non_tensor_value_in_a_shard_is_loaded_under_weights_only(tmp_path):
+    """A non-tensor value in a shard file (DCP loads those with weights_only=False): refused, nothing runs."""
+    import torch.distributed.checkpoint as dcp
+
+    from jobwrap import sharded
+
+    marker = tmp_path / "pwned"
+    files = _dcp_folder(tmp_path / "f", {"w": torch.ones(3), "lr": _Evil(str(marker))})
+    state = {"w": torch.zeros(3), "lr": 0.0}
+    with pytest.raises(BaseException):  # DCP wraps the UnpicklingError in its CheckpointException
+        dcp.load(state, storage_reader=sharded._safe_reader(str(tmp_path / "f"), files),
+                 planner=sharded._safe_planner(), no_dist=True)
+    assert not marker.exists()
