@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
+import random
+
+import numpy as np
 
 import torch
 import torch.distributed as dist
@@ -23,6 +25,8 @@ def main() -> None:
     args = parser.parse_args()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
+    random.seed(rank)  # unseeded, these streams differ between any two runs, preempted or not
+    np.random.seed(rank)
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(128, 4), torch.randn(128, 1))
     with jobwrap.Session() as job:
