@@ -342,8 +342,8 @@ class Session:
             raise ConfigError(
                 f"cannot checkpoint at step {self.step}: the sharded {', '.join(unsaveable)} hold gradients "
                 f"accumulated since the last optimizer.step(), which jobwrap does not save for sharded (FSDP) "
-                f"models. Stop at optimizer steps: with gradient accumulation, loop with job.step_done() called "
-                f"only after optimizer.step() (not job.loader(), whose every batch is a step boundary)")
+                f"models. Stop at optimizer steps: call job.step_done() only after optimizer.step(), in a loop "
+                f"over the loader itself (job.loader() makes every batch, every micro-batch, a step boundary)")
         if self.group.world_size > 1:  # gathered to rank 0 as objects: off the GPU, each rank its own
             grads = {name: {k: g.detach().cpu() for k, g in part.items()} for name, part in grads.items()}
         return {"grads": grads}
