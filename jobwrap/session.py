@@ -337,16 +337,21 @@ class Session:
         grads = self._pending_grads()
         if not grads:
             return {}
-        unsaveable = [name for name in grads if name in self._sharded]
-        if unsaveable:
-            raise ConfigError(
-                f"cannot checkpoint at step {self.step}: the sharded {', '.join(unsaveable)} hold gradients "
-                f"accumulated since the last optimizer.step(), which jobwrap does not save for sharded (FSDP) "
-                f"models. Stop at optimizer steps: call job.step_done() only after optimizer.step(), in a loop "
-                f"over the loader itself (job.loader() makes every batch, every micro-batch, a step boundary)")
+        self._refuse_sharded_grads(grads)
         if self.group.world_size > 1:  # gathered to rank 0 as objects: off the GPU, each rank its own
             grads = {name: {k: g.detach().cpu() for k, g in part.items()} for name, part in grads.items()}
         return {"grads": grads}
+
+    def _refuse_sharded_grads(self, grads: dict[str, Any]) -> None:
+        """Sharded gradients between optimizer steps cannot be checkpointed: refused at the first boundary
+        that has them, early in the run, rather than at the signal's save, which would lose the work."""
+        unsaveable = [name for name in grads if name in self._sharded]
+        if unsaveable:
+            raise ConfigError(
+                f"step boundary {self.step}: gradients accumulated since the last optimizer.step() are pending in "
+                f"{', '.join(unsaveable)} (sharded), and jobwrap cannot checkpoint sharded (FSDP) gradients. "
+                f"Stop at optimizer steps: call job.step_done() only after optimizer.step(), in a loop over the "
+                f"loader itself (job.loader() makes every batch, every micro-batch, a step boundary)")
 
     def __getitem__(self, name: str) -> Any:
         return self.extras[name]
@@ -429,6 +434,8 @@ class Session:
             self._watch_supervisor()
         if self.config.test_hold_at and self.step in self.config.test_hold_at:
             self._hold_for_test()
+        if self._sharded:
+            self._refuse_sharded_grads(self._pending_grads())
         if self.group.world_size == 1:
             if self._trap.received or self._orphaned:
                 self._stop(self._local_stop_request())

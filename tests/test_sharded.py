@@ -182,16 +182,16 @@ dist.destroy_process_group()
 """
 
 
-def test_accumulated_gradients_of_a_sharded_model_are_refused_at_the_save(tmp_path):
-    """FSDP with gradient accumulation under job.loader(): the save between micro-batches stops with an
-    error naming the fix (boundaries only after optimizer.step()), instead of a resume that diverges."""
+def test_accumulated_gradients_of_a_sharded_model_are_refused_at_the_first_boundary(tmp_path):
+    """FSDP with gradient accumulation under job.loader(): the first boundary between micro-batches stops
+    with an error naming the fix (boundaries only after optimizer.step()), not a resume that diverges."""
     script = tmp_path / "accumulate_fsdp.py"
     script.write_text(ACCUMULATING)
     env = {k: v for k, v in os.environ.items() if not k.startswith("JOBWRAP_")}
-    env.update(JOBWRAP_DIR=str(tmp_path / "ck"), JOBWRAP_SAVE_EVERY_STEPS="1", MASTER_PORT=_free_port(),
+    env.update(JOBWRAP_DIR=str(tmp_path / "ck"), MASTER_PORT=_free_port(),
                MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", JOBWRAP_NO_SLURM="1")
     result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
-    assert "ConfigError: cannot checkpoint at step 1" in result.stderr, result.stderr[-3000:]
+    assert "ConfigError: step boundary 1: gradients accumulated since the last optimizer.step() are pending" in result.stderr, result.stderr[-3000:]
     assert "call job.step_done()" in result.stderr and "only after optimizer.step()" in result.stderr
     assert CheckpointStore(str(tmp_path / "ck")).committed() == []
