@@ -613,7 +613,7 @@ class Session:
                 and not self._moved_since_save()):
             return self.last_checkpoint
         state = self._fingerprint()
-        ranks = self.group.gather({**self._rank_state(), **self._grads_to_save()})
+        ranks = self.group.gather(self._saved_rank_state())
         if self._sharded:
             outcome = self._commit_sharded(ranks, reason)
         else:
@@ -738,6 +738,11 @@ class Session:
         """What differs between ranks: RNG streams and the loader's epoch-start state."""
         return {"rng": capture_rng(self.device), "data": self._loader.state_dict() if self._loader is not None else {}}
 
+    def _saved_rank_state(self) -> dict[str, Any]:
+        """This rank's entry in a checkpoint: its RNG and loader state, and any gradients accumulated
+        since the last optimizer step (kept out of :meth:`_rank_state`, which the fingerprint reads by content)."""
+        return {**self._rank_state(), **self._grads_to_save()}
+
     def _payload(self, ranks: list[dict[str, Any]], shards: dict[str, Any] | None = None) -> dict[str, Any]:
         payload: dict[str, Any] = {name: obj.state_dict() for name, obj in self._objects.items()
                                    if name not in self._sharded}
@@ -807,7 +812,7 @@ class Session:
         started = time.monotonic()
         staging = self._staging = self._staging or StagingArea()
         defer, watched = self._deferrable() if self.config.lazy_copy else (set(), [])
-        payload = staging.stage(self._payload([{**self._rank_state(), **self._grads_to_save()}]), defer=defer)
+        payload = staging.stage(self._payload([self._saved_rank_state()]), defer=defer)
         self._background_fingerprint = self._fingerprint()
         pause = time.monotonic() - started
         step, epoch = self.step, self.epoch
