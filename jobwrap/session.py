@@ -35,7 +35,8 @@ from jobwrap.format import human_size
 from jobwrap.lock import DirectoryLock, alive
 from jobwrap.schedulers import Scheduler, requeue_refusal, scheduler_for
 from jobwrap.signals import SignalTrap
-from jobwrap.state import RESERVED_KEYS, capture_rng, fingerprint, is_stateful, load_into, plain, restore_rng
+from jobwrap.state import (RESERVED_KEYS, GradRecord, capture_rng, fingerprint, grad_owners, is_stateful, load_into,
+                           pending_grads, plain, record_step, restore_grads, restore_rng)
 from jobwrap.snapshot import BackgroundSave, ChangedWhileCopied, StagingArea, check_unchanged, lower_priority
 from jobwrap.store import FORMAT_VERSION, Checkpoint, CheckpointStore, SaveCancelled, folder_name, parse_name
 from jobwrap.workers import guard_dataloader_workers
@@ -127,6 +128,9 @@ class Session:
         self._copied: Any = None  # threading.Event: set once the writer has copied the deferred tensors
         self._copy_wait = 0.0     # seconds optimizer.step() waited for that copy
         self._step_hooks: dict[int, Any] = {}
+        self._grad_hooks: list[Any] = []  # optimizers' step post-hooks: which gradients a step consumed
+        self._stepped: GradRecord = {}
+        self._resume_grads: dict[str, Any] = {}  # gradients saved between optimizer steps, until tracked
         self._lock: DirectoryLock | None = None  # rank 0's hold on the directory
         self._supervisor: tuple[int, float] | None = None  # (pid, start time) of the `jobwrap run` not to outlive
         self._orphaned = False
@@ -167,6 +171,7 @@ class Session:
         self._pending = payload
         mine = self._my_rank_state(payload, checkpoint)
         self._resume_data = mine.get("data") or None
+        self._resume_grads = mine.get("grads") or {}
         self.epoch, self.step = int(payload["epoch"]), int(payload["step"])
         self.position = int(payload["jobwrap"].get("position", 0))
         self._resumed_step = self.step
@@ -292,6 +297,8 @@ class Session:
                 raise ConfigError(f"cannot track {name!r}: the name is reserved or already tracked; pick another")
             if is_stateful(obj):
                 self._objects[name] = obj
+                if isinstance(obj, torch.optim.Optimizer):
+                    self._grad_hooks.append(obj.register_step_post_hook(self._after_optimizer_step))
                 if self._pending is not None:
                     if name in self._pending:
                         load_into(name, obj, self._pending[name])
@@ -307,6 +314,7 @@ class Session:
         self._sharded = sharded.sharded_names(self._objects)
         if from_folder:
             self._load_shards(from_folder)
+        self._restore_grads(things)
         if self._pending is not None:
             self._restore_rng()  # loops with only step_done() have no boundary before their first step
         if self._trap.received and self.resumed_from is not None and self.group.world_size == 1:
@@ -315,6 +323,44 @@ class Session:
             # one of their own, building DDP): the first boundary, which every rank reaches, stops them all.
             self._boundary()
         return self
+
+    def _restore_grads(self, things: dict[str, Any]) -> None:
+        """Gradients the checkpoint holds (saved between optimizer steps) back into ``.grad``."""
+        owners = grad_owners(self._objects)
+        for name in things:
+            grads = self._resume_grads.pop(name, None)
+            if grads:
+                restore_grads(name, owners.get(name, {}), grads)
+
+    def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        record_step(optimizer, self._stepped)
+
+    def _pending_grads(self) -> dict[str, Any]:
+        """Gradients produced since the last optimizer step: at a boundary between micro-batches of
+        gradient accumulation they are part of the state."""
+        return pending_grads(grad_owners(self._objects), self._stepped)
+
+    def _grads_to_save(self) -> dict[str, Any]:
+        """``{"grads": ...}`` for this rank's checkpoint entry, or nothing in the common case (no
+        gradient since the last ``optimizer.step()``)."""
+        grads = self._pending_grads()
+        if not grads:
+            return {}
+        self._refuse_sharded_grads(grads)
+        if self.group.world_size > 1:  # gathered to rank 0 as objects: off the GPU, each rank its own
+            grads = {name: {k: g.detach().cpu() for k, g in part.items()} for name, part in grads.items()}
+        return {"grads": grads}
+
+    def _refuse_sharded_grads(self, grads: dict[str, Any]) -> None:
+        """Sharded gradients between optimizer steps cannot be checkpointed: refused at the first boundary
+        that has them, early in the run, rather than at the signal's save, which would lose the work."""
+        unsaveable = [name for name in grads if name in self._sharded]
+        if unsaveable:
+            raise ConfigError(
+                f"step boundary {self.step}: gradients accumulated since the last optimizer.step() are pending in "
+                f"{', '.join(unsaveable)} (sharded), and jobwrap cannot checkpoint sharded (FSDP) gradients. "
+                f"Stop at optimizer steps: call job.step_done() only after optimizer.step(), in a loop over the "
+                f"loader itself (job.loader() makes every batch, every micro-batch, a step boundary)")
 
     def __getitem__(self, name: str) -> Any:
         return self.extras[name]
@@ -397,6 +443,8 @@ class Session:
             self._watch_supervisor()
         if self.config.test_hold_at and self.step in self.config.test_hold_at:
             self._hold_for_test()
+        if self._sharded:
+            self._refuse_sharded_grads(self._pending_grads())
         if self.group.world_size == 1:
             if self._trap.received or self._orphaned:
                 self._stop(self._local_stop_request())
@@ -574,7 +622,7 @@ class Session:
                 and not self._moved_since_save()):
             return self.last_checkpoint
         state = self._fingerprint()
-        ranks = self.group.gather(self._rank_state())
+        ranks = self.group.gather(self._saved_rank_state())
         if self._sharded:
             outcome = self._commit_sharded(ranks, reason)
         else:
@@ -589,7 +637,7 @@ class Session:
         """What makes the state, cheaply (no tensor is read): compared to tell whether a save is needed."""
         return (self.epoch, self.step, self.position, fingerprint(self._objects),
                 fingerprint(self.extras, by_content=True),
-                fingerprint(self._rank_state(), by_content=True))
+                fingerprint(self._rank_state(), by_content=True), fingerprint(self._pending_grads()))
 
     def _moved_since_save(self) -> bool:
         """Whether the state moved on since the last checkpoint without a step (every rank agrees)."""
@@ -706,6 +754,11 @@ class Session:
         """What differs between ranks: RNG streams and the loader's epoch-start state."""
         return {"rng": capture_rng(self.device), "data": self._loader.state_dict() if self._loader is not None else {}}
 
+    def _saved_rank_state(self) -> dict[str, Any]:
+        """This rank's entry in a checkpoint: its RNG and loader state, and any gradients accumulated
+        since the last optimizer step (kept out of :meth:`_rank_state`, which the fingerprint reads by content)."""
+        return {**self._rank_state(), **self._grads_to_save()}
+
     def _payload(self, ranks: list[dict[str, Any]], shards: dict[str, Any] | None = None) -> dict[str, Any]:
         payload: dict[str, Any] = {name: obj.state_dict() for name, obj in self._objects.items()
                                    if name not in self._sharded}
@@ -776,7 +829,7 @@ class Session:
         started = time.monotonic()
         staging = self._staging = self._staging or StagingArea()
         defer, watched = self._deferrable() if self.config.lazy_copy else (set(), [])
-        payload = staging.stage(self._payload([self._rank_state()]), defer=defer)
+        payload = staging.stage(self._payload([self._saved_rank_state()]), defer=defer)
         self._background_fingerprint = self._fingerprint()
         pause = time.monotonic() - started
         step, epoch = self.step, self.epoch
@@ -893,9 +946,10 @@ class Session:
 
     def _finish_background(self, exc: BaseException | None) -> BaseException | None:
         """At close: let a save in flight commit; its failure is returned when nothing else failed."""
-        for hook in self._step_hooks.values():
+        for hook in [*self._step_hooks.values(), *self._grad_hooks]:
             hook.remove()
         self._step_hooks.clear()
+        self._grad_hooks.clear()
         if not self._background.busy:
             return None
         if self._background.step is None:

@@ -248,3 +248,18 @@ def test_a_failed_write_on_rank_0_is_a_clear_error_on_every_rank(tmp_path):
     assert "rank 1: CheckpointError: rank 0 could not save: RuntimeError: state_dict failed on rank 0" \
         in result.stdout, result.stdout + result.stderr[-3000:]
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_accumulated_unreduced_gradients_of_each_rank_survive_a_preemption(tmp_path):
+    """DDP with no_sync() micro-batches, preempted between a backward and its step: each rank's own
+    accumulated gradients are saved and restored, and the run matches the uninterrupted one."""
+    def command(log):
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                str(REPO / "tests" / "scripts" / "ddp_accumulate.py"), "--loss-log", str(log)]
+    run_preempted(command(tmp_path / "ref.loss"), tmp_path / "ref", ranks=2, timeout=240).check()
+    cut = run_preempted(command(tmp_path / "cut.loss"), tmp_path / "cut", ranks=2, preempt_at=[5],
+                        timeout=240).check()
+    assert cut.signalled_at == [5]
+    assert_same_run(tmp_path / "ref", tmp_path / "cut")
+    ref, got = ((tmp_path / name).read_text().splitlines() for name in ("ref.loss", "cut.loss"))
+    assert sorted(got) == sorted(ref)

@@ -11,6 +11,7 @@ from torch import nn
 import jobwrap
 from jobwrap.errors import ConfigError, StateMismatchError
 from jobwrap.events import read_events
+from jobwrap.store import CheckpointStore
 
 
 def _session(directory, **settings):
@@ -259,3 +260,73 @@ def test_a_tensor_extra_replaced_by_a_new_value_is_saved_again(tmp_path):
     with _session(tmp_path, save_at_end=False) as job:
         job.track(ema=torch.zeros(4))
         assert torch.equal(job["ema"], torch.ones(4))
+
+
+def _saved(checkpoint):
+    return torch.load(checkpoint.path, weights_only=True)
+
+
+def test_zero_grad_backward_step_adds_no_gradients_to_the_checkpoint(tmp_path):
+    """The common loop (zero_grad, backward, step; grads set to None or zeroed) saves no gradients."""
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with _session(tmp_path, save_at_end=False) as job:
+        job.track(model=model, optimizer=optimizer)
+        _train_steps(job, model, optimizer, 2)
+        optimizer.zero_grad(set_to_none=False)
+        model(torch.ones(3, 2)).sum().backward()
+        optimizer.step()
+        job.step_done()
+        assert all(p.grad is not None for p in model.parameters())
+        saved = _saved(job.save())
+    assert saved["step"] == 3 and "grads" not in saved["jobwrap"]["ranks"][0]
+
+
+def _accumulate(model, scale=1.0):
+    (model(torch.ones(3, 2)).sum() * scale).backward()
+
+
+def test_gradients_accumulated_since_the_last_step_are_saved_and_restored(tmp_path):
+    """Backward without optimizer.step() before a boundary: the checkpoint holds the gradients and the
+    resume puts them back into .grad; more backward at the same step makes a same-step save write again."""
+    torch.manual_seed(0)
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with _session(tmp_path, save_at_end=False) as job:
+        job.track(model=model, optimizer=optimizer)
+        _train_steps(job, model, optimizer, 1)
+        optimizer.zero_grad()
+        _accumulate(model)
+        job.step_done()
+        first = job.save()
+        assert job.save() is first
+        _accumulate(model, 2.0)
+        second = job.save()
+        assert (second.step, second.serial) == (2, 1)
+        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    saved = _saved(second)["jobwrap"]["ranks"][0]["grads"]
+    assert set(saved) == {"model"} and torch.equal(saved["model"]["weight"], grads["weight"])
+    fresh = nn.Linear(2, 1)
+    with _session(tmp_path, save_at_end=False) as job:
+        job.track(model=fresh, optimizer=torch.optim.SGD(fresh.parameters(), lr=0.1))
+        assert {name: p.grad for name, p in fresh.named_parameters()}.keys() == grads.keys()
+        for name, p in fresh.named_parameters():
+            assert torch.equal(p.grad, grads[name])
+
+
+def test_background_save_holds_the_gradients_of_its_boundary(tmp_path):
+    """A periodic save written in the background keeps the gradients as they were at the boundary,
+    although the next backward changes them in place while the write runs."""
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with _session(tmp_path, save_every_steps=1, async_save=True, save_at_end=False) as job:
+        job.track(model=model, optimizer=optimizer)
+        _accumulate(model)
+        at_boundary = model.weight.grad.clone()
+        job.step_done()  # the periodic save of step 1 is staged here
+        _accumulate(model, 5.0)
+        job.save()  # collects the background save first
+    background = next(c for c in CheckpointStore(str(tmp_path)).committed() if c.key == (1, 0))
+    assert background.manifest.get("background")
+    saved = _saved(background)["jobwrap"]["ranks"][0]["grads"]["model"]["weight"]
+    assert torch.equal(saved, at_boundary) and not torch.equal(saved, model.weight.grad)

@@ -218,3 +218,38 @@ def test_crafted_non_tensor_value_in_a_shard_is_loaded_under_weights_only(tmp_pa
         dcp.load(state, storage_reader=sharded._safe_reader(str(tmp_path / "f"), files),
                  planner=sharded._safe_planner(), no_dist=True)
     assert not marker.exists()
+
+
+ACCUMULATING = """
+import os, torch, torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+import jobwrap
+dist.init_process_group("gloo")
+with jobwrap.Session() as job:
+    model = fully_shard(nn.Linear(4, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    job.track(model=model, optimizer=optimizer)
+    for _ in job.epochs(1):
+        for x in job.loader([torch.ones(3, 4)] * 4):
+            model(x).sum().backward()  # accumulate: step every other batch
+            if job.step % 2:
+                optimizer.step()
+                optimizer.zero_grad()
+dist.destroy_process_group()
+"""
+
+
+def test_accumulated_gradients_of_a_sharded_model_are_refused_at_the_first_boundary(tmp_path):
+    """FSDP with gradient accumulation under job.loader(): the first boundary between micro-batches stops
+    with an error naming the fix (boundaries only after optimizer.step()), not a resume that diverges."""
+    script = tmp_path / "accumulate_fsdp.py"
+    script.write_text(ACCUMULATING)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBWRAP_")}
+    env.update(JOBWRAP_DIR=str(tmp_path / "ck"), MASTER_PORT=_free_port(),
+               MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", JOBWRAP_NO_SLURM="1")
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "ConfigError: step boundary 1: gradients accumulated since the last optimizer.step() are pending" in result.stderr, result.stderr[-3000:]
+    assert "call job.step_done()" in result.stderr and "only after optimizer.step()" in result.stderr
+    assert CheckpointStore(str(tmp_path / "ck")).committed() == []

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 from jobwrap.events import read_events
 from jobwrap.store import CheckpointStore
 from jobwrap.testing import assert_same_run, run_preempted
@@ -40,5 +42,18 @@ def test_save_inside_the_loop_body_counts_the_batch(tmp_path):
     assert killed.returncode != 0
     assert [c.step for c in CheckpointStore(str(tmp_path / "cut")).committed()] == [5]
     run_preempted(_cmd(tmp_path / "cut.loss", "--save-in-body", "5"), tmp_path / "cut").check()
+    assert (tmp_path / "cut.loss").read_text() == (tmp_path / "ref.loss").read_text()
+    assert_same_run(tmp_path / "ref", tmp_path / "cut")
+
+
+@pytest.mark.parametrize("accumulate,preempt_at", [(2, [5]), (3, [5, 13])])
+def test_gradient_accumulation_preempted_between_micro_batches_is_bit_exact(tmp_path, accumulate, preempt_at):
+    """Backward every batch, optimizer.step() every k: a USR1 between a backward and its step saves the
+    accumulated gradients, and the resumed run matches the uninterrupted one bit for bit."""
+    args = ("--accumulate", str(accumulate), "--epochs", "2")
+    run_preempted(_cmd(tmp_path / "ref.loss", *args), tmp_path / "ref").check()
+    cut = run_preempted(_cmd(tmp_path / "cut.loss", *args), tmp_path / "cut", preempt_at=preempt_at).check()
+    assert cut.signalled_at == preempt_at
+    assert [e["step"] for e in read_events(str(tmp_path / "cut")) if e["event"] == "signal"] == preempt_at
     assert (tmp_path / "cut.loss").read_text() == (tmp_path / "ref.loss").read_text()
     assert_same_run(tmp_path / "ref", tmp_path / "cut")

@@ -5,6 +5,7 @@ Options make it do what real scripts do at awkward moments:
   --signal-in-validation E   send itself SIGUSR1 during the validation of epoch E (once per directory)
   --save-in-body S           call job.save() inside the loop's body, after optimizer.step(), at step S
   --kill-after-body-save     SIGKILL itself right after that save (once per directory): only it survives
+  --accumulate K             gradient accumulation: backward every batch, optimizer.step() every K batches
 Each trained step appends "step loss" to --loss-log, so a step trained twice shows.
 """
 from __future__ import annotations
@@ -38,6 +39,7 @@ def main() -> None:
     parser.add_argument("--signal-in-validation", type=int, default=-1)
     parser.add_argument("--save-in-body", type=int, default=-1)
     parser.add_argument("--kill-after-body-save", action="store_true")
+    parser.add_argument("--accumulate", type=int, default=1)
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -56,10 +58,14 @@ def main() -> None:
         for epoch in job.epochs(args.epochs):
             model.train()
             for x, y in job.loader(train_loader):
-                optimizer.zero_grad()
+                if args.accumulate == 1:
+                    optimizer.zero_grad()
                 loss = nn.functional.mse_loss(model(x), y)
-                loss.backward()
-                optimizer.step()
+                (loss / args.accumulate).backward()
+                if (job.step + 1) % args.accumulate == 0:
+                    optimizer.step()
+                    if args.accumulate > 1:
+                        optimizer.zero_grad()
                 with open(args.loss_log, "a") as f:
                     f.write(f"{job.step} {loss.item():.8f}\n")
                 if job.step + 1 == args.save_in_body:
