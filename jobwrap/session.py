@@ -634,10 +634,19 @@ class Session:
         return outcome
 
     def _fingerprint(self) -> Any:
-        """What makes the state, cheaply (no tensor is read): compared to tell whether a save is needed."""
-        return (self.epoch, self.step, self.position, fingerprint(self._objects),
-                fingerprint(self.extras, by_content=True),
-                fingerprint(self._rank_state(), by_content=True), fingerprint(self._pending_grads()))
+        """What makes the state, cheaply (no tensor is read): compared to tell whether a save is needed.
+
+        A tracked object whose ``state_dict()`` fails makes it a value equal to
+        nothing: the save goes ahead, and the failure surfaces in the write,
+        where every rank hears of it (raised here, one rank would leave the
+        others waiting in the save's collectives).
+        """
+        try:
+            return (self.epoch, self.step, self.position, fingerprint(self._objects),
+                    fingerprint(self.extras, by_content=True),
+                    fingerprint(self._rank_state(), by_content=True), fingerprint(self._pending_grads()))
+        except Exception:
+            return object()
 
     def _moved_since_save(self) -> bool:
         """Whether the state moved on since the last checkpoint without a step (every rank agrees)."""

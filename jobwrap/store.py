@@ -34,6 +34,7 @@ import stat
 import threading
 import time
 import uuid
+import zipfile
 from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import xxhash
@@ -366,18 +367,30 @@ def _describe_oserror(exc: OSError) -> str:
     return hints.get(exc.errno or -1, os.strerror(exc.errno) if exc.errno else str(exc))
 
 
-def _not_a_checkpoint(exc: BaseException) -> bool:
+def _not_a_checkpoint(exc: BaseException, path: str) -> bool:
     """Whether a load failure of an intact file says the file is no torch checkpoint at all.
 
-    weights_only refuses a pickle that would run code (UnpicklingError); a file
-    that is no zip archive fails in torch's reader. Anything else (no CUDA, out
-    of memory, I/O) depends on the node that loads it.
+    It is decided by the file, not by the error's wording: a file that is not
+    torch's zip archive (a ``data.pkl`` under one top-level folder) is no
+    checkpoint, whatever torch raised reading it; in one that is, weights_only
+    refusing a pickle that would run code (UnpicklingError) is one too.
+    Anything else (no CUDA, out of memory, I/O) depends on the node that loads it.
     """
     import pickle
 
     if isinstance(exc, (pickle.UnpicklingError, EOFError)):
         return True
-    return isinstance(exc, RuntimeError) and "PytorchStreamReader" in str(exc)
+    return not _is_torch_archive(path)
+
+
+def _is_torch_archive(path: str) -> bool:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
+    tops = {name.split("/", 1)[0] for name in names}
+    return len(tops) == 1 and any(name.endswith("/data.pkl") and name.count("/") == 1 for name in names)
 
 
 def _environment_error(checkpoint: "Checkpoint", exc: BaseException) -> LoadFailedHereError:
@@ -693,7 +706,7 @@ class CheckpointStore:
                 if not intact:
                     raise CorruptCheckpointError(f"{checkpoint.path}: checksum does not match manifest "
                                                  f"{checkpoint.checksum} (damaged on disk)") from None
-                if _not_a_checkpoint(exc):
+                if _not_a_checkpoint(exc, checkpoint.path):
                     raise
                 raise _environment_error(checkpoint, exc) from exc
             digest = reader.digest()
@@ -732,7 +745,7 @@ class CheckpointStore:
             except CorruptCheckpointError as exc:
                 reason = str(exc)
             except Exception as exc:
-                if not _not_a_checkpoint(exc):
+                if not _not_a_checkpoint(exc, checkpoint.path):
                     raise _environment_error(checkpoint, exc) from exc
                 reason = f"{checkpoint.path}: cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0]})"
             moved = self.quarantine(checkpoint)
