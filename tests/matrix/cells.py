@@ -92,11 +92,16 @@ class Cell:
 @dataclasses.dataclass(frozen=True)
 class Expectation:
     """``exact``: the preempted run equals the uninterrupted one bit for bit; ``refused``: the start fails
-    with an error whose text matches ``match`` (it must name the option), for ``reason``."""
+    with an error whose text matches ``match`` (it must name the option), for ``reason``.
+
+    ``in_first_epoch``: the refusal may come after some steps, at the first use of what is refused
+    in the first epoch (a validation loader reached mid-epoch), never later.
+    """
 
     kind: str
     reason: str = ""
     match: str = ""
+    in_first_epoch: bool = False
 
 
 # ---------------------------------------------------------------- constraints
@@ -280,6 +285,6 @@ def expected(cell: Cell) -> Expectation:
                                       "refused at loader()", match=r"(?i)generator|re-?iterable")
     if cell.validation == "wrapped":
         return Expectation("refused", "a second loader wrapped in job.loader() inside the epoch would replace "
-                                      "the training loader's position; refused at the second loader()",
-                           match=r"(?i)loader")
+                                      "the training loader's position; refused at the second loader(), the first "
+                                      "time validation runs", match=r"(?i)loader", in_first_epoch=True)
     return Expectation("exact")

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from cells import CANCELS, Cell
+from cells import CANCELS, Cell, expected
 
 import jobwrap.errors
 from jobwrap.config import REQUEUE_EXIT_CODE
@@ -248,10 +248,13 @@ def preemption_points(reference: Run) -> list[int]:
     return sorted({3, boundary})
 
 
-def refusal(run: Run) -> str | None:
-    """The jobwrap error a run refused to start with (before training a step), or None."""
+def refusal(run: Run, *, in_first_epoch: bool = False) -> str | None:
+    """The jobwrap error a run refused to start with (before training a step, or with ``in_first_epoch``
+    within the first epoch), or None."""
     error = last_error(run)
-    if run.codes[-1:] != [0] and not run.loss_lines() and error.split(":")[0] in JOBWRAP_ERRORS:
+    trained = run.loss_lines()
+    early = not trained or (in_first_epoch and all(line.split("\t")[1] == "0" for line in trained))
+    if run.codes[-1:] != [0] and early and error.split(":")[0] in JOBWRAP_ERRORS:
         return error
     return None
 
@@ -339,14 +342,15 @@ class Matrix:
 
             return run_slurm_cell(self, cell)
         reference = self.reference(cell)
-        refused = refusal(reference)
+        early = expected(cell).in_first_epoch
+        refused = refusal(reference, in_first_epoch=early)
         if refused is not None and cell.launch != "plain":  # refused under this cell's own launch too?
             own = train(dataclasses.replace(cell, signal="usr1"),
                         Path(tempfile.mkdtemp(prefix="start-", dir=self.base)) / "ck")
-            if refusal(own) is None:
+            if refusal(own, in_first_epoch=early) is None:
                 return Outcome("failed", f"refused in a plain process ({refused}) but not under {cell.launch}: "
                                          f"exit codes {own.codes}")
-            refused = refusal(own)
+            refused = refusal(own, in_first_epoch=early)
         if refused is not None:
             return Outcome("refused", refused)
         if reference.codes[-1:] != [0]:
