@@ -291,10 +291,9 @@ def test_time_limit_warning_requeues_before_the_limit(jobs, tmp_path, reference)
 HIGH = "#!/bin/bash\necho \"high job ran\"\nsleep 2\n"
 
 
-def test_preempted_low_job_commits_within_grace_and_resumes_after_high(jobs, tmp_path, reference):
-    """A low job preempted by an exclusive high job: commits within GraceTime, requeued, resumes after it."""
-    ref = reference()
-    script = write_script(tmp_path, "low", partition="low", command=train_command(tmp_path))
+def _preempt_low_job(script, jobs, tmp_path):
+    """Submit ``script`` on partition low, let it train 5 steps, preempt it with an exclusive high job;
+    return (low job, high job's info, low job's info once it completed after one restart, preemption time)."""
     low = submit(script, cwd=tmp_path)
     jobs.append(low)
     wait_until(low, lambda: len(lines(tmp_path / "loss.tsv")) >= 5, "5 trained steps", 120)
@@ -304,6 +303,14 @@ def test_preempted_low_job_commits_within_grace_and_resumes_after_high(jobs, tmp
     jobs.append(high)
     high_info = wait_for(high, {"COMPLETED"}, timeout=120)
     info = wait_for(low, {"COMPLETED"}, predicate=lambda i: restart_count(i) == 1, timeout=180)
+    return low, high_info, info, preempted_at
+
+
+def test_preempted_low_job_commits_within_grace_and_resumes_after_high(jobs, tmp_path, reference):
+    """A low job preempted by an exclusive high job: commits within GraceTime, requeued, resumes after it."""
+    ref = reference()
+    script = write_script(tmp_path, "low", partition="low", command=train_command(tmp_path))
+    low, high_info, info, preempted_at = _preempt_low_job(script, jobs, tmp_path)
     ckpt = tmp_path / "ckpt"
     grace = 10  # GraceTime of partition low in slurm/slurm.conf.in
 
@@ -333,15 +340,7 @@ def test_preemption_with_term_only_resumes_bit_exact(jobs, tmp_path, reference):
     # No --signal: the partition's TERM at the end of GraceTime is the only warning (most clusters).
     script.write_text("".join(line for line in script.read_text().splitlines(keepends=True)
                               if not line.startswith("#SBATCH --signal")))
-    low = submit(script, cwd=tmp_path)
-    jobs.append(low)
-    wait_until(low, lambda: len(lines(tmp_path / "loss.tsv")) >= 5, "5 trained steps", 120)
-    (tmp_path / "high.sh").write_text(HIGH)
-    preempted_at = time.time()
-    high = submit(tmp_path / "high.sh", "--partition=high", "--exclusive", "--output=high-%j.out", cwd=tmp_path)
-    jobs.append(high)
-    wait_for(high, {"COMPLETED"}, timeout=120)
-    info = wait_for(low, {"COMPLETED"}, predicate=lambda i: restart_count(i) == 1, timeout=180)
+    low, _, info, preempted_at = _preempt_low_job(script, jobs, tmp_path)
     ckpt = tmp_path / "ckpt"
 
     def check() -> None:
