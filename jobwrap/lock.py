@@ -35,6 +35,7 @@ from typing import Any, Callable
 import psutil
 
 from jobwrap.errors import DirectoryHeldError, StorageError
+from jobwrap.pids import alive
 from jobwrap.store import _describe_oserror  # the same hints as every other failure of the directory
 
 log = logging.getLogger("jobwrap")
@@ -129,14 +130,6 @@ def refusal(holder: Holder | None, me: Holder, *, os_lock: str, now: float, time
         return None
     return (f"its heartbeat is {now - holder.heartbeat:.0f} s old, and a holder on another host is taken over "
             f"only after {timeout:.0f} s without one (JOBWRAP_LOCK_TIMEOUT)")
-
-
-def alive(pid: int, started: float) -> bool:
-    """Whether the process ``pid`` that started at ``started`` still runs on this host (not a reused pid)."""
-    try:
-        return abs(psutil.Process(pid).create_time() - started) < 0.5
-    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
-        return False
 
 
 def boot_id() -> str:

@@ -32,7 +32,8 @@ from jobwrap.errors import (CheckpointError, ConfigError, CorruptCheckpointError
                             StorageError)
 from jobwrap.events import EventLog
 from jobwrap.format import human_size
-from jobwrap.lock import DirectoryLock, alive
+from jobwrap.lock import DirectoryLock
+from jobwrap.pids import alive
 from jobwrap.schedulers import Scheduler, requeue_refusal, scheduler_for
 from jobwrap.signals import SignalTrap
 from jobwrap.state import (RESERVED_KEYS, GradRecord, capture_rng, fingerprint, grad_owners, is_stateful, load_into,
@@ -130,6 +131,10 @@ class Session:
         self._step_hooks: dict[int, Any] = {}
         self._grad_hooks: list[Any] = []  # optimizers' step post-hooks: which gradients a step consumed
         self._stepped: GradRecord = {}
+        # Boundaries after a step left at which sharded models are checked for accumulated gradients: accumulation
+        # shows at the first boundary (a micro-batch without a step), and walking every parameter at
+        # every step would tax the loop; saves still check.
+        self._sharded_grad_checks = 2
         self._resume_grads: dict[str, Any] = {}  # gradients saved between optimizer steps, until tracked
         self._lock: DirectoryLock | None = None  # rank 0's hold on the directory
         self._supervisor: tuple[int, float] | None = None  # (pid, start time) of the `jobwrap run` not to outlive
@@ -443,7 +448,8 @@ class Session:
             self._watch_supervisor()
         if self.config.test_hold_at and self.step in self.config.test_hold_at:
             self._hold_for_test()
-        if self._sharded:
+        if self._sharded and self._sharded_grad_checks and self.step > max(self._resumed_step, 0):
+            self._sharded_grad_checks -= 1
             self._refuse_sharded_grads(self._pending_grads())
         if self.group.world_size == 1:
             if self._trap.received or self._orphaned:

@@ -12,22 +12,15 @@ from __future__ import annotations
 import contextlib
 import os
 
+from jobwrap.pids import alive, start_time
+
 #: The variable through which ``jobwrap run`` hands the registry directory to its command.
 REGISTRY_VARIABLE = "JOBWRAP_TRAINERS"
 
 
-def _start_time(pid: int) -> float | None:
-    import psutil
-
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return None
-
-
 def register(directory: str | None) -> str | None:
     """Record this process as a training process in ``directory``; the file to pass to :func:`unregister`."""
-    started = _start_time(os.getpid())
+    started = start_time(os.getpid())
     if not directory or started is None:
         return None
     path = os.path.join(directory, str(os.getpid()))
@@ -62,8 +55,7 @@ def registered(directory: str) -> list[int]:
                 recorded = float(f.read())
         except (OSError, ValueError):
             continue
-        started = _start_time(int(name))
-        if started is not None and abs(started - recorded) < 0.01:
+        if alive(int(name), recorded):
             live.append(int(name))
         else:  # gone (killed before it could unregister), or its pid was reused since
             unregister(path)

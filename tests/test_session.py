@@ -18,6 +18,17 @@ def _session(directory, **settings):
     return jobwrap.Session(str(directory), environ={}, **settings)
 
 
+def _saved_after(directory, steps):
+    """A linear model and its SGD, trained ``steps`` steps in a session that saved them; both still live."""
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with _session(directory) as job:
+        job.track(model=model, optimizer=optimizer)
+        _train_steps(job, model, optimizer, steps)
+        job.save()
+    return model, optimizer
+
+
 def _train_steps(job, model, optimizer, steps):
     for _ in range(steps):
         optimizer.zero_grad()
@@ -84,12 +95,7 @@ def test_sigterm_checkpoints_and_exits_without_requeue(tmp_path):
 
 def test_signal_during_resume_is_honoured_at_first_boundary(tmp_path):
     """A signal that arrives while resuming stops the run at its first boundary, without a duplicate save."""
-    model = nn.Linear(2, 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with _session(tmp_path) as job:
-        job.track(model=model, optimizer=optimizer)
-        _train_steps(job, model, optimizer, 2)
-        job.save()
+    model, optimizer = _saved_after(tmp_path, 2)
     with pytest.raises(jobwrap.Preempted) as stopped:
         with _session(tmp_path, max_no_progress=1) as job:
             os.kill(os.getpid(), signal.SIGUSR1)  # arrives before track() restored anything
@@ -167,12 +173,7 @@ def test_requeue_caps_policy():
 def test_unusable_device_is_refused_at_start_and_checkpoints_kept(tmp_path):
     """device="cuda" without usable CUDA: refused at start naming JOBWRAP_DEVICE; the checkpoint is kept and
     a start on a usable device resumes from it."""
-    model = nn.Linear(2, 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with _session(tmp_path) as job:
-        job.track(model=model, optimizer=optimizer)
-        _train_steps(job, model, optimizer, 3)
-        job.save()
+    model, optimizer = _saved_after(tmp_path, 3)
     before = sorted(os.listdir(tmp_path))
     with pytest.raises(ConfigError, match="JOBWRAP_DEVICE"):
         with _session(tmp_path, device="cuda") as job:
