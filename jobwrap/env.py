@@ -97,3 +97,40 @@ def default_run_id(job: JobEnv) -> str | None:
     if job.scheduler == "slurm" and job.job_id:
         return f"slurm-{job.job_id}"
     return job.job_id
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class SlurmStep:
+    """Where this process sits in Slurm's own terms: what ``jobwrap doctor`` needs to signal it as Slurm would."""
+
+    job_id: str | None  # SLURM_JOB_ID as scancel takes it with a step (JOB.STEP), not the array form
+    step_id: str | None  # a number in an srun step; unset (or "batch") in the batch shell
+    task: int  # SLURM_PROCID: this task's number in the step
+    step_tasks: int | None  # SLURM_STEP_NUM_TASKS
+    job_tasks: int | None  # SLURM_NTASKS
+    restart_count: int  # Slurm's own count, not jobwrap run's relaunches in place
+    partition: str | None  # SLURM_JOB_PARTITION: one, or several separated by commas
+
+    @property
+    def in_srun_step(self) -> bool:
+        """Whether this is a task of an ``srun`` step (a numbered step), not the batch shell."""
+        return (self.step_id or "").isdigit()
+
+    @property
+    def tasks(self) -> int:
+        """The tasks of this step that a signal to the step reaches."""
+        return self.step_tasks or self.job_tasks or 1
+
+
+def read_slurm_step(environ: Mapping[str, str] | None = None) -> SlurmStep:
+    """Slurm's variables about the job, the step and this task (nothing set outside Slurm)."""
+    environ = os.environ if environ is None else environ
+    return SlurmStep(
+        job_id=environ.get("SLURM_JOB_ID") or environ.get("SLURM_JOBID") or None,
+        step_id=environ.get("SLURM_STEP_ID") or environ.get("SLURM_STEPID") or None,
+        task=_int(environ, "SLURM_PROCID", default=0),
+        step_tasks=_int(environ, "SLURM_STEP_NUM_TASKS", default=0) or None,
+        job_tasks=_int(environ, "SLURM_NTASKS", default=0) or None,
+        restart_count=_int(environ, "SLURM_RESTART_COUNT", default=0),
+        partition=environ.get("SLURM_JOB_PARTITION") or None,
+    )

@@ -1,6 +1,9 @@
 """jobwrap's exceptions: a shallow hierarchy, each message names what to change."""
 from __future__ import annotations
 
+import errno
+import os
+
 
 class JobwrapError(Exception):
     """Base class of every error jobwrap raises on purpose."""
@@ -40,3 +43,25 @@ class StorageError(CheckpointError, OSError):
 
 class SchedulerError(JobwrapError):
     """Talking to the scheduler failed (``scontrol`` missing or refusing)."""
+
+
+# What an errno means for a checkpoint directory, and what to change; ``{option}`` names the setting.
+_OSERROR_HINTS = {
+    errno.ENOSPC: "the disk is full: free space or point {option} at a larger filesystem",
+    errno.EDQUOT: "the disk quota is exhausted: free space or raise the quota",
+    errno.EACCES: "permission denied: make the directory writable or choose another {option}",
+    errno.EPERM: "operation not permitted: choose another {option}",
+    errno.EROFS: "the filesystem is read-only: choose a writable checkpoint directory",
+    errno.ENOTDIR: "a part of the path is a file, not a directory: choose another {option}",
+    errno.ENOENT: "the checkpoint directory or a part of its path disappeared: recreate it or choose another {option}",
+    errno.EIO: "an I/O error from the storage: check the filesystem",
+}
+
+
+def describe_oserror(exc: OSError, option: str = "JOBWRAP_DIR") -> str:
+    """What a failure of the checkpoint directory means and the fix, naming ``option`` (the flag or variable
+    that chooses the directory where it failed); the system's own words for an errno without a hint."""
+    hint = _OSERROR_HINTS.get(exc.errno or -1)
+    if hint is not None:
+        return hint.format(option=option)
+    return os.strerror(exc.errno) if exc.errno else str(exc)

@@ -34,9 +34,8 @@ from typing import Any, Callable
 
 import psutil
 
-from jobwrap.errors import DirectoryHeldError, StorageError
+from jobwrap.errors import DirectoryHeldError, StorageError, describe_oserror
 from jobwrap.pids import alive
-from jobwrap.store import _describe_oserror  # the same hints as every other failure of the directory
 
 log = logging.getLogger("jobwrap")
 
@@ -166,7 +165,7 @@ class DirectoryLock:
             os_lock = self._lock()
         except OSError as exc:
             raise StorageError(exc.errno, f"checkpoint directory {self.directory} is not usable: "
-                               f"{_describe_oserror(exc)}") from exc
+                               f"{describe_oserror(exc)}") from exc
         holder = self._read()
         reason = refusal(holder, self.me, os_lock=os_lock, now=time.time(), timeout=self.timeout, alive=alive)
         if reason is not None and not self.break_lock:
@@ -182,7 +181,7 @@ class DirectoryLock:
         except OSError as exc:
             self._unlock()
             raise StorageError(exc.errno, f"checkpoint directory {self.directory} is not usable: "
-                               f"{_describe_oserror(exc)}") from exc
+                               f"{describe_oserror(exc)}") from exc
         _held_here[key] = os.getpid()
         if os_lock != "proof":  # only the record tells other hosts that this one is alive
             self._heartbeat = threading.Thread(target=self._beat, name="jobwrap-lock-heartbeat", daemon=True)

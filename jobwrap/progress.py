@@ -15,12 +15,10 @@ import os
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, Iterator, TextIO
+from typing import Callable, Iterator, TextIO
 
 from jobwrap.format import human_duration, human_size
-
-if TYPE_CHECKING:
-    from jobwrap.store import Checkpoint, CheckpointStore
+from jobwrap.store import Checkpoint, CheckpointStore, temporary_data_glob
 
 log = logging.getLogger("jobwrap")
 
@@ -99,7 +97,7 @@ class _Ticker(threading.Thread):
 
 def temporary_bytes(directory: str, step: int) -> Callable[[], int | None]:
     """A probe: the size of the save's temporary data file for ``step`` (None when there is none)."""
-    pattern = os.path.join(glob.escape(directory), f".tmp-step-{step:012d}*.pt.*")  # any serial of the step
+    pattern = os.path.join(glob.escape(directory), temporary_data_glob(step))
 
     def probe() -> int | None:
         for path in glob.glob(pattern):
@@ -111,7 +109,7 @@ def temporary_bytes(directory: str, step: int) -> Callable[[], int | None]:
     return probe
 
 
-def saving(directory: str, step: int, previous: "Checkpoint | None") -> contextlib.AbstractContextManager[None]:
+def saving(directory: str, step: int, previous: Checkpoint | None) -> contextlib.AbstractContextManager[None]:
     """The phase around a save: the previous checkpoint's save time and size are the estimate."""
     if previous is None:
         return phase(f"saving step {step}", expected_seconds=None, probe=temporary_bytes(directory, step))
@@ -121,7 +119,7 @@ def saving(directory: str, step: int, previous: "Checkpoint | None") -> contextl
                  probe=temporary_bytes(directory, step))
 
 
-def loading(store: "CheckpointStore") -> contextlib.AbstractContextManager[None]:
+def loading(store: CheckpointStore) -> contextlib.AbstractContextManager[None]:
     """The phase around verifying and loading the newest checkpoint; its save time is the estimate."""
     newest = store.committed()[:1]
     if not newest:

@@ -39,7 +39,7 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import xxhash
 
-from jobwrap.errors import CorruptCheckpointError, ForeignRunError, LoadFailedHereError, StorageError
+from jobwrap.errors import CorruptCheckpointError, ForeignRunError, LoadFailedHereError, StorageError, describe_oserror
 from jobwrap.faults import crash_point
 
 log = logging.getLogger("jobwrap")
@@ -147,13 +147,19 @@ def data_name(step: int, serial: int = 0) -> str:
     return _stem(step, serial) + ".pt"
 
 
-def _manifest_name(step: int, serial: int = 0) -> str:
+def manifest_name(step: int, serial: int = 0) -> str:
+    """The checkpoint's manifest, its commit record: the name of its ``.pt`` with ``.json``."""
     return _stem(step, serial) + ".json"
 
 
 def folder_name(step: int, serial: int = 0) -> str:
     """The checkpoint's torch.distributed.checkpoint folder, beside its ``.pt``."""
     return _stem(step, serial) + ".dcp"
+
+
+def temporary_data_glob(step: int) -> str:
+    """A glob for the temporary ``.pt`` a save of ``step`` (any serial) writes before its rename."""
+    return f"{_TMP_PREFIX}{_stem(step, 0)}*.pt.*"
 
 
 class SaveCancelled(Exception):
@@ -346,25 +352,13 @@ def _makedirs(path: str, mode: int) -> None:
     """``os.makedirs``, but the parents it creates are 0755 (less the umask), not 0777: under a loose
     umask (000) no directory jobwrap creates is writable by others."""
     parent = os.path.dirname(path)
-    if parent and parent != path and not os.path.isdir(parent):
+    if parent and parent != path and not os.path.exists(parent):  # a file there: ENOTDIR below, not EEXIST
         _makedirs(parent, 0o755)
     try:
         os.mkdir(path, mode)
     except FileExistsError:
         if not os.path.isdir(path):
             raise
-
-
-def _describe_oserror(exc: OSError) -> str:
-    hints = {
-        errno.ENOSPC: "the disk is full: free space or point JOBWRAP_DIR at a larger filesystem",
-        errno.EDQUOT: "the disk quota is exhausted: free space or raise the quota",
-        errno.EACCES: "permission denied: make the directory writable or choose another",
-        errno.EROFS: "the filesystem is read-only: choose a writable checkpoint directory",
-        errno.ENOENT: "the checkpoint directory disappeared: recreate it or choose another",
-        errno.EIO: "an I/O error from the storage: check the filesystem",
-    }
-    return hints.get(exc.errno or -1, os.strerror(exc.errno) if exc.errno else str(exc))
 
 
 def _not_a_checkpoint(exc: BaseException, path: str) -> bool:
@@ -398,7 +392,7 @@ def _environment_error(checkpoint: "Checkpoint", exc: BaseException) -> LoadFail
     cause = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
     text = str(exc).lower()
     if isinstance(exc, OSError):
-        fix = _describe_oserror(exc)
+        fix = describe_oserror(exc)
     elif "cuda" in text or "device" in text:
         fix = ("the device it is loaded onto is not usable here: run on a node with a working GPU, or set "
                "JOBWRAP_DEVICE (device=...) to one this node has, e.g. JOBWRAP_DEVICE=cpu")
@@ -431,7 +425,27 @@ class CheckpointStore:
             os.unlink(probe)
         except OSError as exc:
             raise StorageError(exc.errno, f"checkpoint directory {self.directory} is not usable: "
-                               f"{_describe_oserror(exc)}") from exc
+                               f"{describe_oserror(exc)}") from exc
+
+    def prove_commit(self) -> None:
+        """Commit a small probe file the way a manifest is committed, read it back, remove it.
+
+        The protocol itself (temporary file, fsync, rename, directory fsync), not a copy
+        of it, so ``jobwrap doctor`` fails on a filesystem where any step of a commit fails.
+        A probe a crash leaves behind is a temporary: the next :meth:`prepare` removes it.
+        """
+        name = f"{_TMP_PREFIX}commit-probe-{uuid.uuid4().hex[:8]}.json"
+        record = {"probe": name, "wall_time": time.time()}
+        try:
+            try:
+                self._write_json(name, record)
+                if self._read_json(os.path.join(self.directory, name)) != record:
+                    raise OSError(errno.EIO, "a committed file read back differently")
+            finally:
+                self._remove(name)
+        except OSError as exc:
+            raise StorageError(exc.errno, f"checkpoint directory {self.directory} cannot commit a file: "
+                               f"{describe_oserror(exc)}") from exc
 
     def prepare(self) -> None:
         """Create the directory, prove it is writable, and clean what a killed save left.
@@ -443,11 +457,11 @@ class CheckpointStore:
         for name in leftovers(os.listdir(self.directory)):
             log.info("removing %s left by an interrupted save", name)
             self._remove(name)
-        for item in parse_listing(os.listdir(self.directory)):
+        for item in self.listing():
             found = self._read_manifest(item.step, item.serial) if item.has_manifest else None
             if isinstance(found, str):  # damaged or lying: never trusted, reported once, kept for a human
                 moved = self._quarantine_step(item.step, item.serial)
-                log.warning("bad manifest %s: %s; set aside as %s", _manifest_name(item.step, item.serial),
+                log.warning("bad manifest %s: %s; set aside as %s", manifest_name(item.step, item.serial),
                             found, moved)
 
     def claim(self, run_id: str | None, *, adopt: bool = False) -> tuple[str, list[str]]:
@@ -485,7 +499,7 @@ class CheckpointStore:
             self._write_json(RUN_FILE, record)
         except OSError as exc:
             raise StorageError(exc.errno, f"cannot record the run in {os.path.join(self.directory, RUN_FILE)}: "
-                               f"{_describe_oserror(exc)}") from exc
+                               f"{describe_oserror(exc)}") from exc
 
     # ------------------------------------------------------------ write
     def save(self, payload: dict[str, Any], *, step: int, epoch: int, meta: dict[str, Any],
@@ -531,19 +545,19 @@ class CheckpointStore:
                 "save_seconds": round(time.monotonic() - started, 6),
                 **meta,
             }
-            self._write_json(_manifest_name(step, serial), manifest, before_rename="manifest-written")
+            self._write_json(manifest_name(step, serial), manifest, before_rename="manifest-written")
             crash_point("committed")
         except OSError as exc:
             # Best effort (the disk that failed may refuse the unlinks too); the manifest goes first, in
             # case it was renamed before the directory's fsync failed: never a half-committed step.
-            for name in (data_tmp, _manifest_name(step, serial), data_name(step, serial), folder_name(step, serial)):
+            for name in (data_tmp, manifest_name(step, serial), data_name(step, serial), folder_name(step, serial)):
                 with contextlib.suppress(OSError):
                     self._remove(name)
             previous = self.committed()
             kept = f"the previous checkpoint (step {previous[0].step}) is intact" if previous else \
                 "no earlier checkpoint exists"
             raise StorageError(exc.errno, f"could not save step {step} in {self.directory}: "
-                               f"{_describe_oserror(exc)}; {kept}") from exc
+                               f"{describe_oserror(exc)}; {kept}") from exc
         except BaseException:
             self._remove(data_tmp)  # cancelled, or a payload torch.save refused
             raise
@@ -558,7 +572,7 @@ class CheckpointStore:
         victims = retention_victims(usable, keep_last)
         try:
             for step, serial in victims:
-                self._remove(_manifest_name(step, serial))
+                self._remove(manifest_name(step, serial))
                 crash_point("retention")
                 self._remove(data_name(step, serial))
                 self._remove(folder_name(step, serial))
@@ -566,7 +580,7 @@ class CheckpointStore:
                 fsync_dir(self.directory)
         except OSError as exc:  # the new checkpoint is committed; old ones stay until the next save
             log.warning("retention could not delete old checkpoints in %s: %s", self.directory,
-                        _describe_oserror(exc))
+                        describe_oserror(exc))
         return [step for step, _ in victims]
 
     def next_serial(self, step: int) -> int:
@@ -597,7 +611,7 @@ class CheckpointStore:
             os.mkdir(path, self._dir_mode())
         except OSError as exc:
             raise StorageError(exc.errno, f"cannot create {path} for the sharded state of step {step}: "
-                               f"{_describe_oserror(exc)}") from exc
+                               f"{describe_oserror(exc)}") from exc
         return path
 
     def seal_folder(self, step: int, files: Iterable[str], serial: int = 0) -> None:
@@ -616,7 +630,7 @@ class CheckpointStore:
         except OSError as exc:
             self.discard_folder(step, serial)
             raise StorageError(exc.errno, f"could not make the sharded state of step {step} durable in {path}: "
-                               f"{_describe_oserror(exc)}") from exc
+                               f"{describe_oserror(exc)}") from exc
 
     def discard_folder(self, step: int, serial: int = 0) -> None:
         """Remove an uncommitted folder after a failed sharded save (best effort)."""
@@ -645,14 +659,20 @@ class CheckpointStore:
                                              f"{expected['checksum']} (damaged on disk)")
 
     # ------------------------------------------------------------ read
-    def committed(self) -> list[Checkpoint]:
-        """Committed checkpoints (manifest present and readable), newest first; not yet verified."""
+    def listing(self) -> list[Listing]:
+        """Every checkpoint of the directory, committed or not, newest first (none when it does not exist)."""
         try:
-            names = os.listdir(self.directory)
+            return parse_listing(os.listdir(self.directory))
         except FileNotFoundError:
             return []
+
+    def data_path(self, step: int, serial: int = 0) -> str:
+        return os.path.join(self.directory, data_name(step, serial))
+
+    def committed(self) -> list[Checkpoint]:
+        """Committed checkpoints (manifest present and readable), newest first; not yet verified."""
         result = []
-        for item in parse_listing(names):
+        for item in self.listing():
             if item.committed:
                 checkpoint = self._manifest(item.step, item.serial)
                 if checkpoint is not None:
@@ -758,7 +778,7 @@ class CheckpointStore:
 
     def _quarantine_step(self, step: int, serial: int = 0) -> str:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        for name in (_manifest_name(step, serial), data_name(step, serial), folder_name(step, serial)):
+        for name in (manifest_name(step, serial), data_name(step, serial), folder_name(step, serial)):
             source = os.path.join(self.directory, name)
             try:
                 os.replace(source, f"{source}.corrupt-{stamp}")  # a sharded folder goes with its files
@@ -783,7 +803,7 @@ class CheckpointStore:
         verification (and the quarantine of a failure) at another checkpoint.
         """
         try:
-            with open(os.path.join(self.directory, _manifest_name(step, serial))) as f:
+            with open(os.path.join(self.directory, manifest_name(step, serial))) as f:
                 record = json.load(f)
         except OSError:
             return None
@@ -808,7 +828,7 @@ class CheckpointStore:
         step, serial = int(record["step"]), int(record.get("serial", 0))
         if serial < 0:
             raise ValueError(f"serial {serial} is negative")
-        return Checkpoint(path=os.path.join(self.directory, data_name(step, serial)), step=step,
+        return Checkpoint(path=self.data_path(step, serial), step=step,
                           epoch=int(record["epoch"]), size=int(record["size"]),
                           checksum=str(record["checksum"]), manifest=record, serial=serial)
 

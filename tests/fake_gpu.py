@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import torch
 import torch.serialization
 
-from jobwrap.store import CheckpointStore, _manifest_name
+from jobwrap.store import CheckpointStore, manifest_name
 
 
 @contextlib.contextmanager
@@ -61,7 +61,7 @@ def as_gpu_node(directory: str | os.PathLike, *, location: str, cuda_devices: in
         state["rng"]["cuda_device"] = saved_device
     meta = {k: v for k, v in newest.manifest.items()
             if k not in ("format", "file", "size", "checksum", "step", "epoch", "save_seconds")}
-    os.remove(os.path.join(store.directory, _manifest_name(newest.step)))  # uncommit, then replace
+    os.remove(os.path.join(store.directory, manifest_name(newest.step)))  # uncommit, then replace
     os.remove(newest.path)
     with saved_on(location):
         return store.save(payload, step=newest.step, epoch=newest.epoch, meta=meta).path

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from jobwrap.doctor import (
+from jobwrap.env import SlurmStep, read_slurm_step
+from jobwrap.preflight import (
     FAIL,
     PASS,
     WARN,
@@ -150,6 +151,17 @@ def test_srun_step_signals_the_step_once_every_rank_is_ready():
     """An exec'd srun task: scancel JOB.STEP, after the step's 2 tasks are ready."""
     plan = plan_delivery([ME, STEPD], sig=USR1, environ=STEP_ENV)
     assert plan.command == ("scancel", "--signal=USR1", "5.0") and plan.ranks == 2
+
+
+def test_slurm_step_is_read_from_slurms_variables():
+    """The step's id, task, task count, restart and partition come from env.py; the batch shell is no srun step."""
+    step = read_slurm_step({**STEP_ENV, "SLURM_RESTART_COUNT": "3", "SLURM_JOB_PARTITION": "gpu,cpu"})
+    assert (step.job_id, step.step_id, step.task, step.tasks) == ("5", "0", 0, 2) and step.in_srun_step
+    assert step.restart_count == 3 and step.partition == "gpu,cpu"
+    batch = read_slurm_step({"SLURM_JOBID": "5", "SLURM_STEP_ID": "batch", "SLURM_NTASKS": "4"})
+    assert batch.job_id == "5" and not batch.in_srun_step and batch.tasks == 4
+    assert read_slurm_step({}) == SlurmStep(job_id=None, step_id=None, task=0, step_tasks=None, job_tasks=None,
+                                            restart_count=0, partition=None)
 
 
 def test_without_scancel_the_same_processes_get_kill_and_it_warns():

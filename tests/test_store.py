@@ -1,6 +1,8 @@
 """The checkpoint store: commit protocol, verification, retention, run identity, permissions."""
 from __future__ import annotations
 
+import errno
+import fnmatch
 import json
 import logging
 import os
@@ -11,8 +13,17 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jobwrap.errors import CheckpointError, CorruptCheckpointError, ForeignRunError, StorageError
-from jobwrap.store import CheckpointStore, checksum_of, leftovers, parse_listing, retention_victims
+from jobwrap.errors import CheckpointError, CorruptCheckpointError, ForeignRunError, StorageError, describe_oserror
+from jobwrap.store import (
+    CheckpointStore,
+    checksum_of,
+    data_name,
+    leftovers,
+    manifest_name,
+    parse_listing,
+    retention_victims,
+    temporary_data_glob,
+)
 
 
 def _save(store: CheckpointStore, step: int, value: float = 1.0):
@@ -153,6 +164,37 @@ def test_unwritable_directory_is_a_clear_error(tmp_path):
         target = str(locked / "ck")
     with pytest.raises(StorageError, match="not usable"):
         CheckpointStore(target).prepare()
+
+
+def test_oserror_hints_name_the_cause_and_the_setting():
+    """One errno table for the store, the lock and the doctor: the cause, and the setting that changes it."""
+    full = describe_oserror(OSError(errno.ENOSPC, "No space left on device"))
+    assert full.startswith("the disk is full") and "JOBWRAP_DIR" in full
+    assert "choose another --dir" in describe_oserror(OSError(errno.ENOTDIR, "Not a directory"), option="--dir")
+    assert describe_oserror(OSError(errno.EACCES, "x"), option="--dir").startswith("permission denied")
+    assert describe_oserror(OSError(errno.EBADF, "x")) == os.strerror(errno.EBADF)  # no hint: the system's words
+
+
+def test_commit_probe_leaves_nothing_and_names_a_missing_directory(tmp_path):
+    """prove_commit commits a probe through the protocol and removes it; a vanished directory is a StorageError."""
+    store = CheckpointStore(str(tmp_path / "ck"))
+    store.ensure_directory()
+    store.prove_commit()
+    assert os.listdir(store.directory) == []
+    os.rmdir(store.directory)
+    with pytest.raises(StorageError, match="cannot commit a file: the checkpoint directory .*disappeared") as raised:
+        store.prove_commit()
+    assert raised.value.errno == errno.ENOENT
+
+
+def test_temporary_glob_matches_every_serial_of_its_step_only(tmp_path):
+    """The progress probe's glob matches the temporaries the store writes for a step, whatever the serial."""
+    store = CheckpointStore(str(tmp_path))
+    pattern = temporary_data_glob(1200)
+    assert fnmatch.fnmatch(store._tmp_name(data_name(1200)), pattern)
+    assert fnmatch.fnmatch(store._tmp_name(data_name(1200, 3)), pattern)
+    assert not fnmatch.fnmatch(store._tmp_name(data_name(1201)), pattern)
+    assert not fnmatch.fnmatch(store._tmp_name(manifest_name(1200)), pattern)
 
 
 @given(st.lists(st.integers(min_value=0, max_value=10**6), unique=True), st.integers(min_value=0, max_value=8))

@@ -52,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def settings_from_args(args: argparse.Namespace, environ: dict[str, str]):
     """The doctor's Settings: a flag beats its JOBWRAP_* variable, which beats the default."""
     from jobwrap.config import load_config, load_run_settings, parse_signal
-    from jobwrap.doctor import Settings, parse_size
+    from jobwrap.preflight import Settings, parse_size
 
     state_bytes = None
     if args.state_bytes is not None:
@@ -78,9 +78,8 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str]):
 
 
 def main(args: argparse.Namespace) -> int:
-    from jobwrap.doctor import FAIL, PASS, WARN, run_checks
-    from jobwrap.env import read_env
     from jobwrap.format import table
+    from jobwrap.preflight import FAIL, PASS, WARN, place, run_checks
 
     environ = dict(os.environ)
     try:
@@ -88,14 +87,9 @@ def main(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"jobwrap doctor: {exc}", file=sys.stderr)
         return 2
-    job = read_env(environ)
-    where = f"Slurm job {job.job_id}" if job.scheduler == "slurm" else "outside Slurm"
-    tasks = environ.get("SLURM_STEP_NUM_TASKS") or environ.get("WORLD_SIZE") or "1"
-    if tasks != "1":
-        where += f", rank {job.rank} of {tasks}"
     rows = run_checks(settings, environ)
     counts = {status: sum(r.status == status for r in rows) for status in (PASS, WARN, FAIL)}
-    lines = [f"jobwrap doctor on {socket.gethostname()} ({where}), signal {settings.signal.name}, "
+    lines = [f"jobwrap doctor on {socket.gethostname()} ({place(environ)}), signal {settings.signal.name}, "
              f"directory {settings.directory or '(none)'}",
              table(["check", "result", "detail"], [(r.check, r.status.upper(), r.detail) for r in rows]),
              f"{counts[PASS]} pass, {counts[WARN]} warn, {counts[FAIL]} fail"]

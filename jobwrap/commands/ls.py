@@ -10,7 +10,7 @@ from typing import Any
 from jobwrap.deadline import checkpoint_bytes
 from jobwrap.errors import CorruptCheckpointError
 from jobwrap.format import human_age, human_size, table
-from jobwrap.store import CheckpointStore, data_name, parse_listing
+from jobwrap.store import CheckpointStore
 
 NAME = "ls"
 
@@ -32,10 +32,9 @@ def listing(directory: str, *, verify: bool = True) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     committed = {c.key: c for c in store.committed()}
     picked = False
-    for item in parse_listing(os.listdir(directory)):
+    for item in store.listing():
         checkpoint = committed.get(item.key)
-        row: dict[str, Any] = {"step": item.step, "path": os.path.join(store.directory,
-                                                                       data_name(item.step, item.serial)),
+        row: dict[str, Any] = {"step": item.step, "path": store.data_path(item.step, item.serial),
                                "committed": checkpoint is not None}
         if checkpoint is None:
             row.update(status="uncommitted", epoch=None, size=None, time=None)

@@ -10,7 +10,6 @@ cluster. The side effects (run ``scancel``/``scontrol``, send a signal, write fi
 from __future__ import annotations
 
 import dataclasses
-import errno
 import importlib
 import os
 import re
@@ -22,9 +21,11 @@ import time
 from typing import Any, Callable, Mapping, Sequence
 
 from jobwrap.config import REQUEUE_EXIT_CODE
-from jobwrap.env import read_env
+from jobwrap.env import read_env, read_slurm_step
+from jobwrap.errors import describe_oserror
 from jobwrap.format import human_size
 from jobwrap.signals import SignalTrap
+from jobwrap.store import CheckpointStore
 
 __all__ = ["FAIL", "PASS", "WARN", "Proc", "Row", "Settings", "classify_filesystem", "find_mount",
            "parse_size", "plan_delivery", "run_checks", "save_fits"]
@@ -218,14 +219,15 @@ def plan_delivery(chain: Sequence[Proc], *, sig: signal.Signals, environ: Mappin
     name = sig.name
     short = name.removeprefix("SIG")
     me = chain[0]
-    job_id = environ.get("SLURM_JOB_ID") or environ.get("SLURM_JOBID")
+    slurm = read_slurm_step(environ)
+    job_id = slurm.job_id
     stepd = next((i for i, p in enumerate(chain) if p.name == "slurmstepd"), None)
     no_scancel = " (scancel is not on PATH, so Slurm's own part was not tested)"
     if job_id and stepd is not None and stepd > 0:
         below = list(chain[:stepd])  # this process ... the one slurmstepd started
         root = below[-1]
-        step = environ.get("SLURM_STEP_ID") or environ.get("SLURM_STEPID") or ""
-        if step.isdigit():
+        step = slurm.step_id
+        if slurm.in_srun_step:
             blockers = [p for p in below[1:] if p.catches is not True]
             if blockers:
                 return Row("signal delivery", FAIL, (
@@ -237,11 +239,10 @@ def plan_delivery(chain: Sequence[Proc], *, sig: signal.Signals, environ: Mappin
                 return Delivery(how=f"with kill() to this task's processes {[p.pid for p in below]}, as "
                                     f"slurmstepd does for --signal={short}@N{no_scancel}",
                                 pids=tuple(p.pid for p in reversed(below)), status=WARN)
-            ranks = _int(environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS"), 1)
             target = f"{job_id}.{step}"
             return Delivery(how=f"with scancel --signal={short} {target} to every task of step {step}, "
                                 f"as --signal={short}@N does",
-                            command=("scancel", f"--signal={short}", target), ranks=ranks)
+                            command=("scancel", f"--signal={short}", target), ranks=slurm.tasks)
         if root is me or (is_jobwrap_run(root.cmdline) and root.catches is not False):
             who = ("which is this process (exec)" if root is me else
                    f"jobwrap run (pid {root.pid}), which forwarded it here")
@@ -278,6 +279,14 @@ def _int(value: str | None, default: int) -> int:
         return int(value) if value else default
     except ValueError:
         return default
+
+
+def place(environ: Mapping[str, str]) -> str:
+    """Where the doctor runs, for the report's first line: the Slurm job and this task's rank, or outside Slurm."""
+    job = read_env(environ)
+    where = f"Slurm job {job.job_id}" if job.scheduler == "slurm" else "outside Slurm"
+    tasks = str(read_slurm_step(environ).step_tasks or environ.get("WORLD_SIZE") or "1")
+    return where + (f", rank {job.rank} of {tasks}" if tasks != "1" else "")
 
 
 def parse_record(line: str) -> dict[str, str]:
@@ -389,7 +398,7 @@ def check_delivery(settings: Settings, environ: Mapping[str, str], *, run: Runne
                          scancel=which("scancel") is not None)
     if isinstance(plan, Row):
         return plan
-    rank = _int(environ.get("SLURM_PROCID"), 0)
+    rank = read_slurm_step(environ).task
     ready = _step_ready_dir(settings, environ) if plan.ranks > 1 else None
     if plan.ranks > 1:
         if ready is None:
@@ -440,11 +449,10 @@ def _step_ready_dir(settings: Settings, environ: Mapping[str, str]) -> str | Non
     """A directory, the same for every task of this step, in the (shared) checkpoint directory."""
     if not settings.directory:
         return None
-    job = environ.get("SLURM_JOB_ID", "")
-    step = environ.get("SLURM_STEP_ID") or environ.get("SLURM_STEPID") or ""
+    slurm = read_slurm_step(environ)
     # A requeued job reuses its id and step numbers: the restart keeps an earlier run's files apart.
-    restart = environ.get("SLURM_RESTART_COUNT", "0")
-    path = os.path.join(settings.directory, f".jobwrap-doctor-{job}.{step}.{restart}")
+    path = os.path.join(settings.directory,
+                        f".jobwrap-doctor-{slurm.job_id or ''}.{slurm.step_id or ''}.{slurm.restart_count}")
     try:
         os.makedirs(path, mode=0o700, exist_ok=True)
     except OSError:
@@ -476,11 +484,10 @@ def check_requeue(environ: Mapping[str, str], *, run: Runner = subprocess.run,
                                      f"Restarts={record.get('Restarts', '?')}): training runs scontrol requeue "
                                      f"{job.job_id} once its checkpoint is committed"))
         problem = f"scontrol show job {job.job_id} failed: {out.strip()}"
-    step = environ.get("SLURM_STEP_ID") or environ.get("SLURM_STEPID") or ""
     if job.requeue_file:
         return Row(check, WARN, (f"{problem}; fallback: training touches JOBWRAP_REQUEUE_FILE and the batch "
                                  f"script's jobwrap run (outside any container) runs scontrol requeue"))
-    if step.isdigit():
+    if read_slurm_step(environ).in_srun_step:
         return Row(check, WARN, (f"{problem}; fallback: training exits {REQUEUE_EXIT_CODE} and the batch "
                                  f"script requeues on it (as the jobwrap multi-gpu/multi-node templates do)"))
     return Row(check, FAIL, (f"{problem}, and no jobwrap run above training to requeue it: nothing would "
@@ -489,44 +496,22 @@ def check_requeue(environ: Mapping[str, str], *, run: Runner = subprocess.run,
 
 
 def check_writable(directory: str | None) -> tuple[Row, str | None]:
-    """(d) The checkpoint directory takes a file through the commit protocol; returns a scratch dir in it."""
+    """(d) The checkpoint directory takes a file through the store's commit protocol; returns a scratch dir in it."""
     check = "directory writable"
     if not directory:
         return Row(check, FAIL, "no checkpoint directory: pass --dir or set JOBWRAP_DIR"), None
-    directory = os.path.abspath(directory)
+    store = CheckpointStore(directory)
     scratch = None
     try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        scratch = tempfile.mkdtemp(prefix=".jobwrap-doctor-", dir=directory)
-        probe = os.path.join(scratch, "probe.tmp")
-        with open(probe, "wb") as f:
-            f.write(b"jobwrap doctor\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(probe, os.path.join(scratch, "probe"))
-        fd = os.open(scratch, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        store.ensure_directory()
+        scratch = tempfile.mkdtemp(prefix=".jobwrap-doctor-", dir=store.directory)
+        CheckpointStore(scratch).prove_commit()
     except OSError as exc:
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
-        return Row(check, FAIL, f"{directory}: {_oserror_hint(exc)}"), None
-    return Row(check, PASS, f"{directory}: write, fsync, rename and directory fsync work"), scratch
-
-
-def _oserror_hint(exc: OSError) -> str:
-    hints = {
-        errno.EACCES: "permission denied; make it writable or choose another --dir",
-        errno.EPERM: "operation not permitted; choose another --dir",
-        errno.EROFS: "read-only filesystem; choose a writable --dir",
-        errno.ENOSPC: "the disk is full; free space or choose a larger filesystem",
-        errno.EDQUOT: "the disk quota is exhausted; free space or raise the quota",
-        errno.ENOTDIR: "a part of the path is a file, not a directory; choose another --dir",
-        errno.ENOENT: "a part of the path does not exist and cannot be created; choose another --dir",
-    }
-    return hints.get(exc.errno or -1, exc.strerror or str(exc))
+        return Row(check, FAIL, f"{store.directory}: {describe_oserror(exc, option='--dir')}"), None
+    return Row(check, PASS, f"{store.directory}: a file commits as a checkpoint does "
+                            f"(write, fsync, rename, directory fsync) and reads back"), scratch
 
 
 def check_shared(directory: str, mounts_text: str | None = None) -> Row:
@@ -545,8 +530,6 @@ def check_shared(directory: str, mounts_text: str | None = None) -> Row:
 def time_save(scratch: str, state_bytes: int) -> tuple[float, int]:
     """Seconds to save and commit a state of ``state_bytes`` in ``scratch`` (as jobwrap does), and its size."""
     import torch
-
-    from jobwrap.store import CheckpointStore
 
     generator = torch.Generator().manual_seed(0)
     tensors: dict[str, Any] = {}
@@ -568,7 +551,7 @@ def time_save(scratch: str, state_bytes: int) -> tuple[float, int]:
 def grace_time(environ: Mapping[str, str], *, run: Runner = subprocess.run,
                which: Callable[[str], str | None] = shutil.which) -> tuple[float | None, str]:
     """The partition's GraceTime when its jobs can be preempted (None otherwise), and a note why."""
-    partition = environ.get("SLURM_JOB_PARTITION")
+    partition = read_slurm_step(environ).partition
     scontrol = which("scontrol")
     if not partition or scontrol is None:
         return None, "not in a Slurm job" if not partition else "scontrol is not on PATH"
