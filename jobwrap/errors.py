@@ -1,4 +1,4 @@
-"""jobwrap's exceptions: a shallow hierarchy, each message names what to change."""
+"""jobwrap's exceptions: a shallow hierarchy, each message names what to change (also for an OSError of the directory)."""
 from __future__ import annotations
 
 import errno

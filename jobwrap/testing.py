@@ -12,13 +12,17 @@ step boundary (``JOBWRAP_TEST_HOLD_AT``) until the signal has arrived, so
     assert_same_run(plain.directory, cut.directory)
 
 With pytest, the ``jobwrap_preempt`` fixture gives the same with ``tmp_path`` filled in.
+``jobwrap simulate`` is :func:`simulate`: a plain run and a preempted one of the user's command, compared.
 For a job launched some other way (submitit, sbatch), set ``JOBWRAP_TEST_HOLD_AT`` and
 ``JOBWRAP_TEST_CONTROL`` in its environment and call :func:`signal_when_held`.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +30,12 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from jobwrap.config import ENV_VARS
+from jobwrap.errors import ConfigError
+from jobwrap.events import read_events
+from jobwrap.history import summarize
+from jobwrap.store import CheckpointStore
 
 __all__ = ["PreemptedRun", "run_preempted", "signal_when_held", "final_state", "assert_same_run",
            "assert_same_state"]
@@ -180,8 +190,6 @@ def final_state(directory: str | os.PathLike) -> dict[str, Any]:
     """The newest committed checkpoint of a directory, verified and loaded with ``weights_only=True``."""
     import torch
 
-    from jobwrap.store import CheckpointStore
-
     store = CheckpointStore(os.fspath(directory))
     committed = store.committed()
     if not committed:
@@ -235,6 +243,163 @@ def assert_same_run(first: str | os.PathLike, second: str | os.PathLike) -> None
         state["jobwrap"].get("dcp", {}).pop("files", None)  # checksums: DCP's .metadata holds a random save id
         state["jobwrap"].get("dcp", {}).pop("bytes", None)
     assert_same_state(a, b)
+
+
+# ---------------------------------------------------------------- jobwrap simulate
+
+#: The record ``jobwrap simulate`` leaves in its work directory; it also marks the directory as its own.
+SIMULATE_RECORD = "simulate.json"
+
+
+@dataclasses.dataclass
+class Simulation:
+    """What ``jobwrap simulate`` found: where the signal went, every launch of the preempted run, each check."""
+
+    signal: signal.Signals
+    steps: list[int]
+    signalled: list[int]
+    total_steps: int
+    runs: list[PreemptedRun]
+    checks: list[tuple[str, bool, str]]  # (check, passed, detail)
+
+    @property
+    def passed(self) -> bool:
+        return all(ok for _, ok, _ in self.checks)
+
+
+class SimulationFailed(Exception):
+    """The simulation stopped before its checks; ``run`` is the launch whose output shows why."""
+
+    def __init__(self, message: str, run: PreemptedRun | None = None) -> None:
+        super().__init__(message)
+        self.run = run
+
+
+def random_steps(count: int, total: int, seed: int) -> list[int]:
+    """``count`` distinct steps in ``[0, total)`` from ``seed`` (fewer when the run is shorter)."""
+    return sorted(random.Random(seed).sample(range(total), min(count, total)))
+
+
+def prepare_workdir(work: Path) -> None:
+    """Make ``work`` ready: new or empty, or an earlier simulate's whose two runs are replaced."""
+    if work.exists() and any(work.iterdir()):
+        if not (work / SIMULATE_RECORD).exists():
+            raise ConfigError(f"--dir {work} is not empty and was not made by jobwrap simulate; "
+                              f"choose a new directory")
+        for name in ("plain", "preempted", "plain.log", "preempted.log", SIMULATE_RECORD):
+            path = work / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    work.mkdir(parents=True, exist_ok=True)
+    (work / SIMULATE_RECORD).write_text("{}\n")
+
+
+def _write_log(path: Path, runs: Sequence[PreemptedRun]) -> None:
+    with open(path, "w") as f:
+        for run in runs:
+            f.write(run.stdout)
+            f.write(run.stderr)
+
+
+def preempt_and_relaunch(command: Sequence[str], directory: Path, steps: Sequence[int], sig: signal.Signals,
+                         timeout: float) -> tuple[list[PreemptedRun], list[int]]:
+    """Run under ``jobwrap run``, signalled at ``steps``; relaunch after an exit signal's stop, as Slurm would.
+
+    A requeue signal's relaunch happens inside ``jobwrap run``; an exit signal
+    (TERM) ends it, and the job comes back only because the scheduler requeues
+    it, so that is done here. Returns every invocation and the steps signalled.
+    """
+    runs: list[PreemptedRun] = []
+    signalled: list[int] = []
+    remaining = list(steps)
+    for restart in range(len(steps) + 1):
+        run = run_preempted(command, directory, preempt_at=remaining, signal_=sig, timeout=timeout,
+                            env={"JOBWRAP_RESTART_COUNT": str(restart)} if restart else None)
+        runs.append(run)
+        signalled += run.signalled_at
+        remaining = [s for s in remaining if s not in run.signalled_at]
+        events = read_events(str(directory))
+        stopped = bool(events) and events[-1].get("event") == "exit" and any(
+            e.get("event") == "stop" for e in events[-3:])
+        if run.returncode != 128 + sig or not run.signalled_at or not stopped:
+            break
+    return runs, signalled
+
+
+def resume_checks(plain: Path, cut: Path, steps: Sequence[int], signalled: Sequence[int],
+                  returncode: int) -> list[tuple[str, bool, str]]:
+    """(check, passed, detail) for each thing a good resume guarantees."""
+    history = summarize(read_events(str(cut)))
+    missing = [s for s in steps if s not in signalled]
+    fresh_restarts = [launch.number for launch in history.launches[1:] if not launch.resumed_from]
+    results = [
+        ("finished", returncode == 0, f"the preempted run exited with {returncode}"),
+        ("preempted at every step", not missing,
+         f"signalled at {list(signalled)}" + (f"; never reached {missing}" if missing else "")),
+        ("resumed each time", len(history.launches) == len(signalled) + 1 and not fresh_restarts,
+         f"{len(history.launches)} launch(es)"
+         + (f"; launch(es) {fresh_restarts} started fresh" if fresh_restarts else "")),
+        ("no steps lost", history.steps_lost == 0 and not history.unrecorded_ends,
+         f"{history.steps_lost} step(s) trained twice"
+         + (f", {history.unrecorded_ends} launch(es) ended without a record" if history.unrecorded_ends else "")),
+    ]
+    try:
+        assert_same_run(plain, cut)
+        results.append(("same final checkpoint", True, "bit for bit equal to the uninterrupted run"))
+    except AssertionError as exc:
+        results.append(("same final checkpoint", False, str(exc).splitlines()[0][:200]))
+    return results
+
+
+def _final_step(plain: PreemptedRun, log: Path) -> int:
+    """The step of the uninterrupted run's last checkpoint, or why there is nothing to compare with."""
+    where = plain.directory
+    if plain.returncode != 0:
+        raise SimulationFailed(f"the uninterrupted run failed with exit {plain.returncode} (log: {log})", plain)
+    if not read_events(str(where)):
+        raise SimulationFailed(f"the command wrote nothing to {where}: it must take its checkpoint directory from "
+                               f"{ENV_VARS['directory']} (a directory passed to Session/preemptible beats the "
+                               f"variable)", plain)
+    committed = CheckpointStore(str(where)).committed()
+    if not committed:
+        raise SimulationFailed("the uninterrupted run committed no checkpoint, so there is no final state to "
+                               "compare: end training with job.save() (job.epochs() does it for you)", plain)
+    return committed[0].step
+
+
+def simulate(command: Sequence[str], work: Path, *, sig: signal.Signals, at: Sequence[int] | None = None,
+             count: int = 3, seed: int = 0, timeout: float = 1800,
+             say: Callable[[str], None] = print) -> Simulation:
+    """``jobwrap simulate``: run ``command`` uninterrupted in ``work/plain``, then preempted with ``sig`` in
+    ``work/preempted`` at ``at`` (or ``count`` random steps from ``seed``), and check the resume.
+
+    ``say`` gets a line as each run starts. Raises :class:`ConfigError` for a work
+    directory or steps that cannot be used, :class:`SimulationFailed` when the
+    uninterrupted run gives nothing to compare with. The outcome is recorded in
+    ``work/simulate.json``, each run's output in ``work/plain.log`` and ``work/preempted.log``.
+    """
+    prepare_workdir(work)
+    plain_dir, cut_dir = work / "plain", work / "preempted"
+    say(f"1/2 uninterrupted run in {plain_dir}")
+    plain = run_preempted(command, plain_dir, timeout=timeout)
+    _write_log(work / "plain.log", [plain])
+    total = _final_step(plain, work / "plain.log")
+    steps = list(at) if at is not None else random_steps(count, total, seed)
+    beyond = [s for s in steps if s >= total]
+    if beyond:
+        raise ConfigError(f"steps {beyond} are not before the run's last step ({total}); choose steps below {total}")
+    say(f"2/2 the same command, {sig.name} at steps {', '.join(map(str, steps))}, in {cut_dir}")
+    runs, signalled = preempt_and_relaunch(command, cut_dir, steps, sig, timeout)
+    _write_log(work / "preempted.log", runs)
+    result = Simulation(signal=sig, steps=steps, signalled=signalled, total_steps=total, runs=runs,
+                        checks=resume_checks(plain_dir, cut_dir, steps, signalled, runs[-1].returncode))
+    record = {"command": list(command), "signal": sig.name, "steps": steps, "signalled": signalled,
+              "total_steps": total, "passed": result.passed,
+              "checks": [{"check": n, "passed": ok, "detail": d} for n, ok, d in result.checks]}
+    (work / SIMULATE_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+    return result
 
 
 try:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from jobwrap.commands.simulate import parse_steps, random_steps
+from jobwrap.commands.simulate import parse_steps
 from jobwrap.errors import ConfigError
-from jobwrap.testing import assert_same_run
+from jobwrap.testing import assert_same_run, random_steps
 
 TRAIN = Path(__file__).resolve().parent.parent / "examples" / "train.py"
 # A script whose resume is wrong on purpose: the optimizer is not tracked, so Adam's moments restart.
