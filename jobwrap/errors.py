@@ -1,4 +1,4 @@
-"""jobwrap's exceptions: a shallow hierarchy, each message names what to change (also for an OSError of the directory)."""
+"""jobwrap's exceptions, a shallow hierarchy, and the hints for OSErrors: each message names what to change."""
 from __future__ import annotations
 
 import errno
