@@ -65,3 +65,8 @@ def describe_oserror(exc: OSError, option: str = "JOBWRAP_DIR") -> str:
     if hint is not None:
         return hint.format(option=option)
     return os.strerror(exc.errno) if exc.errno else str(exc)
+
+
+def storage_error(exc: OSError, failed: str, *, note: str = "") -> StorageError:
+    """The error for an OSError of the checkpoint directory: what ``failed``, then the cause and its fix."""
+    return StorageError(exc.errno, f"{failed}: {describe_oserror(exc)}" + (f"; {note}" if note else ""))

@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import psutil
 
-from jobwrap.errors import DirectoryHeldError, StorageError, describe_oserror
+from jobwrap.errors import DirectoryHeldError, storage_error
 from jobwrap.pids import alive
 
 log = logging.getLogger("jobwrap")
@@ -164,8 +164,7 @@ class DirectoryLock:
         try:
             os_lock = self._lock()
         except OSError as exc:
-            raise StorageError(exc.errno, f"checkpoint directory {self.directory} is not usable: "
-                               f"{describe_oserror(exc)}") from exc
+            raise storage_error(exc, f"checkpoint directory {self.directory} is not usable") from exc
         holder = self._read()
         reason = refusal(holder, self.me, os_lock=os_lock, now=time.time(), timeout=self.timeout, alive=alive)
         if reason is not None and not self.break_lock:
@@ -180,8 +179,7 @@ class DirectoryLock:
             self._write()
         except OSError as exc:
             self._unlock()
-            raise StorageError(exc.errno, f"checkpoint directory {self.directory} is not usable: "
-                               f"{describe_oserror(exc)}") from exc
+            raise storage_error(exc, f"checkpoint directory {self.directory} is not usable") from exc
         _held_here[key] = os.getpid()
         if os_lock != "proof":  # only the record tells other hosts that this one is alive
             self._heartbeat = threading.Thread(target=self._beat, name="jobwrap-lock-heartbeat", daemon=True)

@@ -39,7 +39,7 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import xxhash
 
-from jobwrap.errors import CorruptCheckpointError, ForeignRunError, LoadFailedHereError, StorageError, describe_oserror
+from jobwrap.errors import CorruptCheckpointError, ForeignRunError, LoadFailedHereError, describe_oserror, storage_error
 from jobwrap.faults import crash_point
 
 log = logging.getLogger("jobwrap")
@@ -424,8 +424,7 @@ class CheckpointStore:
             os.close(fd)
             os.unlink(probe)
         except OSError as exc:
-            raise StorageError(exc.errno, f"checkpoint directory {self.directory} is not usable: "
-                               f"{describe_oserror(exc)}") from exc
+            raise storage_error(exc, f"checkpoint directory {self.directory} is not usable") from exc
 
     def prove_commit(self) -> None:
         """Commit a small probe file the way a manifest is committed, read it back, remove it.
@@ -444,8 +443,7 @@ class CheckpointStore:
             finally:
                 self._remove(name)
         except OSError as exc:
-            raise StorageError(exc.errno, f"checkpoint directory {self.directory} cannot commit a file: "
-                               f"{describe_oserror(exc)}") from exc
+            raise storage_error(exc, f"checkpoint directory {self.directory} cannot commit a file") from exc
 
     def prepare(self) -> None:
         """Create the directory, prove it is writable, and clean what a killed save left.
@@ -498,8 +496,7 @@ class CheckpointStore:
         try:
             self._write_json(RUN_FILE, record)
         except OSError as exc:
-            raise StorageError(exc.errno, f"cannot record the run in {os.path.join(self.directory, RUN_FILE)}: "
-                               f"{describe_oserror(exc)}") from exc
+            raise storage_error(exc, f"cannot record the run in {os.path.join(self.directory, RUN_FILE)}") from exc
 
     # ------------------------------------------------------------ write
     def save(self, payload: dict[str, Any], *, step: int, epoch: int, meta: dict[str, Any],
@@ -556,8 +553,7 @@ class CheckpointStore:
             previous = self.committed()
             kept = f"the previous checkpoint (step {previous[0].step}) is intact" if previous else \
                 "no earlier checkpoint exists"
-            raise StorageError(exc.errno, f"could not save step {step} in {self.directory}: "
-                               f"{describe_oserror(exc)}; {kept}") from exc
+            raise storage_error(exc, f"could not save step {step} in {self.directory}", note=kept) from exc
         except BaseException:
             self._remove(data_tmp)  # cancelled, or a payload torch.save refused
             raise
@@ -610,8 +606,7 @@ class CheckpointStore:
             self._remove(folder_name(step, serial))
             os.mkdir(path, self._dir_mode())
         except OSError as exc:
-            raise StorageError(exc.errno, f"cannot create {path} for the sharded state of step {step}: "
-                               f"{describe_oserror(exc)}") from exc
+            raise storage_error(exc, f"cannot create {path} for the sharded state of step {step}") from exc
         return path
 
     def seal_folder(self, step: int, files: Iterable[str], serial: int = 0) -> None:
@@ -629,8 +624,7 @@ class CheckpointStore:
             fsync_dir(self.directory)
         except OSError as exc:
             self.discard_folder(step, serial)
-            raise StorageError(exc.errno, f"could not make the sharded state of step {step} durable in {path}: "
-                               f"{describe_oserror(exc)}") from exc
+            raise storage_error(exc, f"could not make the sharded state of step {step} durable in {path}") from exc
 
     def discard_folder(self, step: int, serial: int = 0) -> None:
         """Remove an uncommitted folder after a failed sharded save (best effort)."""
