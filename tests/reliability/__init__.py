@@ -4,7 +4,7 @@ Run it through ``scripts/reliability`` (which sets up ``.venv`` first)::
 
     scripts/reliability            # the full campaign (a few minutes on 2 cores)
     scripts/reliability --quick    # a small version of every section
-    scripts/reliability --only kills,bad-files --seed 7 --out /tmp/r.md
+    scripts/reliability --only kills,bad-files --seed 7 --out r.md
 
 Every fault is real where the machine allows it: processes are SIGKILLed at
 random moments (torch is imported once and each trial is an ``os.fork``),

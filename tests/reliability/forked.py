@@ -87,6 +87,12 @@ def _child(body: Callable[[Report], None], write_fd: int) -> None:
         os._exit(code)
 
 
+def _messages(buffer: bytes) -> tuple[list[list[str]], bytes]:
+    """The whole lines of ``buffer`` as the child's words, and the rest (a line still being written)."""
+    *lines, rest = buffer.split(b"\n")
+    return [[w.replace("\u00a0", " ") for w in line.decode(errors="replace").split(" ")] for line in lines], rest
+
+
 def fork_trial(body: Callable[[Report], None], *, kill_after: float | None = None, timeout: float = 60.0,
                on_message: OnMessage | None = None,
                while_running: Callable[[int], None] | None = None) -> Trial:
@@ -128,11 +134,9 @@ def fork_trial(body: Callable[[Report], None], *, kill_after: float | None = Non
                 chunk = os.read(read_fd, 65536)
                 if not chunk:
                     break
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
+                received, buffer = _messages(buffer + chunk)
                 stamp = time.monotonic() - started
-                for line in lines:
-                    words = [w.replace("\u00a0", " ") for w in line.decode(errors="replace").split(" ")]
+                for words in received:
                     messages.append((stamp, words))
                     if on_message is not None and not killed:
                         later = on_message(words, pid)
@@ -187,17 +191,19 @@ def instrument(report: Report, crash: tuple[str, int] | None = None, hold: str |
 
 def training_child(directory: str, *, numel: int, steps: int, step_seconds: float = 0.0,
                    crash: tuple[str, int] | None = None, hold: str | None = None,
-                   environ: dict[str, str] | None = None, **settings: Any) -> Callable[[Report], None]:
+                   environ: dict[str, str] | None = None, decisions: bool = True,
+                   **settings: Any) -> Callable[[Report], None]:
     """A child that resumes ``directory`` and trains ``steps`` more steps, reporting what it does.
 
     It reports the step it resumed from (-1: none) and whether the restored
-    content is that step's, every store phase, commit and crash point, and each
-    stop decision with the signal that decides it.
+    content is that step's, every store phase, commit and crash point, and (with
+    ``decisions``) each stop decision with the signal that decides it.
     """
     def body(report: Report) -> None:
         torch.set_num_threads(1)
         instrument(report, crash, hold)
-        report_exit_decisions(report)
+        if decisions:
+            report_exit_decisions(report)
         job = open_session(directory, environ=environ, **settings)
         weights = Weights(numel)
         with job:

@@ -20,6 +20,8 @@ from .results import Campaign, Row
 
 @dataclasses.dataclass
 class KillFigures:
+    """What the kill trials did and every way one went wrong: the figures of docs/reliability.md."""
+
     runs: int = 0
     killed: int = 0
     finished_first: int = 0
@@ -71,8 +73,8 @@ def calibrate(workdir: str, *, numel: int, steps: int) -> Timing:
 
 def _child(directory: str, *, keep_last: int, steps: int, numel: int, async_save: bool,
            crash: tuple[str, int] | None = None) -> Callable:
-    return training_child(directory, numel=numel, steps=steps, step_seconds=0.003, crash=crash, run_id=None,
-                          keep_last=keep_last, save_every_steps=1, async_save=async_save)
+    return training_child(directory, numel=numel, steps=steps, step_seconds=0.003, crash=crash, decisions=False,
+                          run_id=None, keep_last=keep_last, save_every_steps=1, async_save=async_save)
 
 
 @dataclasses.dataclass

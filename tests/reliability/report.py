@@ -6,12 +6,13 @@ import contextlib
 import os
 import platform
 import tempfile
+from typing import Any
 
 import torch
 
 import jobwrap
 
-from .results import Campaign
+from .results import Campaign, Row
 
 
 def machine() -> str:
@@ -46,7 +47,6 @@ def _fs_type(path: str) -> str:
 def render(c: Campaign, *, seconds: float, quick: bool) -> str:
     """docs/reliability.md from a campaign's rows and kill figures: a header saying how it was made, the
     figures, the table of every fault, and how each fault is made."""
-    k = c.kills
     lines = [
         "# Reliability and security campaign",
         "",
@@ -58,55 +58,72 @@ def render(c: Campaign, *, seconds: float, quick: bool) -> str:
         "## The figures",
         "",
     ]
-    if k is not None:
-        lines += [
-            f"- **Kills at random: {k.runs} runs**, each a forked training process (a real `Session`, real files, "
-            f"1 MB checkpoints, `keep_last` 1-3, synchronous and background saves) SIGKILLed at a random moment "
-            f"or at one of the crash points of `jobwrap/faults.py`; {k.killed} were killed mid-run "
-            f"({k.crash_points} at crash points), {k.finished_first} finished before the kill.",
-            f"- **Corrupt loads: {k.corrupt_loads}.** Committed checkpoints failing verification: "
-            f"{k.corrupt_committed}.",
-            f"- **Committed checkpoints lost: {k.lost}** (of {k.reported_commits} commits reported by the "
-            f"children before they died).",
-            f"- Resumes that picked another checkpoint than the newest committed one: {k.resume_mismatch}; "
-            f"files left over after a clean restart: {k.leftovers}; hung children: {k.hung}.",
-            f"- {k.quarantined_on_purpose} trials first flipped a bit in the newest checkpoint (the resume had "
-            f"to set it aside, under fire); {k.torn_event_lines} lines of `events.jsonl` were torn by a kill "
-            f"(the reader skips them).",
-            "",
-            "Where the kills landed (the phase the child was in when it died: the store phase it had entered "
-            "and not left, and for a save the last crash point it passed):",
-            "",
-            "| phase at the kill | crash point | aimed at the phase | random delay | total |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        by_phase: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-        for (phase, how), n in k.phases.items():
-            by_phase[phase][how] += n
-        for phase, counts in sorted(by_phase.items(), key=lambda kv: (kv[0] == "finished before the kill",
-                                                                       -sum(kv[1].values()), kv[0])):
-            lines.append(f"| {phase} | {counts['crash point']} | {counts['aimed']} | {counts['delay']} | "
-                         f"{sum(counts.values())} |")
-        lines.append("")
-    lines += ["Every fault class:", "", "| area | faults | runs | failing | skipped |", "|---|---:|---:|---:|---:|"]
-    for area in dict.fromkeys(r.area for r in c.rows):
-        rows = [r for r in c.rows if r.area == area]
-        lines.append(f"| {area} | {len(rows)} | {sum(r.runs for r in rows if not r.skipped)} | "
-                     f"{sum(1 for r in rows if r.failures and not r.skipped)} | {sum(1 for r in rows if r.skipped)} |")
-    lines += [
+    if c.kills is not None:
+        lines += _kill_figures(c.kills)
+    lines += _areas(c.rows)
+    lines += _faults(c.rows)
+    lines += ["", "## How each fault is made", "", HOW, "", FINDINGS, "", LIMITS, ""]
+    lines += c.notes
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _kill_figures(k: Any) -> list[str]:
+    """The figures of the kills, and where they landed by phase."""
+    lines = [
+        f"- **Kills at random: {k.runs} runs**, each a forked training process (a real `Session`, real files, "
+        f"1 MB checkpoints, `keep_last` 1-3, synchronous and background saves) SIGKILLed at a random moment "
+        f"or at one of the crash points of `jobwrap/faults.py`; {k.killed} were killed mid-run "
+        f"({k.crash_points} at crash points), {k.finished_first} finished before the kill.",
+        f"- **Corrupt loads: {k.corrupt_loads}.** Committed checkpoints failing verification: "
+        f"{k.corrupt_committed}.",
+        f"- **Committed checkpoints lost: {k.lost}** (of {k.reported_commits} commits reported by the "
+        f"children before they died).",
+        f"- Resumes that picked another checkpoint than the newest committed one: {k.resume_mismatch}; "
+        f"files left over after a clean restart: {k.leftovers}; hung children: {k.hung}.",
+        f"- {k.quarantined_on_purpose} trials first flipped a bit in the newest checkpoint (the resume had "
+        f"to set it aside, under fire); {k.torn_event_lines} lines of `events.jsonl` were torn by a kill "
+        f"(the reader skips them).",
+        "",
+        "Where the kills landed (the phase the child was in when it died: the store phase it had entered "
+        "and not left, and for a save the last crash point it passed):",
+        "",
+        "| phase at the kill | crash point | aimed at the phase | random delay | total |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    by_phase: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for (phase, how), n in k.phases.items():
+        by_phase[phase][how] += n
+    for phase, counts in sorted(by_phase.items(), key=lambda kv: (kv[0] == "finished before the kill",
+                                                                   -sum(kv[1].values()), kv[0])):
+        lines.append(f"| {phase} | {counts['crash point']} | {counts['aimed']} | {counts['delay']} | "
+                     f"{sum(counts.values())} |")
+    return lines + [""]
+
+
+def _areas(rows: list[Row]) -> list[str]:
+    """One line per area: how many faults, runs, failing and skipped."""
+    lines = ["Every fault class:", "", "| area | faults | runs | failing | skipped |", "|---|---:|---:|---:|---:|"]
+    for area in dict.fromkeys(r.area for r in rows):
+        mine = [r for r in rows if r.area == area]
+        lines.append(f"| {area} | {len(mine)} | {sum(r.runs for r in mine if not r.skipped)} | "
+                     f"{sum(1 for r in mine if r.failures and not r.skipped)} | {sum(1 for r in mine if r.skipped)} |")
+    return lines
+
+
+def _faults(rows: list[Row]) -> list[str]:
+    """The table of every fault tried."""
+    lines = [
         "",
         "## Faults tried",
         "",
         "| area | fault | runs | expected | observed | result |",
         "|---|---|---:|---|---|---|",
     ]
-    for row in c.rows:
+    for row in rows:
         observed = row.observed if not row.skipped else f"skipped: {row.skipped}"
         lines.append(f"| {row.area} | {_cell(row.fault)} | {row.runs} | {_cell(row.expected)} | {_cell(observed)} "
                      f"| {row.status} |")
-    lines += ["", "## How each fault is made", "", HOW, "", FINDINGS, "", LIMITS, ""]
-    lines += c.notes
-    return "\n".join(lines).rstrip() + "\n"
+    return lines
 
 
 def _cell(text: str) -> str:
@@ -134,8 +151,10 @@ HOW = """\
   the resume must use the named step with the exact saved content and log exactly one line naming the bad
   file.
 - **Hostile files**: real malicious pickles (`os.system` in `__reduce__`), in torch's zip format and as a
-  plain pickle, with manifests that match them, so only `weights_only=True` stands in the way; an AST scan of
-  every `torch.load` in `jobwrap/`; hostile run ids, job ids and manifest fields; umask 000 in a forked child
+  plain pickle, with manifests that match them, so only `weights_only=True` stands in the way; a plain
+  model's checkpoint rewritten to name a sharded (DCP) folder, in its own step folder, through `../` and by an
+  absolute path, whose `.metadata` is such a pickle and whose checksums all match; an AST scan of
+  every `torch.load` in `jobwrap/` (and of any `Unpickler`, which must decide every global itself); hostile run ids, job ids and manifest fields; umask 000 in a forked child
   with nested new directories, background saves, quarantine and a requeue file.
 - **Signals**: real signals from the parent to a forked training child; the storm sends USR1/TERM at random
   sub-millisecond intervals from the moment training starts until the child reports its exit decision.

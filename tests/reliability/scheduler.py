@@ -78,32 +78,24 @@ def _requeue_under(workdir: str, name: str, *, answer: str | None, environ: dict
     return code, warnings
 
 
-def check_scontrol_missing(workdir: str) -> Outcome:
-    code, warnings = _requeue_under(workdir, "nosctl", answer=None)
-    return (code == jobwrap.REQUEUE_EXIT_CODE and any("scontrol not found" in w for w in warnings),
-            f"exit {code}; warning: {first_with(warnings, 'scontrol')}")
-
-
-def check_scontrol_failing(workdir: str) -> Outcome:
-    code, warnings = _requeue_under(workdir, "failsctl", answer=INVALID_JOB)
-    return (code == jobwrap.REQUEUE_EXIT_CODE and any("Invalid job id" in w for w in warnings),
-            f"exit {code}; warning: {first_with(warnings, 'scontrol')}")
+def check_fallback(workdir: str, answer: str | None, quoted: str, said: str = "warning",
+                   about: str = "scontrol") -> Outcome:
+    """scontrol answers ``answer`` (None: there is none): exit 75 and a warning that quotes ``quoted``."""
+    code, warnings = _requeue_under(workdir, "sctl", answer=answer)
+    return (code == jobwrap.REQUEUE_EXIT_CODE and any(quoted in w for w in warnings),
+            f"exit {code}; {said}: {first_with(warnings, about)}")
 
 
 def check_scontrol_failing_under_run(workdir: str) -> Outcome:
+    """A failing scontrol under ``jobwrap run``: the requeue file asks it to requeue, the process exits 0."""
     requeue_file = os.path.join(tempfile.mkdtemp(prefix="rqf-", dir=workdir), "requeue")
     code, _ = _requeue_under(workdir, "failsctl2", answer=INVALID_JOB, environ={"JOBWRAP_REQUEUE_FILE": requeue_file})
     return code == 0 and os.path.exists(requeue_file), (f"exit {code}; requeue file written: "
                                                         f"{os.path.exists(requeue_file)}")
 
 
-def check_no_requeue_job(workdir: str) -> Outcome:
-    code, warnings = _requeue_under(workdir, "norequeue", answer=DISABLED)
-    return (code == jobwrap.REQUEUE_EXIT_CODE and any("presently disabled" in w for w in warnings),
-            f"exit {code}; warning quotes Slurm: {first_with(warnings, 'disabled')}")
-
-
 def check_hanging_scontrol(workdir: str) -> Outcome:
+    """An scontrol that never answers is abandoned after the timeout, with a reason."""
     hanging = fake_scontrol(tempfile.mkdtemp(prefix="bin-", dir=workdir), code=0, sleep=30)
     started = time.monotonic()
     error = scontrol_requeue("4242", timeout=1.0, scontrol=[hanging])
@@ -112,6 +104,7 @@ def check_hanging_scontrol(workdir: str) -> Outcome:
 
 
 def check_requeue_cap(workdir: str) -> Outcome:
+    """At the requeue cap the session does not requeue: exit 1 and the reason."""
     code, reason, _ = signalled_session(tempfile.mkdtemp(prefix="cap-", dir=workdir), {"JOBWRAP_RESTART_COUNT": "3"},
                                         max_requeues=3)
     return code == 1 and "cap" in reason, f"exit {code}: {reason[:100]}"
@@ -151,15 +144,17 @@ def check_no_progress_cap(workdir: str) -> Outcome:
 
 
 _EXPECTED = "fallback exit 75 / requeue file with a warning; caps end the loop with exit 1 and the reason"
-FAULTS = [Fault("scheduler", fault, _EXPECTED, check) for fault, check in (
-    ("scontrol missing from PATH", check_scontrol_missing),
-    ("scontrol exits 1 (fake on PATH)", check_scontrol_failing),
-    ("scontrol exits 1 under `jobwrap run` (requeue file handed down)", check_scontrol_failing_under_run),
-    ("job submitted with --no-requeue (scontrol refuses: 'presently disabled', exit 1)", check_no_requeue_job),
-    ("scontrol hangs", check_hanging_scontrol),
-    ("requeue cap reached (restart 3, max_requeues=3)", check_requeue_cap),
-    ("`jobwrap run` relaunch cap (a command that always asks to be requeued, --max-requeues 2)", check_supervisor_cap),
-    ("no-progress cap: runs that commit no newer step", check_no_progress_cap),
+FAULTS = [Fault("scheduler", fault, _EXPECTED, check, args) for fault, check, args in (
+    ("scontrol missing from PATH", check_fallback, (None, "scontrol not found")),
+    ("scontrol exits 1 (fake on PATH)", check_fallback, (INVALID_JOB, "Invalid job id")),
+    ("scontrol exits 1 under `jobwrap run` (requeue file handed down)", check_scontrol_failing_under_run, ()),
+    ("job submitted with --no-requeue (scontrol refuses: 'presently disabled', exit 1)", check_fallback,
+     (DISABLED, "presently disabled", "warning quotes Slurm", "disabled")),
+    ("scontrol hangs", check_hanging_scontrol, ()),
+    ("requeue cap reached (restart 3, max_requeues=3)", check_requeue_cap, ()),
+    ("`jobwrap run` relaunch cap (a command that always asks to be requeued, --max-requeues 2)",
+     check_supervisor_cap, ()),
+    ("no-progress cap: runs that commit no newer step", check_no_progress_cap, ()),
 )]
 
 
