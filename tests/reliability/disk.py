@@ -162,8 +162,8 @@ def check_directory_removed(base: str) -> Outcome:
             job.save()
     exc = storage_error(train_through_removal, "saved into a removed directory")
     ok = exc.errno == errno.ENOENT and "disappeared" in str(exc)
-    return ok, ("StorageError (ENOENT): 'the checkpoint directory disappeared: recreate it or choose "
-                "another'" if ok else f"unclear: {exc}")
+    return ok, ("StorageError (ENOENT): 'the checkpoint directory or a part of its path "
+                "disappeared: recreate it or choose another JOBWRAP_DIR'" if ok else f"unclear: {exc}")
 
 
 @check
