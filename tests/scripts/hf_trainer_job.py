@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
@@ -46,6 +47,16 @@ class LogLines(TrainerCallback):
             f.write(json.dumps({"step": state.global_step, **kept}, sort_keys=True) + "\n")
 
 
+class Slow(TrainerCallback):
+    """Sleeps before each step, so that a job on a cluster can be signalled mid-run; nothing else changes."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        time.sleep(self.seconds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", required=True, help="the Trainer's output_dir")
@@ -55,6 +66,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--save-steps", type=int, default=0, help="the Trainer's own periodic saves (0: none)")
+    parser.add_argument("--step-seconds", type=float, default=0.0, help="sleep per step (slow it down)")
     parser.add_argument("--eval-steps", type=int, default=0, help="evaluate every N steps (0: never)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # a tiny model: threads only contend
@@ -73,7 +85,7 @@ def main() -> None:
         model = GPT2LMHeadModel(config)
         trainer = Trainer(model=model, args=training, train_dataset=TokenIds(args.samples),
                           eval_dataset=TokenIds(8, seed=99) if args.eval_steps else None,
-                          callbacks=[LogLines(args.log)])
+                          callbacks=[LogLines(args.log), Slow(args.step_seconds)])
         trainer.train(resume_from_checkpoint=jobwrap.transformers.attach(trainer, job))
         torch.save({"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
                     "scheduler": trainer.lr_scheduler.state_dict(), "global_step": trainer.state.global_step,
