@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from jobwrap.errors import ConfigError, JobwrapError
+from jobwrap.errors import ConfigError, CorruptCheckpointError, JobwrapError
 from jobwrap.session import Session
 
 __all__ = ["JobwrapCallback", "TrainerCheckpoint", "attach"]
@@ -102,6 +102,9 @@ class TrainerCheckpoint:
         self._restored_state = state
         if not state["files"]:
             return
+        for name in [state["folder"], *state["files"]]:  # written by _read: relative, inside the folder
+            if not name or os.path.isabs(name) or ".." in name.split(os.sep):
+                raise CorruptCheckpointError(f"trainer checkpoint name {name!r} points outside its folder")
         target = os.path.join(self.resume_root, state["folder"])
         shutil.rmtree(self.resume_root, ignore_errors=True)  # a previous resume's folder
         for name, data in state["files"].items():
