@@ -1,0 +1,48 @@
+"""The Hugging Face Trainer under jobwrap on the local Slurm cluster: a batch job from jobwrap's layout,
+signalled mid-run, requeued by Slurm, finished bit for bit like an uninterrupted local run."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers", reason="the transformers extra is not installed (pip install -e '.[transformers]')")
+
+from slurm_cluster import restart_count, wait_for  # noqa: E402
+from test_slurm_e2e import (VENV_BIN, checked, events, job_env, jobs, lines, local_env, scancel,  # noqa: E402,F401
+                            slurm_up, submit, wait_until, write_script)
+from test_transformers import OFFLINE, _assert_same_training  # noqa: E402
+
+pytestmark = pytest.mark.slurm
+
+SCRIPT = str(Path(__file__).resolve().parent / "scripts" / "hf_trainer_job.py")
+
+
+def _args(tmp_path: Path, name: str) -> tuple[str, ...]:
+    return (SCRIPT, "--out", str(tmp_path / f"{name}-out"), "--log", str(tmp_path / f"{name}.log"),
+            "--final", str(tmp_path / f"{name}.pt"))
+
+
+def test_trainer_job_signalled_on_slurm_requeues_and_finishes_bit_exact(jobs, tmp_path):
+    """scancel --signal=USR1 --batch after 3 logged steps: the Trainer's checkpoint is committed, Slurm
+    requeues the job (restart 1), and the run ends with every step's log and the final state of a plain run."""
+    done = subprocess.run([str(VENV_BIN / "python"), *_args(tmp_path, "ref")], capture_output=True, text=True,
+                          env=local_env(JOBWRAP_DIR=str(tmp_path / "ref-ckpt"), **OFFLINE), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    script = write_script(tmp_path, "hf", command=("python", *_args(tmp_path, "cut"), "--step-seconds", "1"))
+    job = submit(script, cwd=tmp_path, env=job_env(**OFFLINE))
+    jobs.append(job)
+    wait_until(job, lambda: len(lines(tmp_path / "cut.log")) >= 3, "3 logged steps", 300)
+    scancel("--signal=USR1", "--batch", job)
+    info = wait_for(job, {"COMPLETED"}, predicate=lambda i: restart_count(i) == 1, timeout=400)
+    ckpt = tmp_path / "ckpt"
+
+    def check() -> None:
+        assert info["ExitCode"] == "0:0"
+        (requeue,) = events(ckpt, "requeue")
+        assert 3 <= requeue["step"] < 16
+        assert [s["restart"] for s in events(ckpt, "start")] == [0, 1]
+        assert events(ckpt, "start")[1]["step"] == requeue["step"]
+        _assert_same_training(tmp_path, "ref", "cut")
+    checked(job, check)
