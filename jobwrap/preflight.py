@@ -24,6 +24,7 @@ from jobwrap.config import REQUEUE_EXIT_CODE
 from jobwrap.env import read_env, read_slurm_step
 from jobwrap.errors import describe_oserror
 from jobwrap.format import human_size
+from jobwrap.proc import Runner, run_command
 from jobwrap.signals import SignalTrap
 from jobwrap.store import CheckpointStore
 
@@ -31,8 +32,6 @@ __all__ = ["FAIL", "PASS", "WARN", "Proc", "Row", "Settings", "classify_filesyst
            "parse_size", "plan_delivery", "run_checks", "save_fits"]
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
-
-Runner = Callable[..., subprocess.CompletedProcess]
 
 #: A save must fit in the budget this many times over: when a whole partition is preempted every
 #: job saves at once and the storage slows down, and the running step must finish first.
@@ -322,17 +321,9 @@ def _c_level_handler(signum: int) -> bool | None:
 
 
 def _run(run: Runner, command: Sequence[str], timeout: float = _CMD_TIMEOUT, **options: Any) -> tuple[int, str]:
-    """(exit code, stdout or the last line of stderr); 127 when the command is missing, 124 on timeout."""
-    try:
-        done = run(list(command), capture_output=True, text=True, timeout=timeout, **options)
-    except FileNotFoundError:
-        return 127, f"{command[0]} not found on PATH"
-    except subprocess.TimeoutExpired:
-        return 124, f"{command[0]} did not answer within {timeout:.0f} s"
-    if done.returncode != 0:
-        lines = (done.stderr or done.stdout or f"exit code {done.returncode}").strip().splitlines()
-        return done.returncode, lines[-1] if lines else f"exit code {done.returncode}"
-    return 0, done.stdout
+    """(exit code, stdout or the one line saying why it failed); 127 when the command is missing, 124 on timeout."""
+    done = run_command(command, run=run, timeout=timeout, **options)
+    return done.returncode, done.stdout if done.ok else done.reason
 
 
 # ---------------------------------------------------------------- checks

@@ -1,7 +1,8 @@
 """How a job asks to run again: ``scontrol requeue`` on Slurm, an exit code for a local supervisor.
 
 Each backend's side effect sits in one small method so that the policy around
-it (caps, progress, which signal means what) is tested without a cluster.
+it (``jobwrap/stopping.py``: caps, progress, which signal means what) is tested
+without a cluster.
 """
 from __future__ import annotations
 
@@ -9,14 +10,13 @@ import logging
 import os
 import shutil
 import subprocess
-from typing import Callable, Protocol, Sequence
+from typing import Protocol, Sequence
 
 from jobwrap.config import REQUEUE_EXIT_CODE
 from jobwrap.env import JobEnv
+from jobwrap.proc import Runner, run_command
 
 log = logging.getLogger("jobwrap")
-
-Runner = Callable[..., subprocess.CompletedProcess]
 
 
 class Scheduler(Protocol):
@@ -24,6 +24,12 @@ class Scheduler(Protocol):
 
     def requeue(self) -> int:
         """Ask for this job to run again; return the exit code the process should end with."""
+
+
+class Fallback(Scheduler, Protocol):
+    """What asks for the requeue where the scheduler itself cannot."""
+
+    instead: str  # what it does, for the warning that the scheduler failed
 
 
 #: What the requeue file says when training requeues on exit signals too (``requeue_on_exit_signals``):
@@ -56,6 +62,7 @@ class LocalScheduler:
     """No scheduler: ``jobwrap run`` relaunches the command when asked."""
 
     name = "local"
+    instead = f"asking the batch script's jobwrap run (or exit code {REQUEUE_EXIT_CODE}) to requeue the job"
 
     def __init__(self, requeue_file: str | None = None, *, despite_exit_signals: bool = False) -> None:
         self.requeue_file = requeue_file
@@ -66,19 +73,19 @@ class LocalScheduler:
 
 
 class SlurmScheduler:
-    """``scontrol requeue <job>``; where that is missing or fails, fall back to the requeue exit code.
+    """``scontrol requeue <job>``; where that is missing or fails, the ``fallback`` asks instead.
 
-    The batch template (``exec jobwrap run``) acts on that exit code from outside
-    the container, where ``scontrol`` usually exists.
+    Training's fallback is :class:`LocalScheduler`: the batch template (``exec
+    jobwrap run``) acts on its request from outside the container, where
+    ``scontrol`` usually exists. ``jobwrap run``'s own is to relaunch the command.
     """
 
     name = "slurm"
 
-    def __init__(self, job_id: str, *, requeue_file: str | None = None, run: Runner = subprocess.run,
-                 timeout: float = 30.0, despite_exit_signals: bool = False) -> None:
+    def __init__(self, job_id: str, *, fallback: Fallback, run: Runner = subprocess.run,
+                 timeout: float = 30.0) -> None:
         self.job_id = job_id
-        self.requeue_file = requeue_file
-        self.despite_exit_signals = despite_exit_signals
+        self.fallback = fallback
         self._run = run
         self._timeout = timeout
 
@@ -87,50 +94,26 @@ class SlurmScheduler:
         if error is None:
             log.info("requeued Slurm job %s", self.job_id)
             return 0
-        log.warning("scontrol requeue %s failed (%s); asking the batch script's jobwrap run "
-                    "(or exit code %d) to requeue the job", self.job_id, error, REQUEUE_EXIT_CODE)
-        return ask_supervisor(self.requeue_file, despite_exit_signals=self.despite_exit_signals)
+        log.warning("scontrol requeue %s failed (%s); %s", self.job_id, error, self.fallback.instead)
+        return self.fallback.requeue()
 
 
 def scontrol_requeue(job_id: str, *, run: Runner = subprocess.run, timeout: float = 30.0,
                      scontrol: Sequence[str] | None = None) -> str | None:
     """Run ``scontrol requeue``; return None on success or a one-line reason."""
-    command = list(scontrol or [shutil.which("scontrol") or "scontrol"]) + ["requeue", job_id]
-    try:
-        result = run(command, capture_output=True, text=True, timeout=timeout)
-    except FileNotFoundError:
-        return "scontrol not found on PATH"
-    except subprocess.TimeoutExpired:
-        return f"scontrol did not answer within {timeout:.0f} s"
-    if result.returncode != 0:
-        return (result.stderr or result.stdout or f"exit code {result.returncode}").strip().splitlines()[-1]
-    return None
+    done = run_command(list(scontrol or [shutil.which("scontrol") or "scontrol"]) + ["requeue", job_id],
+                       run=run, timeout=timeout)
+    return None if done.ok else done.reason
 
 
-def scheduler_for(job: JobEnv, *, despite_exit_signals: bool = False) -> Scheduler:
-    """The backend of this job; ``despite_exit_signals``: it requeues on exit signals too (the file says so)."""
-    if job.scheduler == "slurm" and job.job_id:
-        return SlurmScheduler(job.job_id, requeue_file=job.requeue_file, despite_exit_signals=despite_exit_signals)
-    return LocalScheduler(job.requeue_file, despite_exit_signals=despite_exit_signals)
+def scheduler_for(job: JobEnv, *, despite_exit_signals: bool = False, fallback: Fallback | None = None) -> Scheduler:
+    """The backend of this job; ``despite_exit_signals``: it requeues on exit signals too (the file says so).
 
-
-def requeue_refusal(*, restart_count: int, max_requeues: int,
-                    progress_history: Sequence[bool], max_no_progress: int) -> str | None:
-    """Why this job must not be requeued again, or None. Pure: the caps of the requeue loop.
-
-    ``progress_history`` says, for each earlier stop and then this one, whether
-    the run committed a newer step than it resumed from.
+    ``fallback`` asks where the scheduler cannot, and is the backend outside Slurm
+    (default: :class:`LocalScheduler`, a request to ``jobwrap run``).
     """
-    if restart_count >= max_requeues:
-        return (f"the requeue cap is reached ({restart_count} restarts, max_requeues={max_requeues}); "
-                f"raise JOBWRAP_MAX_REQUEUES to allow more")
-    streak = 0
-    for progressed in reversed(progress_history):
-        if progressed:
-            break
-        streak += 1
-    if streak >= max_no_progress:
-        return (f"the last {streak} runs committed no newer step; the job is stuck in a requeue loop "
-                f"(is the signal lead time too short to reach a step boundary?). Raise "
-                f"JOBWRAP_MAX_NO_PROGRESS or fix the cause")
-    return None
+    if fallback is None:
+        fallback = LocalScheduler(job.requeue_file, despite_exit_signals=despite_exit_signals)
+    if job.scheduler == "slurm" and job.job_id:
+        return SlurmScheduler(job.job_id, fallback=fallback)
+    return fallback

@@ -34,7 +34,8 @@ from jobwrap.events import EventLog
 from jobwrap.format import human_size
 from jobwrap.lock import DirectoryLock
 from jobwrap.pids import alive
-from jobwrap.schedulers import Scheduler, requeue_refusal, scheduler_for
+from jobwrap.schedulers import Scheduler, scheduler_for
+from jobwrap.stopping import EXIT, REQUEUE, Limits, Stop, decide_stop
 from jobwrap.signals import SignalTrap
 from jobwrap.state import (RESERVED_KEYS, GradRecord, capture_rng, fingerprint, grad_owners, is_stateful, load_into,
                            pending_grads, plain, record_step, restore_grads, restore_rng)
@@ -563,24 +564,18 @@ class Session:
                        checkpoint: Checkpoint) -> tuple[int, bool, str]:
         """(exit code, requeued, reason), decided by rank 0 alone; it runs the one requeue."""
         progressed = checkpoint.key > (self.resumed_from.key if self.resumed_from else (-1, 0))
-        if request == STOP_EXIT:
-            reason = (f"{sig.name if sig else 'SIGTERM'}: checkpoint committed, exiting without requeueing "
-                      f"(Slurm requeues a preempted job itself; a user's scancel must end the job)")
-            self.events.append("stop", step=self.step, progress=progressed, requeue=False, reason=reason)
-            log.info(reason)
-            return 128 + (sig or signal.SIGTERM), False, reason
-        history = [bool(e.get("progress")) for e in self.events.read() if e["event"] in ("requeue", "stop")]
-        refusal = requeue_refusal(restart_count=self.job.restart_count, max_requeues=self.config.max_requeues,
-                                  progress_history=history + [progressed],
-                                  max_no_progress=self.config.max_no_progress)
-        if refusal is not None:
-            log.error("not requeued: %s", refusal)
-            self.events.append("stop", step=self.step, progress=progressed, requeue=False, reason=refusal)
-            return 1, False, f"not requeued: {refusal}"
+        history = tuple(bool(e.get("progress")) for e in self.events.read() if e["event"] in ("requeue", "stop"))
+        stop = Stop(EXIT if request == STOP_EXIT else REQUEUE, sig, restart_count=self.job.restart_count,
+                    progressed=progressed, history=history)
+        decision = decide_stop(stop, Limits(self.config.max_requeues, self.config.max_no_progress))
+        if not decision.requeue:
+            (log.info if stop.request == EXIT else log.error)("%s", decision.reason)
+            self.events.append("stop", step=self.step, progress=progressed, requeue=False, reason=decision.cause)
+            return decision.exit_code, False, decision.reason
         code = self.scheduler.requeue()
         self.events.append("requeue", step=self.step, progress=progressed, exit_code=code,
                            scheduler=self.scheduler.name)
-        return code, True, f"checkpoint committed, requeue requested ({self.scheduler.name})"
+        return code, True, f"{decision.reason} ({self.scheduler.name})"
 
     def _hold_for_test(self) -> None:
         """jobwrap.testing: wait (bounded) at this step until the test's signal is here or the test releases us."""

@@ -24,7 +24,8 @@ import psutil
 from jobwrap import trainers
 from jobwrap.config import REQUEUE_EXIT_CODE
 from jobwrap.env import SUPERVISOR_VARIABLE, read_env, supervisor_token
-from jobwrap.schedulers import DESPITE_EXIT_SIGNALS, scontrol_requeue
+from jobwrap.schedulers import DESPITE_EXIT_SIGNALS, scheduler_for
+from jobwrap.stopping import EXIT, REQUEUE, SUPERVISOR, Limits, Stop, decide_stop
 
 log = logging.getLogger("jobwrap")
 
@@ -135,6 +136,7 @@ def supervise(command: Sequence[str], *, forward: Sequence[signal.Signals], max_
     """
     env = dict(os.environ if environ is None else environ)
     job = read_env(env)
+    scheduler = scheduler_for(job, fallback=RelaunchHere())
     restart = job.restart_count
     child: subprocess.Popen | None = None
     received: list[int] = []
@@ -176,30 +178,40 @@ def supervise(command: Sequence[str], *, forward: Sequence[signal.Signals], max_
             request = _take(requeue_file)
             if request is None and status != REQUEUE_EXIT_CODE:
                 return status
-            cancelled = cancelled_by(received, cancel, request)
-            if cancelled is not None:
-                log.info("%s received: not relaunching although training asked to be requeued "
-                         "(a cancel wins over a requeue)", cancelled.name)
-                return 128 + cancelled
-            if job.scheduler == "slurm" and job.job_id:
-                error = scontrol_requeue(job.job_id)
-                if error is None:
-                    log.info("requeued Slurm job %s", job.job_id)
-                    return 0
-                log.warning("scontrol requeue %s failed (%s); relaunching inside this allocation",
-                            job.job_id, error)
-            if restart >= max_requeues:
-                log.error("not relaunched: the requeue cap is reached (%d restarts, --max-requeues %d)",
-                          restart, max_requeues)
-                return status or REQUEUE_EXIT_CODE
+            decision = decide_stop(_stop(cancelled_by(received, cancel, request), restart, status),
+                                   Limits(max_requeues))
+            if not decision.requeue:
+                log.info("%s", decision.reason)
+                return decision.exit_code
+            if scheduler.requeue() == 0:
+                return 0
+            if not decision.relaunch:
+                log.error("%s", decision.reason)
+                return decision.exit_code
             restart += 1
             received.clear()
-            log.info("training asked to be requeued: relaunching (restart %d of at most %d)", restart, max_requeues)
+            log.info("%s", decision.reason)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         _take(requeue_file)
         shutil.rmtree(registry, ignore_errors=True)
+
+
+class RelaunchHere:
+    """``jobwrap run``'s fallback where Slurm does not take the requeue: relaunch the command here."""
+
+    name = "local"
+    instead = "relaunching inside this allocation"
+
+    def requeue(self) -> int:
+        return REQUEUE_EXIT_CODE  # nobody requeued the job: supervise() relaunches it (up to the cap)
+
+
+def _stop(cancelled: signal.Signals | None, restart: int, status: int) -> Stop:
+    """The stop the command asked for, as ``jobwrap run`` sees it: a cancel it received wins."""
+    return Stop(EXIT if cancelled is not None else REQUEUE, cancelled, restart_count=restart, status=status,
+                by=SUPERVISOR)
 
 
 def _take(path: str) -> str | None:

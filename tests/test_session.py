@@ -159,7 +159,7 @@ def test_config_precedence_and_errors(tmp_path):
 
 def test_requeue_caps_policy():
     """The requeue loop stops at the cap and after runs that made no progress."""
-    from jobwrap.schedulers import requeue_refusal
+    from jobwrap.stopping import requeue_refusal
 
     assert requeue_refusal(restart_count=2, max_requeues=3, progress_history=[True], max_no_progress=3) is None
     assert "cap" in requeue_refusal(restart_count=3, max_requeues=3, progress_history=[True], max_no_progress=3)

@@ -8,16 +8,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from typing import Callable
 
 from jobwrap.errors import ConfigError, JobwrapError, SchedulerError
+from jobwrap.proc import MISSING, TIMEOUT, Runner, run_command
 from jobwrap.sbatch import LAYOUTS, SubmitOptions, render
 
 NAME = "submit"
 
 log = logging.getLogger("jobwrap")
-
-Runner = Callable[..., subprocess.CompletedProcess]
 
 # Flag destinations that map one to one onto SubmitOptions fields.
 _FIELDS = {
@@ -107,18 +105,15 @@ def write_script(text: str, path: str | None) -> str:
 def sbatch(path: str, *, run: Runner = subprocess.run, executable: str | None = None,
            timeout: float = 60.0) -> str:
     """Submit ``path`` with ``sbatch --parsable``; return the job id or raise SchedulerError."""
-    command = [executable or shutil.which("sbatch") or "sbatch", "--parsable", path]
-    try:
-        result = run(command, capture_output=True, text=True, timeout=timeout)
-    except FileNotFoundError:
-        raise SchedulerError("sbatch not found on PATH: run jobwrap submit on a Slurm login node, or use "
-                             "--dry-run to print the script and submit it yourself") from None
-    except subprocess.TimeoutExpired:
-        raise SchedulerError(f"sbatch did not answer within {timeout:.0f} s; check the Slurm controller "
-                             f"(scontrol ping) and submit {path} again") from None
-    if result.returncode != 0:
-        reason = (result.stderr or result.stdout or f"exit code {result.returncode}").strip()
-        raise SchedulerError(f"sbatch refused {path}: {reason}; fix the option it names and submit again")
+    result = run_command([executable or shutil.which("sbatch") or "sbatch", "--parsable", path],
+                         run=run, timeout=timeout)
+    if result.status == MISSING:
+        raise SchedulerError(f"{result.reason}: run jobwrap submit on a Slurm login node, or use "
+                             f"--dry-run to print the script and submit it yourself")
+    if result.status == TIMEOUT:
+        raise SchedulerError(f"{result.reason}; check the Slurm controller (scontrol ping) and submit {path} again")
+    if not result.ok:
+        raise SchedulerError(f"sbatch refused {path}: {result.said}; fix the option it names and submit again")
     # --parsable prints "JOBID" or "JOBID;CLUSTER".
     job_id = result.stdout.strip().splitlines()[-1].split(";")[0] if result.stdout.strip() else ""
     if not job_id:
