@@ -8,7 +8,9 @@ workers inherit NumPy's and Python's state) and the loader's own RNG sources
 NumPy generator, a stateful sampler's ``state_dict``). It fast-forwards past the
 batches already trained on, then puts back the state of the moment the checkpoint
 was taken. The remaining batches are then exactly those, in exactly the order, of
-the run that was never stopped. A loader that knows its place (an
+the run that was never stopped. A DataLoader over a map-style dataset passes the
+done batches by their indices alone, loading nothing (:mod:`jobwrap.skipping`);
+other loaders are iterated through them. A loader that knows its place (an
 IterableDataset with ``state_dict``/``load_state_dict`` read in this process,
 or any iterable with them) is resumed through that state instead of a replay.
 Setups whose order cannot be rebuilt are refused when the loader is wrapped.

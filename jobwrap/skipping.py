@@ -14,7 +14,7 @@ state after the skip, as after a replay.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from torch.utils.data import DataLoader
 from torch.utils.data.dataloader import _DatasetKind
@@ -24,7 +24,7 @@ from jobwrap.workers import seeded_workers
 _END = object()
 
 
-def can_skip(loader: Any, sources: dict[str, Any], rng_kind: Any) -> bool:
+def can_skip(loader: Any, sources: dict[str, Any], rng_kind: Callable[[Any], str | None]) -> bool:
     """Whether ``loader`` finds its place by its indices alone; else the epoch is replayed.
 
     ``sources`` are the loader's RNGs and stateful parts by path, ``rng_kind(obj)`` names an RNG (None otherwise).
