@@ -8,7 +8,9 @@ workers inherit NumPy's and Python's state) and the loader's own RNG sources
 NumPy generator, a stateful sampler's ``state_dict``). It fast-forwards past the
 batches already trained on, then puts back the state of the moment the checkpoint
 was taken. The remaining batches are then exactly those, in exactly the order, of
-the run that was never stopped. A loader that knows its place (an
+the run that was never stopped. A DataLoader over a map-style dataset passes the
+done batches by their indices alone, loading nothing (:mod:`jobwrap.skipping`);
+other loaders are iterated through them. A loader that knows its place (an
 IterableDataset with ``state_dict``/``load_state_dict`` read in this process,
 or any iterable with them) is resumed through that state instead of a replay.
 Setups whose order cannot be rebuilt are refused when the loader is wrapped.
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Generic, Iterable, Iterator, TypeVar
 import torch
 
 from jobwrap.errors import ConfigError, StateMismatchError
+from jobwrap.skipping import can_skip, open_at
 from jobwrap.state import capture_rng, is_stateful, plain, restore_rng
 
 if TYPE_CHECKING:
@@ -49,6 +52,7 @@ class ResumableLoader(Generic[T]):
         self.iterable = iterable
         self._sources = rng_sources(iterable)
         self._stateful = stateful_part(iterable)
+        self._skips = self._stateful is None and can_skip(iterable, self._sources, _rng_kind)
         get_sources(self._sources)  # a state_dict that a checkpoint cannot hold fails here, not at the signal
         if self._stateful is not None:
             _own_state(self._stateful)
@@ -95,7 +99,7 @@ class ResumableLoader(Generic[T]):
                 if self._stateful is not None and "own" in resume:
                     self._stateful.load_state_dict(resume["own"])
             self._epoch = {"rng": capture_rng(), "sources": get_sources(self._sources)}
-            iterator = iter(self.iterable)
+            iterator = open_at(self.iterable, 0) if self._skips else iter(self.iterable)
         elif self._stateful is not None:
             iterator = self._continue(resume)
         else:
@@ -105,15 +109,22 @@ class ResumableLoader(Generic[T]):
         return iterator
 
     def _replay(self, resume: dict[str, Any], position: int) -> Iterator[T]:
-        """The epoch from its starting state, less the batches done; then the checkpoint's state back."""
+        """The epoch from its starting state, less the batches done; then the checkpoint's state back.
+
+        A map-style DataLoader skips the done batches' indices without loading them (jobwrap.skipping);
+        anything else is iterated through them.
+        """
         now = capture_rng()
         self._epoch = resume["epoch"]
         restore_rng(self._epoch["rng"])
         put_sources(self._sources, self._epoch["sources"], stateful=True)
-        iterator = iter(self.iterable)
-        for _ in range(position):
-            if next(iterator, _END) is _END:
-                break
+        if self._skips:
+            iterator = open_at(self.iterable, position)
+        else:
+            iterator = iter(self.iterable)
+            for _ in range(position):
+                if next(iterator, _END) is _END:
+                    break
         restore_rng(now)
         # A stateful source was advanced by the replay as by the run; only RNGs may have been drawn by others.
         put_sources(self._sources, resume["now"], stateful=False)

@@ -19,10 +19,15 @@ Spawn and forkserver workers are covered less well: see :func:`_ignore_if_unshie
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import inspect
 import os
+import random
 import signal
+import sys
 import threading
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 _torch_loop: Callable[..., Any] | None = None  # torch's worker entry point, while the guard replaces it
 
@@ -119,3 +124,79 @@ def guard_dataloader_workers(signals: Iterable[int]) -> Callable[[], None]:
         if worker._worker_loop is guarded and _torch_loop is not None:
             worker._worker_loop, _torch_loop = _torch_loop, None
     return undo
+
+
+# ---------------------------------------------------------------- per-batch random numbers in workers
+
+def seed_batch(base_seed: int, batch: int) -> None:
+    """Seed torch, ``random`` and NumPy (if loaded) for the epoch's ``batch``-th batch, from the iterator's seed."""
+    import torch
+
+    digest = hashlib.blake2b(f"{base_seed}:{batch}".encode(), digest_size=16).digest()
+    seed = int.from_bytes(digest[:8], "little")
+    random.seed(seed)
+    torch.manual_seed(seed)
+    numpy = sys.modules.get("numpy")  # torch's worker module imports it when installed
+    if numpy is not None:
+        numpy.random.seed([int.from_bytes(digest[i:i + 4], "little") for i in range(0, 16, 4)])
+
+
+class _SeedEachTask:
+    """A worker's index queue that seeds the worker before each batch it hands out."""
+
+    def __init__(self, queue: Any, base_seed: int, offset: int) -> None:
+        self._queue, self._base_seed, self._offset = queue, base_seed, offset
+
+    def get(self, *args: Any, **kwargs: Any) -> Any:
+        task = self._queue.get(*args, **kwargs)
+        if isinstance(task, tuple):  # (task index, batch indices); else a control message
+            seed_batch(self._base_seed, self._offset + task[0])
+        return task
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._queue, name)
+
+
+class _SeededLoop:
+    """A worker entry point that seeds each batch from (base seed, its index in the epoch); picklable."""
+
+    def __init__(self, inner: Callable[..., Any], offset: int) -> None:
+        self.inner: Callable[..., Any] | None = inner
+        self.offset = offset
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's own function cannot be pickled by name while it is replaced; a spawned worker imports it afresh.
+        inner = self.inner if isinstance(self.inner, _GuardedLoop) else None
+        return {"inner": inner, "offset": self.offset}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        from torch.utils.data._utils import worker
+
+        original = _torch_loop or worker._worker_loop  # a spawned worker imported torch afresh: never replaced there
+        bound = inspect.signature(original).bind(*args, **kwargs)
+        bound.arguments["index_queue"] = _SeedEachTask(bound.arguments["index_queue"],
+                                                       bound.arguments["base_seed"], self.offset)
+        (self.inner or original)(*bound.args, **bound.kwargs)
+
+
+@contextlib.contextmanager
+def seeded_workers(offset: int) -> Iterator[None]:
+    """Workers started inside seed each batch ``k`` (counted from ``offset``) from the loader's base seed and k.
+
+    The random numbers a worker draws for a batch then depend on nothing that came
+    before it in the epoch, so a resumed loader that skips batches without loading
+    them draws the numbers of the run that was never stopped.
+    """
+    global _torch_loop
+    from torch.utils.data._utils import worker
+
+    current = worker._worker_loop
+    saved = _torch_loop
+    if _torch_loop is None:
+        _torch_loop = current
+    worker._worker_loop = _SeededLoop(current, offset)
+    try:
+        yield
+    finally:
+        worker._worker_loop = current
+        _torch_loop = saved

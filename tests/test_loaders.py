@@ -7,6 +7,7 @@ checkpoints are compared bit for bit.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import sys
 from pathlib import Path
@@ -134,3 +135,82 @@ def test_sampler_state_a_checkpoint_cannot_hold_is_refused(tmp_path):
     with jobwrap.Session(str(tmp_path), environ={}) as job:
         with pytest.raises(ConfigError, match="_UnsavableSampler has a state_dict"):
             job.loader(DataLoader(_table(), sampler=_UnsavableSampler(12)))
+
+
+class _Recorded(torch.utils.data.Dataset):
+    """Map-style: draws from torch, random and NumPy in __getitem__, and appends each fetched index to a file."""
+
+    def __init__(self, log: Path) -> None:
+        self.log = str(log)
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        with open(self.log, "a") as f:
+            f.write(f"{i}\n")
+        noise = torch.rand(1).item() + random.random() + float(numpy.random.rand())
+        return torch.tensor([float(i), round(noise, 6)])
+
+
+class _Reversed(torch.utils.data.Sampler):
+    """A custom sampler: a permutation from its own torch Generator, reversed."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.generator = n, torch.Generator().manual_seed(4)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return iter(reversed(torch.randperm(self.n, generator=self.generator).tolist()))
+
+
+def _skip_loader(sampler: str, workers: int, log: Path, context: str | None = None) -> DataLoader:
+    dataset = _Recorded(log)
+    common = dict(num_workers=workers, multiprocessing_context=context)
+    if sampler == "shuffle":
+        return DataLoader(dataset, batch_size=2, shuffle=True, **common)
+    if sampler == "generator":
+        return DataLoader(dataset, batch_size=2, shuffle=True, generator=torch.Generator().manual_seed(5), **common)
+    if sampler == "custom":
+        return DataLoader(dataset, batch_size=2, sampler=_Reversed(12), **common)
+    batches = torch.utils.data.BatchSampler(_Reversed(12), batch_size=2, drop_last=False)
+    return DataLoader(dataset, batch_sampler=batches, **common)
+
+
+def _draws_seen(directory: Path, loader: DataLoader, stop_after: int | None) -> list[list[float]]:
+    """Two epochs of 6 batches; SIGUSR1 to this process during step stop_after; each batch's indices and draws."""
+    seen = []
+    torch.manual_seed(0), random.seed(0), numpy.random.seed(0)
+    try:
+        with jobwrap.Session(str(directory), environ={}) as job:
+            for _ in job.epochs(2):
+                for batch in job.loader(loader):
+                    seen.append(batch.flatten().tolist() + [torch.rand(1).item(), random.random()])
+                    if job.step + 1 == stop_after:
+                        os.kill(os.getpid(), signal.SIGUSR1)
+    except jobwrap.Preempted:
+        pass
+    return seen
+
+
+def _fetched(log: Path) -> list[int]:
+    return sorted(int(line) for line in log.read_text().split())
+
+
+_SKIP_CELLS = [(sampler, workers, None) for sampler in ("shuffle", "generator", "custom", "batch_sampler")
+               for workers in (0, 2)] + [("custom", 2, "spawn")]  # spawn workers start slowly: one sampler
+
+
+@pytest.mark.parametrize("sampler, workers, context", _SKIP_CELLS, ids=lambda v: str(v))
+def test_mid_epoch_resume_skips_without_loading(tmp_path, sampler, workers, context):
+    """Resumed mid-epoch: the uninterrupted run's batches and draws, and no skipped batch is fetched again."""
+    plain = _draws_seen(tmp_path / "plain", _skip_loader(sampler, workers, tmp_path / "plain.log", context), None)
+    first = _draws_seen(tmp_path / "cut", _skip_loader(sampler, workers, tmp_path / "first.log", context), 9)
+    assert len(first) == 9
+    resumed_log = tmp_path / "resumed.log"
+    resumed = _draws_seen(tmp_path / "cut", _skip_loader(sampler, workers, resumed_log, context), None)
+    assert first + resumed == plain
+    # Steps 9..11 are the second epoch's batches 3..5: their 6 items, and none of batches 0..2.
+    assert _fetched(resumed_log) == sorted(int(batch[j]) for batch in plain[9:] for j in (0, 2))

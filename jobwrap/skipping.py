@@ -1,0 +1,99 @@
+"""A mid-epoch resume that draws the skipped batches' indices without loading them.
+
+A DataLoader over a map-style dataset finds its place from the sampler alone: the
+sampler's order depends on its RNG, put back to the epoch's start, and not on the
+data. The iterator is built as the run built it (the same draws, in the same order:
+its workers' base seed, the sampler's seed) over an index sampler that drops the
+first ``position`` batches of indices before handing out any, so no worker fetches
+them. What a skip cannot rebuild is where the random streams inside the workers
+stood; so every batch's worker draws start from a seed made of the iterator's base
+seed and the batch's index in the epoch (:func:`jobwrap.workers.seed_batch`), in
+the uninterrupted run as in the resumed one. With ``num_workers=0`` the dataset
+draws from this process's streams, which the resume puts back to the checkpoint's
+state after the skip, as after a replay.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+from torch.utils.data import DataLoader
+from torch.utils.data.dataloader import _DatasetKind
+
+from jobwrap.workers import seeded_workers
+
+_END = object()
+
+
+def can_skip(loader: Any, sources: dict[str, Any], rng_kind: Callable[[Any], str | None]) -> bool:
+    """Whether ``loader`` finds its place by its indices alone; else the epoch is replayed.
+
+    ``sources`` are the loader's RNGs and stateful parts by path, ``rng_kind(obj)`` names an RNG (None otherwise).
+    A subclass that builds its own iterator, or a dataset that holds state a fetch
+    advances (its own RNG in a worker's copy, or a ``state_dict``), needs the replay.
+    """
+    if not isinstance(loader, DataLoader) or loader._dataset_kind != _DatasetKind.Map:
+        return False
+    if type(loader).__iter__ is not DataLoader.__iter__ or type(loader)._get_iterator is not DataLoader._get_iterator:
+        return False
+    return not any(_in_dataset(path) and (loader.num_workers > 0 or rng_kind(obj) is None)
+                   for path, obj in sources.items())
+
+
+def _in_dataset(path: str) -> bool:
+    return path == "dataset" or path.startswith("dataset.")
+
+
+def open_at(loader: DataLoader, position: int) -> Iterator[Any]:
+    """``loader``'s iterator for this epoch, starting at batch ``position`` without loading batches before it."""
+    view = _LoaderView(loader, _Skipping(loader._index_sampler, position))
+    with seeded_workers(position):
+        iterator = DataLoader._get_iterator(view)  # type: ignore[arg-type]
+    # A worker loader sends its first indices while it is built; without workers the first batch is asked
+    # later, after the caller has put the checkpoint's RNG state back: skip now, while the epoch's state holds.
+    iterator._sampler_iter.advance()
+    return iterator
+
+
+class _LoaderView:
+    """``loader`` as a DataLoader iterator reads it, with another index sampler (DataLoader forbids setting it)."""
+
+    def __init__(self, loader: DataLoader, index_sampler: Any) -> None:
+        self._loader = loader
+        self._index_sampler = index_sampler
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loader, name)
+
+
+class _Skipping:
+    """An index sampler whose iterators drop its first ``batches`` items before handing out one."""
+
+    def __init__(self, sampler: Any, batches: int) -> None:
+        self.sampler, self.batches = sampler, batches
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> "_SkippingIterator":
+        return _SkippingIterator(iter(self.sampler), self.batches)
+
+
+class _SkippingIterator:
+    """Drops lazily, at the first ``next`` (or ``advance``): the run drew its sampler's seed there too."""
+
+    def __init__(self, inner: Iterator[Any], batches: int) -> None:
+        self.inner, self.left = inner, batches
+
+    def __iter__(self) -> "_SkippingIterator":
+        return self
+
+    def __next__(self) -> Any:
+        self.advance()
+        return next(self.inner)
+
+    def advance(self) -> None:
+        while self.left > 0:
+            self.left -= 1
+            if next(self.inner, _END) is _END:
+                self.left = 0
+                return
