@@ -1,4 +1,4 @@
-"""jobwrap against plain torch.save / torch.load and against the disk itself, side by side in one run.
+"""jobwrap against plain torch.save / torch.load, torch.distributed.checkpoint and the disk, side by side in one run.
 
 Run through ``scripts/bench`` (sets up .venv with matplotlib). For each state
 size (a model of 4096x4096 or 1024x1024 layers and Adam's two moments) it
