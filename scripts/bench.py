@@ -716,7 +716,8 @@ def write_markdown(summaries: list[dict], step: dict, plots: list[str], gpu: dic
         "`set_state_dict`, cold page cache. The pause target compares with the faster of the two `async_save`s.",
         "- **relaunch**: see its section above; the parts come from the run's `events.jsonl` (`signal`, `save`, "
         "`exit`, and `start` with `load_seconds` and `read_seconds`) and the trainer's wall-clock timestamps; "
-        "the new process's creation time from `/proc` (10 ms resolution).",
+        "the new process's creation time from `/proc` (10 ms resolution), its predecessor's end by polling its "
+        "pid each millisecond.",
         "- **peak extra memory**: the resident set's high-water mark (reset through `/proc/self/clear_refs`) "
         "minus the resident size before; the allocator's free memory is returned to the system first "
         "(`malloc_trim`), so that memory freed earlier is not silently reused.",

@@ -3,14 +3,17 @@
 A small training command (``--train DIR``: Linear layers and Adam, about 25 MB of state) runs under
 ``jobwrap run``; a real SIGUSR1 goes to ``jobwrap run``, which passes it on; the trainer saves, exits
 asking for a requeue, and ``jobwrap run`` relaunches it. The split comes from the run's events
-(``signal``, ``save``, ``start`` with its ``load_seconds`` and ``read_seconds``) and from the timestamps
-the trainer prints (wall clock; the process's creation time from ``/proc``, 10 ms resolution):
+(``signal``, ``save``, ``exit``, ``start`` with its ``load_seconds`` and ``read_seconds``) and from
+the timestamps the trainer prints (wall clock; the process's creation time from ``/proc``, 10 ms
+resolution):
 
-  save                 signal sent -> checkpoint committed (the step boundary, the write, the commit)
+  to the step boundary signal sent -> the session's ``signal`` event (the rest of the user's step)
+  save                 -> checkpoint committed (the write, the commit)
   requeue and close    committed -> the session's ``exit`` event (the requeue decision, closing the session)
-  process exit and relaunch
-                       -> the new process exists (interpreter teardown, ``jobwrap run`` seeing the
-                       exit and starting the command again)
+  interpreter exit     -> the process is gone (Python's teardown, torch's mostly; seen by polling its pid)
+  relaunch by jobwrap run
+                       -> the new process exists (``jobwrap run`` reaping the exit and starting the
+                       command again)
   interpreter          the new process exists -> its first line runs
   import torch, model  the user's imports and model construction
   import jobwrap, start (lock, scan, verify), load (read + checksum), track (restore the state),
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import time
 
-_BORN = time.time()  # the trainer's first line: before its imports
+_BORN, _BORN_BOOT = time.time(), time.clock_gettime(time.CLOCK_BOOTTIME)  # the trainer's first line
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -38,9 +41,11 @@ from typing import Callable  # noqa: E402
 WAIT_SECONDS = 300  # for each stage of one launch; a hang fails with a message
 #: split name -> whether it is jobwrap's own (the rest: interpreter, the user's imports, model, step)
 SPLITS = {
-    "save (signal -> committed)": True,
+    "to the step boundary": False,
+    "save (boundary -> committed)": True,
     "requeue and close": True,
-    "process exit and relaunch": True,
+    "interpreter exit": False,
+    "relaunch by jobwrap run": True,
     "interpreter": False,
     "import torch": False,
     "import jobwrap": True,
@@ -61,10 +66,16 @@ def _mark(name: str, at: float | None = None, **fields: object) -> None:
           flush=True)
 
 
-def train(directory: str) -> None:
-    import psutil
+def _created() -> float:
+    """This process's creation on the wall clock: /proc's start time (clock ticks since boot) against
+    CLOCK_BOOTTIME read with the first line's wall time (the boot time /proc/stat gives is whole seconds)."""
+    with open("/proc/self/stat") as f:
+        ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    return _BORN - (_BORN_BOOT - ticks / os.sysconf("SC_CLK_TCK"))
 
-    _mark("interpreter", _BORN, created=psutil.Process().create_time())
+
+def train(directory: str) -> None:
+    _mark("interpreter", _BORN, created=_created())
     import torch
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
@@ -126,6 +137,21 @@ class _Marks:
         return [m for m in self.marks if m["mark"] == name]
 
 
+def _watch_exit(pid: int, gone: list[float]) -> None:
+    """Appends when ``pid`` has ended (gone, or a zombie not yet reaped), polling each millisecond."""
+    import psutil
+
+    deadline = time.monotonic() + WAIT_SECONDS
+    try:
+        process = psutil.Process(pid)
+        while time.monotonic() < deadline and process.status() != psutil.STATUS_ZOMBIE:
+            time.sleep(0.001)
+    except psutil.NoSuchProcess:
+        pass
+    if time.monotonic() < deadline:
+        gone.append(time.time())
+
+
 def one_relaunch(directory: Path) -> tuple[dict[str, float], Path]:
     """One launch preempted by a real SIGUSR1 and its relaunch; the split in seconds, and the checkpoint."""
     from jobwrap.events import read_events
@@ -138,9 +164,15 @@ def one_relaunch(directory: Path) -> tuple[dict[str, float], Path]:
     try:
         marks = _Marks(run.stdout)
         marks.wait("step", count=5, what="the first launch training")
+        gone: list[float] = []
+        watcher = threading.Thread(target=_watch_exit, args=(marks.named("step")[0]["pid"], gone), daemon=True)
+        watcher.start()
         sent = time.time()
         os.kill(run.pid, signal.SIGUSR1)
         marks.wait("first step", what="the relaunched trainer's first new step")
+        watcher.join(WAIT_SECONDS)
+        if not gone:
+            raise RuntimeError("bench_relaunch: the first trainer's exit was not seen")
         if run.wait(WAIT_SECONDS) != 0:
             raise RuntimeError(f"bench_relaunch: jobwrap run ended with {run.returncode}")
     finally:
@@ -148,6 +180,7 @@ def one_relaunch(directory: Path) -> tuple[dict[str, float], Path]:
             run.kill()
             run.wait(10)
     events = read_events(str(directory))
+    trapped = next(e for e in events if e["event"] == "signal")
     save = next(e for e in events if e["event"] == "save")
     ended = next(e for e in events if e["event"] == "exit")
     start = next(e for e in events if e["event"] == "start" and e.get("resumed_from"))
@@ -155,9 +188,11 @@ def one_relaunch(directory: Path) -> tuple[dict[str, float], Path]:
     at = {name: m["time"] for name, m in new.items()}
     opened = at["session start"] - at["model"]
     split = {
-        "save (signal -> committed)": save["time"] - sent,
+        "to the step boundary": trapped["time"] - sent,
+        "save (boundary -> committed)": save["time"] - trapped["time"],
         "requeue and close": ended["time"] - save["time"],
-        "process exit and relaunch": new["interpreter"]["created"] - ended["time"],
+        "interpreter exit": gone[0] - ended["time"],
+        "relaunch by jobwrap run": new["interpreter"]["created"] - gone[0],
         "interpreter": at["interpreter"] - new["interpreter"]["created"],
         "import torch": at["import torch"] - at["interpreter"],
         "import jobwrap": at["import jobwrap"] - at["import torch"],
