@@ -596,9 +596,9 @@ def relaunch_lines(relaunch: dict) -> list[str]:
         f"| **total** | {relaunch['total']:.3f} | |",
         "",
         f"jobwrap's own parts: {relaunch['jobwrap_own']:.3f} s; the disk's time for the same bytes: write + fsync "
-        f"{relaunch['disk_write']:.3f} s, cold read {relaunch['disk_read']:.3f} s. **Target: jobwrap's own parts "
+        f"{relaunch['disk_write']:.3f} s, cold read {relaunch['disk_read']:.3f} s. Target: jobwrap's own parts "
         f"minus the disk's time <= {OVERHEAD_TARGET:g} s: {overhead:.3f} s, "
-        f"{'met' if overhead <= OVERHEAD_TARGET else '**not met**'}.** The relaunched process reads the "
+        f"{'met' if overhead <= OVERHEAD_TARGET else '**not met**'}. The relaunched process reads the "
         "checkpoint from the page cache the save left warm (a requeue to another node would read it cold: "
         "the cold read is what the target allows for).",
         "",
