@@ -142,6 +142,7 @@ class Session:
         self._orphaned = False
         self._next_watch = 0.0
         self._unguard_workers: Callable[[], None] = lambda: None
+        self._read_seconds = 0.0
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> "Session":
@@ -187,7 +188,8 @@ class Session:
                      os.path.basename(checkpoint.path), self.step, self.epoch, checkpoint.run_id,
                      checkpoint.manifest.get("restart_count"), self.job.restart_count)
         self.events.append("start", step=self.step, epoch=self.epoch, resumed_from=checkpoint.path,
-                           world_size=self.group.world_size, load_seconds=load_seconds)
+                           world_size=self.group.world_size, load_seconds=load_seconds,
+                           read_seconds=self._read_seconds)
         return self
 
     def _open_directory(self) -> tuple[Checkpoint, dict[str, Any]] | None:
@@ -803,7 +805,9 @@ class Session:
 
     def _load_verified(self, checkpoint: Checkpoint) -> dict[str, Any]:
         """Rank 0 at resume: the .pt, and its sharded folder's files against the checksums it records."""
+        began = time.monotonic()
         payload = self._load(checkpoint)
+        self._read_seconds = round(time.monotonic() - began, 4)  # the read and checksum within load_seconds
         record = payload["jobwrap"].get("dcp")
         if record:
             sharded.check_record(record, folder_name(checkpoint.step, checkpoint.serial), os.path.basename(checkpoint.path))

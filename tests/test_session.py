@@ -331,3 +331,14 @@ def test_background_save_holds_the_gradients_of_its_boundary(tmp_path):
     assert background.manifest.get("background")
     saved = _saved(background)["jobwrap"]["ranks"][0]["grads"]["model"]["weight"]
     assert torch.equal(saved, at_boundary) and not torch.equal(saved, model.weight.grad)
+
+
+def test_resumed_start_event_records_the_read_within_the_load(tmp_path):
+    """A resumed start's event holds read_seconds (the checkpoint's read and checksum), part of load_seconds."""
+    _saved_after(tmp_path, 2)
+    model = nn.Linear(2, 1)
+    with _session(tmp_path) as job:
+        job.track(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    start = [e for e in read_events(str(tmp_path)) if e["event"] == "start"][-1]
+    assert start["resumed_from"] is not None and "read_seconds" in start
+    assert 0 <= start["read_seconds"] <= start["load_seconds"]
