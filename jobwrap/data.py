@@ -54,8 +54,8 @@ class ResumableLoader(Generic[T]):
         self._stateful = stateful_part(iterable)
         self._skips = self._stateful is None and can_skip(iterable, self._sources, _rng_kind)
         get_sources(self._sources)  # a state_dict that a checkpoint cannot hold fails here, not at the signal
-        if self._stateful is not None:
-            _own_state(self._stateful)
+        if self._stateful is not None and not _is_loader(self._stateful):
+            _own_state(self._stateful)  # a StatefulDataLoader's state_dict() would start its workers here
         self._epoch: dict[str, Any] | None = None  # the global streams and sources when this epoch's iterator began
         self._iterator: Iterator[T] | None = None  # the epoch's iterator, for a loader resumed through its state
         self._resume: dict[str, Any] | None = None
@@ -96,7 +96,9 @@ class ResumableLoader(Generic[T]):
         if position == 0 or (self._stateful is None and "epoch" not in resume):
             if resume is not None:  # the sources as the previous epoch left them
                 put_sources(self._sources, resume["now"], stateful=True)
-                if self._stateful is not None and "own" in resume:
+                # A StatefulDataLoader's state after its last batch draws other numbers at iter() than a new
+                # epoch does: at an epoch's start it is rebuilt, like a DataLoader, from its RNG sources.
+                if self._stateful is not None and "own" in resume and not _is_loader(self._stateful):
                     self._stateful.load_state_dict(resume["own"])
             self._epoch = {"rng": capture_rng(), "sources": get_sources(self._sources)}
             iterator = open_at(self.iterable, 0) if self._skips else iter(self.iterable)
@@ -202,8 +204,9 @@ def check_resumable(iterable: Any) -> None:
 
 
 def stateful_part(iterable: Any) -> Any:
-    """What knows the loader's place in this process: the iterable itself, or a DataLoader's IterableDataset."""
-    if not isinstance(iterable, torch.utils.data.DataLoader):
+    """What knows the loader's place in this process: the iterable itself (torchdata's StatefulDataLoader,
+    whose state holds its sampler's and every worker's place), or a DataLoader's IterableDataset."""
+    if is_stateful(iterable) or not isinstance(iterable, torch.utils.data.DataLoader):
         return iterable if is_stateful(iterable) else None
     dataset = iterable.dataset
     # With workers the dataset's copies in the worker processes advance, never the one here.
@@ -332,6 +335,10 @@ def _from_plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _from_plain(v) for k, v in value.items()}
     return value
+
+
+def _is_loader(obj: Any) -> bool:
+    return isinstance(obj, torch.utils.data.DataLoader)
 
 
 def _length(iterable: Any) -> int | None:

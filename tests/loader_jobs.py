@@ -125,6 +125,10 @@ def make_loader(args: argparse.Namespace):
         return DataLoader(Stream(), **common)
     if args.loader == "stateful-iterable":
         return DataLoader(StatefulStream(), **common)
+    if args.loader == "stateful-dataloader":  # torchdata: resumed through the loader's own state_dict
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        return StatefulDataLoader(dataset, shuffle=True, **common)
     if args.loader == "list":
         return list(table(8).split(BATCH))
     raise SystemExit(f"unknown --loader {args.loader}")

@@ -214,3 +214,45 @@ def test_mid_epoch_resume_skips_without_loading(tmp_path, sampler, workers, cont
     assert first + resumed == plain
     # Steps 9..11 are the second epoch's batches 3..5: their 6 items, and none of batches 0..2.
     assert _fetched(resumed_log) == sorted(int(batch[j]) for batch in plain[9:] for j in (0, 2))
+@pytest.mark.parametrize("options", [
+    ["--augment"],                   # noise from the global streams, drawn in this process
+    ["--workers", "2"],              # each worker's place in the sampler, from the loader's own state
+], ids=lambda options: "-".join(o.lstrip("-") for o in options))
+def test_stateful_dataloader_resumes_through_its_state_bit_exact(tmp_path, options):
+    """torchdata's StatefulDataLoader, preempted at an epoch's end and mid-epoch: the uninterrupted run's checkpoint."""
+    pytest.importorskip("torchdata.stateful_dataloader", reason="needs torchdata (pip install 'jobwrap[torchdata]')")
+    command = [sys.executable, str(JOB), "--epochs", "2", "--loader", "stateful-dataloader", *options]
+    plain = run_preempted(command, tmp_path / "plain").check()
+    cut = run_preempted(command, tmp_path / "cut", preempt_at=[STEPS_PER_EPOCH, STEPS_PER_EPOCH + 3]).check()
+    assert cut.signalled_at == [STEPS_PER_EPOCH, STEPS_PER_EPOCH + 3]
+    assert_same_run(plain.directory, cut.directory)
+
+
+def test_stateful_dataloader_is_resumed_without_replay(tmp_path):
+    """A StatefulDataLoader resumed mid-epoch loads its own state: the batches before the stop are not fetched again."""
+    pytest.importorskip("torchdata.stateful_dataloader", reason="needs torchdata (pip install 'jobwrap[torchdata]')")
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    fetched: list[int] = []
+
+    class Counted(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 12
+
+        def __getitem__(self, i: int) -> torch.Tensor:
+            fetched.append(i)
+            return torch.tensor([float(i)])
+
+    def loader() -> StatefulDataLoader:
+        return StatefulDataLoader(Counted(), batch_size=3, shuffle=True, generator=torch.Generator().manual_seed(3))
+
+    with pytest.raises(RuntimeError, match="stop"), jobwrap.Session(str(tmp_path), environ={}) as job:
+        for _ in job.epochs(1):
+            for batch in job.loader(loader()):
+                job.save()
+                raise RuntimeError("stop after the first batch")
+    done_before, fetched[:] = list(fetched), []
+    with jobwrap.Session(str(tmp_path), environ={}) as job:
+        rest = [b.flatten().tolist() for _ in job.epochs(1) for b in job.loader(loader())]
+    assert len(rest) == 3 and len(fetched) == 9
+    assert sorted(done_before[:3] + fetched) == list(range(12))

@@ -1,0 +1,155 @@
+"""PyTorch Lightning: jobwrap's signals, verified checkpoints, requeue and mid-epoch resume for ``trainer.fit``.
+
+    from jobwrap.lightning import Preemptible
+
+    trainer = L.Trainer(max_epochs=3, callbacks=[Preemptible()])
+    trainer.fit(model, train_dataloaders=StatefulDataLoader(...))
+
+The callback drives a :class:`jobwrap.Session` from inside ``fit`` (after Lightning
+has started its process group, so every DDP rank joins it): the requeue cap, the
+cancel-wins rule, the ranks' agreement and the atomic, verified store are
+jobwrap's. Each optimizer step is a jobwrap step; its boundary is the end of the
+batch that stepped. The checkpoint is Lightning's own (``dump_checkpoint``: model,
+optimizers, schedulers, loops, callbacks, precision plugin, the train loaders'
+state) plus jobwrap's per-rank RNG streams, which Lightning does not save.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import pytorch_lightning as pl
+from lightning_fabric.utilities.types import _Stateful
+
+from jobwrap.errors import ConfigError
+from jobwrap.session import Session
+
+log = logging.getLogger("jobwrap")
+
+__all__ = ["Preemptible"]
+
+# Arbitrary objects a LightningModule may hold; a checkpoint loaded with weights_only cannot hold them,
+# and the script builds the module with them again at every launch.
+_HPARAM_KEYS = ("hyper_parameters", "hparams_name", "hparams_type", "datamodule_hyper_parameters",
+                "datamodule_hparams_name", "datamodule_hparams_type")
+
+
+
+class _TrainerState:
+    """The trainer's full checkpoint as one tracked object of the Session."""
+
+    def __init__(self, trainer: "pl.Trainer") -> None:
+        self.trainer = trainer
+        self.loaded = False
+
+    def state_dict(self) -> dict[str, Any]:
+        checkpoint = self.trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        return {k: v for k, v in checkpoint.items() if k not in _HPARAM_KEYS}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # fit() restores model, datamodule, callbacks, then (after the strategy's setup) precision, loops,
+        # optimizers and schedulers from this dict; its ckpt_path stays None, so it keeps this one.
+        self.trainer._checkpoint_connector._loaded_checkpoint = dict(state)
+        self.loaded = True
+
+
+class Preemptible(pl.Callback):
+    """Make ``trainer.fit`` preemptible: flag-only signals, a verified checkpoint at the next optimizer step,
+    requeue, and resume mid-epoch from the newest verified checkpoint on relaunch.
+
+    ``directory`` and ``settings`` are :class:`jobwrap.Session`'s (``JOBWRAP_*`` variables apply).
+    Lightning's own SLURM auto-requeue and SIGTERM handling are switched off for the fit.
+    """
+
+    def __init__(self, directory: str | os.PathLike | None = None, **settings: Any) -> None:
+        self._directory = directory
+        self._settings = settings
+        self.session: Session | None = None
+        self._state: _TrainerState | None = None
+        self._resuming = False
+        self._stepped_at = 0
+
+    # ------------------------------------------------------------ start
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage != "fit":
+            return
+        _lightning_signals_off(trainer)
+        self.session = Session(self._directory, **self._settings).start()
+        self._state = _TrainerState(trainer)
+        self.session.track(lightning=self._state)
+        self._resuming = self._state.loaded
+        if self.session.group.world_size > 1 and self.session.group.rank == 0:
+            log.warning("Lightning with %d ranks: the fit is checkpointed, requeued and resumed at the step where "
+                        "it stopped, but the resumed steps are not bit-exact yet (docs/integrations.md)",
+                        self.session.group.world_size)
+
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._resuming and trainer.ckpt_path:
+            raise ConfigError(
+                f"trainer.fit() loaded {trainer.ckpt_path} while jobwrap resumes from its own checkpoint "
+                f"{self.session.resumed_from.path}: drop ckpt_path= from trainer.fit() (and remove hpc_ckpt_*.ckpt "
+                f"files from the trainer's default_root_dir), so that one checkpoint is restored")
+        _refuse_unresumable_loaders(trainer)
+        self._stepped_at = trainer.global_step
+
+    # ------------------------------------------------------------ step boundaries
+    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
+                             batch_idx: int) -> None:
+        if self._resuming:
+            # The loaders' iterators are made (their draws from the RNG done): now the streams are the checkpoint's.
+            self._resuming = False
+            self.session._boundary()
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self._stepped_at:
+            return  # a micro-batch of gradient accumulation: the optimizer has not stepped
+        self._stepped_at = trainer.global_step
+        self.session.epoch = trainer.current_epoch
+        self.session.step = trainer.global_step - 1
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            # Not a boundary: a fit resumed from an epoch's end draws the next epoch's order differently
+            # (the loader's finished state); a signal here is honoured after the next epoch's first step.
+            self.session.step += 1
+            return
+        self.session.step_done()  # a signal: the checkpoint commits here, then Preempted (SystemExit) ends fit()
+
+    # ------------------------------------------------------------ end
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self.session.epoch = trainer.current_epoch
+        if self.session.config.save_at_end:
+            self.session.save(reason="end of training")
+
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage == "fit" and self.session is not None:
+            self.session.close()
+            self.session = None
+
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                     exception: BaseException) -> None:
+        if self.session is not None:
+            self.session.close(exception)
+            self.session = None
+
+
+def _lightning_signals_off(trainer: "pl.Trainer") -> None:
+    """Lightning's SLURM auto-requeue saves inside the signal handler and its SIGTERM handler runs a collective
+    there; jobwrap owns the signals for this fit, so Lightning installs none."""
+    environment = trainer._accelerator_connector.cluster_environment
+    if getattr(environment, "auto_requeue", False):
+        log.info("Lightning's SLURM auto-requeue is off: jobwrap checkpoints and requeues this fit")
+        environment.auto_requeue = False
+    trainer._signal_connector.register_signal_handlers = lambda: None
+
+
+def _refuse_unresumable_loaders(trainer: "pl.Trainer") -> None:
+    """Lightning restarts an epoch from its first batch when a train loader has no state: not exact, refused."""
+    loader = trainer.fit_loop._combined_loader
+    flat = loader.flattened if loader is not None else []
+    plain = [type(part).__name__ for part in flat if not isinstance(part, _Stateful)]
+    if plain:
+        raise ConfigError(
+            f"the train loader ({', '.join(plain)}) cannot tell Lightning where an epoch stopped, so a resumed fit "
+            f"would train the epoch's first batches again: use torchdata.stateful_dataloader.StatefulDataLoader "
+            f"(pip install 'jobwrap[torchdata]') in place of torch.utils.data.DataLoader, with the same arguments")

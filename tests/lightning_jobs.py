@@ -1,0 +1,57 @@
+"""examples/lightning_train.py with every optimizer step's loss recorded, for tests/test_lightning.py.
+
+    jobwrap run --dir ck -- python tests/lightning_jobs.py --losses losses.txt [--devices 2] [--workers 2]
+
+Rank 0 appends "global_step loss.hex()" after each step; a resumed run appends from its step on,
+so a preempted run's file equals the uninterrupted run's exactly when no step was lost or repeated.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+from lightning_train import Regression, data  # noqa: E402
+
+from jobwrap.lightning import Preemptible  # noqa: E402
+
+
+class LossLog(pl.Callback):
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: Any, outputs: Any, batch: Any, idx: int) -> None:
+        if trainer.is_global_zero:
+            with open(self.path, "a") as f:
+                f.write(f"{trainer.global_step} {outputs['loss'].item().hex()}\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--losses", required=True)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--accumulate", type=int, default=1)
+    parser.add_argument("--plain-loader", action="store_true", help="a torch DataLoader (refused)")
+    args = parser.parse_args()
+    pl.seed_everything(0, workers=True)
+    # LossLog before Preemptible: the step's loss is written before its boundary may stop the fit.
+    trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=args.devices,
+                         strategy="ddp" if args.devices > 1 else "auto",
+                         callbacks=[LossLog(args.losses), Preemptible()], accumulate_grad_batches=args.accumulate,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    loader = data(args.workers)
+    if args.plain_loader:
+        loader = DataLoader(loader.dataset, batch_size=8, shuffle=True)
+    trainer.fit(Regression(), train_dataloaders=loader)
+
+
+if __name__ == "__main__":
+    main()
