@@ -33,7 +33,7 @@ from jobwrap.errors import (CheckpointError, ConfigError, CorruptCheckpointError
 from jobwrap.events import EventLog
 from jobwrap.format import human_size
 from jobwrap.lock import DirectoryLock
-from jobwrap.pids import alive
+from jobwrap.pids import alive, start_time
 from jobwrap.schedulers import Scheduler, requeue_refusal, scheduler_for
 from jobwrap.signals import SignalTrap
 from jobwrap.state import (RESERVED_KEYS, GradRecord, capture_rng, fingerprint, grad_owners, is_stateful, load_into,
@@ -169,7 +169,8 @@ class Session:
         if found is None:
             if self.group.rank == 0:
                 log.info("no checkpoint in %s: starting run %s fresh", self.config.directory, self.run_id)
-            self.events.append("start", step=0, resumed_from=None, world_size=self.group.world_size)
+            self.events.append("start", step=0, resumed_from=None, world_size=self.group.world_size,
+                               scheduler=self.job.scheduler, process_started=start_time(os.getpid()))
             return self
         checkpoint, payload = found
         self.resumed_from = self.last_checkpoint = checkpoint
@@ -186,7 +187,8 @@ class Session:
                      os.path.basename(checkpoint.path), self.step, self.epoch, checkpoint.run_id,
                      checkpoint.manifest.get("restart_count"), self.job.restart_count)
         self.events.append("start", step=self.step, epoch=self.epoch, resumed_from=checkpoint.path,
-                           world_size=self.group.world_size, load_seconds=load_seconds)
+                           world_size=self.group.world_size, load_seconds=load_seconds,
+                           scheduler=self.job.scheduler, process_started=start_time(os.getpid()))
         return self
 
     def _open_directory(self) -> tuple[Checkpoint, dict[str, Any]] | None:
@@ -540,11 +542,13 @@ class Session:
         """Every rank arrives here at the same step: commit, then rank 0 decides the exit and requeue."""
         sig = self._trap.first
         name = sig.name if sig is not None else ("jobwrap run gone" if self._orphaned else "another rank's signal")
+        delay = None
         if sig is not None:
             delay = time.monotonic() - (self._trap.first_time or time.monotonic())
             log.info("%s received %.2f s ago: checkpointing at step %d (epoch %d)", name, delay,
                      self.step, self.epoch)
-        self.events.append("signal", signal=name, step=self.step, epoch=self.epoch)
+        self.events.append("signal", signal=name, step=self.step, epoch=self.epoch,
+                           delay=None if delay is None else round(delay, 4))
         checkpoint = self._save_before_exit(f"signal {name}")
         # Decided after the save, from every signal received by now on any rank: a TERM (scancel)
         # that came during the save still makes the stop a cancel instead of a requeue.
