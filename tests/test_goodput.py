@@ -118,3 +118,37 @@ def test_parse_sacct_reads_epoch_and_iso_times_oldest_first():
     runs = parse_sacct(text)
     assert [r.state for r in runs] == ["REQUEUED", "COMPLETED", "RUNNING"]
     assert runs[0] == Allocation(1700000000.0, 1700000100.0, "REQUEUED") and runs[2].end is None
+
+
+def test_timeline_segments_follow_the_parts_in_order():
+    """The plot's bar for a launch: start-up, loading, training (with its pauses), lost, exit, end to end."""
+    from jobwrap.timeline import segments
+
+    events = [_start(10, process=0), _save(41, 40), {"event": "signal", "time": 60, "step": 60, "signal": "SIGUSR1"},
+              _start(90, 40, 1, "/ck/40", process=80, load=1.0)]
+    bar = segments(breakdown(summarize(events)).launches[0])
+    assert [part for part, _, _ in bar] == ["startup", "training", "lost"]
+    assert bar[0][1] == 0 and bar[-1][1] + bar[-1][2] == pytest.approx(80)
+    assert all(a[1] + a[2] == pytest.approx(b[1]) for a, b in zip(bar, bar[1:]))
+
+
+def test_status_plot_writes_a_png_or_names_the_extra(tmp_path):
+    """--plot draws a PNG with matplotlib; without it, exit 2 and the message names pip install 'jobwrap[plot]'."""
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in [
+        _start(10, process=0), _save(41, 40), {"event": "exit", "time": 60, "step": 60, "code": 0,
+                                               "reason": "finished"}]))
+    png = tmp_path / "t.png"
+    status = [sys.executable, "-c", "import sys; {block}from jobwrap.cli import main; sys.exit(main(sys.argv[1:]))",
+              "status", str(tmp_path), "--plot", str(png)]
+    without = subprocess.run([status[0], status[1], status[2].format(block="sys.modules['matplotlib'] = None; "),
+                              *status[3:]], capture_output=True, text=True, timeout=120)
+    assert without.returncode == 2 and "pip install 'jobwrap[plot]'" in without.stderr
+    pytest.importorskip("matplotlib")
+    drawn = subprocess.run([status[0], status[1], status[2].format(block=""), *status[3:]],
+                           capture_output=True, text=True, timeout=120)
+    assert drawn.returncode == 0, drawn.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -4,9 +4,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 from jobwrap import goodput
+from jobwrap.errors import ConfigError
 from jobwrap.events import read_events
 from jobwrap.history import checkpoint_summary, render, summarize
 from jobwrap.store import CheckpointStore
@@ -42,7 +44,8 @@ def main(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.directory):
         print(f"jobwrap status: {args.directory} is not a directory; pass the run's checkpoint directory")
         return 2
-    history = summarize(read_events(args.directory))
+    events = read_events(args.directory)
+    history = summarize(events)
     committed = CheckpointStore(args.directory).committed()
     checkpoint = checkpoint_summary(committed[0]) if committed else None
     slurm_jobs = [launch.job_id for launch in history.launches if launch.scheduler == "slurm" and launch.job_id]
@@ -58,4 +61,11 @@ def main(args: argparse.Namespace) -> int:
     else:
         top, more = goodput.facts(times)
         print(render(history, args.directory, checkpoint, time.time(), top=top, more=more))
+    if args.plot:
+        from jobwrap.timeline import draw
+        try:
+            draw(times, events, args.plot, title=", ".join(history.run_ids))
+        except ConfigError as exc:
+            print(f"jobwrap status: {exc}", file=sys.stderr)
+            return 2
     return 0
