@@ -32,6 +32,7 @@ from jobwrap.errors import (CheckpointError, ConfigError, CorruptCheckpointError
                             StorageError)
 from jobwrap.events import EventLog
 from jobwrap.format import human_size
+from jobwrap.interval import AutoInterval
 from jobwrap.lock import DirectoryLock
 from jobwrap.pids import alive, start_time
 from jobwrap.schedulers import Scheduler, requeue_refusal, scheduler_for
@@ -117,6 +118,7 @@ class Session:
         self._resumed_step = -1
         self._rng_warned = False
         self._last_save_time = time.monotonic()
+        self._auto: AutoInterval | None = None  # save_every="auto": the interval from this run's measurements
         self._started = False
         self.group: Solo = Solo()
         self._background = BackgroundSave()  # the periodic save in flight (async_save)
@@ -521,6 +523,9 @@ class Session:
         cfg = self.config
         if self.last_checkpoint is not None and self.last_checkpoint.step == self.step:
             return False
+        if cfg.save_every == "auto":
+            self._auto = self._auto or AutoInterval(self.events.read(), log if self.group.rank == 0 else None)
+            return self._auto.due(time.monotonic() - self._last_save_time, self.last_checkpoint)
         if cfg.save_every_steps and self.step % cfg.save_every_steps == 0 and self.step > 0:
             return True
         return bool(cfg.save_every_seconds and
