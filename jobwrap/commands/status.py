@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
 
-from jobwrap import goodput
+from jobwrap import goodput, leadtime
 from jobwrap.errors import ConfigError
 from jobwrap.events import read_events
 from jobwrap.history import checkpoint_summary, render, summarize
@@ -51,15 +52,19 @@ def main(args: argparse.Namespace) -> int:
     slurm_jobs = [launch.job_id for launch in history.launches if launch.scheduler == "slurm" and launch.job_id]
     accounting, _ = goodput.read_accounting(slurm_jobs) if slurm_jobs else ({}, "")
     times = goodput.breakdown(history, accounting)
+    advice = leadtime.advise(history, [launch.step_seconds for launch in times.launches])
     if args.json:
         record = history.as_dict()
         record["directory"] = os.path.abspath(args.directory)
         record["last_checkpoint"] = checkpoint
         record["time"] = times.as_dict()
         record["goodput"] = record["time"]["goodput"]
+        record["lead_time"] = dataclasses.asdict(advice) if advice else None
         print(json.dumps(record, indent=1))
     else:
         top, more = goodput.facts(times)
+        if advice is not None:
+            more.append(("lead time", advice.text()))
         print(render(history, args.directory, checkpoint, time.time(), top=top, more=more))
     if args.plot:
         from jobwrap.timeline import draw
