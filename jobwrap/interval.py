@@ -30,7 +30,8 @@ from typing import Any, Sequence
 from jobwrap.format import human_duration
 from jobwrap.history import Launch, summarize
 
-__all__ = ["CEILING", "FLOOR", "PRIOR_MTBI", "AutoInterval", "Choice", "choose", "mean_time_between", "young_daly"]
+__all__ = ["CEILING", "FLOOR", "PRIOR_MTBI", "AutoInterval", "Choice", "choose", "estimate_mtbi", "mean_time_between",
+           "young_daly"]
 
 #: The prior: one interruption without warning per 4 hours of run time, until the run's history says otherwise.
 PRIOR_MTBI = 4 * 3600.0
@@ -70,7 +71,12 @@ def mean_time_between(launches: Sequence[Launch], *, prior: float = PRIOR_MTBI) 
                   - (launch.started if launch.process_started is None else launch.process_started))
               for launch in launches)
     seen = sum(1 for launch in launches if unwarned(launch))
-    return (prior + run) / (1 + seen), run, seen
+    return estimate_mtbi(run, seen, prior=prior), run, seen
+
+
+def estimate_mtbi(run: float, seen: int, *, prior: float = PRIOR_MTBI) -> float:
+    """M after ``run`` seconds with ``seen`` interruptions without warning: the prior weighs as one interruption."""
+    return (prior + run) / (1 + seen)
 
 
 def choose(cost: float | None, mtbi: float, *, run: float, seen: int, write: float = 0.0) -> Choice:

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import logging
 import math
+import sys
 
 import pytest
 
@@ -101,3 +102,30 @@ def test_session_uses_the_auto_interval_from_the_directorys_history(tmp_path, ca
             pass
     expected = young_daly((0.2 + 0.4 + 0.6) / 3, (PRIOR_MTBI + 2000 + 3600) / 2)
     assert f"a periodic save every {human_duration(expected)}" in caplog.text
+
+
+def _simulator():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "goodput_sim.py"
+    spec = importlib.util.spec_from_file_location("goodput_sim", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["goodput_sim"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_simulator_accounts_for_every_second_of_a_simple_trace():
+    """No interruption: goodput = (horizon - restart - load - pauses) / horizon; one without warning after
+    the first committed save loses the steps since, one with a warning loses only its emergency save and restart."""
+    sim = _simulator()
+    model = sim.Model(step=1.0, pause=0.5, write=0.0, emergency=3.0, load=2.0, restart=8.0)
+    # 10 s start, then 10 steps + 0.5 s pause per save: saves end at 20.5, 31, ...
+    goodput, _ = sim.simulate([], model, sim.fixed(10), 100.0)
+    assert goodput == pytest.approx((100 - 10 - 8 * 0.5) / 100)
+    unwarned, _ = sim.simulate([(35.0, False)], model, sim.fixed(10), 100.0)
+    warned, _ = sim.simulate([(35.0, True)], model, sim.fixed(10), 100.0)
+    # unwarned at 35 (4 steps after the save of step 20 at 31): those 4 steps are lost, plus a restart
+    assert unwarned < warned < goodput
+    assert sim.poisson_trace(1200, 0.2, 3600 * 10, seed=1) == sim.poisson_trace(1200, 0.2, 3600 * 10, seed=1)
