@@ -81,6 +81,9 @@ def check_directory(directory: str | None, *, lead: float | None, grace: float |
     from jobwrap.goodput import breakdown
     from jobwrap.history import summarize
 
-    history = summarize(read_events(directory))
+    try:
+        history = summarize(read_events(directory))
+    except OSError:  # not a directory, not readable: the directory check reports it
+        return None
     advice = advise(history, [launch.step_seconds for launch in breakdown(history).launches])
     return None if advice is None else check(advice, lead=lead, grace=grace)

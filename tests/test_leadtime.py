@@ -59,3 +59,11 @@ def test_doctor_reports_the_measured_lead_of_the_run_in_its_directory(tmp_path):
     (tmp_path / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in _events()))
     [row] = check_measured_lead(settings, {})
     assert row.check == "lead time (measured)" and row.status == "fail" and "10 s, is shorter" in row.detail
+
+
+def test_a_directory_that_is_not_one_gives_no_row(tmp_path):
+    """A --dir under a file (the directory check fails it): no lead-time row, no crash."""
+    from jobwrap.leadtime import check_directory
+
+    (tmp_path / "file").write_text("")
+    assert check_directory(str(tmp_path / "file" / "ckpt"), lead=None, grace=None) is None
