@@ -59,6 +59,8 @@ class Config:
     keep_last: int = 3
     save_every_steps: int | None = None
     save_every_seconds: float | None = None
+    # "auto": the interval chosen from this run's measured save pause and interruptions (jobwrap/interval.py).
+    save_every: str | None = None
     save_at_end: bool = True
     max_requeues: int = DEFAULT_MAX_REQUEUES
     max_no_progress: int = 3
@@ -99,6 +101,7 @@ class Config:
             raise ConfigError(f"save_every_steps={self.save_every_steps}: use a positive number or None")
         if self.save_every_seconds is not None and self.save_every_seconds <= 0:
             raise ConfigError(f"save_every_seconds={self.save_every_seconds}: use a positive number or None")
+        self._check_save_every()
         if self.max_requeues < 0:
             raise ConfigError(f"max_requeues={self.max_requeues}: use 0 or more")
         if self.max_no_progress < 1:
@@ -114,6 +117,18 @@ class Config:
                               f"'continue' (log it and keep training; the signal's save still raises)")
         if self.run_id is not None:
             _check_run_id(self.run_id)
+
+    def _check_save_every(self) -> None:
+        if self.save_every is None:
+            return
+        self.save_every = str(self.save_every).strip().lower()
+        if self.save_every != "auto":
+            raise ConfigError(f"save_every={self.save_every!r}: the one value is 'auto' (JOBWRAP_SAVE_EVERY=auto); "
+                              f"for a fixed interval set save_every_steps or save_every_seconds instead")
+        if self.save_every_steps or self.save_every_seconds:
+            raise ConfigError("save_every='auto' chooses the interval itself: unset save_every_steps and "
+                              "save_every_seconds (JOBWRAP_SAVE_EVERY_STEPS, JOBWRAP_SAVE_EVERY_SECONDS, "
+                              "--save-every-steps, --save-every-seconds), or drop save_every")
 
 
 def _check_run_id(run_id: str) -> None:
@@ -134,6 +149,7 @@ _ENV_FIELDS: dict[str, tuple[str, Any]] = {
     "JOBWRAP_KEEP": ("keep_last", int),
     "JOBWRAP_SAVE_EVERY_STEPS": ("save_every_steps", int),
     "JOBWRAP_SAVE_EVERY_SECONDS": ("save_every_seconds", float),
+    "JOBWRAP_SAVE_EVERY": ("save_every", str),
     "JOBWRAP_MAX_REQUEUES": ("max_requeues", int),
     "JOBWRAP_MAX_NO_PROGRESS": ("max_no_progress", int),
     "JOBWRAP_GRACE_SECONDS": ("grace_seconds", float),

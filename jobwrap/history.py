@@ -9,10 +9,14 @@ had already reached step T > S trained T - S steps twice.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections import Counter
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
-__all__ = ["Launch", "History", "summarize"]
+from jobwrap.deadline import checkpoint_bytes
+from jobwrap.format import human_age, human_duration, human_size, table
+
+__all__ = ["Launch", "History", "checkpoint_summary", "render", "summarize"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -22,6 +26,8 @@ class Launch:
     number: int                      # 1 for the first launch
     restart: int | None              # the scheduler's restart count, when known
     job_id: str | None
+    scheduler: str                   # slurm | local (a log from before the field: local)
+    process_started: float | None    # when the training process was created (start-up runs to the load)
     started: float                   # wall time of the start event
     resumed_from: str | None         # checkpoint path, None for a fresh start
     start_step: int
@@ -32,7 +38,10 @@ class Launch:
     save_bytes: int
     save_seconds: float              # writing, from the first byte to the commit
     longest_save: float
+    signal_save_seconds: float       # the longest save a signal asked for (what a lead time must cover)
+    signal_delay: float              # the longest wait from a signal to the step boundary that saved
     background_saves: int            # written on a background thread (async_save)
+    background_write_seconds: float  # their writing, while training went on
     pause_seconds: float             # what the saves cost the training loop: all of a foreground
                                      # save, only the staging copy of a background one
     failed_saves: int
@@ -201,6 +210,8 @@ def summarize(events: Iterable[dict[str, Any]]) -> History:
             number=number,
             restart=start.get("restart"),
             job_id=start.get("job_id"),
+            scheduler=str(start.get("scheduler") or "local"),
+            process_started=start.get("process_started"),
             started=float(start.get("time") or 0.0),
             resumed_from=start.get("resumed_from"),
             start_step=start_step,
@@ -212,7 +223,13 @@ def summarize(events: Iterable[dict[str, Any]]) -> History:
             save_bytes=sum(int(e.get("bytes") or 0) for e in saves),
             save_seconds=sum(float(e.get("seconds") or 0.0) for e in saves),
             longest_save=max((float(e.get("seconds") or 0.0) for e in saves), default=0.0),
+            signal_save_seconds=max((float(e.get("seconds") or 0.0) for e in saves
+                                     if str(e.get("reason") or "").startswith("signal")), default=0.0),
+            signal_delay=max((float(e.get("delay") or 0.0) for e in group if e.get("event") == "signal"),
+                             default=0.0),
             background_saves=sum(1 for e in saves if e.get("background")),
+            background_write_seconds=sum((float(e.get("seconds") or 0.0) for e in saves if e.get("background")),
+                                         0.0),
             pause_seconds=sum(_pause(e) for e in saves),
             failed_saves=sum(1 for e in group if e.get("event") == "save-failed"),
             steps_lost=max(0, furthest - start_step) if number > 1 else 0,
@@ -224,3 +241,110 @@ def summarize(events: Iterable[dict[str, Any]]) -> History:
         ))
         furthest = max(furthest, reached)
     return History(run_ids=tuple(run_ids), launches=tuple(launches), last_save=last_save)
+
+
+# ---------------------------------------------------------------- the text `jobwrap status` prints
+
+def checkpoint_summary(newest: Any) -> dict[str, Any]:
+    """What status shows of the newest committed checkpoint (a store ``Checkpoint``: manifest only,
+    not verified; `jobwrap ls` verifies)."""
+    return {"step": newest.step, "epoch": newest.epoch, "bytes": checkpoint_bytes(newest.manifest), "path": newest.path,
+            "reason": newest.manifest.get("reason"), "time": newest.manifest.get("wall_time")}
+
+
+def _ended(launch: Launch) -> str:
+    if launch.outcome == "unknown":
+        return "no exit recorded (killed, or running)"
+    if launch.outcome == "finished":
+        return "finished"
+    if launch.outcome == "requeued":
+        return f"requeued (exit {launch.exit_code})"
+    if launch.outcome == "stopped":
+        return f"stopped, exit {launch.exit_code}: {_short(launch.reason)}"
+    return f"failed, exit {launch.exit_code}: {_short(launch.reason)}"
+
+
+def _short(reason: str | None, limit: int = 70) -> str:
+    """The reason without its explanation in parentheses, cut to fit a table cell."""
+    text = (reason or "").split(" (")[0]
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _signals(launch: Launch) -> str:
+    return ", ".join(f"{name.removeprefix('SIG')}@{step}" for name, step in launch.signals)
+
+
+def _saving(history: History) -> str:
+    if not history.saves and not history.failed_saves:
+        return "no saves"
+    longest = max((launch.longest_save for launch in history.launches), default=0.0)
+    text = (f"{history.saves} save(s), {human_size(history.save_bytes)}, {human_duration(history.save_seconds)} "
+            f"in all, longest {human_duration(longest)}")
+    background = sum(launch.background_saves for launch in history.launches)
+    if background:
+        text += (f"; {background} written in the background, training paused "
+                 f"{human_duration(history.pause_seconds)} in all")
+    if history.failed_saves:
+        text += f"; {history.failed_saves} FAILED (see the log)"
+    return text
+
+
+def _loading(history: History) -> str:
+    if not history.loads:
+        return "no loads"
+    timed = [l.load_seconds for l in history.launches if l.resumed_from and l.load_seconds is not None]
+    if not timed:
+        return f"{history.loads} load(s), time not recorded"
+    return (f"{history.loads} load(s), {human_duration(sum(timed))} in all, "
+            f"longest {human_duration(max(timed))} (verify + torch.load)")
+
+
+def render(history: History, directory: str, checkpoint: dict[str, Any] | None, now: float, *,
+           top: Sequence[tuple[str, str]] = (), more: Sequence[tuple[str, str]] = ()) -> str:
+    """The human-readable summary (pure: the clock is passed in); ``top`` and ``more``: facts shown
+    first and after the others."""
+    if not history.launches:
+        return f"no run history in {directory} (no events.jsonl): nothing has run there yet"
+    last = history.launches[-1]
+    runs = ", ".join(history.run_ids) or "?"
+    head = f"run {runs} in {directory}: {history.state} at step {last.reached_step}"
+    if last.ended:
+        head += f", last event {human_age(now - last.ended)}"
+    signals = ", ".join(f"{name.removeprefix('SIG')} x{n}" for name, n in history.signal_counts.items())
+    lost = f"{history.steps_lost}"
+    if history.unrecorded_ends:
+        lost += (f" recorded; {history.unrecorded_ends} launch(es) ended without a record (SIGKILL?), "
+                 f"their steps after the last checkpoint are not counted")
+    elif history.steps_lost == 0 and history.restarts:
+        lost += " (every launch resumed where the previous one stopped)"
+    fresh = sum(1 for launch in history.launches if not launch.resumed_from)
+    facts = [
+        *top,
+        ("launches", f"{len(history.launches)} ({fresh} fresh, {history.loads} resumed)"),
+        ("preemptions", f"{history.preemptions}" + (f" ({signals})" if signals else "")
+         + f", {history.requeues} requeue(s)"),
+        ("steps lost", lost),
+        ("saving", _saving(history)),
+        ("loading", _loading(history)),
+        ("wall time", f"{human_duration(history.wall_seconds)} from the first start to the last event"),
+    ]
+    if checkpoint is not None:
+        age = f", {human_age(now - checkpoint['time'])}" if checkpoint.get("time") else ""
+        facts.append(("last checkpoint", f"step {checkpoint['step']} (epoch {checkpoint['epoch']}), "
+                                         f"{human_size(checkpoint['bytes'])}{age}, "
+                                         f"{os.path.basename(checkpoint['path'])}"
+                                         + (f" ({checkpoint['reason']})" if checkpoint.get("reason") else "")))
+    else:
+        facts.append(("last checkpoint", "none committed: a resume would start fresh"))
+    facts += more
+    width = max(len(k) for k, _ in facts)
+    lines = [head, ""] + [f"  {k.ljust(width)}  {v}" for k, v in facts] + [""]
+    lines.append(table(
+        ["#", "restart", "started", "from", "reached", "signals", "saves", "saving", "loading", "lost", "ended"],
+        [[launch.number, "" if launch.restart is None else launch.restart, human_age(now - launch.started),
+          launch.start_step if launch.resumed_from else "fresh", launch.reached_step, _signals(launch),
+          launch.saves, human_duration(launch.save_seconds) if launch.saves else "",
+          human_duration(launch.load_seconds), launch.steps_lost or "",
+          _ended(launch)]
+         for launch in history.launches]))
+    return "\n".join(lines)

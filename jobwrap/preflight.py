@@ -588,6 +588,16 @@ def check_saves(settings: Settings, scratch: str | None, environ: Mapping[str, s
     return rows
 
 
+def check_measured_lead(settings: Settings, environ: Mapping[str, str], *, run: Runner = subprocess.run) -> list[Row]:
+    """(f) From a run already in the directory: its measured step and signal saves against the lead time
+    and the partition's GraceTime (jobwrap/leadtime.py); nothing before the run has saved."""
+    from jobwrap.leadtime import check_directory
+
+    grace = grace_time(environ, run=run)[0] if read_env(environ).scheduler == "slurm" else None
+    found = check_directory(settings.directory, lead=settings.lead_seconds, grace=grace)
+    return [] if found is None else [Row("lead time (measured)", *found)]
+
+
 def run_checks(settings: Settings, environ: Mapping[str, str] | None = None, *,
                run: Runner = subprocess.run) -> list[Row]:
     """Every check, in order; the signal's previous handler is restored at the end."""
@@ -603,6 +613,7 @@ def run_checks(settings: Settings, environ: Mapping[str, str] | None = None, *,
             rows.append(check_shared(settings.directory))
         try:
             rows += check_saves(settings, scratch, environ, run=run)
+            rows += check_measured_lead(settings, environ, run=run)
         finally:
             if scratch is not None:
                 shutil.rmtree(scratch, ignore_errors=True)

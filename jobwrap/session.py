@@ -32,8 +32,9 @@ from jobwrap.errors import (CheckpointError, ConfigError, CorruptCheckpointError
                             StorageError)
 from jobwrap.events import EventLog
 from jobwrap.format import human_size
+from jobwrap.interval import AutoInterval
 from jobwrap.lock import DirectoryLock
-from jobwrap.pids import alive
+from jobwrap.pids import alive, start_time
 from jobwrap.schedulers import Scheduler, scheduler_for
 from jobwrap.stopping import EXIT, REQUEUE, Limits, Stop, decide_stop
 from jobwrap.signals import SignalTrap
@@ -118,6 +119,7 @@ class Session:
         self._resumed_step = -1
         self._rng_warned = False
         self._last_save_time = time.monotonic()
+        self._auto: AutoInterval | None = None  # save_every="auto": the interval from this run's measurements
         self._started = False
         self.group: Solo = Solo()
         self._background = BackgroundSave()  # the periodic save in flight (async_save)
@@ -171,7 +173,8 @@ class Session:
         if found is None:
             if self.group.rank == 0:
                 log.info("no checkpoint in %s: starting run %s fresh", self.config.directory, self.run_id)
-            self.events.append("start", step=0, resumed_from=None, world_size=self.group.world_size)
+            self.events.append("start", step=0, resumed_from=None, world_size=self.group.world_size,
+                               scheduler=self.job.scheduler, process_started=start_time(os.getpid()))
             return self
         checkpoint, payload = found
         self.resumed_from = self.last_checkpoint = checkpoint
@@ -189,7 +192,8 @@ class Session:
                      checkpoint.manifest.get("restart_count"), self.job.restart_count)
         self.events.append("start", step=self.step, epoch=self.epoch, resumed_from=checkpoint.path,
                            world_size=self.group.world_size, load_seconds=load_seconds,
-                           read_seconds=self._read_seconds)
+                           read_seconds=self._read_seconds, scheduler=self.job.scheduler,
+                           process_started=start_time(os.getpid()))
         return self
 
     def _open_directory(self) -> tuple[Checkpoint, dict[str, Any]] | None:
@@ -522,6 +526,9 @@ class Session:
         cfg = self.config
         if self.last_checkpoint is not None and self.last_checkpoint.step == self.step:
             return False
+        if cfg.save_every == "auto":
+            self._auto = self._auto or AutoInterval(self.events.read(), log if self.group.rank == 0 else None)
+            return self._auto.due(time.monotonic() - self._last_save_time, self.last_checkpoint)
         if cfg.save_every_steps and self.step % cfg.save_every_steps == 0 and self.step > 0:
             return True
         return bool(cfg.save_every_seconds and
@@ -543,11 +550,13 @@ class Session:
         """Every rank arrives here at the same step: commit, then rank 0 decides the exit and requeue."""
         sig = self._trap.first
         name = sig.name if sig is not None else ("jobwrap run gone" if self._orphaned else "another rank's signal")
+        delay = None
         if sig is not None:
             delay = time.monotonic() - (self._trap.first_time or time.monotonic())
             log.info("%s received %.2f s ago: checkpointing at step %d (epoch %d)", name, delay,
                      self.step, self.epoch)
-        self.events.append("signal", signal=name, step=self.step, epoch=self.epoch)
+        self.events.append("signal", signal=name, step=self.step, epoch=self.epoch,
+                           delay=None if delay is None else round(delay, 4))
         checkpoint = self._save_before_exit(f"signal {name}")
         # Decided after the save, from every signal received by now on any rank: a TERM (scancel)
         # that came during the save still makes the stop a cancel instead of a requeue.

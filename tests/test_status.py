@@ -8,10 +8,9 @@ import subprocess
 import sys
 
 from jobwrap import progress
-from jobwrap.commands.status import render
 from jobwrap.events import read_events
 from jobwrap.format import human_duration
-from jobwrap.history import summarize
+from jobwrap.history import render, summarize
 from jobwrap.store import CheckpointStore
 from jobwrap.testing import run_preempted
 
@@ -127,7 +126,8 @@ def _status(directory, *args):
 
 
 def test_status_of_a_preempted_run(tmp_path):
-    """Real run preempted at steps 3 and 10: status shows 3 launches, both signals, 0 lost, the final checkpoint."""
+    """Real run preempted at steps 3 and 10: status shows 3 launches, both signals, 0 lost, the final checkpoint,
+    and a goodput whose parts add up to the allocated time of each launch."""
     ck = tmp_path / "ck"
     run_preempted(_train(tmp_path), ck, preempt_at=[3, 10]).check()
     record = json.loads(_status(ck, "--json"))
@@ -135,7 +135,16 @@ def test_status_of_a_preempted_run(tmp_path):
     assert record["signals"] == {"SIGUSR1": 2} and record["steps_lost"] == 0
     assert record["state"] == "finished" and record["last_checkpoint"]["step"] == 16
     assert record["loads"] == 2 and all(r["load_seconds"] is not None for r in record["runs"][1:])
+    times = record["time"]
+    assert len(times["launches"]) == 3 and times["queue_wait"] is None and times["lost"] == 0
+    for launch in times["launches"]:
+        parts = sum(launch[part] for part in ("training", "saving", "loading", "startup", "lost", "exit"))
+        assert abs(parts - launch["allocated"]) < 1e-3 and launch["training"] > 0 and launch["startup"] > 0
+    assert [b["begin"] for b in times["launches"][1:]] == [a["end"] for a in times["launches"][:-1]]
+    assert abs(times["allocated"] - sum(launch["allocated"] for launch in times["launches"])) < 1e-3
+    assert abs(record["goodput"] - times["training"] / times["allocated"]) < 1e-3
     text = _status(ck)
+    assert text.splitlines()[2].split()[0] == "goodput"
     assert "finished at step 16" in text and "USR1@3" in text and "USR1@10" in text
     assert "steps lost       0" in text and "step-000000000016.pt" in text
 

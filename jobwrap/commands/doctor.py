@@ -25,7 +25,8 @@ examples:
 Checks: the signal handler is free (a blocked signal is fine: jobwrap unblocks it); the signal
 arrives through the launch path; scontrol works or which fallback requeues;
 the directory is writable and shared; a save of --state-bytes fits in the
-lead time and the partition's GraceTime (twice over). Exit 1 on any fail.
+lead time and the partition's GraceTime (twice over); where a run has saved in
+the directory already, its measured step and signal saves against both. Exit 1 on any fail.
 """
 
 

@@ -19,6 +19,7 @@ _FLAG_FIELDS = {
     "keep": "keep_last",
     "save_every_steps": "save_every_steps",
     "save_every_seconds": "save_every_seconds",
+    "save_every": "save_every",
     "grace": "grace_seconds",
 }
 
@@ -41,6 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--keep", type=int, help="checkpoints to keep (default 3)")
     parser.add_argument("--save-every-steps", type=int, help="periodic checkpoint every N steps")
     parser.add_argument("--save-every-seconds", type=float, help="periodic checkpoint every T seconds")
+    parser.add_argument("--save-every", choices=["auto"],
+                        help="auto: periodic checkpoints at the interval chosen from the measured save pause "
+                             "and the run's interruptions (Young/Daly)")
     parser.add_argument("--grace", type=float, help="seconds between the warning signal and the kill")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     parser.set_defaults(func=main)
