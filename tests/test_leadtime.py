@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import signal
 
-from jobwrap.doctor import Settings, check_measured_lead
+from jobwrap.preflight import Settings, check_measured_lead
 from jobwrap.goodput import breakdown
 from jobwrap.history import summarize
 from jobwrap.leadtime import MIN_LEAD, advise, check
