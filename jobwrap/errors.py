@@ -1,6 +1,12 @@
 """jobwrap's exceptions: a shallow hierarchy, each message names what to change."""
 from __future__ import annotations
 
+import signal
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from jobwrap.store import Checkpoint
+
 
 class JobwrapError(Exception):
     """Base class of every error jobwrap raises on purpose."""
@@ -40,3 +46,19 @@ class StorageError(CheckpointError, OSError):
 
 class SchedulerError(JobwrapError):
     """Talking to the scheduler failed (``scontrol`` missing or refusing)."""
+
+
+class Preempted(SystemExit):
+    """Raised at a step boundary after a signal's checkpoint committed; exits with ``code``.
+
+    It is a ``SystemExit`` so an unchanged script ends with the right exit code;
+    catch it to run something after the checkpoint.
+    """
+
+    def __init__(self, code: int, *, signal: signal.Signals, checkpoint: Checkpoint | None,
+                 requeued: bool, reason: str) -> None:
+        super().__init__(code)
+        self.signal = signal
+        self.checkpoint = checkpoint
+        self.requeued = requeued
+        self.reason = reason
