@@ -535,7 +535,7 @@ class Session:
         sig = self._trap.first
         name = sig.name if sig is not None else ("jobwrap run gone" if self._orphaned else "another rank's signal")
         if sig is not None:
-            delay = time.monotonic() - (self._trap.first_time or time.monotonic())
+            delay = self.clock() - (self._trap.first_time or self.clock())
             log.info("%s received %.2f s ago: checkpointing at step %d (epoch %d)", name, delay,
                      self.step, self.epoch)
         self.events.append("signal", signal=name, step=self.step, epoch=self.epoch)
