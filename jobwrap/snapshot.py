@@ -6,10 +6,10 @@ allocated once and reused (pinned when the tensor is on a GPU, so the copy
 runs at full link speed). Tensors are copied during the pause, except the
 storages the caller marks as deferred (the optimizers' CPU parameters and
 state, which only ``optimizer.step()`` changes): :meth:`StagingArea.copy_deferred`
-copies those on the writer thread while the next step computes, and the
-session holds the next ``step()`` until it is done. :class:`BackgroundSave`
-runs that copy and the write and commit on its own thread, at most one at a
-time; its outcome, a committed checkpoint or the exception, is kept until the
+copies those on the writer thread while the next step computes, and
+:mod:`jobwrap.async_save` holds the next ``step()`` until it is done.
+:class:`BackgroundSave` runs that copy and the write and commit on its own
+thread, at most one at a time; its outcome, a committed checkpoint or the exception, is kept until the
 training thread collects it at a step boundary, so a failure is raised there
 and never lost.
 
