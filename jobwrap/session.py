@@ -8,10 +8,11 @@ The flow, top to bottom::
     loader()     yields batches from where the run stopped; each batch ends at a step boundary
     _boundary()  a signal arrived? -> save, requeue (or not), raise Preempted
 
-The parts it ties together: :mod:`jobwrap.payload` (what a checkpoint holds),
-:mod:`jobwrap.async_save` (periodic saves in the background), :mod:`jobwrap.sharded`
-(FSDP state, every rank's part), :mod:`jobwrap.grads` (gradients between optimizer
-steps), :mod:`jobwrap.hold` (the test hold). Time comes from one ``clock``.
+The parts it ties together: :mod:`jobwrap.resume` (the checkpoint found, loaded and
+put back), :mod:`jobwrap.payload` (what a checkpoint holds), :mod:`jobwrap.async_save`
+(periodic saves in the background), :mod:`jobwrap.sharded` (FSDP state, every rank's
+part), :mod:`jobwrap.grads` (gradients between optimizer steps), :mod:`jobwrap.hold`
+(the test hold). Time comes from one ``clock``.
 """
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ from jobwrap.events import EventLog
 from jobwrap.format import human_size
 from jobwrap.grads import PendingGrads
 from jobwrap.lock import DirectoryLock
-from jobwrap.resume import Resumed
 from jobwrap.pids import alive
+from jobwrap.resume import Resumed
 from jobwrap.schedulers import Scheduler, requeue_refusal, scheduler_for
 from jobwrap.signals import SignalTrap
 from jobwrap.state import RESERVED_KEYS, fingerprint, is_stateful, plain
