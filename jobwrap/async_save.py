@@ -46,9 +46,7 @@ class AsyncSaver:
                  event: Callable[..., None], clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self._objects = objects  # the session's tracked objects: the optimizers' CPU state may be copied lazily
-        self._keep_last = config.keep_last
-        self._on_save_error = config.on_save_error
-        self._grace_seconds = config.grace_seconds
+        self._config = config  # read, never changed
         self.lazy_copy = config.lazy_copy  # turned off here for good once a lazy copy saw a change
         self._payload, self._layout, self._fingerprint, self._meta = payload, layout, fingerprint, meta
         self._last, self._committed, self._event = last, committed, event
@@ -107,7 +105,7 @@ class AsyncSaver:
                 copied.set()  # optimizer.step() may go on, also when the copy failed or was cancelled
             lower_priority()
             checkpoint = self.store.save(payload, step=step, epoch=epoch, meta=meta, cancel=cancel)
-            self.store.retain(self._keep_last)
+            self.store.retain(self._config.keep_last)
             return checkpoint
 
         background.submit(step, work, expected_seconds=expected)
@@ -189,7 +187,7 @@ class AsyncSaver:
                 failure: JobwrapError = StorageError(error.errno, f"background save of step {step} failed: {error}")
             else:
                 failure = CheckpointError(f"background save of step {step} failed: {type(error).__name__}: {error}")
-            if raise_errors and not (isinstance(error, StorageError) and self._on_save_error == "continue"):
+            if raise_errors and not (isinstance(error, StorageError) and self._config.on_save_error == "continue"):
                 raise failure from error
             log.error("%s", failure)
             return None
@@ -207,7 +205,7 @@ class AsyncSaver:
 
     def settle(self, reason: str, *, step: int, signal_at: float | None, end_time: float | None) -> None:
         """Before a signal's save: settle the save in flight the fastest way that commits the newest state."""
-        left = deadline.grace_left(signal_at=signal_at, now=self._clock(), grace_seconds=self._grace_seconds,
+        left = deadline.grace_left(signal_at=signal_at, now=self._clock(), grace_seconds=self._config.grace_seconds,
                                    end_time=end_time, wall_now=time.time())
         last = self._last()
         size = deadline.checkpoint_bytes(last.manifest) if last else None
@@ -264,6 +262,6 @@ class AsyncSaver:
         self.speed = speed
         self._fit_checked = True
         warning = deadline.fit_warning(nbytes=deadline.checkpoint_bytes(checkpoint.manifest),
-                                       bytes_per_second=speed, grace_seconds=self._grace_seconds)
+                                       bytes_per_second=speed, grace_seconds=self._config.grace_seconds)
         if warning:
             log.warning("%s", warning)
