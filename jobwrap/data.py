@@ -21,16 +21,13 @@ import random
 import sys
 import types
 from collections.abc import Iterator as IteratorABC
-from typing import TYPE_CHECKING, Any, Generic, Iterable, Iterator, TypeVar
+from typing import Any, Generic, Iterable, Iterator, Protocol, TypeVar
 
 import torch
 
 from jobwrap.errors import ConfigError, StateMismatchError
 from jobwrap.skipping import can_skip, open_at
 from jobwrap.state import capture_rng, is_stateful, plain, restore_rng
-
-if TYPE_CHECKING:
-    from jobwrap.session import Session
 
 T = TypeVar("T")
 _END = object()
@@ -43,10 +40,30 @@ _OPEN_FIX = ("Pass something that starts over each time it is iterated (a DataLo
              "it through its own state instead.")
 
 
+class StepBoundary(Protocol):
+    """What the loader needs of the session (:class:`jobwrap.Session` is one), so that this module needs
+    nothing else of it. The methods are the package's own, hence the underscores: a script never calls them."""
+
+    epoch: int
+    position: int  # batches of this epoch done; the loader sets it to 0 when a fresh epoch starts
+
+    def _boundary(self) -> None:
+        """A step boundary: the previous step is done and the next batch not yet fetched."""
+
+    def _batch_started(self) -> None:
+        """A batch was handed to the loop's body."""
+
+    def _batch_left(self) -> None:
+        """The loop broke off with its batch (it does not count)."""
+
+    def _batch_finished(self) -> None:
+        """The body is done with its batch: it counts, unless a save() in the body counted it."""
+
+
 class ResumableLoader(Generic[T]):
     """Wraps a DataLoader (or any re-iterable); get one from :meth:`Session.loader`."""
 
-    def __init__(self, session: "Session", iterable: Iterable[T]) -> None:
+    def __init__(self, session: StepBoundary, iterable: Iterable[T]) -> None:
         check_resumable(iterable)
         self._session = session
         self.iterable = iterable

@@ -1,4 +1,6 @@
-"""Will a save fit before the kill? Pure arithmetic over the grace window and measured save speed.
+"""When is a save due, and will it fit before the kill? Pure arithmetic over the clock, the grace window
+and the measured save speed: each function is given the time (``now``), by the session from its clock,
+by a test as any number.
 
 The grace window is what is left between a signal and the kill: the signal's
 lead time (``grace_seconds`` / ``JOBWRAP_GRACE_SECONDS``, e.g. the ``120`` of
@@ -12,6 +14,17 @@ import statistics
 from typing import Any, Iterable, Literal
 
 Plan = Literal["wait", "supersede", "wait-then-save"]
+
+
+def periodic_save_due(*, step: int, saved_step: int | None, every_steps: int | None, every_seconds: float | None,
+                      now: float, last_save: float) -> bool:
+    """Whether a periodic save is due at ``step``: every ``every_steps`` steps, or once ``every_seconds`` have
+    passed since ``last_save`` (the last save, or the start); never for a step ``saved_step`` already holds."""
+    if saved_step == step:
+        return False
+    if every_steps and step % every_steps == 0 and step > 0:
+        return True
+    return bool(every_seconds and now - last_save >= every_seconds)
 
 
 def measured_speed(manifests: Iterable[dict[str, Any]], *, recent: int = 5) -> float | None:

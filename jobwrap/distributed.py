@@ -12,7 +12,9 @@ import atexit
 import contextlib
 import datetime
 import logging
-from typing import Any
+from typing import Any, Callable
+
+from jobwrap.errors import CheckpointError, StorageError
 
 log = logging.getLogger("jobwrap")
 
@@ -113,6 +115,28 @@ class RankGroup:
         """
         self.group = None
         self._flags = None
+
+
+def save_on_rank0(group: Solo | RankGroup, write: Callable[[], Any]) -> Any:
+    """Rank 0 runs ``write``; every rank returns its result (the checkpoint) or raises its error."""
+    outcome: Any = None
+    if group.rank == 0:
+        try:
+            outcome = write()
+        except BaseException as exc:  # any failure: the other ranks wait in the broadcast below
+            group.broadcast(_shareable(exc))
+            raise
+    outcome = group.broadcast(outcome)
+    if isinstance(outcome, StorageError):
+        raise StorageError(outcome.errno, f"rank 0 could not save: {outcome}")
+    if isinstance(outcome, CheckpointError):
+        raise CheckpointError(f"rank 0 could not save: {outcome}")
+    return outcome
+
+
+def _shareable(exc: BaseException) -> CheckpointError:
+    """Rank 0's save error as the other ranks raise it: a CheckpointError (any exception may not pickle)."""
+    return exc if isinstance(exc, CheckpointError) else CheckpointError(f"{type(exc).__name__}: {exc}")
 
 
 def join(timeout_seconds: float = 600.0) -> Solo | RankGroup:

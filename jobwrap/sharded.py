@@ -6,7 +6,7 @@ the optimizers over its parameters are written by every rank into the step's
 ``.dcp`` folder, FQN-keyed through ``get_state_dict``; everything else
 (scheduler, extras, every rank's RNG, the loader's position) stays in rank 0's
 small ``.pt``, which also records the folder's files with their sizes and
-checksums. The session commits the manifest only after every rank's part is
+checksums. :func:`commit` writes the manifest only after every rank's part is
 durable, so the manifest remains the one commit marker.
 
 Loading goes through ``dcp.load`` into state dicts taken from the objects as
@@ -18,18 +18,20 @@ state is present.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pickle
 import sys
-from typing import Any, Iterable, Mapping
+import time
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from jobwrap.errors import CorruptCheckpointError, StateMismatchError
+from jobwrap.errors import CheckpointError, CorruptCheckpointError, StateMismatchError, StorageError
 from jobwrap.faults import crash_point
 from jobwrap.state import few
-from jobwrap.store import checksum_of
+from jobwrap.store import Checkpoint, CheckpointStore, checksum_of, folder_name, parse_name
 
 log = logging.getLogger("jobwrap")
 
@@ -185,6 +187,80 @@ def reason(exc: BaseException, prefer: str = "") -> str:
     if preferred or named:
         return (preferred or named[::-1])[0]
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
+# ---------------------------------------------------------------- the commit: every rank writes, rank 0 seals
+
+def commit(store: CheckpointStore, group: Any, *, step: int, objects: Mapping[str, Any], names: list[str],
+           on_rank0: Callable[[Callable[[], Any]], Any], write_file: Callable[[dict[str, Any], int], Any]) -> Any:
+    """Every rank writes its shards; only once all are durable does rank 0 write the .pt and commit.
+
+    The manifest stays the commit marker: a kill before it leaves a folder
+    that resume ignores and the next start removes. ``on_rank0(work)``: rank 0
+    runs ``work``, every rank returns its result or raises its error (a
+    collective). ``write_file(shards, serial)``: rank 0's .pt and manifest,
+    given the sealed folder's record.
+    """
+    folder = on_rank0(lambda: _claim_folder(store, step))
+    serial = parse_name(os.path.basename(folder))[1]
+    try:
+        files = write(state_dicts(objects, names), folder, getattr(group, "group", None))
+        # DCP's coordinator, rank 0, wrote the folder's .metadata after every rank's data.
+        written: Any = describe(folder, files + ([METADATA] if group.rank == 0 else []))
+    except errors() as exc:  # gathered below, so that every rank raises instead of some hanging
+        written = failure(exc)
+    parts = group.gather(written)
+    return on_rank0(lambda: _write_sealed(store, step, names, parts, serial, write_file))
+
+
+def _claim_folder(store: CheckpointStore, step: int) -> str:
+    """Rank 0: a fresh folder; a step saved before gets the next serial, a committed one is never overwritten."""
+    return store.open_folder(step, store.next_serial(step))
+
+
+def _write_sealed(store: CheckpointStore, step: int, names: list[str], parts: list[Any], serial: int,
+                  write_file: Callable[[dict[str, Any], int], Any]) -> Any:
+    """Rank 0: seal every rank's part, then the .pt and the manifest; an uncommitted folder is not left behind."""
+    shards = _seal(store, step, names, parts, serial)
+    try:
+        return write_file(shards, serial)
+    except CheckpointError:
+        if not any(c.key == (step, serial) for c in store.committed()):  # committed: its own folder
+            store.discard_folder(step, serial)
+        raise
+
+
+def _seal(store: CheckpointStore, step: int, names: list[str], parts: list[Any], serial: int) -> dict[str, Any]:
+    """Rank 0: the record of a folder every rank finished, made durable; or the first rank's failure."""
+    failed = [(rank, part) for rank, part in enumerate(parts) if isinstance(part, tuple)]
+    if failed:
+        store.discard_folder(step, serial)
+        rank, (code, message) = failed[0]
+        raise StorageError(code or errno.EIO, f"rank {rank} could not write its part of the sharded state "
+                                              f"of step {step}: {message}; nothing was committed")
+    files = {name: meta for part in parts for name, meta in part.items()}
+    store.seal_folder(step, files, serial)
+    return {"folder": folder_name(step, serial), "objects": list(names), "world_size": len(parts),
+            "files": files, "bytes": sum(f["size"] for f in files.values())}
+
+
+def restore(objects: Mapping[str, Any], names: list[str], *, sharded_names: list[str], checkpoint: Checkpoint,
+            record: dict[str, Any], store: CheckpointStore, group: Any,
+            clock: Callable[[], float] = time.monotonic) -> None:
+    """Every rank: the tracked sharded objects from the resumed checkpoint's folder, resharded as needed."""
+    unsharded = [name for name in names if name not in sharded_names]
+    if unsharded:
+        raise StateMismatchError(
+            f"{os.path.basename(checkpoint.path)} holds {', '.join(unsharded)} as sharded state (FSDP, saved "
+            f"through torch.distributed.checkpoint), but here {'they are' if len(unsharded) > 1 else 'it is'} not "
+            f"sharded: wrap the model as the run that saved it did (fully_shard) before track(), tracking its "
+            f"optimizer in the same call, or start a new run in a new directory.")
+    started = clock()
+    folder = store.folder_path(checkpoint.step, checkpoint.serial)  # the verified one, never a path from the file
+    load(objects, names, folder, getattr(group, "group", None), files=record["files"])
+    if group.rank == 0:
+        log.info("loaded %s from %s (saved by %d rank(s), loaded by %d) in %.2f s", ", ".join(names),
+                 record["folder"], record["world_size"], group.world_size, clock() - started)
 
 
 # ---------------------------------------------------------------- load

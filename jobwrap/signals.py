@@ -23,9 +23,12 @@ class SignalTrap:
     Previous handlers are kept and put back by :meth:`restore`. With ``registry``
     (``jobwrap run``'s ``JOBWRAP_TRAINERS``) the process registers there while the trap
     is installed: the supervisor signals registered processes only (:mod:`jobwrap.trainers`).
+    ``clock`` stamps each arrival (the session's, so that it can tell how long ago a signal came).
     """
 
-    def __init__(self, signals: Iterable[signal.Signals], *, registry: str | None = None) -> None:
+    def __init__(self, signals: Iterable[signal.Signals], *, registry: str | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
         self.signals = tuple(dict.fromkeys(signals))
         self.registry = registry
         self._registration: str | None = None
@@ -57,7 +60,7 @@ class SignalTrap:
         self._previous.clear()
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
-        self.received.append((signal.Signals(signum), time.monotonic()))
+        self.received.append((signal.Signals(signum), self._clock()))
         # Event.set() takes a lock. A signal that lands while this handler is inside set() runs the
         # handler again on the same thread, which then waits for that lock forever (seen under a
         # storm of signals). So it is set once, and set() is never re-entered.

@@ -6,10 +6,10 @@ allocated once and reused (pinned when the tensor is on a GPU, so the copy
 runs at full link speed). Tensors are copied during the pause, except the
 storages the caller marks as deferred (the optimizers' CPU parameters and
 state, which only ``optimizer.step()`` changes): :meth:`StagingArea.copy_deferred`
-copies those on the writer thread while the next step computes, and the
-session holds the next ``step()`` until it is done. :class:`BackgroundSave`
-runs that copy and the write and commit on its own thread, at most one at a
-time; its outcome, a committed checkpoint or the exception, is kept until the
+copies those on the writer thread while the next step computes, and
+:mod:`jobwrap.async_save` holds the next ``step()`` until it is done.
+:class:`BackgroundSave` runs that copy and the write and commit on its own
+thread, at most one at a time; its outcome, a committed checkpoint or the exception, is kept until the
 training thread collects it at a step boundary, so a failure is raised there
 and never lost.
 
@@ -238,10 +238,12 @@ class BackgroundSave:
     ``work(cancel)`` runs on the thread and returns what it committed; setting
     ``cancel`` asks it to give up at its next chunk (a newer save supersedes
     it). The training thread checks :attr:`finished` (an attribute read) at
-    each step boundary and calls :meth:`collect` once it is set.
+    each step boundary and calls :meth:`collect` once it is set. ``clock``: the
+    session's, for :meth:`remaining_seconds`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
         self._thread: threading.Thread | None = None
         self._result: Any = None
         self._error: BaseException | None = None
@@ -267,7 +269,7 @@ class BackgroundSave:
             raise RuntimeError(f"a save of step {self.step} is still in flight; collect it first")
         self._cancel = threading.Event()
         self._result, self._error, self.finished = None, None, False
-        self.step, self.started, self.expected_seconds = step, time.monotonic(), expected_seconds
+        self.step, self.started, self.expected_seconds = step, self._clock(), expected_seconds
         # Not a daemon: a save that is writing when the script ends still commits before exit.
         self._thread = threading.Thread(target=self._run, args=(work, self._cancel),
                                         name=f"jobwrap-save-{step if step is not None else 'staging'}", daemon=False)
@@ -284,7 +286,7 @@ class BackgroundSave:
         """A guess at how long the save in flight still needs (from its expected duration)."""
         if self._thread is None or self.expected_seconds is None:
             return None
-        elapsed = (time.monotonic() if now is None else now) - self.started
+        elapsed = (self._clock() if now is None else now) - self.started
         return max(0.0, self.expected_seconds - elapsed)
 
     def wait(self, timeout: float | None = None) -> bool:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import random
 import sys
-import weakref
 from typing import Any, Mapping
 
 import torch
@@ -177,72 +176,3 @@ def _tensor_version(tensor: torch.Tensor) -> Any:
         return ("tensor", tensor.data_ptr(), tensor._version, tuple(tensor.shape), tensor.dtype, str(tensor.device))
     except (RuntimeError, NotImplementedError):  # inference tensors, some tensor subclasses: no counter
         return object()
-
-
-# ---------------------------------------------------------------- gradients between optimizer steps
-
-GradRecord = dict[int, Any]  # id(parameter) -> (weakref to its grad, the grad's version) at the last step
-
-
-def grad_owners(objects: Mapping[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
-    """Every parameter of the tracked modules and optimizers, once, under a stable key:
-    ``{module name: {parameter name: p}}``, then ``{optimizer name: {"group.index": p}}`` for the
-    parameters no tracked module holds."""
-    owners: dict[str, dict[str, torch.Tensor]] = {}
-    seen: set[int] = set()
-    for name, obj in objects.items():
-        if isinstance(obj, torch.nn.Module):
-            owners[name] = {key: p for key, p in obj.named_parameters() if id(p) not in seen}
-            seen |= {id(p) for p in owners[name].values()}
-    for name, obj in objects.items():
-        if isinstance(obj, torch.optim.Optimizer):
-            owners[name] = {f"{g}.{i}": p for g, group in enumerate(obj.param_groups)
-                            for i, p in enumerate(group["params"]) if id(p) not in seen}
-            seen |= {id(p) for p in owners[name].values()}
-    return owners
-
-
-def record_step(optimizer: torch.optim.Optimizer, stepped: GradRecord) -> None:
-    """After ``optimizer.step()``: the gradients it consumed are spent; note which tensors they were."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            grad = p.grad
-            try:
-                stepped[id(p)] = None if grad is None else (weakref.ref(grad), grad._version)
-            except (TypeError, RuntimeError):  # a tensor kind without weakrefs or counters: always saved
-                stepped.pop(id(p), None)
-
-
-def pending_grads(owners: Mapping[str, Mapping[str, torch.Tensor]], stepped: GradRecord
-                  ) -> dict[str, dict[str, torch.Tensor]]:
-    """The gradients produced since the last optimizer step (accumulated between micro-batches):
-    ``{object name: {key: grad}}``, only objects that have any. A grad still the one the last step
-    consumed, unchanged (its version counter), or None, is not pending."""
-    pending: dict[str, dict[str, torch.Tensor]] = {}
-    for name, params in owners.items():
-        grads = {key: p.grad for key, p in params.items() if p.grad is not None
-                 and not _spent(stepped.get(id(p)), p.grad)}
-        if grads:
-            pending[name] = grads
-    return pending
-
-
-def _spent(record: Any, grad: torch.Tensor) -> bool:
-    if record is None:
-        return False
-    ref, version = record
-    return ref() is grad and grad._version == version
-
-
-def restore_grads(name: str, params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor]) -> None:
-    """Put saved gradients back into ``.grad``, on each parameter's device and dtype."""
-    unknown = sorted(set(grads) - set(params))
-    shapes = sorted(k for k in set(grads) & set(params) if grads[k].shape != params[k].shape)
-    if unknown or shapes:
-        raise StateMismatchError(
-            f"checkpoint holds gradients of {name!r} that do not fit its parameters "
-            f"({'unknown ' + few(unknown) if unknown else 'shape mismatch ' + few(shapes)}). Build the same "
-            f"model and optimizer as the run that saved it, or start a new run in a new directory.")
-    for key, grad in grads.items():
-        param = params[key]
-        param.grad = grad.detach().to(device=param.device, dtype=param.dtype, copy=True)

@@ -35,6 +35,7 @@ from jobwrap.config import ENV_VARS
 from jobwrap.errors import ConfigError
 from jobwrap.events import read_events
 from jobwrap.history import summarize
+from jobwrap.hold import done_name, got_name, held_pattern, held_rank
 from jobwrap.store import CheckpointStore
 
 __all__ = ["PreemptedRun", "run_preempted", "signal_when_held", "final_state", "assert_same_run",
@@ -144,15 +145,15 @@ def signal_when_held(control: str | os.PathLike, step: int, send: Callable[[dict
 
 def _held(control: Path, step: int) -> dict[int, int]:
     """{rank: pid} of the processes holding at ``step`` (each writes its pid into held-STEP-rRANK)."""
-    return {int(p.name.rsplit("-r", 1)[1]): int(p.read_text())
-            for p in control.glob(f"held-{step}-r*") if p.read_text().strip()}
+    return {held_rank(p.name): int(p.read_text())
+            for p in control.glob(held_pattern(step)) if p.read_text().strip()}
 
 
 def _release(control: Path, step: int, targets: list[int], deadline: float, want: int = 1) -> None:
     """Wait until ``targets`` saw ``want`` kinds of signal, then let every rank go on; relaunches pass the step."""
-    _wait_for(lambda: all(len(_seen(control / f"got-{step}-r{r}")) >= want for r in targets),
+    _wait_for(lambda: all(len(_seen(control / got_name(step, r))) >= want for r in targets),
               deadline, f"ranks {targets} did not see the {want} signal(s) at step {step}")
-    (control / f"done-{step}").touch()
+    (control / done_name(step)).touch()
 
 
 def _seen(path: Path) -> set[str]:

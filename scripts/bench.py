@@ -248,7 +248,7 @@ def bench_pause(model, optimizer, reps: int, memory: dict[str, list[int]], batch
         optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - started, (job._copy_wait if job is not None else 0.0)
+        return time.perf_counter() - started, (job._saver.copy_wait if job is not None else 0.0)
 
     for lazy in (True, False):
         label = "lazy" if lazy else "eager"
@@ -258,7 +258,7 @@ def bench_pause(model, optimizer, reps: int, memory: dict[str, list[int]], batch
             job.track(model=model, optimizer=optimizer)
             train_step()
             job.step_done()                       # step 1: the staging buffers are reserved in the background
-            assert job._background.wait(600)
+            assert job._saver.background.wait(600)
             train_step()
             for _ in range(reps):
                 started = time.perf_counter()
@@ -267,7 +267,7 @@ def bench_pause(model, optimizer, reps: int, memory: dict[str, list[int]], batch
                 seconds, wait = train_step(job)   # runs while the writer copies and writes
                 busy_steps.append(seconds)
                 waits.append(wait)
-                assert job._background.wait(600)
+                assert job._saver.background.wait(600)
                 writes.append(time.perf_counter() - started)
                 job.step_done()                   # odd step: collects the save, nothing due
                 quiet_steps.append(train_step()[0])
@@ -286,8 +286,8 @@ def bench_pause(model, optimizer, reps: int, memory: dict[str, list[int]], batch
             job.track(model=model, optimizer=optimizer)
             for _ in range(3):
                 job.step_done()
-                assert job._background.wait(600)
-        result["staging bytes"] = job._staging.nbytes if job._staging else 0
+                assert job._saver.background.wait(600)
+        result["staging bytes"] = job._saver.staging.nbytes if job._saver.staging else 0
         result["checkpoint bytes"] = job.last_checkpoint.size if job.last_checkpoint else 0
     memory["jobwrap periodic (async)"] = extra
     cleanup()

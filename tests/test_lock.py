@@ -12,6 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from jobwrap.hold import done_name, held_name
 from jobwrap.lock import Holder, lock_proves_absence, mount_of, refusal
 from jobwrap.testing import final_state
 
@@ -31,7 +32,7 @@ def _env(directory: Path, control: Path, hold: int | None = None) -> dict[str, s
 def _held_pid(control: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> int:
     """The pid of the trainer holding at ``step`` (it writes held-STEP-r0), waiting at most ``timeout`` s."""
     deadline = time.monotonic() + timeout
-    held = control / f"held-{step}-r0"
+    held = control / held_name(step, 0)
     while not (held.exists() and held.read_text().strip()):
         if proc.poll() is not None or time.monotonic() > deadline:
             raise AssertionError(f"no trainer held at step {step} (launcher exit {proc.poll()})")
@@ -84,7 +85,7 @@ def test_sigkilled_jobwrap_run_takes_its_trainer_along(tmp_path, launch):
         trainer = _held_pid(control, 3, supervisor)
         supervisor.kill()
         supervisor.wait(timeout=30)
-        (control / "done-3").touch()  # let the held trainer go on to its next step boundaries
+        (control / done_name(3)).touch()  # let the held trainer go on to its next step boundaries
         assert _gone_within(trainer, 60), f"trainer {trainer} still runs 60 s after its jobwrap run was killed"
     finally:
         if trainer is not None:
@@ -111,7 +112,7 @@ def test_second_trainer_is_refused_and_leaves_the_first_ones_files(tmp_path):
         assert first.poll() is None
     finally:
         first.send_signal(signal.SIGTERM)
-        (control / "done-2").touch()
+        (control / done_name(2)).touch()
         first.wait(timeout=120)
     assert first.returncode == 128 + signal.SIGTERM
 

@@ -16,6 +16,7 @@ from torch import nn
 
 import jobwrap
 from jobwrap import deadline
+from jobwrap.async_save import AsyncSaver
 from jobwrap.errors import CheckpointError, CorruptCheckpointError, StorageError
 from jobwrap.events import read_events
 from jobwrap.snapshot import BackgroundSave, StagingArea
@@ -119,7 +120,7 @@ def test_async_save_commits_the_same_bytes_as_a_sync_save(tmp_path):
             job.track(model=model, optimizer=optimizer, best=1.5)
             _train_steps(job, model, optimizer, 3)
             if mode:
-                assert job._background.busy or job.last_checkpoint is not None
+                assert job._saver.background.busy or job.last_checkpoint is not None
         files[mode] = (directory / "step-000000000003.pt").read_bytes()
         events = [e for e in read_events(str(directory)) if e["event"] == "save"]
         assert [e.get("background", False) for e in events] == [mode]
@@ -136,7 +137,7 @@ def test_background_failure_is_raised_at_the_next_boundary(tmp_path):
             _train_steps(job, model, optimizer, 1)
             os.rename(directory, tmp_path / "moved")  # a real failure: ENOENT on the temporary file
             _train_steps(job, model, optimizer, 1)    # step 2: staged, written on the background thread
-            assert job._background.wait(WAIT)
+            assert job._saver.background.wait(WAIT)
             _train_steps(job, model, optimizer, 1)    # the next boundary reports it
             pytest.fail("the failed background save was not raised")
     assert raised.value.errno == errno.ENOENT
@@ -176,7 +177,7 @@ def test_continue_setting_logs_a_background_failure(tmp_path, caplog):
             job.track(model=model, optimizer=optimizer)
             os.rename(directory, tmp_path / "moved")
             _train_steps(job, model, optimizer, 2)
-            assert job._background.wait(WAIT)
+            assert job._saver.background.wait(WAIT)
             _train_steps(job, model, optimizer, 1)
             assert job.step == 3
     assert any("background save of step 2 failed" in r.getMessage() for r in caplog.records)
@@ -329,6 +330,65 @@ def test_emergency_plan():
     assert plan(in_flight_step=4, step=5, remaining=None, fresh=None, left=None) == "supersede"
 
 
+def test_periodic_save_due_by_steps_and_by_seconds():
+    """Due every N steps or once the interval passed since the last save, never for a step already saved."""
+    due = deadline.periodic_save_due
+    assert due(step=4, saved_step=None, every_steps=2, every_seconds=None, now=0, last_save=0)
+    assert not due(step=3, saved_step=None, every_steps=2, every_seconds=None, now=0, last_save=0)
+    assert not due(step=0, saved_step=None, every_steps=2, every_seconds=None, now=0, last_save=0)
+    assert not due(step=4, saved_step=4, every_steps=2, every_seconds=1, now=99, last_save=0)
+    assert due(step=3, saved_step=None, every_steps=None, every_seconds=10, now=110, last_save=100)
+    assert not due(step=3, saved_step=None, every_steps=None, every_seconds=10, now=109.5, last_save=100)
+    assert not due(step=3, saved_step=None, every_steps=None, every_seconds=None, now=1e9, last_save=0)
+
+
+class _Clock:
+    """A clock that moves only when the test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_time_based_saves_follow_the_injected_clock(tmp_path):
+    """save_every_seconds saves when the session's clock says the interval passed, not before; no sleeping."""
+    clock = _Clock()
+    model, optimizer = _build()
+    with _session(tmp_path, save_every_seconds=60, async_save=False, save_at_end=False, clock=clock) as job:
+        job.track(model=model, optimizer=optimizer)
+        _train_steps(job, model, optimizer, 2)
+        assert job.last_checkpoint is None
+        clock.now += 60
+        _train_steps(job, model, optimizer, 1)  # step 3: the interval has passed
+        assert job.last_checkpoint is not None and job.last_checkpoint.step == 3
+        clock.now += 59
+        _train_steps(job, model, optimizer, 1)
+        assert job.last_checkpoint.step == 3
+        clock.now += 1
+        _train_steps(job, model, optimizer, 1)
+    assert [c.step for c in CheckpointStore(str(tmp_path)).committed()] == [5, 3]
+
+
+def test_signal_save_reads_the_grace_window_from_the_injected_clock(tmp_path, caplog):
+    """A signal whose grace window the session's clock says is spent: the save warns it may be cut off, and commits."""
+    clock = _Clock()
+    model, optimizer = _build()
+    with caplog.at_level(logging.WARNING, logger="jobwrap"):
+        with pytest.raises(jobwrap.Preempted) as stopped:
+            with _session(tmp_path, grace_seconds=60, clock=clock) as job:
+                job.track(model=model, optimizer=optimizer)
+                _train_steps(job, model, optimizer, 1)
+                job.save()  # measures the save speed
+                os.kill(os.getpid(), signal.SIGUSR1)  # stamped by the session's clock
+                clock.now += 61
+                _train_steps(job, model, optimizer, 1)
+    assert stopped.value.checkpoint.step == 2
+    late = [r.getMessage() for r in caplog.records if "left before the kill" in r.getMessage()]
+    assert len(late) == 1 and "-1.0 s are left" in late[0]
+
+
 def test_measured_speed_and_fit_warning():
     """The speed is the median of recent saves; the warning names the signal lead time to ask for."""
     manifests = [{"size": 100, "save_seconds": 1.0}, {"size": 300, "save_seconds": 1.0},
@@ -371,13 +431,13 @@ def test_staging_buffers_are_reserved_after_the_first_step(tmp_path):
     with _session(tmp_path, save_every_steps=3, save_at_end=False) as job:
         job.track(model=model, optimizer=optimizer)
         _train_steps(job, model, optimizer, 1)
-        assert job._background.busy and job._background.step is None  # reserving
-        assert job._background.wait(WAIT)
+        assert job._saver.background.busy and job._saver.background.step is None  # reserving
+        assert job._saver.background.wait(WAIT)
         _train_steps(job, model, optimizer, 1)
-        reserved = [b.data_ptr() for b in job._staging._buffers]
-        assert job._staging.nbytes >= sum(t.nbytes for t in model.state_dict().values())
+        reserved = [b.data_ptr() for b in job._saver.staging._buffers]
+        assert job._saver.staging.nbytes >= sum(t.nbytes for t in model.state_dict().values())
         _train_steps(job, model, optimizer, 1)  # step 3: staged into the reserved buffers
-        assert [b.data_ptr() for b in job._staging._buffers] == reserved
+        assert [b.data_ptr() for b in job._saver.staging._buffers] == reserved
     assert job.last_checkpoint is not None and job.last_checkpoint.step == 3
 
 
@@ -385,7 +445,7 @@ def test_next_optimizer_step_waits_for_the_deferred_copy(tmp_path, monkeypatch):
     """Parameters copied on the writer thread are the boundary's: the next optimizer.step() waits for the copy."""
     gate, entered = threading.Event(), threading.Event()
     copy_deferred = StagingArea.copy_deferred
-    before_step = jobwrap.Session._before_optimizer_step
+    before_step = AsyncSaver._before_optimizer_step
 
     def held_copy(self, cancel=None):
         assert gate.wait(WAIT), "the optimizer step never reached its hook"
@@ -396,7 +456,7 @@ def test_next_optimizer_step_waits_for_the_deferred_copy(tmp_path, monkeypatch):
         return before_step(self, *args)
 
     monkeypatch.setattr(StagingArea, "copy_deferred", held_copy)
-    monkeypatch.setattr(jobwrap.Session, "_before_optimizer_step", spied_hook)
+    monkeypatch.setattr(AsyncSaver, "_before_optimizer_step", spied_hook)
     releaser = threading.Thread(target=lambda: entered.wait(WAIT) and gate.set())
     model, optimizer = _build()
     with _session(tmp_path, save_every_steps=2, save_at_end=False) as job:
@@ -405,12 +465,12 @@ def test_next_optimizer_step_waits_for_the_deferred_copy(tmp_path, monkeypatch):
         at_boundary = model[0].weight.detach().clone()
         releaser.start()
         _train_steps(job, model, optimizer, 1)     # optimizer.step() waits in the hook until the copy ran
-        assert job._background.wait(WAIT)
+        assert job._saver.background.wait(WAIT)
     releaser.join(WAIT)
     saved = torch.load(tmp_path / "step-000000000002.pt", weights_only=True)
     assert torch.equal(saved["model"]["0.weight"], at_boundary)
     assert not torch.equal(model[0].weight.detach(), at_boundary)
-    assert job._copy_wait > 0
+    assert job._saver.copy_wait > 0
 
 
 def test_parameters_changed_outside_the_optimizer_drop_the_lazy_save(tmp_path, monkeypatch, caplog):
@@ -431,9 +491,9 @@ def test_parameters_changed_outside_the_optimizer_drop_the_lazy_save(tmp_path, m
             _train_steps(job, model, optimizer, 2)            # step 2: parameters copied later
             model.load_state_dict(_build(seed=5)[0].state_dict())  # e.g. swapping in other weights to evaluate
             gate.set()
-            assert job._background.wait(WAIT)
+            assert job._saver.background.wait(WAIT)
             _train_steps(job, model, optimizer, 2)            # step 4: collects the drop, saves eagerly
-            assert job._background.wait(WAIT)
+            assert job._saver.background.wait(WAIT)
     assert any("dropped" in r.getMessage() for r in caplog.records)
-    assert not job.config.lazy_copy
+    assert not job._saver.lazy_copy and job.config.lazy_copy  # the setting itself is left as given
     assert [c.step for c in CheckpointStore(str(tmp_path)).committed()] == [4]

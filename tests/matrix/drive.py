@@ -30,6 +30,7 @@ from cells import CANCELS, Cell, expected
 import jobwrap.errors
 from jobwrap.config import REQUEUE_EXIT_CODE
 from jobwrap.events import read_events
+from jobwrap.hold import done_name, got_name, held_pattern, held_rank
 from jobwrap.testing import assert_same_run
 
 HERE = Path(__file__).resolve().parent
@@ -180,7 +181,7 @@ class Signaller(threading.Thread):
                 return
             self.launcher.signalled.append(step)
             self.deliver(step)
-            (self.control / f"done-{step}").touch()
+            (self.control / done_name(step)).touch()
 
     def deliver(self, step: int) -> None:
         """The cell's signal, the way the scheduler or the user sends it."""
@@ -192,9 +193,9 @@ class Signaller(threading.Thread):
             send(signal.SIGUSR1)
         if kind in ("term", "usr1_term"):
             send(signal.SIGTERM, group=True)  # scancel: TERM to every process of the job
-        self._wait(lambda: all((self.control / f"got-{step}-r{r}").exists() for r in self._held(step)))
+        self._wait(lambda: all((self.control / got_name(step, r)).exists() for r in self._held(step)))
         if kind == "double":
-            (self.control / f"done-{step}").touch()
+            (self.control / done_name(step)).touch()
             if self._wait(lambda: (self.control / f"saving-{step}").exists()):
                 send(signal.SIGUSR1)
                 time.sleep(0.2)  # let it land while the save waits (the save must not depend on this)
@@ -204,10 +205,10 @@ class Signaller(threading.Thread):
 
     def _held(self, step: int) -> dict[int, int]:
         held = {}
-        for path in self.control.glob(f"held-{step}-r*"):
+        for path in self.control.glob(held_pattern(step)):
             text = path.read_text().strip()
             if text:
-                held[int(path.name.rsplit("-r", 1)[1])] = int(text)
+                held[held_rank(path.name)] = int(text)
         return held
 
     def _wait(self, condition: Callable[[], bool]) -> bool:

@@ -19,6 +19,7 @@ from pathlib import Path
 from cells import CANCELS, Cell
 from drive import TIMEOUT, TRAIN, Outcome, Run, environment, judge, preemption_points, refusal
 
+from jobwrap.hold import done_name, got_name, held_pattern, held_rank
 from jobwrap.sbatch import SubmitOptions, render
 from slurm_cluster import FINAL_STATES, SlurmError, cancel, cluster_available, job_info, output_tail, wait_for
 
@@ -88,12 +89,12 @@ def _drive(cell: Cell, script: Path, env: dict[str, str], control: Path, points:
     deadline = time.monotonic() + 2 * TIMEOUT
     jobs.append(_submit(script, env))
     for step in points:
-        if not _until(lambda: len(list(control.glob(f"held-{step}-r*"))) >= cell.ranks, jobs[-1], deadline):
+        if not _until(lambda: len(list(control.glob(held_pattern(step)))) >= cell.ranks, jobs[-1], deadline):
             problems.append(f"never held at step {step}")
             break
         signalled.append(step)
         _deliver(cell, jobs[-1], control, step, deadline)
-        (control / f"done-{step}").touch()
+        (control / done_name(step)).touch()
         if cell.signal in CANCELS:
             info = wait_for(jobs[-1], FINAL_STATES, timeout=120)
             codes.append(STATE_CODES.get(info["JobState"], 1))
@@ -112,10 +113,10 @@ def _deliver(cell: Cell, job: str, control: Path, step: int, deadline: float) ->
         _scancel(*usr1, job)
     if cell.signal in ("term", "usr1_term"):
         _scancel(job)
-    held = [p.name.rsplit("-r", 1)[1] for p in control.glob(f"held-{step}-r*")]
-    _until(lambda: all((control / f"got-{step}-r{r}").exists() for r in held), job, deadline)
+    held = [held_rank(p.name) for p in control.glob(held_pattern(step))]
+    _until(lambda: all((control / got_name(step, r)).exists() for r in held), job, deadline)
     if cell.signal == "double":
-        (control / f"done-{step}").touch()
+        (control / done_name(step)).touch()
         if _until(lambda: (control / f"saving-{step}").exists(), job, deadline):
             _scancel(*usr1, job)
             time.sleep(0.2)

@@ -1,0 +1,89 @@
+"""A checkpoint's contents: what a save writes, and the verified read of it at resume.
+
+The payload is one dict that ``torch.load(weights_only=True)`` opens without
+jobwrap: each tracked object's state dict under its name (sharded objects live in
+the step's folder instead), the extras as plain values, ``epoch`` and ``step``,
+and ``jobwrap``: the format, the loader's position, one entry per rank (its RNG
+streams, its loader's state, gradients pending between optimizer steps), the
+names tracked, the run, and the record of a sharded folder.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any, Mapping
+
+import torch
+
+from jobwrap import __version__, sharded
+from jobwrap.env import JobEnv
+from jobwrap.errors import CorruptCheckpointError
+from jobwrap.state import capture_rng, plain
+from jobwrap.store import FORMAT_VERSION, Checkpoint, CheckpointStore, folder_name
+
+
+def build(objects: Mapping[str, Any], extras: Mapping[str, Any], *, sharded_names: list[str], epoch: int,
+          step: int, position: int, ranks: list[dict[str, Any]], run_id: str,
+          shards: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The payload of a save; ``shards``: the record of its sealed sharded folder."""
+    payload: dict[str, Any] = {name: obj.state_dict() for name, obj in objects.items() if name not in sharded_names}
+    payload.update({name: plain(value, name) for name, value in extras.items()})
+    payload["epoch"] = epoch
+    payload["step"] = step
+    payload["jobwrap"] = {
+        "format": FORMAT_VERSION,
+        "position": position,
+        "world_size": len(ranks),
+        "ranks": ranks,
+        "objects": list(objects),
+        "extras": list(extras),
+        "run_id": run_id,
+    }
+    if shards is not None:
+        payload["jobwrap"]["dcp"] = shards
+    return payload
+
+
+def meta(reason: str, *, run_id: str, job: JobEnv) -> dict[str, Any]:
+    """The manifest's description of a save: who wrote it, why, and with what."""
+    return {
+        "run_id": run_id,
+        "job_id": job.job_id,
+        "restart_count": job.restart_count,
+        "world_size": job.world_size,
+        "reason": reason,
+        "wall_time": time.time(),
+        "host": socket.gethostname(),
+        "jobwrap_version": __version__,
+        "torch_version": torch.__version__,
+    }
+
+
+def rank_state(device: torch.device, loader: Any) -> dict[str, Any]:
+    """What differs between ranks: RNG streams and the loader's epoch-start state."""
+    return {"rng": capture_rng(device), "data": loader.state_dict() if loader is not None else {}}
+
+
+def load(store: CheckpointStore, checkpoint: Checkpoint, device: torch.device) -> dict[str, Any]:
+    """The .pt of ``checkpoint``, read once: torch.load fills its tensors while the checksum is computed.
+
+    The seconds of that read go in ``payload["jobwrap"]["read_seconds"]`` (in memory only), for the
+    start event: the part of the load time that is the disk and the checksum.
+    """
+    began = time.monotonic()
+    payload = store.read_verified(checkpoint, lambda f: torch.load(f, map_location=device, weights_only=True))
+    if not isinstance(payload, dict) or not isinstance(payload.get("jobwrap"), dict):
+        raise CorruptCheckpointError(f"{checkpoint.path} is a torch file but not a jobwrap checkpoint")
+    payload["jobwrap"]["read_seconds"] = round(time.monotonic() - began, 4)
+    return payload
+
+
+def load_verified(store: CheckpointStore, checkpoint: Checkpoint, device: torch.device) -> dict[str, Any]:
+    """Rank 0 at resume: the .pt, and its sharded folder's files against the checksums it records."""
+    payload = load(store, checkpoint, device)
+    record = payload["jobwrap"].get("dcp")
+    if record:
+        sharded.check_record(record, folder_name(checkpoint.step, checkpoint.serial), os.path.basename(checkpoint.path))
+        store.verify_folder(checkpoint, record["files"])
+    return payload
