@@ -3,11 +3,6 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from jobwrap.store import Checkpoint
 
 
 class JobwrapError(Exception):
@@ -75,19 +70,3 @@ def describe_oserror(exc: OSError, option: str = "JOBWRAP_DIR") -> str:
 def storage_error(exc: OSError, failed: str, *, note: str = "") -> StorageError:
     """The error for an OSError of the checkpoint directory: what ``failed``, then the cause and its fix."""
     return StorageError(exc.errno, f"{failed}: {describe_oserror(exc)}" + (f"; {note}" if note else ""))
-
-
-class Preempted(SystemExit):
-    """Raised at a step boundary after a signal's checkpoint committed; exits with ``code``.
-
-    It is a ``SystemExit`` so an unchanged script ends with the right exit code;
-    catch it to run something after the checkpoint.
-    """
-
-    def __init__(self, code: int, *, signal: signal.Signals, checkpoint: Checkpoint | None,
-                 requeued: bool, reason: str) -> None:
-        super().__init__(code)
-        self.signal = signal
-        self.checkpoint = checkpoint
-        self.requeued = requeued
-        self.reason = reason

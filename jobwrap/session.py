@@ -32,16 +32,16 @@ from jobwrap.data import ResumableLoader
 from jobwrap.devices import resume_device
 from jobwrap.distributed import NO_STOP, STOP_EXIT, STOP_REQUEUE, Solo, join, save_on_rank0
 from jobwrap.env import JobEnv, default_run_id, read_env
-from jobwrap.errors import ConfigError, Preempted, StorageError
+from jobwrap.errors import ConfigError, StorageError
 from jobwrap.events import EventLog
 from jobwrap.format import human_size
 from jobwrap.grads import PendingGrads
 from jobwrap.interval import AutoInterval
 from jobwrap.lock import DirectoryLock
-from jobwrap.pids import alive, start_time
+from jobwrap.pids import Lifeline, start_time
 from jobwrap.resume import Resumed
 from jobwrap.schedulers import Scheduler, scheduler_for
-from jobwrap.stopping import EXIT, REQUEUE, Limits, Stop, decide_stop
+from jobwrap.stopping import EXIT, REQUEUE, Limits, Preempted, Stop, carry_out, decide_stop
 from jobwrap.signals import SignalTrap
 from jobwrap.state import RESERVED_KEYS, fingerprint, is_stateful, plain
 from jobwrap.store import Checkpoint, CheckpointStore
@@ -119,9 +119,8 @@ class Session:
                                  fingerprint=self._fingerprint, meta=self._meta, last=lambda: self.last_checkpoint,
                                  committed=self._record_commit, event=lambda *a, **kw: self.events.append(*a, **kw))
         self._lock: DirectoryLock | None = None  # rank 0's hold on the directory
-        self._supervisor: tuple[int, float] | None = None  # (pid, start time) of the `jobwrap run` not to outlive
+        self._lifeline = Lifeline(None, clock)  # the `jobwrap run` not to outlive
         self._orphaned = False
-        self._next_watch = 0.0
         self._unguard_workers: Callable[[], None] = lambda: None
 
     # ------------------------------------------------------------ lifecycle
@@ -133,9 +132,7 @@ class Session:
         _ensure_log_handler()
         # Trap first, so a signal that arrives while resuming is honoured right after.
         self._trap.install()
-        # Watched only when seen alive now: in another PID namespace (a container) it would look gone.
-        if self.job.supervisor is not None and alive(*self.job.supervisor):
-            self._supervisor = self.job.supervisor
+        self._lifeline = Lifeline(self.job.supervisor, self.clock)
         self._unguard_workers = guard_dataloader_workers(self._trap.signals)
         try:
             self.group = join()
@@ -347,8 +344,7 @@ class Session:
     def _boundary(self) -> None:
         if self._resume is not None:
             self._finish_resume()
-        if self._supervisor is not None:
-            self._watch_supervisor()
+        self._orphaned = self._orphaned or self._lifeline.cut()  # then it stops as on a cancel
         if self.config.test_hold_at and self.step in self.config.test_hold_at:
             hold.hold(self.config.test_control, self.step, self.group.rank, self._trap)
         after_first_step = self.step > max(self._resumed_step, 0)
@@ -375,18 +371,6 @@ class Session:
         if self._exit_signal() is not None or self._orphaned:
             return STOP_EXIT
         return STOP_REQUEUE if self._trap.received else NO_STOP
-
-    def _watch_supervisor(self) -> None:
-        """At most once a second: a `jobwrap run` that is gone (SIGKILLed) leaves nobody to relaunch or stop
-        this process (torchrun's workers, a shell's child), so it stops as on a cancel."""
-        now = self.clock()
-        if now < self._next_watch:
-            return
-        self._next_watch = now + 1.0
-        if not alive(*self._supervisor):
-            log.warning("jobwrap run (pid %d) is gone: checkpointing and exiting", self._supervisor[0])
-            self._supervisor = None
-            self._orphaned = True
 
     def _exit_signal(self) -> signal.Signals | None:
         """The first exit signal received, unless exit signals requeue too (``requeue_on_exit_signals``)."""
@@ -574,15 +558,8 @@ class Session:
         history = tuple(bool(e.get("progress")) for e in self.events.read() if e["event"] in ("requeue", "stop"))
         stop = Stop(EXIT if request == STOP_EXIT else REQUEUE, sig, restart_count=self.job.restart_count,
                     progressed=progressed, history=history)
-        decision = decide_stop(stop, Limits(self.config.max_requeues, self.config.max_no_progress))
-        if not decision.requeue:
-            (log.info if stop.request == EXIT else log.error)("%s", decision.reason)
-            self.events.append("stop", step=self.step, progress=progressed, requeue=False, reason=decision.cause)
-            return decision.exit_code, False, decision.reason
-        code = self.scheduler.requeue()
-        self.events.append("requeue", step=self.step, progress=progressed, exit_code=code,
-                           scheduler=self.scheduler.name)
-        return code, True, f"{decision.reason} ({self.scheduler.name})"
+        return carry_out(decide_stop(stop, Limits(self.config.max_requeues, self.config.max_no_progress)), stop,
+                         scheduler=self.scheduler, events=self.events, step=self.step)
 
 
 def preemptible(directory: str | os.PathLike | None = None, **settings: Any

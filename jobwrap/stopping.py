@@ -1,18 +1,24 @@
 """How a stop ends: exit, refuse the requeue, or requeue. One pure decision for training and ``jobwrap run``.
 
 The deciders do the side effects around it, each in one place: the training
-process (``Session._exit_decision``, rank 0) asks its ``Scheduler`` for the
-requeue and records the event; ``jobwrap run`` (``supervisor.supervise``) asks
+process (``Session._exit_decision``, rank 0, through :func:`carry_out`) asks its
+``Scheduler`` for the requeue and records the event; ``jobwrap run`` (``supervisor.supervise``) asks
 the scheduler and else relaunches the command itself. "The scheduler, else the
 fallback" is the ``Scheduler`` seam's (``jobwrap/schedulers.py``).
 """
 from __future__ import annotations
 
+import logging
 import signal
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from jobwrap.config import REQUEUE_EXIT_CODE
+
+if TYPE_CHECKING:
+    from jobwrap.store import Checkpoint
+
+log = logging.getLogger("jobwrap")
 
 #: What the stop asks for: a requeue (a requeue signal), or an exit (an exit signal: a cancel).
 REQUEUE, EXIT = "requeue", "exit"
@@ -120,3 +126,33 @@ def requeue_refusal(*, restart_count: int, max_requeues: int,
                 f"(is the signal lead time too short to reach a step boundary?). Raise "
                 f"JOBWRAP_MAX_NO_PROGRESS or fix the cause")
     return None
+
+
+class Preempted(SystemExit):
+    """Raised at a step boundary after a signal's checkpoint committed; exits with ``code``.
+
+    It is a ``SystemExit`` so an unchanged script ends with the right exit code;
+    catch it to run something after the checkpoint.
+    """
+
+    def __init__(self, code: int, *, signal: signal.Signals, checkpoint: Checkpoint | None,
+                 requeued: bool, reason: str) -> None:
+        super().__init__(code)
+        self.signal = signal
+        self.checkpoint = checkpoint
+        self.requeued = requeued
+        self.reason = reason
+
+
+def carry_out(decision: Decision, stop: Stop, *, scheduler: Any, events: Any, step: int) -> tuple[int, bool, str]:
+    """Training's side effects of ``decision`` (rank 0): the log line, the events-log entry, the one requeue.
+
+    Returns (exit code, requeued, reason), what every rank's ``Preempted`` carries.
+    """
+    if not decision.requeue:
+        (log.info if stop.request == EXIT else log.error)("%s", decision.reason)
+        events.append("stop", step=step, progress=stop.progressed, requeue=False, reason=decision.cause)
+        return decision.exit_code, False, decision.reason
+    code = scheduler.requeue()
+    events.append("requeue", step=step, progress=stop.progressed, exit_code=code, scheduler=scheduler.name)
+    return code, True, f"{decision.reason} ({scheduler.name})"
