@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
+from train import build, make_dataset
 
 import jobwrap
-from train import build, make_dataset
 
 
 def init_distributed() -> None:

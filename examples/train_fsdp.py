@@ -16,10 +16,10 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, DistributedSampler
-
-import jobwrap
 from train import make_dataset
 from train_ddp import base_parser, start_ranks, train_epochs
+
+import jobwrap
 
 
 def build(device: torch.device, hidden: int = 64) -> tuple[nn.Module, torch.optim.Optimizer, object]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from jobwrap.config import REQUEUE_EXIT_CODE, Config
+from jobwrap._config import REQUEUE_EXIT_CODE, Config
 from jobwrap.errors import (
     CheckpointError,
     ConfigError,
@@ -20,7 +20,7 @@ from jobwrap.errors import (
 )
 
 # Session and friends import torch; load them on first use so that the CLI starts fast.
-_LAZY = {"Preempted": "jobwrap.session", "Session": "jobwrap.session", "preemptible": "jobwrap.session"}
+_LAZY = {"Preempted": "jobwrap._loop.session", "Session": "jobwrap._loop.session", "preemptible": "jobwrap._loop.session"}
 
 
 def __getattr__(name: str) -> object:

@@ -22,8 +22,8 @@ from typing import Any
 import pytorch_lightning as pl
 from lightning_fabric.utilities.types import _Stateful
 
+from jobwrap._loop.session import Session
 from jobwrap.errors import ConfigError
-from jobwrap.session import Session
 
 log = logging.getLogger("jobwrap")
 

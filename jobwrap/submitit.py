@@ -44,7 +44,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the installation
     raise ImportError("jobwrap.submitit needs submitit: pip install 'jobwrap[submitit]'") from exc
 
-from jobwrap.config import parse_signal
+from jobwrap._config import parse_signal
 
 __all__ = ["Preemptible", "preemption_signal"]
 
@@ -85,7 +85,7 @@ class Preemptible(submitit.helpers.Checkpointable, Generic[R]):
         self.settings = settings
 
     def __call__(self, *args: Any, **kwargs: Any) -> R:
-        from jobwrap.session import Preempted, Session
+        from jobwrap._loop.session import Preempted, Session
 
         sig = preemption_signal()
         settings = {"requeue_signals": (sig,), "exit_signals": (), **self.settings}

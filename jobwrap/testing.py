@@ -31,12 +31,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from jobwrap.config import ENV_VARS
+from jobwrap._config import ENV_VARS
+from jobwrap._loop.hold import done_name, got_name, held_pattern, held_rank
+from jobwrap._report.history import summarize
+from jobwrap._storage.events import read_events
+from jobwrap._storage.store import CheckpointStore
 from jobwrap.errors import ConfigError
-from jobwrap.events import read_events
-from jobwrap.history import summarize
-from jobwrap.hold import done_name, got_name, held_pattern, held_rank
-from jobwrap.store import CheckpointStore
 
 __all__ = ["PreemptedRun", "run_preempted", "signal_when_held", "final_state", "assert_same_run",
            "assert_same_state"]
@@ -199,8 +199,8 @@ def final_state(directory: str | os.PathLike) -> dict[str, Any]:
     state = torch.load(committed[0].path, map_location="cpu", weights_only=True)
     record = state["jobwrap"].get("dcp")
     if record:  # sharded state: verified, then gathered into full tensors as if rank 0 had saved it
-        from jobwrap import sharded
-        from jobwrap.store import folder_name
+        from jobwrap._storage import sharded
+        from jobwrap._storage.store import folder_name
 
         sharded.check_record(record, folder_name(committed[0].step, committed[0].serial), os.path.basename(committed[0].path))
         store.verify_folder(committed[0], record["files"])

@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
+from jobwrap._loop.session import Session
 from jobwrap.errors import ConfigError, CorruptCheckpointError, JobwrapError
-from jobwrap.session import Session
 
 __all__ = ["JobwrapCallback", "TrainerCheckpoint", "attach"]
 

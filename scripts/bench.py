@@ -38,12 +38,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from bench_peers import PEER_KEYS, bench_peers
+from bench_relaunch import OVERHEAD_TARGET, SPLITS, bench_relaunch, print_relaunch
 from torch import nn
 
 import jobwrap
-from bench_peers import PEER_KEYS, bench_peers
-from bench_relaunch import OVERHEAD_TARGET, SPLITS, bench_relaunch, print_relaunch
-from jobwrap.store import CheckpointStore
+from jobwrap._storage.store import CheckpointStore
 
 REPO = Path(__file__).resolve().parent.parent
 WORK = REPO / "run" / "bench"
@@ -724,12 +724,12 @@ def write_markdown(summaries: list[dict], step: dict, plots: list[str], gpu: dic
         "",
         "## How jobwrap gets there",
         "",
-        "- **Save** (`jobwrap/store.py`): `torch.save` writes through a file object that hashes (xxh3-64) and "
+        "- **Save** (`jobwrap/_storage/store.py`): `torch.save` writes through a file object that hashes (xxh3-64) and "
         "writes each 8 MiB piece of a tensor straight from the tensor's memory while the piece is in the CPU "
         "cache; torch's own CRC32 is off for the duration (the previous setting is restored after), since "
         "jobwrap's checksum covers the whole file; one `fsync`. The file stays a plain `torch.save` file: "
         "`torch.load(path, weights_only=True)` opens it.",
-        "- **Periodic saves** (`jobwrap/snapshot.py`; `async_save=True`, `JOBWRAP_ASYNC_SAVE`): the training "
+        "- **Periodic saves** (`jobwrap/_storage/snapshot.py`; `async_save=True`, `JOBWRAP_ASYNC_SAVE`): the training "
         "thread copies the state into staging buffers that are allocated once, in the background after the "
         "first step (pinned when the tensors are on a GPU), and reused; a writer thread writes and commits. "
         "With `lazy_copy=True` (`JOBWRAP_LAZY_COPY`) the tracked optimizers' CPU parameters and state are "
@@ -743,7 +743,7 @@ def write_markdown(summaries: list[dict], step: dict, plots: list[str], gpu: dic
         "- **A signal during a background save**: a save of the same step is awaited; otherwise the one in "
         "flight is cancelled at its next piece and the current state is written at once, unless it would "
         "commit sooner and the grace window cannot hold both (then it commits first, and the new save follows).",
-        "- **Grace window** (`jobwrap/deadline.py`): `grace_seconds` (`JOBWRAP_GRACE_SECONDS`, the signal's lead "
+        "- **Grace window** (`jobwrap/_storage/deadline.py`): `grace_seconds` (`JOBWRAP_GRACE_SECONDS`, the signal's lead "
         "time) and Slurm's job end time, against the save speed recorded in the checkpoints' manifests. jobwrap "
         "warns at start (from the directory's earlier saves) and after the first save when a save would need "
         "more than 80 % of the window, and names the `--signal` lead time to ask for.",

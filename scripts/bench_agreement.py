@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 def worker(rank: int, world: int, steps: int, port: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from jobwrap.distributed import RankGroup
+    from jobwrap._loop.distributed import RankGroup
 
     group = RankGroup()
     for _ in range(200):  # warm up

@@ -154,7 +154,7 @@ def _watch_exit(pid: int, gone: list[float]) -> None:
 
 def one_relaunch(directory: Path) -> tuple[dict[str, float], Path]:
     """One launch preempted by a real SIGUSR1 and its relaunch; the split in seconds, and the checkpoint."""
-    from jobwrap.events import read_events
+    from jobwrap._storage.events import read_events
 
     shutil.rmtree(directory, ignore_errors=True)
     env = {**os.environ, "JOBWRAP_NO_SLURM": "1", "PYTHONUNBUFFERED": "1"}

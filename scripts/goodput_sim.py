@@ -6,7 +6,7 @@ makes a periodic save whenever the interval has passed since the last (a pause C
 then a background write W before the checkpoint commits; one save in flight at a time). An
 interruption with a warning finishes the step and saves (E seconds): nothing is lost. One without
 a warning loses every step since the last committed checkpoint. Then the next launch starts.
-Goodput = training kept / wall time. The auto interval is jobwrap.interval's, fed the simulated
+Goodput = training kept / wall time. The auto interval is jobwrap._loop.interval's, fed the simulated
 history as Session feeds it the real one (the prior first, then the interruptions seen).
 
   scripts/goodput_sim.py                              # the two target scenarios, table and verdicts
@@ -25,7 +25,7 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from jobwrap.interval import FLOOR, choose, estimate_mtbi  # noqa: E402
+from jobwrap._loop.interval import FLOOR, choose, estimate_mtbi  # noqa: E402
 
 SWEEP = (10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1200)
 

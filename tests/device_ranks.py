@@ -15,11 +15,10 @@ import sys
 
 import torch
 import torch.distributed as dist
+from fake_gpu import as_gpu_node
 from torch import nn
 
 import jobwrap
-
-from fake_gpu import as_gpu_node
 
 
 def main(directory: str) -> None:

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import torch
 import torch.serialization
 
-from jobwrap.store import CheckpointStore, manifest_name
+from jobwrap._storage.store import CheckpointStore, manifest_name
 
 
 @contextlib.contextmanager

@@ -14,8 +14,16 @@ import random
 import numpy
 import torch
 from torch import nn
-from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSampler, IterableDataset,
-                              RandomSampler, TensorDataset, get_worker_info)
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    IterableDataset,
+    RandomSampler,
+    TensorDataset,
+    get_worker_info,
+)
 
 import jobwrap
 

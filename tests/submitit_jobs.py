@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobwrap.events import read_events
+from jobwrap._storage.events import read_events
 from jobwrap.testing import assert_same_run
 
 

@@ -9,13 +9,12 @@ import textwrap
 
 import pytest
 import torch
+from conftest import REPO, TRAIN
 from torch import nn
 
 import jobwrap
-from jobwrap.events import read_events
+from jobwrap._storage.events import read_events
 from jobwrap.testing import final_state, run_preempted
-
-from conftest import REPO, TRAIN
 
 CANCEL = 128 + signal.SIGTERM
 
@@ -138,8 +137,8 @@ def test_supervisor_given_term_after_the_child_asked_for_a_requeue_does_not_rela
 
 def test_which_signal_received_by_jobwrap_run_cancels_a_requested_requeue():
     """TERM and INT cancel a requeue; a request made with requeue_on_exit_signals is cancelled by INT only."""
-    from jobwrap.schedulers import DESPITE_EXIT_SIGNALS
-    from jobwrap.supervisor import cancelled_by
+    from jobwrap._scheduler.schedulers import DESPITE_EXIT_SIGNALS
+    from jobwrap._scheduler.supervisor import cancelled_by
 
     cancel = (signal.SIGTERM, signal.SIGINT)
     assert cancelled_by([signal.SIGUSR1, signal.SIGTERM], cancel, "requeue\n") == signal.SIGTERM

@@ -10,15 +10,14 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO
+from fake_gpu import as_gpu_node, locations
 from torch import nn
 
 import jobwrap
-from jobwrap.devices import cuda_rng_plan, resume_device
+from jobwrap._storage.devices import cuda_rng_plan, resume_device
+from jobwrap._storage.snapshot import StagingArea, pinned_staging
 from jobwrap.errors import ConfigError
-from jobwrap.snapshot import StagingArea, pinned_staging
-
-from conftest import REPO
-from fake_gpu import as_gpu_node, locations
 
 TESTS = REPO / "tests"
 

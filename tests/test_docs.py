@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from jobwrap.config import ENV_VARS, Config
-from jobwrap.events import read_events
+from jobwrap._config import ENV_VARS, Config
+from jobwrap._storage.events import read_events
 from jobwrap.testing import assert_same_run, run_preempted
 
 REPO = Path(__file__).resolve().parent.parent

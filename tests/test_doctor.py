@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from jobwrap.env import SlurmStep, read_slurm_step
-from jobwrap.preflight import (
+from jobwrap._report.preflight import (
     FAIL,
     PASS,
     WARN,
@@ -29,6 +28,7 @@ from jobwrap.preflight import (
     plan_delivery,
     save_fits,
 )
+from jobwrap._scheduler.env import SlurmStep, read_slurm_step
 
 USR1 = signal.SIGUSR1
 

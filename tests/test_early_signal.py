@@ -13,17 +13,17 @@ import sys
 import time
 from pathlib import Path
 
-from jobwrap.events import read_events
-from jobwrap.supervisor import catches
-from jobwrap.testing import assert_same_run
-
 from conftest import TRAIN
+
+from jobwrap._scheduler.supervisor import catches
+from jobwrap._storage.events import read_events
+from jobwrap.testing import assert_same_run
 
 LATE_TRAP = """\
 import signal, sys, time
 time.sleep(1.5)  # "importing torch": USR1 would kill us now
-from jobwrap.env import read_env
-from jobwrap.signals import SignalTrap
+from jobwrap._scheduler.env import read_env
+from jobwrap._scheduler.signals import SignalTrap
 trap = SignalTrap([signal.SIGUSR1], registry=read_env().trainers_dir).install()  # as a Session does
 got = trap.wait(20)
 print("got USR1" if got else "no USR1", flush=True)
@@ -78,7 +78,7 @@ import os, signal, sys, time
 from pathlib import Path
 Path(sys.argv[1]).write_text(str(os.getpid()))  # started: the test signals now
 time.sleep(1.5)  # "importing torch": USR1's default action would kill us now
-from jobwrap.signals import SignalTrap
+from jobwrap._scheduler.signals import SignalTrap
 trap = SignalTrap([signal.SIGUSR1]).install()
 print("got USR1" if trap.wait(5) else "no USR1", "rank", os.environ.get("RANK"), flush=True)
 """

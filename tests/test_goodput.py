@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from jobwrap.goodput import PARTS, Allocation, breakdown, facts, parse_sacct
-from jobwrap.history import summarize
+from jobwrap._report.goodput import PARTS, Allocation, breakdown, facts, parse_sacct
+from jobwrap._report.history import summarize
 
 
 def _start(t, step=0, restart=0, resumed=None, process=None, scheduler="local", load=None, job="7"):
@@ -122,7 +122,7 @@ def test_parse_sacct_reads_epoch_and_iso_times_oldest_first():
 
 def test_timeline_segments_follow_the_parts_in_order():
     """The plot's bar for a launch: start-up, loading, training (with its pauses), lost, exit, end to end."""
-    from jobwrap.timeline import segments
+    from jobwrap._report.timeline import segments
 
     events = [_start(10, process=0), _save(41, 40), {"event": "signal", "time": 60, "step": 60, "signal": "SIGUSR1"},
               _start(90, 40, 1, "/ck/40", process=80, load=1.0)]

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from jobwrap.config import load_config
+from jobwrap._config import load_config
+from jobwrap._format import human_duration
+from jobwrap._loop.interval import CEILING, FLOOR, PRIOR_MTBI, AutoInterval, choose, young_daly
 from jobwrap.errors import ConfigError
-from jobwrap.format import human_duration
-from jobwrap.interval import CEILING, FLOOR, PRIOR_MTBI, AutoInterval, choose, young_daly
 
 
 @dataclasses.dataclass

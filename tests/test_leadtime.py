@@ -4,10 +4,10 @@ from __future__ import annotations
 import json
 import signal
 
-from jobwrap.preflight import Settings, check_measured_lead
-from jobwrap.goodput import breakdown
-from jobwrap.history import summarize
-from jobwrap.leadtime import MIN_LEAD, advise, check
+from jobwrap._report.goodput import breakdown
+from jobwrap._report.history import summarize
+from jobwrap._report.leadtime import MIN_LEAD, advise, check
+from jobwrap._report.preflight import Settings, check_measured_lead
 
 
 def _events():
@@ -63,7 +63,7 @@ def test_doctor_reports_the_measured_lead_of_the_run_in_its_directory(tmp_path):
 
 def test_a_directory_that_is_not_one_gives_no_row(tmp_path):
     """A --dir under a file (the directory check fails it): no lead-time row, no crash."""
-    from jobwrap.leadtime import check_directory
+    from jobwrap._report.leadtime import check_directory
 
     (tmp_path / "file").write_text("")
     assert check_directory(str(tmp_path / "file" / "ckpt"), lead=None, grace=None) is None

@@ -11,12 +11,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-
-from jobwrap.hold import done_name, held_name
-from jobwrap.lock import Holder, lock_proves_absence, mount_of, refusal
-from jobwrap.testing import final_state
-
 from conftest import TRAIN
+
+from jobwrap._loop.hold import done_name, held_name
+from jobwrap._storage.lock import Holder, lock_proves_absence, mount_of, refusal
+from jobwrap.testing import final_state
 
 LONG = [sys.executable, str(TRAIN), "--epochs", "100000", "--samples", "64", "--step-seconds", "0.01"]
 

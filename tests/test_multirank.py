@@ -8,11 +8,10 @@ import sys
 import time
 
 import pytest
-
-from jobwrap.events import read_events
-from jobwrap.testing import assert_same_run, final_state, run_preempted
-
 from conftest import REPO
+
+from jobwrap._storage.events import read_events
+from jobwrap.testing import assert_same_run, final_state, run_preempted
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
             str(REPO / "examples" / "train_ddp.py"), "--epochs", "2"]

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from jobwrap.events import read_events
-from jobwrap.store import CheckpointStore
+from jobwrap._storage.events import read_events
+from jobwrap._storage.store import CheckpointStore
 from jobwrap.testing import assert_same_run, final_state, run_preempted
 
 STEPS_PER_EPOCH = 8  # --samples 256 / batch 32

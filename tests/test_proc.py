@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from jobwrap.proc import FAILED, MISSING, OK, TIMEOUT, run_command
+from jobwrap._scheduler.proc import FAILED, MISSING, OK, TIMEOUT, run_command
 
 
 def test_success_gives_stdout() -> None:

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from reliability import badfiles, disk, files, hostile, kills, policy, report, scheduler, signals
 from reliability.internals import data_path
 from reliability.results import QUICK, Campaign, Row, Skip
@@ -249,7 +248,7 @@ def test_no_requeue_job_is_reported(slurm_session, tmp_path):
 
 def test_hanging_scontrol_times_out(tmp_path):
     """An scontrol that never answers is abandoned after the timeout with a reason."""
-    from jobwrap.schedulers import scontrol_requeue
+    from jobwrap._scheduler.schedulers import scontrol_requeue
 
     hanging = scheduler.fake_scontrol(str(tmp_path), code=0, sleep=30)
     error = scontrol_requeue("4242", timeout=1.0, scontrol=[hanging])

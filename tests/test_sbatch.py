@@ -1,4 +1,4 @@
-"""Batch scripts (jobwrap.sbatch) and ``jobwrap submit``.
+"""Batch scripts (jobwrap._scheduler.sbatch) and ``jobwrap submit``.
 
 The scripts are golden files: ``slurm/*.sbatch`` (the templates users copy) and
 ``tests/golden/*.sbatch`` (other option combinations) must equal what
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from jobwrap._scheduler.sbatch import LAYOUTS, SubmitOptions, parse_time, render
 from jobwrap.errors import ConfigError, SchedulerError
-from jobwrap.sbatch import LAYOUTS, SubmitOptions, parse_time, render
 
 REPO = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -571,8 +571,8 @@ def test_sbatch_timeout_and_empty_output_are_scheduler_errors(tmp_path: Path) ->
 
 
 def test_submit_and_sbatch_modules_do_not_import_torch() -> None:
-    """jobwrap.sbatch and the submit command load without torch, so submitting starts fast."""
-    code = ("import sys, jobwrap.sbatch, jobwrap.commands.submit, jobwrap.cli; "
+    """jobwrap._scheduler.sbatch and the submit command load without torch, so submitting starts fast."""
+    code = ("import sys, jobwrap._scheduler.sbatch, jobwrap.commands.submit, jobwrap.cli; "
             "jobwrap.cli.build_parser(); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -681,7 +681,7 @@ def test_real_slurm_srun_tasks_form_a_torch_distributed_group(tmp_path: Path, sl
 
 
 def test_sbatch_public_names_are_pinned() -> None:
-    """jobwrap.sbatch exports exactly its documented names."""
-    import jobwrap.sbatch
+    """jobwrap._scheduler.sbatch exports exactly its documented names."""
+    import jobwrap._scheduler.sbatch
 
-    assert sorted(jobwrap.sbatch.__all__) == ["LAYOUTS", "SIGNALS", "SubmitOptions", "parse_time", "render"]
+    assert sorted(jobwrap._scheduler.sbatch.__all__) == ["LAYOUTS", "SIGNALS", "SubmitOptions", "parse_time", "render"]

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 import jobwrap
+from jobwrap._storage.events import read_events
+from jobwrap._storage.store import CheckpointStore
 from jobwrap.errors import ConfigError, StateMismatchError
-from jobwrap.events import read_events
-from jobwrap.store import CheckpointStore
 
 
 def _session(directory, **settings):
@@ -137,7 +137,7 @@ def test_model_that_does_not_match_names_the_keys(tmp_path):
 
 def test_config_precedence_and_errors(tmp_path):
     """An argument beats JOBWRAP_* variables, which beat defaults; bad values name the fix."""
-    from jobwrap.config import load_config
+    from jobwrap._config import load_config
 
     env = {"JOBWRAP_DIR": str(tmp_path), "JOBWRAP_KEEP": "5", "JOBWRAP_REQUEUE_SIGNALS": "USR2"}
     assert load_config(env).keep_last == 5
@@ -159,7 +159,7 @@ def test_config_precedence_and_errors(tmp_path):
 
 def test_requeue_caps_policy():
     """The requeue loop stops at the cap and after runs that made no progress."""
-    from jobwrap.stopping import requeue_refusal
+    from jobwrap._scheduler.stopping import requeue_refusal
 
     assert requeue_refusal(restart_count=2, max_requeues=3, progress_history=[True], max_no_progress=3) is None
     assert "cap" in requeue_refusal(restart_count=3, max_requeues=3, progress_history=[True], max_no_progress=3)

@@ -9,13 +9,12 @@ import sys
 
 import pytest
 import torch
-
-from jobwrap.errors import CorruptCheckpointError
-from jobwrap.events import read_events
-from jobwrap.store import CheckpointStore
-from jobwrap.testing import assert_same_run, assert_same_state, final_state, run_preempted
-
 from conftest import REPO
+
+from jobwrap._storage.events import read_events
+from jobwrap._storage.store import CheckpointStore
+from jobwrap.errors import CorruptCheckpointError
+from jobwrap.testing import assert_same_run, assert_same_state, final_state, run_preempted
 
 SCRIPT = str(REPO / "examples" / "train_fsdp.py")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", SCRIPT]
@@ -185,7 +184,7 @@ def test_crafted_dcp_metadata_is_refused_without_running_it(tmp_path):
     """A .metadata whose pickle would run a command: a clear CorruptCheckpointError, the command never runs."""
     import pickle
 
-    from jobwrap import sharded
+    from jobwrap._storage import sharded
 
     marker = tmp_path / "pwned"
     files = _dcp_folder(tmp_path / "real", {"w": torch.ones(3)})
@@ -198,7 +197,7 @@ def test_crafted_dcp_metadata_is_refused_without_running_it(tmp_path):
 
 def test_dcp_metadata_pointing_outside_the_verified_files_is_refused(tmp_path):
     """Metadata naming a data file that was not verified (say ../x): refused before DCP reads it."""
-    from jobwrap import sharded
+    from jobwrap._storage import sharded
 
     files = _dcp_folder(tmp_path / "real", {"w": torch.ones(3)})
     with pytest.raises(CorruptCheckpointError, match="not among the verified files"):
@@ -209,7 +208,7 @@ def test_crafted_non_tensor_value_in_a_shard_is_loaded_under_weights_only(tmp_pa
     """A non-tensor value in a shard file (DCP loads those with weights_only=False): refused, nothing runs."""
     import torch.distributed.checkpoint as dcp
 
-    from jobwrap import sharded
+    from jobwrap._storage import sharded
 
     marker = tmp_path / "pwned"
     files = _dcp_folder(tmp_path / "f", {"w": torch.ones(3), "lr": _Evil(str(marker))})

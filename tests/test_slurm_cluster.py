@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from slurm_cluster import accounted_runs, cancel, cluster_available, output_tail, restart_count, sbatch, wait_for
 
 pytestmark = pytest.mark.slurm

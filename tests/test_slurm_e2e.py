@@ -1,6 +1,6 @@
 """End to end on the local Slurm cluster: real sbatch jobs, real signals, real requeues.
 
-Each test submits a training job from the layouts jobwrap.sbatch renders (CPU only), signals
+Each test submits a training job from the layouts jobwrap._scheduler.sbatch renders (CPU only), signals
 it the way Slurm or a user would, waits (bounded) for it to come back through the queue, and
 compares the finished run with an uninterrupted local run of the same command, bit for bit.
 A failing wait prints the job's record, its output and the daemon log tails.
@@ -22,12 +22,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
-from jobwrap.events import read_events
-from jobwrap.sbatch import SubmitOptions, render
-from jobwrap.store import CheckpointStore
-from jobwrap.testing import assert_same_run, final_state
-
 from conftest import REPO
 from slurm_cluster import (
     FINAL_STATES,
@@ -42,6 +36,11 @@ from slurm_cluster import (
     restart_count,
     wait_for,
 )
+
+from jobwrap._scheduler.sbatch import SubmitOptions, render
+from jobwrap._storage.events import read_events
+from jobwrap._storage.store import CheckpointStore
+from jobwrap.testing import assert_same_run, final_state
 
 pytestmark = pytest.mark.slurm
 
@@ -88,7 +87,7 @@ def scancel(*args: str) -> float:
 
 
 def write_script(tmp_path: Path, name: str, **options: object) -> Path:
-    """A batch script rendered by jobwrap.sbatch (CPU only, 10 minutes, 60 s lead unless given)."""
+    """A batch script rendered by jobwrap._scheduler.sbatch (CPU only, 10 minutes, 60 s lead unless given)."""
     defaults: dict[str, object] = {"time": 10, "lead_seconds": 60, "gpus_per_node": 0, "job_name": name,
                                    "checkpoint_dir": str(tmp_path / "ckpt")}
     text = render(SubmitOptions(**{**defaults, **options}))

@@ -15,12 +15,12 @@ import torch.serialization
 from torch import nn
 
 import jobwrap
-from jobwrap import deadline
-from jobwrap.async_save import AsyncSaver
+from jobwrap._loop.async_save import AsyncSaver
+from jobwrap._storage import deadline
+from jobwrap._storage.events import read_events
+from jobwrap._storage.snapshot import BackgroundSave, StagingArea
+from jobwrap._storage.store import CheckpointStore, SaveCancelled
 from jobwrap.errors import CheckpointError, CorruptCheckpointError, StorageError
-from jobwrap.events import read_events
-from jobwrap.snapshot import BackgroundSave, StagingArea
-from jobwrap.store import CheckpointStore, SaveCancelled
 
 WAIT = 30  # seconds: the bound of every wait in this file
 Pair = collections.namedtuple("Pair", "a b")
@@ -412,7 +412,7 @@ def test_sharded_checkpoint_counts_its_folder_in_size_and_speed():
 
 def test_disk_full_during_torch_save_surfaces_as_the_os_error():
     """ENOSPC inside torch.save's writer comes out as that OSError, not torch's 'unexpected pos' error."""
-    from jobwrap.store import _HashingWriter
+    from jobwrap._storage.store import _HashingWriter
 
     fd = os.open("/dev/full", os.O_WRONLY)
     try:

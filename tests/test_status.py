@@ -7,11 +7,11 @@ import logging
 import subprocess
 import sys
 
-from jobwrap import progress
-from jobwrap.events import read_events
-from jobwrap.format import human_duration
-from jobwrap.history import render, summarize
-from jobwrap.store import CheckpointStore
+from jobwrap._format import human_duration
+from jobwrap._report.history import render, summarize
+from jobwrap._storage import progress
+from jobwrap._storage.events import read_events
+from jobwrap._storage.store import CheckpointStore
 from jobwrap.testing import run_preempted
 
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from jobwrap.config import REQUEUE_EXIT_CODE
-from jobwrap.env import read_env
-from jobwrap.schedulers import LocalScheduler, SlurmScheduler, scheduler_for
-from jobwrap.stopping import EXIT, REQUEUE, SUPERVISOR, Decision, Limits, Stop, decide_stop
-from jobwrap.supervisor import RelaunchHere, supervise
+from jobwrap._config import REQUEUE_EXIT_CODE
+from jobwrap._scheduler.env import read_env
+from jobwrap._scheduler.schedulers import LocalScheduler, SlurmScheduler, scheduler_for
+from jobwrap._scheduler.stopping import EXIT, REQUEUE, SUPERVISOR, Decision, Limits, Stop, decide_stop
+from jobwrap._scheduler.supervisor import RelaunchHere, supervise
 
 CANCELLED = ("SIGTERM: checkpoint committed, exiting without requeueing (Slurm requeues a preempted job itself; "
              "a user's scancel must end the job)")
@@ -179,6 +179,6 @@ def test_stopping_imports_no_torch() -> None:
     """The decision and the seam load without torch, as jobwrap run does."""
     import subprocess
 
-    code = "import sys, jobwrap.stopping, jobwrap.schedulers, jobwrap.proc; print('torch' in sys.modules)"
+    code = "import sys, jobwrap._scheduler.stopping, jobwrap._scheduler.schedulers, jobwrap._scheduler.proc; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "False"

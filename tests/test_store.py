@@ -13,8 +13,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jobwrap.errors import CheckpointError, CorruptCheckpointError, ForeignRunError, StorageError, describe_oserror
-from jobwrap.store import (
+from jobwrap._storage.store import (
     CheckpointStore,
     checksum_of,
     data_name,
@@ -24,6 +23,7 @@ from jobwrap.store import (
     retention_victims,
     temporary_data_glob,
 )
+from jobwrap.errors import CheckpointError, CorruptCheckpointError, ForeignRunError, StorageError, describe_oserror
 
 
 def _save(store: CheckpointStore, step: int, value: float = 1.0):
@@ -110,7 +110,8 @@ def test_malicious_pickle_is_refused(tmp_path):
         pickle.dump(Evil(), f)
     # Make the manifest agree with the hostile file, so only weights_only stands in the way.
     import json
-    from jobwrap.store import checksum_of
+
+    from jobwrap._storage.store import checksum_of
     digest, size = checksum_of(evil.path)
     manifest_path = evil.path[:-3] + ".json"
     record = json.load(open(manifest_path))
@@ -227,7 +228,7 @@ def _sharded_save(store: CheckpointStore, step: int) -> tuple:
     for name in ("__0_0.distcp", "__1_0.distcp", ".metadata"):
         with open(os.path.join(folder, name), "wb") as f:
             f.write(f"{name} of step {step}".encode())
-    from jobwrap.sharded import describe
+    from jobwrap._storage.sharded import describe
 
     files = describe(folder, os.listdir(folder))
     store.seal_folder(step, files)

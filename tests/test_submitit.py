@@ -16,14 +16,14 @@ import pytest
 
 submitit = pytest.importorskip("submitit")
 
-from jobwrap.events import read_events  # noqa: E402
+from jobwrap._storage.events import read_events  # noqa: E402
 from jobwrap.submitit import Preemptible, preemption_signal  # noqa: E402
 from jobwrap.testing import signal_when_held  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))
-from submitit_train import train  # noqa: E402
 from submitit_jobs import assert_resumed_like_plain, wait_done  # noqa: E402
+from submitit_train import train  # noqa: E402
 
 WAIT = 240  # seconds, for one submitit job (several launches, each importing torch)
 

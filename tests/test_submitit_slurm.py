@@ -17,19 +17,19 @@ import pytest
 
 submitit = pytest.importorskip("submitit")
 
-from jobwrap.events import read_events  # noqa: E402
-from jobwrap.submitit import Preemptible  # noqa: E402
-from jobwrap.testing import signal_when_held  # noqa: E402
-
 from conftest import REPO  # noqa: E402
 from slurm_cluster import FINAL_STATES, accounted_runs, cancel, cluster_available, job_info  # noqa: E402
+
+from jobwrap._storage.events import read_events  # noqa: E402
+from jobwrap.submitit import Preemptible  # noqa: E402
+from jobwrap.testing import signal_when_held  # noqa: E402
 
 pytestmark = pytest.mark.slurm
 
 EXAMPLES = REPO / "examples"
 sys.path.insert(0, str(EXAMPLES))
-from submitit_train import train  # noqa: E402
 from submitit_jobs import assert_resumed_like_plain, wait_done  # noqa: E402
+from submitit_train import train  # noqa: E402
 
 WAIT = 300  # seconds for one submitit job: several launches through the queue, each importing torch
 

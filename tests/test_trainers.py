@@ -7,9 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from jobwrap import trainers
-from jobwrap.signals import SignalTrap
-from jobwrap.supervisor import deliver_when_registered
+from jobwrap._scheduler import trainers
+from jobwrap._scheduler.signals import SignalTrap
+from jobwrap._scheduler.supervisor import deliver_when_registered
 
 # Traps USR1 without jobwrap, says so on stdout, and reports whether the signal came.
 PLAIN_TRAP = """\

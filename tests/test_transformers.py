@@ -17,9 +17,9 @@ transformers = pytest.importorskip("transformers", reason="the transformers extr
 
 import torch  # noqa: E402
 
+from jobwrap._storage.events import read_events  # noqa: E402
+from jobwrap._storage.store import CheckpointStore  # noqa: E402
 from jobwrap.errors import ConfigError  # noqa: E402
-from jobwrap.events import read_events  # noqa: E402
-from jobwrap.store import CheckpointStore  # noqa: E402
 from jobwrap.testing import assert_same_state, final_state, run_preempted  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "hf_trainer_job.py"

@@ -10,8 +10,20 @@ import pytest
 pytest.importorskip("transformers", reason="the transformers extra is not installed (pip install -e '.[transformers]')")
 
 from slurm_cluster import restart_count, wait_for  # noqa: E402
-from test_slurm_e2e import (VENV_BIN, checked, events, job_env, jobs, lines, local_env, scancel,  # noqa: E402,F401
-                            slurm_up, submit, wait_until, write_script)
+from test_slurm_e2e import (  # noqa: E402,F401
+    VENV_BIN,
+    checked,
+    events,
+    job_env,
+    jobs,
+    lines,
+    local_env,
+    scancel,
+    slurm_up,
+    submit,
+    wait_until,
+    write_script,
+)
 from test_transformers import OFFLINE, _assert_same_training  # noqa: E402
 
 pytestmark = pytest.mark.slurm

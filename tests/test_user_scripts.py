@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from jobwrap.events import read_events
-from jobwrap.store import CheckpointStore
+from jobwrap._storage.events import read_events
+from jobwrap._storage.store import CheckpointStore
 from jobwrap.testing import assert_same_run, run_preempted
 
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "user_loop.py"

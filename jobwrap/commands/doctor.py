@@ -52,8 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def settings_from_args(args: argparse.Namespace, environ: dict[str, str]):
     """The doctor's Settings: a flag beats its JOBWRAP_* variable, which beats the default."""
-    from jobwrap.config import load_config, load_run_settings, parse_signal
-    from jobwrap.preflight import Settings, parse_size
+    from jobwrap._config import load_config, load_run_settings, parse_signal
+    from jobwrap._report.preflight import Settings, parse_size
 
     state_bytes = None
     if args.state_bytes is not None:
@@ -79,8 +79,8 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str]):
 
 
 def main(args: argparse.Namespace) -> int:
-    from jobwrap.format import table
-    from jobwrap.preflight import FAIL, PASS, WARN, place, run_checks
+    from jobwrap._format import table
+    from jobwrap._report.preflight import FAIL, PASS, WARN, place, run_checks
 
     environ = dict(os.environ)
     try:

@@ -7,10 +7,10 @@ import os
 import time
 from typing import Any
 
-from jobwrap.deadline import checkpoint_bytes
+from jobwrap._format import human_age, human_size, table
+from jobwrap._storage.deadline import checkpoint_bytes
+from jobwrap._storage.store import CheckpointStore
 from jobwrap.errors import CorruptCheckpointError
-from jobwrap.format import human_age, human_size, table
-from jobwrap.store import CheckpointStore
 
 NAME = "ls"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from jobwrap.config import ENV_VARS, load_run_settings
+from jobwrap._config import ENV_VARS, load_run_settings
 from jobwrap.errors import ConfigError
 
 NAME = "run"
@@ -51,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from jobwrap.supervisor import supervise
+    from jobwrap._scheduler.supervisor import supervise
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:

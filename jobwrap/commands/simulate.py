@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jobwrap.config import ENV_VARS, load_run_settings, parse_signal
+from jobwrap._config import ENV_VARS, load_run_settings, parse_signal
+from jobwrap._format import table
 from jobwrap.errors import ConfigError
-from jobwrap.format import table
 
 NAME = "simulate"
 

@@ -8,11 +8,11 @@ import os
 import sys
 import time
 
-from jobwrap import goodput, leadtime
+from jobwrap._report import goodput, leadtime
+from jobwrap._report.history import checkpoint_summary, render, summarize
+from jobwrap._storage.events import read_events
+from jobwrap._storage.store import CheckpointStore
 from jobwrap.errors import ConfigError
-from jobwrap.events import read_events
-from jobwrap.history import checkpoint_summary, render, summarize
-from jobwrap.store import CheckpointStore
 
 NAME = "status"
 
@@ -67,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
             more.append(("lead time", advice.text()))
         print(render(history, args.directory, checkpoint, time.time(), top=top, more=more))
     if args.plot:
-        from jobwrap.timeline import draw
+        from jobwrap._report.timeline import draw
         try:
             draw(times, events, args.plot, title=", ".join(history.run_ids))
         except ConfigError as exc:

@@ -9,9 +9,9 @@ import subprocess
 import sys
 import tempfile
 
+from jobwrap._scheduler.proc import MISSING, TIMEOUT, Runner, run_command
+from jobwrap._scheduler.sbatch import LAYOUTS, SubmitOptions, render
 from jobwrap.errors import ConfigError, JobwrapError, SchedulerError
-from jobwrap.proc import MISSING, TIMEOUT, Runner, run_command
-from jobwrap.sbatch import LAYOUTS, SubmitOptions, render
 
 NAME = "submit"
 

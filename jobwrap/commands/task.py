@@ -16,7 +16,7 @@ import os
 import signal
 from typing import Mapping
 
-from jobwrap.config import load_run_settings
+from jobwrap._config import load_run_settings
 from jobwrap.errors import ConfigError
 
 NAME = "task"

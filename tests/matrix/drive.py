@@ -28,9 +28,9 @@ from typing import Callable, Sequence
 from cells import CANCELS, Cell, expected
 
 import jobwrap.errors
-from jobwrap.config import REQUEUE_EXIT_CODE
-from jobwrap.events import read_events
-from jobwrap.hold import done_name, got_name, held_pattern, held_rank
+from jobwrap._config import REQUEUE_EXIT_CODE
+from jobwrap._loop.hold import done_name, got_name, held_pattern, held_rank
+from jobwrap._storage.events import read_events
 from jobwrap.testing import assert_same_run
 
 HERE = Path(__file__).resolve().parent

@@ -1,6 +1,6 @@
 """The matrix's Slurm cells: the batch layout (one task) and srun with 2 tasks, on the local cluster.
 
-The job script comes from jobwrap.sbatch (as ``jobwrap submit`` writes it). Signals go
+The job script comes from jobwrap._scheduler.sbatch (as ``jobwrap submit`` writes it). Signals go
 the way Slurm and users send them: ``scancel --signal=USR1 --batch`` (the batch
 layout's ``--signal=B:USR1``), ``scancel --signal=USR1`` (srun's tasks), plain
 ``scancel`` (TERM to every process), ``scancel --signal=KILL --full``. After a
@@ -18,10 +18,10 @@ from pathlib import Path
 
 from cells import CANCELS, Cell
 from drive import TIMEOUT, TRAIN, Outcome, Run, environment, judge, preemption_points, refusal
-
-from jobwrap.hold import done_name, got_name, held_pattern, held_rank
-from jobwrap.sbatch import SubmitOptions, render
 from slurm_cluster import FINAL_STATES, SlurmError, cancel, cluster_available, job_info, output_tail, wait_for
+
+from jobwrap._loop.hold import done_name, got_name, held_pattern, held_rank
+from jobwrap._scheduler.sbatch import SubmitOptions, render
 
 STATE_CODES = {"COMPLETED": 0, "CANCELLED": 143}  # anything else: 1
 

@@ -4,8 +4,18 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
-from cells import (DIMENSIONS, Cell, default_cells, expected, full_cells, local_pairwise, loader_by_signal,
-                   pair_coverage, refused_values, valid)
+from cells import (
+    DIMENSIONS,
+    Cell,
+    default_cells,
+    expected,
+    full_cells,
+    loader_by_signal,
+    local_pairwise,
+    pair_coverage,
+    refused_values,
+    valid,
+)
 
 
 def test_pairwise_covers_every_valid_pair():

@@ -8,7 +8,6 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from cells import SLURM_LAUNCHES, Cell, expected, selected_cells
 from drive import Matrix
 

@@ -12,8 +12,8 @@ from typing import Any, Callable
 
 from jobwrap import StorageError
 
-from .internals import data_path
 from .files import commit, files_of, intact, newest_committed, store_with, temporaries
+from .internals import data_path
 from .mounts import device_mapper_reason, ext4_over_full_tmpfs, failing_syscall, fill, read_only, tmpfs
 from .results import Campaign, Failed, Fault, Outcome, Row, check, short, verdict
 from .training import Weights, advance, capture_logs, open_session, resume, train_to

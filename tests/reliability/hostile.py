@@ -23,8 +23,17 @@ from .files import edit_manifest, flip_bit, rehash
 from .forked import Report, fork_trial
 from .internals import FORMAT_VERSION, REPO, CheckpointStore, checksum_of, data_path
 from .results import Campaign, Fault, Outcome, Row, short, verdict
-from .training import (Weights, advance, capture_logs, environment, new_directory, open_session, resume,
-                       train_to, warnings_of)
+from .training import (
+    Weights,
+    advance,
+    capture_logs,
+    environment,
+    new_directory,
+    open_session,
+    resume,
+    train_to,
+    warnings_of,
+)
 
 
 class _Evil:

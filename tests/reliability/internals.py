@@ -19,17 +19,16 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import torch  # noqa: E402,F401  (one import, shared by every forked trial)
-
 import torch.distributed  # noqa: E402,F401  (imported here, not once per child)
 
 import jobwrap  # noqa: E402
-import jobwrap.session  # noqa: E402,F401
+import jobwrap._loop.session  # noqa: E402,F401
 from jobwrap import events, faults, store  # noqa: E402
-from jobwrap.config import Config  # noqa: E402
-from jobwrap.events import read_events  # noqa: E402,F401
-from jobwrap.schedulers import scontrol_requeue  # noqa: E402,F401
-from jobwrap.store import FORMAT_VERSION, CheckpointStore, checksum_of  # noqa: E402,F401
-from jobwrap.supervisor import supervise  # noqa: E402,F401
+from jobwrap._config import Config  # noqa: E402
+from jobwrap._scheduler.schedulers import scontrol_requeue  # noqa: E402,F401
+from jobwrap._scheduler.supervisor import supervise  # noqa: E402,F401
+from jobwrap._storage.events import read_events  # noqa: E402,F401
+from jobwrap._storage.store import FORMAT_VERSION, CheckpointStore, checksum_of  # noqa: E402,F401
 
 # Every crash point of a save, commit and retention (faults.POINTS names them, "" aside).
 CRASH_POINTS = [p for p in faults.POINTS if p]
@@ -80,12 +79,12 @@ def replace_crash_point(point: Callable[[str], None]) -> None:
 
 def report_exit_decisions(report: Callable[..., None]) -> None:
     """Report each stop decision: the step and the signal that decides it (in a forked child only)."""
-    decide = jobwrap.session.Session._exit_decision
+    decide = jobwrap._loop.session.Session._exit_decision
 
     def reported(self: Any, request: int, sig: Any, *args: Any, **kwargs: Any) -> Any:
         report("decided", self.step, sig.name if sig is not None else "none")
         return decide(self, request, sig, *args, **kwargs)
-    jobwrap.session.Session._exit_decision = reported  # type: ignore[method-assign]
+    jobwrap._loop.session.Session._exit_decision = reported  # type: ignore[method-assign]
 
 
 def wait_for_trapped_signal(limit: float = 10.0) -> None:

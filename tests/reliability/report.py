@@ -72,7 +72,7 @@ def _kill_figures(k: Any) -> list[str]:
     lines = [
         f"- **Kills at random: {k.runs} runs**, each a forked training process (a real `Session`, real files, "
         f"1 MB checkpoints, `keep_last` 1-3, synchronous and background saves) SIGKILLed at a random moment "
-        f"or at one of the crash points of `jobwrap/faults.py`; {k.killed} were killed mid-run "
+        f"or at one of the crash points of `jobwrap/_storage/faults.py`; {k.killed} were killed mid-run "
         f"({k.crash_points} at crash points), {k.finished_first} finished before the kill.",
         f"- **Corrupt loads: {k.corrupt_loads}.** Committed checkpoints failing verification: "
         f"{k.corrupt_committed}.",
@@ -172,7 +172,7 @@ The first runs of this campaign failed 13 rows (10 of 40 random directories in t
 in 3 of 15 signal storms. Each cause was fixed in place with a small, local change, and is now a row
 above and a test in `tests/test_reliability.py`.
 
-1. **A storm of signals could hang the job forever** (`jobwrap/signals.py`). The handler called
+1. **A storm of signals could hang the job forever** (`jobwrap/_scheduler/signals.py`). The handler called
    `threading.Event.set()`, which takes a lock; a second signal landing while the handler was inside
    `set()` ran the handler again on the same thread, which then waited for that lock forever. The job
    never reached its step boundary, so the signal's checkpoint was never written. Fix: the handler sets

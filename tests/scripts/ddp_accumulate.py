@@ -8,7 +8,6 @@ import contextlib
 import random
 
 import numpy as np
-
 import torch
 import torch.distributed as dist
 from torch import nn

@@ -28,10 +28,10 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
+from jobwrap._storage.faults import crash_point
+from jobwrap._storage.state import few
+from jobwrap._storage.store import Checkpoint, CheckpointStore, checksum_of, folder_name, parse_name
 from jobwrap.errors import CheckpointError, CorruptCheckpointError, StateMismatchError, StorageError
-from jobwrap.faults import crash_point
-from jobwrap.state import few
-from jobwrap.store import Checkpoint, CheckpointStore, checksum_of, folder_name, parse_name
 
 log = logging.getLogger("jobwrap")
 

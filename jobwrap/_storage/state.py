@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import torch
 
-from jobwrap.devices import cuda_rng_plan
+from jobwrap._storage.devices import cuda_rng_plan
 from jobwrap.errors import ConfigError, StateMismatchError
 
 log = logging.getLogger("jobwrap")
@@ -52,7 +52,7 @@ def capture_rng(device: torch.device | None = None) -> dict[str, Any]:
 
 def restore_rng(state: Mapping[str, Any], device: torch.device | None = None) -> str | None:
     """Put every captured stream back; returns a one-line warning when the CUDA streams cannot all be
-    (another number of GPUs, or none: see :func:`jobwrap.devices.cuda_rng_plan`), never fails on it."""
+    (another number of GPUs, or none: see :func:`jobwrap._storage.devices.cuda_rng_plan`), never fails on it."""
     python = state["python"]
     internal = tuple(int(v) for v in python["state"].tolist())
     random.setstate((python["version"], internal, python["gauss"]))

@@ -4,7 +4,7 @@ The deciders do the side effects around it, each in one place: the training
 process (``Session._exit_decision``, rank 0, through :func:`carry_out`) asks its
 ``Scheduler`` for the requeue and records the event; ``jobwrap run`` (``supervisor.supervise``) asks
 the scheduler and else relaunches the command itself. "The scheduler, else the
-fallback" is the ``Scheduler`` seam's (``jobwrap/schedulers.py``).
+fallback" is the ``Scheduler`` seam's (``jobwrap/_scheduler/schedulers.py``).
 """
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import signal
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
-from jobwrap.config import REQUEUE_EXIT_CODE
+from jobwrap._config import REQUEUE_EXIT_CODE
 
 if TYPE_CHECKING:
-    from jobwrap.store import Checkpoint
+    from jobwrap._storage.store import Checkpoint
 
 log = logging.getLogger("jobwrap")
 
@@ -41,7 +41,7 @@ class Stop:
 
 @dataclass(frozen=True)
 class Limits:
-    """The caps of the requeue loop (``max_requeues``, ``max_no_progress``: see :class:`jobwrap.config.Config`)."""
+    """The caps of the requeue loop (``max_requeues``, ``max_no_progress``: see :class:`jobwrap._config.Config`)."""
 
     max_requeues: int
     max_no_progress: int | None = None  # None: no cap on runs without progress (jobwrap run cannot see it)

@@ -1,7 +1,7 @@
 """How a job asks to run again: ``scontrol requeue`` on Slurm, an exit code for a local supervisor.
 
 Each backend's side effect sits in one small method so that the policy around
-it (``jobwrap/stopping.py``: caps, progress, which signal means what) is tested
+it (``jobwrap/_scheduler/stopping.py``: caps, progress, which signal means what) is tested
 without a cluster.
 """
 from __future__ import annotations
@@ -12,9 +12,9 @@ import shutil
 import subprocess
 from typing import Protocol, Sequence
 
-from jobwrap.config import REQUEUE_EXIT_CODE
-from jobwrap.env import JobEnv
-from jobwrap.proc import Runner, run_command
+from jobwrap._config import REQUEUE_EXIT_CODE
+from jobwrap._scheduler.env import JobEnv
+from jobwrap._scheduler.proc import Runner, run_command
 
 log = logging.getLogger("jobwrap")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-from jobwrap.pids import alive, start_time
+from jobwrap._storage.pids import alive, start_time
 
 #: The variable through which ``jobwrap run`` hands the registry directory to its command.
 REGISTRY_VARIABLE = "JOBWRAP_TRAINERS"

@@ -16,10 +16,11 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from jobwrap import payload, progress
+from jobwrap._loop import payload
+from jobwrap._storage import progress
+from jobwrap._storage.state import load_into, restore_rng
+from jobwrap._storage.store import Checkpoint, CheckpointStore
 from jobwrap.errors import JobwrapError, StateMismatchError
-from jobwrap.state import load_into, restore_rng
-from jobwrap.store import Checkpoint, CheckpointStore
 
 log = logging.getLogger("jobwrap")
 

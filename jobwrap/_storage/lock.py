@@ -34,8 +34,8 @@ from typing import Any, Callable
 
 import psutil
 
+from jobwrap._storage.pids import alive
 from jobwrap.errors import DirectoryHeldError, storage_error
-from jobwrap.pids import alive
 
 log = logging.getLogger("jobwrap")
 

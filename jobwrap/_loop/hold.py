@@ -16,7 +16,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from jobwrap.signals import SignalTrap
+    from jobwrap._scheduler.signals import SignalTrap
 
 log = logging.getLogger("jobwrap")
 

@@ -17,8 +17,8 @@ import threading
 import time
 from typing import Callable, Iterator, TextIO
 
-from jobwrap.format import human_duration, human_size
-from jobwrap.store import Checkpoint, CheckpointStore, temporary_data_glob
+from jobwrap._format import human_duration, human_size
+from jobwrap._storage.store import Checkpoint, CheckpointStore, temporary_data_glob
 
 log = logging.getLogger("jobwrap")
 

@@ -8,7 +8,7 @@ import time
 from types import FrameType
 from typing import Callable, Iterable
 
-from jobwrap import trainers
+from jobwrap._scheduler import trainers
 
 log = logging.getLogger("jobwrap")
 
@@ -22,7 +22,7 @@ class SignalTrap:
     locks that the interrupted code may hold, so it is safe at any instruction.
     Previous handlers are kept and put back by :meth:`restore`. With ``registry``
     (``jobwrap run``'s ``JOBWRAP_TRAINERS``) the process registers there while the trap
-    is installed: the supervisor signals registered processes only (:mod:`jobwrap.trainers`).
+    is installed: the supervisor signals registered processes only (:mod:`jobwrap._scheduler.trainers`).
     ``clock`` stamps each arrival (the session's, so that it can tell how long ago a signal came).
     """
 

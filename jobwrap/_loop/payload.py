@@ -16,11 +16,12 @@ from typing import Any, Mapping
 
 import torch
 
-from jobwrap import __version__, sharded
-from jobwrap.env import JobEnv
+from jobwrap import __version__
+from jobwrap._scheduler.env import JobEnv
+from jobwrap._storage import sharded
+from jobwrap._storage.state import capture_rng, plain
+from jobwrap._storage.store import FORMAT_VERSION, Checkpoint, CheckpointStore, folder_name
 from jobwrap.errors import CorruptCheckpointError
-from jobwrap.state import capture_rng, plain
-from jobwrap.store import FORMAT_VERSION, Checkpoint, CheckpointStore, folder_name
 
 
 def build(objects: Mapping[str, Any], extras: Mapping[str, Any], *, sharded_names: list[str], epoch: int,

@@ -8,10 +8,10 @@ The flow, top to bottom::
     loader()     yields batches from where the run stopped; each batch ends at a step boundary
     _boundary()  a signal arrived? -> save, requeue (or not), raise Preempted
 
-The parts it ties together: :mod:`jobwrap.resume` (the checkpoint found, loaded and
-put back), :mod:`jobwrap.payload` (what a checkpoint holds), :mod:`jobwrap.async_save`
-(periodic saves in the background), :mod:`jobwrap.sharded` (FSDP state, every rank's
-part), :mod:`jobwrap.grads` (gradients between optimizer steps), :mod:`jobwrap.hold`
+The parts it ties together: :mod:`jobwrap._loop.resume` (the checkpoint found, loaded and
+put back), :mod:`jobwrap._loop.payload` (what a checkpoint holds), :mod:`jobwrap._loop.async_save`
+(periodic saves in the background), :mod:`jobwrap._storage.sharded` (FSDP state, every rank's
+part), :mod:`jobwrap._loop.grads` (gradients between optimizer steps), :mod:`jobwrap._loop.hold`
 (the test hold). Time comes from one ``clock``.
 """
 from __future__ import annotations
@@ -25,27 +25,28 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import torch
 
-from jobwrap import deadline, hold, payload, progress, resume, sharded
-from jobwrap.async_save import AsyncSaver
-from jobwrap.config import Config, load_config
-from jobwrap.data import ResumableLoader
-from jobwrap.devices import resume_device
-from jobwrap.distributed import NO_STOP, STOP_EXIT, STOP_REQUEUE, Solo, join, save_on_rank0
-from jobwrap.env import JobEnv, default_run_id, read_env
+from jobwrap._config import Config, load_config
+from jobwrap._format import human_size
+from jobwrap._loop import hold, payload, resume
+from jobwrap._loop.async_save import AsyncSaver
+from jobwrap._loop.data import ResumableLoader
+from jobwrap._loop.distributed import NO_STOP, STOP_EXIT, STOP_REQUEUE, Solo, join, save_on_rank0
+from jobwrap._loop.grads import PendingGrads
+from jobwrap._loop.interval import AutoInterval
+from jobwrap._loop.resume import Resumed
+from jobwrap._loop.workers import guard_dataloader_workers
+from jobwrap._scheduler.env import JobEnv, default_run_id, read_env
+from jobwrap._scheduler.schedulers import Scheduler, scheduler_for
+from jobwrap._scheduler.signals import SignalTrap
+from jobwrap._scheduler.stopping import EXIT, REQUEUE, Limits, Preempted, Stop, carry_out, decide_stop
+from jobwrap._storage import deadline, progress, sharded
+from jobwrap._storage.devices import resume_device
+from jobwrap._storage.events import EventLog
+from jobwrap._storage.lock import DirectoryLock
+from jobwrap._storage.pids import Lifeline, start_time
+from jobwrap._storage.state import RESERVED_KEYS, fingerprint, is_stateful, plain
+from jobwrap._storage.store import Checkpoint, CheckpointStore
 from jobwrap.errors import ConfigError, StorageError
-from jobwrap.events import EventLog
-from jobwrap.format import human_size
-from jobwrap.grads import PendingGrads
-from jobwrap.interval import AutoInterval
-from jobwrap.lock import DirectoryLock
-from jobwrap.pids import Lifeline, start_time
-from jobwrap.resume import Resumed
-from jobwrap.schedulers import Scheduler, scheduler_for
-from jobwrap.stopping import EXIT, REQUEUE, Limits, Preempted, Stop, carry_out, decide_stop
-from jobwrap.signals import SignalTrap
-from jobwrap.state import RESERVED_KEYS, fingerprint, is_stateful, plain
-from jobwrap.store import Checkpoint, CheckpointStore
-from jobwrap.workers import guard_dataloader_workers
 
 log = logging.getLogger("jobwrap")
 
@@ -65,7 +66,7 @@ def _ensure_log_handler() -> None:
 
 def default_device(job: JobEnv, configured: str | None = None) -> torch.device:
     """The configured device, else ``cuda:LOCAL_RANK`` when this process has CUDA, else the CPU
-    (the rule: :func:`jobwrap.devices.resume_device`)."""
+    (the rule: :func:`jobwrap._storage.devices.resume_device`)."""
     cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
     name = resume_device(local_rank=job.local_rank, cuda_devices=cuda_devices, configured=configured)
     try:
@@ -322,7 +323,7 @@ class Session:
         """True once a trapped signal arrived (the next boundary will checkpoint and stop)."""
         return bool(self._trap.received) or self._orphaned
 
-    # The loader's side of the boundary (jobwrap.data.StepBoundary): package-internal, hence the underscores.
+    # The loader's side of the boundary (jobwrap._loop.data.StepBoundary): package-internal, hence the underscores.
     def _step_done(self) -> None:
         self.step += 1
         self.position += 1

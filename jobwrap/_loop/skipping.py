@@ -7,7 +7,7 @@ its workers' base seed, the sampler's seed) over an index sampler that drops the
 first ``position`` batches of indices before handing out any, so no worker fetches
 them. What a skip cannot rebuild is where the random streams inside the workers
 stood; so every batch's worker draws start from a seed made of the iterator's base
-seed and the batch's index in the epoch (:func:`jobwrap.workers.seed_batch`), in
+seed and the batch's index in the epoch (:func:`jobwrap._loop.workers.seed_batch`), in
 the uninterrupted run as in the resumed one. With ``num_workers=0`` the dataset
 draws from this process's streams, which the resume puts back to the checkpoint's
 state after the skip, as after a replay.
@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 from torch.utils.data import DataLoader
 from torch.utils.data.dataloader import _DatasetKind
 
-from jobwrap.workers import seeded_workers
+from jobwrap._loop.workers import seeded_workers
 
 _END = object()
 

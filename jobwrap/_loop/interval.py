@@ -27,8 +27,8 @@ import logging
 import math
 from typing import Any, Sequence
 
-from jobwrap.format import human_duration
-from jobwrap.history import Launch, summarize
+from jobwrap._format import human_duration
+from jobwrap._report.history import Launch, summarize
 
 __all__ = ["CEILING", "FLOOR", "PRIOR_MTBI", "AutoInterval", "Choice", "choose", "estimate_mtbi", "mean_time_between",
            "young_daly"]

@@ -7,7 +7,7 @@ runs at full link speed). Tensors are copied during the pause, except the
 storages the caller marks as deferred (the optimizers' CPU parameters and
 state, which only ``optimizer.step()`` changes): :meth:`StagingArea.copy_deferred`
 copies those on the writer thread while the next step computes, and
-:mod:`jobwrap.async_save` holds the next ``step()`` until it is done.
+:mod:`jobwrap._loop.async_save` holds the next ``step()`` until it is done.
 :class:`BackgroundSave` runs that copy and the write and commit on its own
 thread, at most one at a time; its outcome, a committed checkpoint or the exception, is kept until the
 training thread collects it at a step boundary, so a failure is raised there
@@ -28,7 +28,7 @@ from typing import Any, Callable, Collection
 
 import torch
 
-from jobwrap.store import SaveCancelled
+from jobwrap._storage.store import SaveCancelled
 
 _COPY_CHUNK = 64 << 20  # a deferred copy checks for cancellation between pieces
 _IMMUTABLE = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device,

@@ -29,8 +29,8 @@ import subprocess
 from datetime import datetime
 from typing import Any, Callable, Sequence
 
-from jobwrap.format import human_duration
-from jobwrap.history import History, Launch
+from jobwrap._format import human_duration
+from jobwrap._report.history import History, Launch
 
 __all__ = ["Allocation", "Goodput", "LaunchTime", "breakdown", "facts", "parse_sacct", "read_accounting"]
 

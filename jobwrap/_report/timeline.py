@@ -1,15 +1,15 @@
 """``jobwrap status --plot``: the run's timeline as a picture (matplotlib, an optional extra).
 
 One bar per launch along wall time, coloured by where the time went (the parts of
-:mod:`jobwrap.goodput`), with each save's pause and each signal marked. Gaps between
+:mod:`jobwrap._report.goodput`), with each save's pause and each signal marked. Gaps between
 bars are time the job did not hold (the queue, with Slurm's accounting).
 """
 from __future__ import annotations
 
 from typing import Any, Sequence
 
+from jobwrap._report.goodput import Goodput, LaunchTime
 from jobwrap.errors import ConfigError
-from jobwrap.goodput import Goodput, LaunchTime
 
 __all__ = ["COLOURS", "segments", "draw"]
 

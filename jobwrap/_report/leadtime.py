@@ -14,8 +14,8 @@ import dataclasses
 import math
 from typing import Sequence
 
-from jobwrap.format import human_duration
-from jobwrap.history import History
+from jobwrap._format import human_duration
+from jobwrap._report.history import History
 
 __all__ = ["MARGIN", "MIN_LEAD", "SAVE_MARGIN", "Advice", "advise", "check", "check_directory"]
 
@@ -77,9 +77,9 @@ def check_directory(directory: str | None, *, lead: float | None, grace: float |
     """``jobwrap doctor``'s row from the run already in ``directory`` (None when it has no saves yet)."""
     if not directory:
         return None
-    from jobwrap.events import read_events
-    from jobwrap.goodput import breakdown
-    from jobwrap.history import summarize
+    from jobwrap._report.goodput import breakdown
+    from jobwrap._report.history import summarize
+    from jobwrap._storage.events import read_events
 
     try:
         history = summarize(read_events(directory))

@@ -13,8 +13,8 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from jobwrap._storage.state import few
 from jobwrap.errors import ConfigError, StateMismatchError
-from jobwrap.state import few
 
 
 class PendingGrads:

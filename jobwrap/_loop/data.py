@@ -9,7 +9,7 @@ NumPy generator, a stateful sampler's ``state_dict``). It fast-forwards past the
 batches already trained on, then puts back the state of the moment the checkpoint
 was taken. The remaining batches are then exactly those, in exactly the order, of
 the run that was never stopped. A DataLoader over a map-style dataset passes the
-done batches by their indices alone, loading nothing (:mod:`jobwrap.skipping`);
+done batches by their indices alone, loading nothing (:mod:`jobwrap._loop.skipping`);
 other loaders are iterated through them. A loader that knows its place (an
 IterableDataset with ``state_dict``/``load_state_dict`` read in this process,
 or any iterable with them) is resumed through that state instead of a replay.
@@ -25,9 +25,9 @@ from typing import Any, Generic, Iterable, Iterator, Protocol, TypeVar
 
 import torch
 
+from jobwrap._loop.skipping import can_skip, open_at
+from jobwrap._storage.state import capture_rng, is_stateful, plain, restore_rng
 from jobwrap.errors import ConfigError, StateMismatchError
-from jobwrap.skipping import can_skip, open_at
-from jobwrap.state import capture_rng, is_stateful, plain, restore_rng
 
 T = TypeVar("T")
 _END = object()
@@ -130,7 +130,7 @@ class ResumableLoader(Generic[T]):
     def _replay(self, resume: dict[str, Any], position: int) -> Iterator[T]:
         """The epoch from its starting state, less the batches done; then the checkpoint's state back.
 
-        A map-style DataLoader skips the done batches' indices without loading them (jobwrap.skipping);
+        A map-style DataLoader skips the done batches' indices without loading them (jobwrap._loop.skipping);
         anything else is iterated through them.
         """
         now = capture_rng()

@@ -59,7 +59,7 @@ class Config:
     keep_last: int = 3
     save_every_steps: int | None = None
     save_every_seconds: float | None = None
-    # "auto": the interval chosen from this run's measured save pause and interruptions (jobwrap/interval.py).
+    # "auto": the interval chosen from this run's measured save pause and interruptions (jobwrap/_loop/interval.py).
     save_every: str | None = None
     save_at_end: bool = True
     max_requeues: int = DEFAULT_MAX_REQUEUES
@@ -75,7 +75,7 @@ class Config:
     # ...and copy the tracked optimizers' CPU parameters and state on the writer thread while the next
     # step computes (their next step() waits for it); False copies everything during the pause.
     lazy_copy: bool = True
-    # One live trainer per directory (jobwrap/lock.py): a holder on another host whose lock this host
+    # One live trainer per directory (jobwrap/_storage/lock.py): a holder on another host whose lock this host
     # cannot see is taken over after this many seconds without a heartbeat; break_lock takes it anyway.
     lock_timeout: float = 120.0
     break_lock: bool = False

@@ -9,8 +9,8 @@ Layout of a checkpoint directory::
     step-000000001200-1.json   without a step: end-of-epoch code after a save) -- newer than serial 0
     step-000000001200.dcp/     sharded (FSDP) state, one torch.distributed.checkpoint folder
                                written by every rank; the .pt records its files' sizes and checksums
-    events.jsonl               the run's history (see :mod:`jobwrap.events`)
-    lock, lock.json            held by the one live trainer of the directory (see :mod:`jobwrap.lock`)
+    events.jsonl               the run's history (see :mod:`jobwrap._storage.events`)
+    lock, lock.json            held by the one live trainer of the directory (see :mod:`jobwrap._storage.lock`)
 
 Commit protocol: data to a temporary file in the same directory, fsync, rename;
 then the manifest the same way; then fsync the directory. A checkpoint without
@@ -39,8 +39,8 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import xxhash
 
+from jobwrap._storage.faults import crash_point
 from jobwrap.errors import CorruptCheckpointError, ForeignRunError, LoadFailedHereError, describe_oserror, storage_error
-from jobwrap.faults import crash_point
 
 log = logging.getLogger("jobwrap")
 
@@ -448,7 +448,7 @@ class CheckpointStore:
     def prepare(self) -> None:
         """Create the directory, prove it is writable, and clean what a killed save left.
 
-        Only the trainer holding the directory (:mod:`jobwrap.lock`) may call it: the
+        Only the trainer holding the directory (:mod:`jobwrap._storage.lock`) may call it: the
         temporaries it removes would be another live trainer's saves in progress.
         """
         self.ensure_directory()

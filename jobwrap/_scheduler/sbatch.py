@@ -450,7 +450,7 @@ def render(opts: SubmitOptions, *, header: str = "") -> str:
         lines.append(f"# {text}".rstrip())
     if header:
         lines.append("#")
-    lines += _comment(f"Made by jobwrap submit (jobwrap.sbatch.render), layout {opts.layout}. Each "
+    lines += _comment(f"Made by jobwrap submit, layout {opts.layout}. Each "
                       f"line comes with the reason it is there; #SBATCH lines must precede the first "
                       f"command.")
     lines += _directives(opts)

@@ -13,8 +13,8 @@ import os
 from collections import Counter
 from typing import Any, Iterable, Sequence
 
-from jobwrap.deadline import checkpoint_bytes
-from jobwrap.format import human_age, human_duration, human_size, table
+from jobwrap._format import human_age, human_duration, human_size, table
+from jobwrap._storage.deadline import checkpoint_bytes
 
 __all__ = ["Launch", "History", "checkpoint_summary", "render", "summarize"]
 

@@ -1,6 +1,6 @@
 """Periodic saves in the background, and what a signal's save does about the one in flight.
 
-The mechanics are in :mod:`jobwrap.snapshot`: the training thread pauses only to
+The mechanics are in :mod:`jobwrap._storage.snapshot`: the training thread pauses only to
 stage the state into reusable buffers, a thread writes and commits it. The
 :class:`AsyncSaver` decides around them, at step boundaries: one save in flight
 at a time (a save that comes due meanwhile is skipped), the staging buffers
@@ -19,12 +19,12 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from jobwrap import deadline
-from jobwrap.config import Config
+from jobwrap._config import Config
+from jobwrap._format import human_size
+from jobwrap._storage import deadline
+from jobwrap._storage.snapshot import BackgroundSave, ChangedWhileCopied, StagingArea, check_unchanged, lower_priority
+from jobwrap._storage.store import Checkpoint, CheckpointStore, SaveCancelled
 from jobwrap.errors import CheckpointError, JobwrapError, StorageError
-from jobwrap.format import human_size
-from jobwrap.snapshot import BackgroundSave, ChangedWhileCopied, StagingArea, check_unchanged, lower_priority
-from jobwrap.store import Checkpoint, CheckpointStore, SaveCancelled
 
 log = logging.getLogger("jobwrap")
 

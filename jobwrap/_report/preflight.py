@@ -20,13 +20,13 @@ import tempfile
 import time
 from typing import Any, Callable, Mapping, Sequence
 
-from jobwrap.config import REQUEUE_EXIT_CODE
-from jobwrap.env import read_env, read_slurm_step
+from jobwrap._config import REQUEUE_EXIT_CODE
+from jobwrap._format import human_size
+from jobwrap._scheduler.env import read_env, read_slurm_step
+from jobwrap._scheduler.proc import Runner, run_command
+from jobwrap._scheduler.signals import SignalTrap
+from jobwrap._storage.store import CheckpointStore
 from jobwrap.errors import describe_oserror
-from jobwrap.format import human_size
-from jobwrap.proc import Runner, run_command
-from jobwrap.signals import SignalTrap
-from jobwrap.store import CheckpointStore
 
 __all__ = ["FAIL", "PASS", "WARN", "Proc", "Row", "Settings", "classify_filesystem", "find_mount",
            "parse_size", "plan_delivery", "run_checks", "save_fits"]
@@ -301,7 +301,7 @@ def process_chain(signum: int) -> list[Proc]:
     """This process and its parents, each with whether it traps ``signum``."""
     import psutil
 
-    from jobwrap.supervisor import catches
+    from jobwrap._scheduler.supervisor import catches
 
     chain = []
     me = psutil.Process()
@@ -315,7 +315,7 @@ def process_chain(signum: int) -> list[Proc]:
 
 def _c_level_handler(signum: int) -> bool | None:
     """Whether this process has a handler for ``signum`` at the C level (``/proc/self/status`` SigCgt)."""
-    from jobwrap.supervisor import catches
+    from jobwrap._scheduler.supervisor import catches
 
     return catches(os.getpid(), signum)
 
@@ -590,8 +590,8 @@ def check_saves(settings: Settings, scratch: str | None, environ: Mapping[str, s
 
 def check_measured_lead(settings: Settings, environ: Mapping[str, str], *, run: Runner = subprocess.run) -> list[Row]:
     """(f) From a run already in the directory: its measured step and signal saves against the lead time
-    and the partition's GraceTime (jobwrap/leadtime.py); nothing before the run has saved."""
-    from jobwrap.leadtime import check_directory
+    and the partition's GraceTime (jobwrap/_report/leadtime.py); nothing before the run has saved."""
+    from jobwrap._report.leadtime import check_directory
 
     grace = grace_time(environ, run=run)[0] if read_env(environ).scheduler == "slurm" else None
     found = check_directory(settings.directory, lead=settings.lead_seconds, grace=grace)

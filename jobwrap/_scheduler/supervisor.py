@@ -21,11 +21,11 @@ from typing import Callable, Mapping, Sequence
 
 import psutil
 
-from jobwrap import trainers
-from jobwrap.config import REQUEUE_EXIT_CODE
-from jobwrap.env import SUPERVISOR_VARIABLE, read_env, supervisor_token
-from jobwrap.schedulers import DESPITE_EXIT_SIGNALS, scheduler_for
-from jobwrap.stopping import EXIT, REQUEUE, SUPERVISOR, Limits, Stop, decide_stop
+from jobwrap._config import REQUEUE_EXIT_CODE
+from jobwrap._scheduler import trainers
+from jobwrap._scheduler.env import SUPERVISOR_VARIABLE, read_env, supervisor_token
+from jobwrap._scheduler.schedulers import DESPITE_EXIT_SIGNALS, scheduler_for
+from jobwrap._scheduler.stopping import EXIT, REQUEUE, SUPERVISOR, Limits, Stop, decide_stop
 
 log = logging.getLogger("jobwrap")
 
