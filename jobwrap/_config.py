@@ -51,6 +51,8 @@ class Config:
     directory: str
     run_id: str | None = None
     adopt: bool = False
+    # A user's own torch.save checkpoint the first launch starts from (jobwrap/_loop/adopt.py).
+    init_from: str | None = None
     requeue_signals: tuple[signal.Signals, ...] = dataclasses.field(
         default_factory=lambda: parse_signals(DEFAULT_REQUEUE_SIGNALS))
     exit_signals: tuple[signal.Signals, ...] = dataclasses.field(
@@ -144,6 +146,7 @@ _ENV_FIELDS: dict[str, tuple[str, Any]] = {
     "JOBWRAP_DIR": ("directory", str),
     "JOBWRAP_RUN_ID": ("run_id", str),
     "JOBWRAP_ADOPT": ("adopt", _flag),
+    "JOBWRAP_INIT_FROM": ("init_from", str),
     "JOBWRAP_REQUEUE_SIGNALS": ("requeue_signals", parse_signals),
     "JOBWRAP_EXIT_SIGNALS": ("exit_signals", parse_signals),
     "JOBWRAP_KEEP": ("keep_last", int),
@@ -166,6 +169,9 @@ _ENV_FIELDS: dict[str, tuple[str, Any]] = {
     "JOBWRAP_TEST_CONTROL": ("test_control", str),
 }
 
+
+#: Beats even a directory given in code (JOBWRAP_DIR does not): set by ``jobwrap simulate``.
+DIR_OVERRIDE = "JOBWRAP_DIR_OVERRIDE"
 
 #: The environment variable of each setting, by :class:`Config` field (docs/guide.md lists them all).
 ENV_VARS: dict[str, str] = {field: var for var, (field, _) in _ENV_FIELDS.items()}
@@ -195,6 +201,9 @@ def load_config(environ: Mapping[str, str] | None = None, **arguments: Any) -> C
         raise ConfigError(f"unknown setting(s) {sorted(unknown)}; known: {sorted(known)}")
     values.update({k: v for k, v in arguments.items() if v is not None})
     values.setdefault("directory", "")
+    override = (os.environ if environ is None else environ).get(DIR_OVERRIDE)
+    if override:  # jobwrap simulate points a script whose code names its directory elsewhere
+        values["directory"] = override
     return Config(**values)
 
 

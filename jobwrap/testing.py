@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from jobwrap._config import ENV_VARS
+from jobwrap._config import DIR_OVERRIDE, ENV_VARS
 from jobwrap._loop.hold import done_name, got_name, held_pattern, held_rank
 from jobwrap._report.history import summarize
 from jobwrap._storage.events import read_events
@@ -316,8 +316,8 @@ def preempt_and_relaunch(command: Sequence[str], directory: Path, steps: Sequenc
     signalled: list[int] = []
     remaining = list(steps)
     for restart in range(len(steps) + 1):
-        run = run_preempted(command, directory, preempt_at=remaining, signal_=sig, timeout=timeout,
-                            env={"JOBWRAP_RESTART_COUNT": str(restart)} if restart else None)
+        env = {DIR_OVERRIDE: str(directory), **({"JOBWRAP_RESTART_COUNT": str(restart)} if restart else {})}
+        run = run_preempted(command, directory, preempt_at=remaining, signal_=sig, timeout=timeout, env=env)
         runs.append(run)
         signalled += run.signalled_at
         remaining = [s for s in remaining if s not in run.signalled_at]
@@ -350,8 +350,33 @@ def resume_checks(plain: Path, cut: Path, steps: Sequence[int], signalled: Seque
         assert_same_run(plain, cut)
         results.append(("same final checkpoint", True, "bit for bit equal to the uninterrupted run"))
     except AssertionError as exc:
-        results.append(("same final checkpoint", False, str(exc).splitlines()[0][:200]))
+        unseeded = unseeded_streams(final_state(plain), final_state(cut))
+        results.append(("same final checkpoint", False, (
+            f"only the {' and '.join(unseeded)} random stream(s) differ, everything else is equal: never "
+            f"seeded, so two plain runs would differ too; seed them at the start of the script "
+            f"(random.seed(0), numpy.random.seed(0))") if unseeded else str(exc).splitlines()[0][:200]))
     return results
+
+
+_SEEDABLE = {"python": "Python", "numpy": "NumPy"}
+
+
+def unseeded_streams(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The Python/NumPy streams that alone make two final checkpoints differ ([] if anything else differs)."""
+    differ = []
+    for name in _SEEDABLE:
+        streams = [[rank["rng"].pop(name, None) for rank in state["jobwrap"]["ranks"]] for state in (a, b)]
+        try:
+            assert_same_state(*streams)
+        except AssertionError:
+            differ.append(_SEEDABLE[name])
+    for state in (a, b):
+        state["jobwrap"].pop("run_id", None)
+    try:
+        assert_same_state(a, b)
+    except AssertionError:
+        return []
+    return differ
 
 
 def _final_step(plain: PreemptedRun, log: Path) -> int:
@@ -361,8 +386,7 @@ def _final_step(plain: PreemptedRun, log: Path) -> int:
         raise SimulationFailed(f"the uninterrupted run failed with exit {plain.returncode} (log: {log})", plain)
     if not read_events(str(where)):
         raise SimulationFailed(f"the command wrote nothing to {where}: it must take its checkpoint directory from "
-                               f"{ENV_VARS['directory']} (a directory passed to Session/preemptible beats the "
-                               f"variable)", plain)
+                               f"{ENV_VARS['directory']} or {DIR_OVERRIDE}, which simulate sets", plain)
     committed = CheckpointStore(str(where)).committed()
     if not committed:
         raise SimulationFailed("the uninterrupted run committed no checkpoint, so there is no final state to "
@@ -384,13 +408,13 @@ def simulate(command: Sequence[str], work: Path, *, sig: signal.Signals, at: Seq
     prepare_workdir(work)
     plain_dir, cut_dir = work / "plain", work / "preempted"
     say(f"1/2 uninterrupted run in {plain_dir}")
-    plain = run_preempted(command, plain_dir, timeout=timeout)
+    plain = run_preempted(command, plain_dir, timeout=timeout, env={DIR_OVERRIDE: str(plain_dir)})
     _write_log(work / "plain.log", [plain])
     total = _final_step(plain, work / "plain.log")
     steps = list(at) if at is not None else random_steps(count, total, seed)
-    beyond = [s for s in steps if s >= total]
+    beyond = [s for s in steps if s > total]  # at `total`: the boundary after the last step
     if beyond:
-        raise ConfigError(f"steps {beyond} are not before the run's last step ({total}); choose steps below {total}")
+        raise ConfigError(f"steps {beyond} are beyond the run's last step ({total}); choose steps up to {total}")
     say(f"2/2 the same command, {sig.name} at steps {', '.join(map(str, steps))}, in {cut_dir}")
     runs, signalled = preempt_and_relaunch(command, cut_dir, steps, sig, timeout)
     _write_log(work / "preempted.log", runs)

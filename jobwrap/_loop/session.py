@@ -27,7 +27,7 @@ import torch
 
 from jobwrap._config import Config, load_config
 from jobwrap._format import human_size
-from jobwrap._loop import hold, payload, resume
+from jobwrap._loop import adopt, at_exit, hold, payload, resume, steps
 from jobwrap._loop.async_save import AsyncSaver
 from jobwrap._loop.data import ResumableLoader
 from jobwrap._loop.distributed import NO_STOP, STOP_EXIT, STOP_REQUEUE, Solo, join, save_on_rank0
@@ -123,6 +123,10 @@ class Session:
         self._lifeline = Lifeline(None, clock)  # the `jobwrap run` not to outlive
         self._orphaned = False
         self._unguard_workers: Callable[[], None] = lambda: None
+        self._scoped = False  # inside `with`: the block closes it; else the process's exit does (at_exit)
+        self._rng_restored: Any = None  # the streams as track() put them back, until the first boundary
+        self._epochs_used = False  # log lines name the epoch only in loops that have them
+        self._preempted: Preempted | None = None
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> "Session":
@@ -146,12 +150,10 @@ class Session:
             self._unguard_workers()
             self._started = False
             raise
+        if not self._scoped:
+            at_exit.close_at_exit(self)
         if found is None:
-            if self.group.rank == 0:
-                log.info("no checkpoint in %s: starting run %s fresh", self.config.directory, self.run_id)
-            self.events.append("start", step=0, resumed_from=None, world_size=self.group.world_size,
-                               scheduler=self.job.scheduler, process_started=start_time(os.getpid()))
-            return self
+            return self._start_fresh()
         checkpoint, loaded = found
         self.resumed_from = self.last_checkpoint = checkpoint
         resumed = self._resume = Resumed(checkpoint, loaded, rank=self.group.rank, world_size=self.group.world_size,
@@ -163,14 +165,33 @@ class Session:
         self._resumed_step = self.step
         self._saver.check_fit(checkpoint, self.store.committed(), warn=self.group.rank == 0)
         if self.group.rank == 0:
-            log.info("resumed from %s: step %d, epoch %d, run %s (saved by restart %s, this is restart %d)",
-                     os.path.basename(checkpoint.path), self.step, self.epoch, checkpoint.run_id,
-                     checkpoint.manifest.get("restart_count"), self.job.restart_count)
+            log.info("resumed from %s: %s, run %s%s", os.path.basename(checkpoint.path), self._where(),
+                     checkpoint.run_id, _restarts(checkpoint.manifest.get("restart_count"), self.job.restart_count))
         self.events.append("start", step=self.step, epoch=self.epoch, resumed_from=checkpoint.path,
                            world_size=self.group.world_size, load_seconds=load_seconds,
                            read_seconds=self._resume.read_seconds, scheduler=self.job.scheduler,
                            process_started=start_time(os.getpid()))
         return self
+
+    def _start_fresh(self) -> "Session":
+        """No checkpoint yet: start at step 0, or from the user's own checkpoint (``init_from``)."""
+        adopted = adopt.load(self.config.init_from, self.device) if self.config.init_from else None
+        if adopted is not None:
+            self._resume = adopted
+            self.epoch, self.step = adopted.epoch, adopted.step
+            self._resumed_step = self.step
+            self._epochs_used = "epoch" in adopted.payload
+            self.events.append("init_from", path=os.path.abspath(adopted.path), step=self.step, epoch=self.epoch,
+                               keys=sorted(map(str, adopted.payload)))
+        if self.group.rank == 0:
+            log.info("no checkpoint in %s: starting run %s %s", self.config.directory, self.run_id,
+                     f"from {adopted.path} at {self._where()}" if adopted else "fresh")
+        self.events.append("start", step=self.step, resumed_from=None, world_size=self.group.world_size,
+                           scheduler=self.job.scheduler, process_started=start_time(os.getpid()))
+        return self
+
+    def _where(self) -> str:
+        return f"step {self.step}, epoch {self.epoch}" if self._epochs_used or self.epoch else f"step {self.step}"
 
     def _open_directory(self) -> tuple[Checkpoint, dict[str, Any]] | None:
         return resume.open_directory(self.store, self.group, self.device, claim=self._claim, opened=self._open_events)
@@ -211,6 +232,7 @@ class Session:
         # Every rank leaves together after a finished run or a Preempted; after an error some may not come.
         self.group.close(clean=exc is None or isinstance(exc, Preempted))
         self._started = False
+        at_exit.forget(self)
         if isinstance(exc, Preempted):
             self.events.append("exit", code=exc.code, reason=exc.reason, step=self.step)
         elif exc is not None:
@@ -225,6 +247,7 @@ class Session:
             raise failure
 
     def __enter__(self) -> "Session":
+        self._scoped = True
         return self.start()
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
@@ -260,6 +283,8 @@ class Session:
         self._grads.restore(things)
         if resumed is not None:
             resumed.restore_rng()  # loops with only step_done() have no boundary before their first step
+            if resumed.checkpoint is not None:
+                self._rng_restored = steps.rng_mark(self.device)
         if self._trap.received and self.resumed_from is not None and self.group.world_size == 1:
             # A signal that came while resuming: stop now, the state is the checkpoint's. With several
             # ranks the stop is a collective that only this rank would enter here (the others may be in
@@ -298,9 +323,23 @@ class Session:
                 self._resume_data = None
         return self._loader
 
+    def steps(self, total: int) -> Iterator[int]:
+        """Step numbers from the resumed one to ``total - 1``, for hand-written loops (no :meth:`loader`):
+        each step ends at a boundary, the end is tested before a step, a final checkpoint is committed."""
+        self.start()
+        return steps.steps(self, total, resumed=self._resume is not None or self.resumed_from is not None,
+                           at_end=self._save_at_end)
+
+    def _save_at_end(self) -> None:
+        if self.config.save_at_end:
+            self.save(reason="end of training")
+
     def epochs(self, total: int) -> Iterator[int]:
         """Epoch numbers from the resumed one to ``total - 1``; commits a final checkpoint at the end."""
         self.start()
+        self._epochs_used = True
+        if self.resumed_from is not None and self.epoch >= total:
+            steps.say_finished(self.step, f"{total} epochs")
         while self.epoch < total:
             self._boundary()
             yield self.epoch
@@ -386,6 +425,7 @@ class Session:
         that already drew from the streams track() restored; leave them.
         """
         if not after_step:
+            steps.warn_if_drawn(self._rng_restored, self.device)
             self._resume.restore_rng()
             self._saved_fingerprint = self._fingerprint()  # the state is the checkpoint's, until the next step
         resumed, self._resume = self._resume, None
@@ -501,8 +541,7 @@ class Session:
         seconds = self.clock() - started
         size = checkpoint.size + (shards["bytes"] if shards else 0)
         where = os.path.basename(checkpoint.path) + (f" + {shards['folder']}/" if shards else "")
-        log.info("saved step %d (epoch %d, %s) to %s: %s in %.2f s", self.step, self.epoch, reason,
-                 where, human_size(size), seconds)
+        log.info("saved %s (%s) to %s: %s in %.2f s", self._where(), reason, where, human_size(size), seconds)
         self.events.append("save", step=self.step, epoch=self.epoch, bytes=size,
                            seconds=round(seconds, 4), path=checkpoint.path, reason=reason)
         deleted = self.store.retain(self.config.keep_last)
@@ -534,8 +573,7 @@ class Session:
         delay = None
         if sig is not None:
             delay = self.clock() - (self._trap.first_time or self.clock())
-            log.info("%s received %.2f s ago: checkpointing at step %d (epoch %d)", name, delay,
-                     self.step, self.epoch)
+            log.info("%s received %.2f s ago: checkpointing at %s", name, delay, self._where())
         self.events.append("signal", signal=name, step=self.step, epoch=self.epoch,
                            delay=None if delay is None else round(delay, 4))
         checkpoint = self._save_before_exit(f"signal {name}")
@@ -549,8 +587,9 @@ class Session:
         decision = self.group.broadcast(self._exit_decision(settled, sig, checkpoint)
                                         if self.group.rank == 0 else None)
         code, requeued, reason = decision
-        raise Preempted(code, signal=sig or signal.SIGTERM, checkpoint=checkpoint, requeued=requeued,
-                        reason=reason)
+        self._preempted = Preempted(code, signal=sig or signal.SIGTERM, checkpoint=checkpoint, requeued=requeued,
+                                    reason=reason)
+        raise self._preempted
 
     def _exit_decision(self, request: int, sig: signal.Signals | None,
                        checkpoint: Checkpoint) -> tuple[int, bool, str]:
@@ -561,6 +600,11 @@ class Session:
                     progressed=progressed, history=history)
         return carry_out(decide_stop(stop, Limits(self.config.max_requeues, self.config.max_no_progress)), stop,
                          scheduler=self.scheduler, events=self.events, step=self.step)
+
+
+def _restarts(saved: Any, now: int) -> str:
+    """The restart counts, where they say something (a relaunch by hand has the same as its checkpoint)."""
+    return f" (saved by restart {saved}, this is restart {now})" if saved is not None and saved != now else ""
 
 
 def preemptible(directory: str | os.PathLike | None = None, **settings: Any

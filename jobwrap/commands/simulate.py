@@ -26,9 +26,10 @@ examples:
   jobwrap simulate --dir /tmp/sim --at 5,17 -- python train.py --epochs 2
   jobwrap simulate --dir /tmp/sim --random 3 --seed 7 --signal TERM -- python train.py
 
-The command must take its checkpoint directory from JOBWRAP_DIR (give
-jobwrap.Session / jobwrap.preemptible no directory, or read the variable):
-simulate points it at DIR/plain, then at DIR/preempted.
+simulate points the command's checkpoint directory at DIR/plain, then at
+DIR/preempted, through JOBWRAP_DIR_OVERRIDE, which beats even a directory
+given in the code. A step equal to the run's last one preempts at the
+boundary after its last step.
 """
 
 

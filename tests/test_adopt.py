@@ -1,0 +1,142 @@
+"""Adopting an existing script (tests/scripts/adopted_script.py, module level, no `with`): a prefetched batch
+carried as state, where the RNG streams are restored, `job.steps` owning the end, a user's own checkpoint
+to start from, and the messages an adopter meets. Real processes, real signals."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import jobwrap
+from jobwrap._storage.events import read_events
+from jobwrap.testing import assert_same_run, run_preempted
+
+SCRIPT = Path(__file__).resolve().parent / "scripts" / "adopted_script.py"
+
+
+def _cmd(loss_log: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(SCRIPT), "--loss-log", str(loss_log), *extra]
+
+
+def _simulate(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jobwrap", "simulate", *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_prefetched_batch_carried_as_state_is_bit_exact(tmp_path, accumulate):
+    """The next batch drawn at the end of each step and tracked (job['batch']): USR1 twice, bit-exact, no warning."""
+    args = ("--accumulate", str(accumulate))
+    run_preempted(_cmd(tmp_path / "ref.loss", *args), tmp_path / "ref").check()
+    cut = run_preempted(_cmd(tmp_path / "cut.loss", *args), tmp_path / "cut", preempt_at=[3, 7]).check()
+    assert cut.signalled_at == [3, 7]
+    assert (tmp_path / "cut.loss").read_text() == (tmp_path / "ref.loss").read_text()
+    assert_same_run(tmp_path / "ref", tmp_path / "cut")
+    assert "drew from a random stream" not in cut.stderr
+
+
+def test_draw_between_track_and_the_loop_is_warned(tmp_path):
+    """A first batch drawn after job.track() and carried untracked: the resumed launch warns that it is not exact."""
+    cut = run_preempted(_cmd(tmp_path / "cut.loss", "--untracked-batch"), tmp_path / "cut", preempt_at=[4]).check()
+    assert cut.signalled_at == [4]
+    assert cut.stderr.count("drew from a random stream between job.track() and the loop") == 1, cut.stderr[-3000:]
+
+
+def test_signal_after_the_last_step_trains_no_step_too_many(tmp_path):
+    """USR1 at the boundary after the last step: the relaunch trains nothing more and says the run is finished."""
+    cut = run_preempted(_cmd(tmp_path / "cut.loss"), tmp_path / "cut", preempt_at=[10]).check()
+    assert cut.signalled_at == [10]
+    assert [line.split()[0] for line in (tmp_path / "cut.loss").read_text().splitlines()] == list(map(str, range(10)))
+    assert "already finished at step 10" in cut.stderr
+
+
+def test_simulate_preempts_the_last_step_of_a_script_that_names_its_directory(tmp_path):
+    """simulate --at <last step> on a script whose code names its directory: redirected, preempted, PASS."""
+    out = _simulate(tmp_path, "--dir", "sim", "--at", "2,10", "--",
+                    *_cmd(tmp_path / "sim.loss", "--directory", str(tmp_path / "named-in-code")))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "PASS: preempted 2 time(s)" in out.stdout
+    assert not (tmp_path / "named-in-code").exists()
+
+
+def test_simulate_names_unseeded_python_and_numpy_streams(tmp_path):
+    """A script that never seeds Python's and NumPy's random streams: simulate says they were never seeded,
+    not that tensors differ."""
+    out = _simulate(tmp_path, "--dir", "sim", "--at", "4", "--", *_cmd(tmp_path / "sim.loss", "--unseeded"))
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "only the Python and NumPy random stream(s) differ" in out.stdout and "never seeded" in out.stdout
+    assert "max abs diff" not in out.stdout
+
+
+def test_session_without_with_records_how_each_launch_ended(tmp_path):
+    """Module level, `job = Session().start()` and no close: each launch's end is in the events log
+    (the requeue's exit, then the error), and the directory is free for the next launch."""
+    run_preempted(_cmd(tmp_path / "cut.loss", "--fail-at", "6"), tmp_path / "cut", preempt_at=[3])
+    exits = [(e["code"], e["reason"]) for e in read_events(str(tmp_path / "cut")) if e["event"] == "exit"]
+    assert "requeue requested" in exits[0][1]
+    assert exits[1] == (1, "RuntimeError: failing at step 6 as asked")
+    again = run_preempted(_cmd(tmp_path / "cut.loss"), tmp_path / "cut").check()
+    assert read_events(str(tmp_path / "cut"))[-1]["reason"] == "finished"
+    assert "epoch" not in again.stderr  # a loop without epochs: log lines name only the step
+
+
+def test_relaunch_by_hand_does_not_quote_equal_restart_counts(tmp_path):
+    """Launched twice by hand (no scheduler, no jobwrap run): the resume line names no restart counts."""
+    env = {"JOBWRAP_DIR": str(tmp_path / "run"), "JOBWRAP_NO_SLURM": "1"}
+    first = _cmd(tmp_path / "a.loss", "--max-iters", "3")
+    subprocess.run(first, env={**_env(), **env}, check=True, capture_output=True, timeout=300)
+    second = subprocess.run(_cmd(tmp_path / "a.loss", "--max-iters", "5"), env={**_env(), **env},
+                            capture_output=True, text=True, timeout=300, check=True)
+    assert "resumed from step-000000000003.pt: step 3, run" in second.stderr
+    assert "restart" not in second.stderr
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return dict(os.environ)
+
+
+def _seed_checkpoint(path: Path) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A checkpoint as the seed script writes it: epoch, model, optimizer, best_loss."""
+    torch.manual_seed(1)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(3, 4)).sum().backward()
+    optimizer.step()
+    torch.save({"epoch": 2, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "best_loss": 0.25}, path)
+    return model, optimizer
+
+
+def test_first_launch_starts_from_the_users_checkpoint(tmp_path):
+    """init_from: the first launch loads the user's torch.save dict by key, goes on after its epoch, records
+    it in the events log; once jobwrap saved, its own checkpoint takes over."""
+    saved, _ = _seed_checkpoint(tmp_path / "ckpt.pt")
+    model = torch.nn.Linear(4, 2)
+    with jobwrap.Session(tmp_path / "run", init_from=str(tmp_path / "ckpt.pt")) as job:
+        job.track(model=model, optimizer=torch.optim.Adam(model.parameters()), best_loss=float("inf"))
+        assert (job.epoch, job.step, job["best_loss"]) == (3, 0, 0.25)
+        assert torch.equal(model.weight, saved.weight)
+        job["best_loss"] = 0.125
+        job.save()
+    [record] = [e for e in read_events(str(tmp_path / "run")) if e["event"] == "init_from"]
+    assert record["path"] == str(tmp_path / "ckpt.pt") and record["epoch"] == 3
+    with jobwrap.Session(tmp_path / "run", init_from=str(tmp_path / "ckpt.pt")) as job:
+        job.track(model=model, optimizer=torch.optim.Adam(model.parameters()), best_loss=float("inf"))
+        assert job["best_loss"] == 0.125 and job.resumed_from is not None
+    assert sum(e["event"] == "init_from" for e in read_events(str(tmp_path / "run"))) == 1
+
+
+def test_init_from_with_other_keys_is_refused(tmp_path):
+    """A tracked name the user's checkpoint has no entry for: a ConfigError naming the file's keys and the fix."""
+    _seed_checkpoint(tmp_path / "ckpt.pt")
+    net = torch.nn.Linear(4, 2)
+    with jobwrap.Session(tmp_path / "run", init_from=str(tmp_path / "ckpt.pt")) as job:
+        with pytest.raises(jobwrap.ConfigError, match=r"no entry 'net'.*'model'.*JOBWRAP_INIT_FROM"):
+            job.track(net=net)
+    with pytest.raises(jobwrap.ConfigError, match="is not a file"):
+        jobwrap.Session(tmp_path / "other", init_from=str(tmp_path / "missing.pt")).start()
