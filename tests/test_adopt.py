@@ -140,3 +140,22 @@ def test_init_from_with_other_keys_is_refused(tmp_path):
             job.track(net=net)
     with pytest.raises(jobwrap.ConfigError, match="is not a file"):
         jobwrap.Session(tmp_path / "other", init_from=str(tmp_path / "missing.pt")).start()
+
+
+def test_nanogpt_style_checkpoint_starts_the_first_launch_then_the_store_takes_over(tmp_path):
+    """JOBWRAP_INIT_FROM with nanoGPT's keys (model, optimizer, iter_num, config): the script goes on at iter_num,
+    is preempted with USR1, and resumes from jobwrap's own checkpoint; the untracked entry is named."""
+    torch.manual_seed(3)
+    model = torch.nn.Linear(8, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iter_num": 4,
+                "config": {"lr": 0.05}}, tmp_path / "ckpt.pt")
+    cut = run_preempted(_cmd(tmp_path / "cut.loss"), tmp_path / "cut", preempt_at=[6],
+                        env={"JOBWRAP_INIT_FROM": str(tmp_path / "ckpt.pt")}).check()
+    assert cut.signalled_at == [6]
+    assert [line.split()[0] for line in (tmp_path / "cut.loss").read_text().splitlines()] == list(
+        map(str, range(4, 10)))
+    events = read_events(str(tmp_path / "cut"))
+    assert [(e["event"], e["step"]) for e in events if e["event"] in ("init_from", "start")] == [
+        ("init_from", 4), ("start", 4), ("start", 6)]
+    assert "entries ['config'] were not tracked and are ignored" in cut.stderr
