@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(f"--{field.name}", type=float, default=None, help=f"model: {field.name} seconds")
     parser.add_argument("--plot", metavar="FILE.png", help="draw the sweep (needs matplotlib)")
     parser.add_argument("--real", action="store_true",
-                        help="instead: run examples/train.py here (about a minute), interrupted twice, and check "
+                        help="instead: run examples/train.py here (about a minute), cut three times, and check "
                              "the model's goodput against the one jobwrap status measures")
     args = parser.parse_args(argv)
     if args.real:
