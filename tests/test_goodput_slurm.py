@@ -21,12 +21,12 @@ pytestmark = pytest.mark.slurm
 PARTS = ("training", "saving", "loading", "startup", "lost", "exit")
 
 
-def status_json(directory: Path) -> dict:
-    """`jobwrap status DIR --json`, run as a user would, with sacct on PATH."""
-    done = subprocess.run([str(VENV_BIN / "python"), "-m", "jobwrap", "status", str(directory), "--json"],
+def status(directory: Path, *args: str) -> str:
+    """`jobwrap status DIR`'s output, run as a user would, with sacct on PATH."""
+    done = subprocess.run([str(VENV_BIN / "python"), "-m", "jobwrap", "status", str(directory), *args],
                           env=job_env(), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    return json.loads(done.stdout)
+    return done.stdout
 
 
 def test_status_of_a_preempted_slurm_run_has_goodput_and_queue_wait_from_sacct(jobs, tmp_path):
@@ -38,7 +38,8 @@ def test_status_of_a_preempted_slurm_run_has_goodput_and_queue_wait_from_sacct(j
     scancel("--signal=USR1", "--batch", job)
     wait_for(job, {"COMPLETED"}, predicate=lambda i: restart_count(i) == 1, timeout=180)
     runs = accounted_runs(job, last_state="COMPLETED")
-    record = status_json(tmp_path / "ckpt")
+    record = json.loads(status(tmp_path / "ckpt", "--json"))
+    text = status(tmp_path / "ckpt")
     time = record["time"]
 
     def check() -> None:
@@ -59,6 +60,7 @@ def test_status_of_a_preempted_slurm_run_has_goodput_and_queue_wait_from_sacct(j
         assert abs(time["queue_wait"] - max(0.0, gap)) < 1e-3, (time["queue_wait"], gap)
         assert 0 < record["goodput"] <= 1 and record["goodput"] == time["goodput"]
         assert time["launches"][1]["loading"] > 0, "the rerun resumed from the signal's checkpoint"
+        assert f"{record['goodput']:.1%} of" in text and "queue wait between runs" in text, text
     checked(job, check)
     report("goodput on slurm", goodput=float(record["goodput"]), allocated=float(time["allocated"]),
            queue_wait=float(time["queue_wait"]), startup=float(time["startup"]), loading=float(time["loading"]))
