@@ -137,7 +137,7 @@ def sweep(traces: list[Trace], model: Model, horizon: float) -> dict[str, tuple[
 
 def report(title: str, results: dict[str, tuple[float, float]], min_goodput: float | None) -> bool:
     best_name = max((n for n in results if n != "auto"), key=lambda n: results[n][0])
-    best, (mine, interval) = results[best_name][0], results["auto"]
+    best, mine = results[best_name][0], results["auto"][0]
     print(f"\n{title}")
     for name, (goodput, mean) in results.items():
         print(f"  {name:>8}  goodput {goodput:.2%}" + (f"  (mean interval {mean:.0f} s)" if name == "auto" else ""))
