@@ -4,10 +4,13 @@
 
 Rank 0 appends "global_step loss.hex()" after each step; a resumed run appends from its step on,
 so a preempted run's file equals the uninterrupted run's exactly when no step was lost or repeated.
+Other ranks write the same into LOSSES.rankN; at the fit's end each rank writes the SHA-256 of its
+weights into LOSSES.weights.rankN.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,9 +29,16 @@ class LossLog(pl.Callback):
         self.path = path
 
     def on_train_batch_end(self, trainer: pl.Trainer, module: Any, outputs: Any, batch: Any, idx: int) -> None:
-        if trainer.is_global_zero:
-            with open(self.path, "a") as f:
-                f.write(f"{trainer.global_step} {outputs['loss'].item().hex()}\n")
+        path = self.path if trainer.is_global_zero else f"{self.path}.rank{trainer.global_rank}"
+        with open(path, "a") as f:
+            f.write(f"{trainer.global_step} {outputs['loss'].item().hex()}\n")
+
+    def on_train_end(self, trainer: pl.Trainer, module: Any) -> None:
+        digest = hashlib.sha256()
+        for tensor in module.state_dict().values():
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        with open(f"{self.path}.weights.rank{trainer.global_rank}", "w") as f:
+            f.write(digest.hexdigest())
 
 
 def main() -> None:

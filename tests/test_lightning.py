@@ -42,11 +42,16 @@ def test_preempted_fit_matches_uninterrupted_fit_bit_for_bit(tmp_path):
     assert state["lightning"]["lr_schedulers"][0]["last_epoch"] == STEPS
 
 
-def test_ddp_two_ranks_preempted_fit_trains_every_step_once(tmp_path):
-    """DDP on CPU (gloo, Lightning starts rank 1): both ranks stop at one step, resume, and train each step once."""
+def test_ddp_two_ranks_preempted_fit_matches_uninterrupted_fit_bit_for_bit(tmp_path):
+    """DDP on CPU (gloo, Lightning starts rank 1), USR1 in both epochs: every rank's losses and weights equal."""
+    plain, plain_run = _fit(tmp_path, "plain", "--devices", "2")
     cut, run = _fit(tmp_path, "cut", "--devices", "2", preempt_at=[3, 8])
     assert run.signalled_at == [3, 8]
     assert [int(line.split()[0]) for line in cut] == list(range(1, STEPS // 2 + 1))
+    assert cut == plain
+    for name in ("cut-losses.txt.rank1", "cut-losses.txt.weights.rank0", "cut-losses.txt.weights.rank1"):
+        assert (tmp_path / name).read_text() == (tmp_path / name.replace("cut", "plain")).read_text(), name
+    assert_same_run(plain_run.directory, run.directory)
     state = final_state(run.directory)
     assert state["lightning"]["global_step"] == STEPS // 2
     assert state["jobwrap"]["world_size"] == 2
