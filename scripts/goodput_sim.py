@@ -32,8 +32,8 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from jobwrap._storage.events import read_events  # noqa: E402
 from jobwrap._loop.interval import FLOOR, choose, estimate_mtbi  # noqa: E402
+from jobwrap._storage.events import read_events  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
