@@ -20,6 +20,10 @@ def matrix(tmp_path_factory) -> Matrix:
     return Matrix(tmp_path_factory.mktemp("matrix"))
 
 
+#: The optional package a cell needs (the test extra brings each); without it the cell is skipped.
+NEEDS = {"lightning": "pytorch_lightning", "transformers": "transformers", "stateful": "torchdata.stateful_dataloader"}
+
+
 def _marks(cell: Cell) -> list:
     return [pytest.mark.slurm] if cell.launch in SLURM_LAUNCHES else []
 
@@ -35,6 +39,9 @@ def test_cell(matrix, cell):
         up, why = cluster_available()
         if not up:
             pytest.skip(why)
+    for needed in (NEEDS.get(cell.framework), NEEDS.get(cell.loader)):
+        if needed:
+            pytest.importorskip(needed, reason=f"{cell.id} needs {needed} (pip install -e '.[test]')")
     want = expected(cell)
     got = matrix.run(cell)
     if want.kind == "refused":
