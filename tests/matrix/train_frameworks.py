@@ -40,11 +40,24 @@ def lightning_fit(cfg: dict[str, Any], loss_log: str) -> None:
     from jobwrap.lightning import Preemptible
 
     class LossLog(pl.Callback):
-        """Before Preemptible in the callbacks: the step's loss is written before its boundary may stop the fit."""
+        """One line per optimizer step (a jobwrap step) with the loss of each of its micro-batches; before
+        Preemptible in the callbacks, so the step is written before its boundary may stop the fit."""
+
+        def __init__(self) -> None:
+            self.losses: list[float] = []
+            self.stepped_at = 0
+
+        def on_train_start(self, trainer: pl.Trainer, module: Any) -> None:
+            self.stepped_at = trainer.global_step  # restored on a resume
 
         def on_train_batch_end(self, trainer: pl.Trainer, module: Any, outputs: Any, batch: Any, idx: int) -> None:
+            self.losses.append(outputs["loss"].item())
+            if trainer.global_step == self.stepped_at:
+                return  # a micro-batch of gradient accumulation: no optimizer step yet
+            self.stepped_at = trainer.global_step
             with open(f"{loss_log}.r{trainer.global_rank}", "a") as f:
-                f.write(f"{trainer.global_step - 1}\t{trainer.current_epoch}\t{outputs['loss'].item()!r}\n")
+                f.write(f"{trainer.global_step - 1}\t{trainer.current_epoch}\t{self.losses!r}\n")
+            self.losses = []
 
     pl.seed_everything(0, workers=True)
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=cfg["ranks"],
