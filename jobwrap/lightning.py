@@ -79,10 +79,7 @@ class Preemptible(pl.Callback):
         self._state = _TrainerState(trainer)
         self.session.track(lightning=self._state)
         self._resuming = self._state.loaded
-        if self.session.group.world_size > 1 and self.session.group.rank == 0:
-            log.warning("Lightning with %d ranks: the fit is checkpointed, requeued and resumed at the step where "
-                        "it stopped, but the resumed steps are not bit-exact yet (docs/integrations.md)",
-                        self.session.group.world_size)
+        _exact_distributed_samplers_on_load(trainer)
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._resuming and trainer.ckpt_path:
@@ -141,6 +138,58 @@ def _lightning_signals_off(trainer: "pl.Trainer") -> None:
         log.info("Lightning's SLURM auto-requeue is off: jobwrap checkpoints and requeues this fit")
         environment.auto_requeue = False
     trainer._signal_connector.register_signal_handlers = lambda: None
+
+
+def _exact_distributed_samplers_on_load(trainer: "pl.Trainer") -> None:
+    """Give each train loader a sampler whose place is saved, once Lightning has injected its distributed one and
+    before the loaders' state is loaded (both happen inside the fit loop's ``setup_data``, with no hook between)."""
+    fit_loop = trainer.fit_loop
+    load_states = fit_loop._load_combined_loader_states
+
+    def load() -> None:
+        for loader in fit_loop._combined_loader.flattened:
+            _exact_distributed_sampler(loader, epoch=fit_loop.epoch_progress.current.processed)
+        load_states()
+
+    fit_loop._load_combined_loader_states = load
+
+
+def _exact_distributed_sampler(loader: Any, epoch: int) -> None:
+    """Swap Lightning's distributed sampler in a StatefulDataLoader for a StatefulDistributedSampler.
+
+    Lightning wraps torchdata's RandomSampler in a ``DistributedSamplerWrapper``: every epoch the wrapper draws
+    a permutation from the inner sampler's generator, whose state no checkpoint holds, so a resumed fit shards
+    another order. A plain ``DistributedSampler`` (``shuffle=False``) holds no place either. The swapped sampler
+    orders an epoch from ``seed + epoch`` alone (what Lightning gives a shuffled torch ``DataLoader``) and saves
+    how far it got. Its epoch is set now: the loader's iterator is made before the loop calls ``set_epoch``.
+    """
+    from lightning_fabric.utilities.distributed import DistributedSamplerWrapper
+    from torch.utils.data import DistributedSampler
+    from torchdata.stateful_dataloader.sampler import RandomSampler, StatefulDistributedSampler
+
+    sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
+    if not isinstance(sampler, DistributedSampler) or isinstance(sampler, StatefulDistributedSampler):
+        return
+    if type(sampler) not in (DistributedSampler, DistributedSamplerWrapper):
+        raise ConfigError(
+            f"the train loader's sampler {type(sampler).__name__} (a DistributedSampler of your own) saves no place "
+            f"in its order, and jobwrap does not replace a sampler that may behave differently: derive it from "
+            f"torchdata.stateful_dataloader.sampler.StatefulDistributedSampler instead")
+    shuffle = sampler.shuffle
+    if isinstance(sampler, DistributedSamplerWrapper):
+        inner = sampler.dataset._sampler
+        if not (isinstance(inner, RandomSampler) and not inner.replacement and inner._num_samples is None):
+            raise ConfigError(
+                f"Lightning wraps the train loader's sampler ({type(inner).__name__}) for its ranks, and where each "
+                f"rank stopped in that wrapper's order cannot be saved, so a resumed fit would shard other batches: "
+                f"use shuffle=True or shuffle=False without a sampler, or build the loader with a "
+                f"torchdata.stateful_dataloader.sampler.StatefulDistributedSampler and "
+                f"pl.Trainer(use_distributed_sampler=False)")
+        shuffle = True
+    exact = StatefulDistributedSampler(loader.dataset, num_replicas=sampler.num_replicas, rank=sampler.rank,
+                                       shuffle=shuffle, seed=sampler.seed, drop_last=sampler.drop_last)
+    exact.set_epoch(epoch)
+    loader.batch_sampler.sampler = exact
 
 
 def _refuse_unresumable_loaders(trainer: "pl.Trainer") -> None:

@@ -12,20 +12,30 @@ history as Session feeds it the real one (the prior first, then the interruption
   scripts/goodput_sim.py                              # the two target scenarios, table and verdicts
   scripts/goodput_sim.py --plot docs/goodput-sweep.png
   scripts/goodput_sim.py --trace my-trace.txt --step 0.8 --pause 0.02   # one "SECONDS warned|unwarned" a line
+  scripts/goodput_sim.py --real                       # one real local run: the model's goodput vs the measured
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
+import os
 import random
+import signal
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobwrap._loop.interval import FLOOR, choose, estimate_mtbi  # noqa: E402
+from jobwrap._storage.events import read_events  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
 
 SWEEP = (10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1200)
 
@@ -127,7 +137,7 @@ def sweep(traces: list[Trace], model: Model, horizon: float) -> dict[str, tuple[
 
 def report(title: str, results: dict[str, tuple[float, float]], min_goodput: float | None) -> bool:
     best_name = max((n for n in results if n != "auto"), key=lambda n: results[n][0])
-    best, (mine, interval) = results[best_name][0], results["auto"]
+    best, mine = results[best_name][0], results["auto"][0]
     print(f"\n{title}")
     for name, (goodput, mean) in results.items():
         print(f"  {name:>8}  goodput {goodput:.2%}" + (f"  (mean interval {mean:.0f} s)" if name == "auto" else ""))
@@ -164,6 +174,111 @@ def plot(scenarios: list[tuple[str, dict[str, tuple[float, float]]]], path: str)
     print(f"\nplot written to {path}")
 
 
+# ---------------------------------------------------------------- the model against one real run
+
+REAL_INTERVAL = 3.0  # --save-every-seconds of the real run
+# Seconds after the start, and how: SIGUSR1 to `jobwrap run` (a warning: it saves, exits 75 and is
+# relaunched in place), or SIGKILL to the training process (none: `jobwrap run` is started again).
+REAL_CUTS = ((12.0, "warned"), (24.0, "unwarned"), (38.0, "warned"))
+REAL_TRAIN = ("--epochs", "3", "--samples", "2400", "--batch-size", "16", "--step-seconds", "0.1")  # 450 steps
+
+
+def _local_env() -> dict[str, str]:
+    """This environment without the caller's JOBWRAP_* and Slurm variables: a plain local run."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JOBWRAP_", "SLURM_"))}
+    env.update(JOBWRAP_NO_SLURM="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def real_run(directory: str) -> list[tuple[float, bool]]:
+    """`jobwrap run` of examples/train.py with periodic saves, cut at REAL_CUTS; (wall time, warned) of each cut."""
+    command = [sys.executable, "-m", "jobwrap", "run", "--dir", directory, "--save-every-seconds",
+               str(REAL_INTERVAL), "--", sys.executable, str(REPO / "examples" / "train.py"), *REAL_TRAIN]
+    cuts = []
+    with open(os.path.join(directory, "run.log"), "w") as log:
+        def start() -> subprocess.Popen:
+            return subprocess.Popen(command, env=_local_env(), stdout=log, stderr=subprocess.STDOUT)
+
+        proc, began = start(), time.monotonic()
+        try:
+            for at, kind in REAL_CUTS:
+                time.sleep(max(0.0, at - (time.monotonic() - began)))
+                if proc.poll() is not None:
+                    break
+                cuts.append((time.time(), kind == "warned"))
+                if kind == "warned":
+                    proc.send_signal(signal.SIGUSR1)
+                    continue
+                for child in _children(proc.pid):
+                    os.kill(child, signal.SIGKILL)
+                proc.wait(timeout=60)
+                proc = start()
+            code = proc.wait(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+    if code != 0:
+        raise SystemExit(f"the real run failed (exit {code}); see {directory}/run.log")
+    return cuts
+
+
+def measured_model(status: dict, events: list[dict], cuts: Trace) -> tuple[Model, Trace]:
+    """The run's measured parameters as a :class:`Model`, and its interruptions as a trace."""
+    launches = status["time"]["launches"]
+    saves = [e for e in events if e.get("event") == "save" and e.get("rank", 0) == 0]
+    periodic = [e for e in saves if e.get("reason") == "periodic"]
+    emergency = [e for e in saves if str(e.get("reason") or "").startswith("signal")]
+    steps = sum(launch["steps"] for launch in launches)
+    model = Model(
+        step=sum(launch["step_seconds"] * launch["steps"] for launch in launches if launch["steps"]) / steps,
+        pause=_mean(float(e.get("pause") if e.get("background") else e.get("seconds") or 0.0) for e in periodic),
+        write=_mean(float(e.get("seconds") or 0.0) for e in periodic if e.get("background")),
+        emergency=_mean(float(e.get("seconds") or 0.0) for e in emergency),
+        load=sum(launch["loading"] for launch in launches) / len(launches),
+        restart=sum(launch["startup"] for launch in launches) / len(launches),
+    )
+    return model, [(at - launches[0]["begin"], warned) for at, warned in cuts]
+
+
+def _mean(values: object) -> float:
+    values = list(values)  # type: ignore[call-overload]
+    return sum(values) / len(values) if values else 0.0
+
+
+def check_real(tolerance: float = 0.10) -> bool:
+    """One real run; the model fed its measurements predicts its goodput within ``tolerance``."""
+    with tempfile.TemporaryDirectory(prefix="goodput-real-") as directory:
+        print(f"\nreal run: examples/train.py {' '.join(REAL_TRAIN)}, --save-every-seconds {REAL_INTERVAL:g}, "
+              f"cut at " + ", ".join(f"{t:g} s ({kind})" for t, kind in REAL_CUTS))
+        cuts = real_run(directory)
+        done = subprocess.run([sys.executable, "-m", "jobwrap", "status", directory, "--json"], env=_local_env(),
+                              capture_output=True, text=True, timeout=120, check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"jobwrap status failed: {done.stderr[-2000:]}")
+        status = json.loads(done.stdout)
+        model, trace = measured_model(status, read_events(directory), cuts)
+    horizon = status["time"]["allocated"]
+    predicted, _ = simulate(trace, model, fixed(REAL_INTERVAL), horizon)
+    measured = status["goodput"]
+    print("  measured: " + ", ".join(f"{f.name} {getattr(model, f.name):.3g} s" for f in dataclasses.fields(model)))
+    print(f"  {len(status['time']['launches'])} launches, {horizon:.1f} s allocated, interruptions at "
+          + ", ".join(f"{t:.1f} s" for t, _ in trace) + f"; {status['steps_lost']} steps lost, "
+          f"{status['time']['lost']:.1f} s")
+    error = abs(predicted - measured) / measured
+    ok = error <= tolerance
+    print(f"  target: model's goodput within {tolerance:.0%} of jobwrap status's: predicted {predicted:.2%}, "
+          f"measured {measured:.2%} ({error:.1%} apart) -> {'met' if ok else 'NOT met'}")
+    return ok
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trace", help="replay this trace file instead of the synthetic ones")
@@ -174,7 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     for field in dataclasses.fields(Model):
         parser.add_argument(f"--{field.name}", type=float, default=None, help=f"model: {field.name} seconds")
     parser.add_argument("--plot", metavar="FILE.png", help="draw the sweep (needs matplotlib)")
+    parser.add_argument("--real", action="store_true",
+                        help="instead: run examples/train.py here (about a minute), cut three times, and check "
+                             "the model's goodput against the one jobwrap status measures")
     args = parser.parse_args(argv)
+    if args.real:
+        return 0 if check_real() else 1
     horizon = args.hours * 3600
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Model) if getattr(args, f.name) is not None}
     traces = ([read_trace(args.trace)] if args.trace else

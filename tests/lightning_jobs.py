@@ -4,11 +4,15 @@
 
 Rank 0 appends "global_step loss.hex()" after each step; a resumed run appends from its step on,
 so a preempted run's file equals the uninterrupted run's exactly when no step was lost or repeated.
+Other ranks write the same into LOSSES.rankN; at the fit's end each rank writes the SHA-256 of its
+weights into LOSSES.weights.rankN.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +26,27 @@ from jobwrap.lightning import Preemptible  # noqa: E402
 
 
 class LossLog(pl.Callback):
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, step_seconds: float = 0.0) -> None:
         self.path = path
+        self.step_seconds = step_seconds
+
+    def on_train_start(self, trainer: pl.Trainer, module: Any) -> None:
+        # Tells tests which cluster environment Lightning detected (SLURMEnvironment in a Slurm job).
+        environment = trainer._accelerator_connector.cluster_environment
+        print(f"cluster environment: {type(environment).__name__}", file=sys.stderr)
 
     def on_train_batch_end(self, trainer: pl.Trainer, module: Any, outputs: Any, batch: Any, idx: int) -> None:
-        if trainer.is_global_zero:
-            with open(self.path, "a") as f:
-                f.write(f"{trainer.global_step} {outputs['loss'].item().hex()}\n")
+        path = self.path if trainer.is_global_zero else f"{self.path}.rank{trainer.global_rank}"
+        with open(path, "a") as f:
+            f.write(f"{trainer.global_step} {outputs['loss'].item().hex()}\n")
+        time.sleep(self.step_seconds)  # a Slurm test's signal arrives mid-fit
+
+    def on_train_end(self, trainer: pl.Trainer, module: Any) -> None:
+        digest = hashlib.sha256()
+        for tensor in module.state_dict().values():
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        with open(f"{self.path}.weights.rank{trainer.global_rank}", "w") as f:
+            f.write(digest.hexdigest())
 
 
 def main() -> None:
@@ -39,18 +57,24 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--plain-loader", action="store_true", help="a torch DataLoader (refused)")
+    parser.add_argument("--step-seconds", type=float, default=0.0, help="sleep after each batch")
+    parser.add_argument("--root", default=None, help="the Trainer's default_root_dir")
+    parser.add_argument("--ckpt-path", default=None, help="trainer.fit(ckpt_path=...) (refused on a resume)")
+    parser.add_argument("--save-lightning", default=None, help="trainer.save_checkpoint() here after the fit")
     args = parser.parse_args()
     pl.seed_everything(0, workers=True)
     # LossLog before Preemptible: the step's loss is written before its boundary may stop the fit.
     trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=args.devices,
                          strategy="ddp" if args.devices > 1 else "auto",
-                         callbacks=[LossLog(args.losses), Preemptible()], accumulate_grad_batches=args.accumulate,
+                         callbacks=[LossLog(args.losses, args.step_seconds), Preemptible()], accumulate_grad_batches=args.accumulate,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)
+                         enable_model_summary=False, default_root_dir=args.root)
     loader = data(args.workers)
     if args.plain_loader:
         loader = DataLoader(loader.dataset, batch_size=8, shuffle=True)
-    trainer.fit(Regression(), train_dataloaders=loader)
+    trainer.fit(Regression(), train_dataloaders=loader, ckpt_path=args.ckpt_path)
+    if args.save_lightning:
+        trainer.save_checkpoint(args.save_lightning)
 
 
 if __name__ == "__main__":

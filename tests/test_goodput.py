@@ -120,6 +120,11 @@ def test_parse_sacct_reads_epoch_and_iso_times_oldest_first():
     assert runs[0] == Allocation(1700000000.0, 1700000100.0, "REQUEUED") and runs[2].end is None
 
 
+def test_parse_sacct_leaves_out_a_pending_run_with_an_expected_start():
+    """sacct 22.05 shows a just-submitted job PENDING with the start it expects: not an allocation yet."""
+    assert parse_sacct("4|PENDING|1796096493|Unknown\n") == []
+
+
 def test_timeline_segments_follow_the_parts_in_order():
     """The plot's bar for a launch: start-up, loading, training (with its pauses), lost, exit, end to end."""
     from jobwrap._report.timeline import segments

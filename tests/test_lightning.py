@@ -7,6 +7,7 @@ step (tests/lightning_jobs.py writes each, bit for bit) and the final checkpoint
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 pytest.importorskip("pytorch_lightning", reason="needs pytorch-lightning (pip install 'jobwrap[lightning]')")
 pytest.importorskip("torchdata.stateful_dataloader", reason="needs torchdata (pip install 'jobwrap[torchdata]')")
 
+from jobwrap._storage.store import CheckpointStore  # noqa: E402
 from jobwrap.testing import assert_same_run, final_state, run_preempted  # noqa: E402
 
 JOB = Path(__file__).resolve().parent / "lightning_jobs.py"
@@ -42,14 +44,84 @@ def test_preempted_fit_matches_uninterrupted_fit_bit_for_bit(tmp_path):
     assert state["lightning"]["lr_schedulers"][0]["last_epoch"] == STEPS
 
 
-def test_ddp_two_ranks_preempted_fit_trains_every_step_once(tmp_path):
-    """DDP on CPU (gloo, Lightning starts rank 1): both ranks stop at one step, resume, and train each step once."""
+def test_ddp_two_ranks_preempted_fit_matches_uninterrupted_fit_bit_for_bit(tmp_path):
+    """DDP on CPU (gloo, Lightning starts rank 1), USR1 in both epochs: every rank's losses and weights equal."""
+    plain, plain_run = _fit(tmp_path, "plain", "--devices", "2")
     cut, run = _fit(tmp_path, "cut", "--devices", "2", preempt_at=[3, 8])
     assert run.signalled_at == [3, 8]
     assert [int(line.split()[0]) for line in cut] == list(range(1, STEPS // 2 + 1))
+    assert cut == plain
+    for name in ("cut-losses.txt.rank1", "cut-losses.txt.weights.rank0", "cut-losses.txt.weights.rank1"):
+        assert (tmp_path / name).read_text() == (tmp_path / name.replace("cut", "plain")).read_text(), name
+    assert_same_run(plain_run.directory, run.directory)
     state = final_state(run.directory)
     assert state["lightning"]["global_step"] == STEPS // 2
     assert state["jobwrap"]["world_size"] == 2
+
+
+def test_gradient_accumulation_preempted_fit_matches_uninterrupted_fit_bit_for_bit(tmp_path):
+    """accumulate_grad_batches=2, USR1 in both epochs: every micro-batch's loss and the final checkpoint equal."""
+    plain, plain_run = _fit(tmp_path, "plain", "--accumulate", "2")
+    cut, cut_run = _fit(tmp_path, "cut", "--accumulate", "2", preempt_at=[3, 8])
+    assert cut_run.signalled_at == [3, 8]
+    assert len(plain) == STEPS  # one line per micro-batch, two per optimizer step
+    assert cut == plain
+    assert_same_run(plain_run.directory, cut_run.directory)
+    assert final_state(cut_run.directory)["lightning"]["global_step"] == STEPS // 2
+
+
+def test_ckpt_path_on_a_jobwrap_resume_is_refused(tmp_path):
+    """fit(ckpt_path=...) while jobwrap resumes its own checkpoint: refused, naming the fix; the checkpoint is kept."""
+    env = {**os.environ, "JOBWRAP_DIR": str(tmp_path / "ck")}
+    job = [sys.executable, str(JOB), "--losses", str(tmp_path / "l.txt"), "--root", str(tmp_path)]
+    subprocess.run([*job, "--epochs", "1", "--save-lightning", str(tmp_path / "own.ckpt")],
+                   env=env, capture_output=True, text=True, timeout=300, check=True)
+    saved = [c.path for c in CheckpointStore(str(tmp_path / "ck")).committed()]
+    assert saved and (tmp_path / "own.ckpt").exists()
+    done = subprocess.run([*job, "--epochs", "2", "--ckpt-path", str(tmp_path / "own.ckpt")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "drop ckpt_path= from trainer.fit()" in done.stderr
+    assert len((tmp_path / "l.txt").read_text().splitlines()) == STEPS // 2  # the second fit trained nothing
+    assert [c.path for c in CheckpointStore(str(tmp_path / "ck")).committed()] == saved
+    final_state(tmp_path / "ck")  # still verifies
+
+
+def _slurm_job_env(folder: Path) -> dict[str, str]:
+    """A one-task Slurm job's variables (Lightning picks its SLURMEnvironment), and an scontrol on PATH that
+    records its arguments in ``folder/calls`` and succeeds."""
+    path = folder / "scontrol"
+    path.write_text(f"#!/bin/sh\necho \"$@\" >> '{folder}/calls'\nexit 0\n")
+    path.chmod(0o700)
+    return {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_PROCID": "0",
+            "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "PATH": f"{folder}{os.pathsep}{os.environ['PATH']}"}
+
+
+def test_lightning_slurm_auto_requeue_is_off_under_jobwrap(tmp_path):
+    """In a Slurm job's environment USR1 gives one requeue (jobwrap's), no Lightning hpc checkpoint or requeue."""
+    slurm = _slurm_job_env(tmp_path)
+    root = tmp_path / "root"
+    run = run_preempted([sys.executable, str(JOB), "--losses", str(tmp_path / "l.txt"), "--root", str(root)],
+                        tmp_path / "ck", preempt_at=[5], env=slurm, supervised=False)
+    assert run.signalled_at == [5]
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "calls").read_text() == "requeue 4242\n"  # one request, from jobwrap
+    assert "SLURM auto-requeueing enabled" not in run.stderr  # Lightning set no handler
+    assert not list(tmp_path.rglob("hpc_ckpt_*.ckpt"))  # Lightning's auto-requeue saved nothing
+    assert final_state(run.directory)["lightning"]["global_step"] == 5
+    assert "cluster environment: SLURMEnvironment" in run.stderr  # Lightning saw a Slurm job
+
+
+def test_lightning_sigterm_handler_is_off_under_jobwrap(tmp_path):
+    """In a Slurm job's environment SIGTERM is jobwrap's alone: a checkpoint at the step, Lightning's handler unset."""
+    slurm = _slurm_job_env(tmp_path)
+    run = run_preempted([sys.executable, str(JOB), "--losses", str(tmp_path / "l.txt"), "--root", str(tmp_path)],
+                        tmp_path / "ck", preempt_at=[5], signal_=signal.SIGTERM, env=slurm, supervised=False)
+    assert "cluster environment: SLURMEnvironment" in run.stderr  # Lightning saw a Slurm job
+    assert "Received SIGTERM" not in run.stderr and "SIGTERMException" not in run.stderr  # its handler never ran
+    assert "checkpoint committed, exiting without requeueing" in run.stderr  # jobwrap's SIGTERM
+    assert not (tmp_path / "calls").exists()
+    assert final_state(run.directory)["lightning"]["global_step"] == 5
 
 
 def test_plain_dataloader_is_refused_at_start(tmp_path):

@@ -129,6 +129,26 @@ def checked(job: str, check: Callable[[], None]) -> None:
         raise failure(job, f"check failed: {exc}") from None
 
 
+def usr1_requeued_and_completed(jobs: list[str], script: Path, cwd: Path, env: dict[str, str],
+                                ready: Callable[[], bool], what: str) -> dict[str, str]:
+    """Submits the script, sends USR1 to its batch shell once ``ready``, and waits until the job, requeued
+    once, completes; the job's final ``scontrol show job`` fields."""
+    job = submit(script, cwd=cwd, env=env)
+    jobs.append(job)
+    wait_until(job, ready, what, 300)
+    scancel("--signal=USR1", "--batch", job)
+    info = wait_for(job, {"COMPLETED"}, predicate=lambda i: restart_count(i) == 1, timeout=400)
+    return {**info, "JobId": job}
+
+
+def assert_resumed_once(ckpt: Path, first: int, last: int) -> None:
+    """One requeue at a step in [first, last), and the second start resumed at that step."""
+    (requeue,) = events(ckpt, "requeue")
+    assert first <= requeue["step"] < last
+    assert [s["restart"] for s in events(ckpt, "start")] == [0, 1]
+    assert events(ckpt, "start")[1]["step"] == requeue["step"]
+
+
 def lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 

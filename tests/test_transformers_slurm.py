@@ -9,19 +9,16 @@ import pytest
 
 pytest.importorskip("transformers", reason="the transformers extra is not installed (pip install -e '.[transformers]')")
 
-from slurm_cluster import restart_count, wait_for  # noqa: E402
 from test_slurm_e2e import (  # noqa: E402,F401
     VENV_BIN,
+    assert_resumed_once,
     checked,
-    events,
     job_env,
     jobs,
     lines,
     local_env,
-    scancel,
     slurm_up,
-    submit,
-    wait_until,
+    usr1_requeued_and_completed,
     write_script,
 )
 from test_transformers import OFFLINE, _assert_same_training  # noqa: E402
@@ -43,18 +40,11 @@ def test_trainer_job_signalled_on_slurm_requeues_and_finishes_bit_exact(jobs, tm
                           env=local_env(JOBWRAP_DIR=str(tmp_path / "ref-ckpt"), **OFFLINE), timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     script = write_script(tmp_path, "hf", command=("python", *_args(tmp_path, "cut"), "--step-seconds", "1"))
-    job = submit(script, cwd=tmp_path, env=job_env(**OFFLINE))
-    jobs.append(job)
-    wait_until(job, lambda: len(lines(tmp_path / "cut.log")) >= 3, "3 logged steps", 300)
-    scancel("--signal=USR1", "--batch", job)
-    info = wait_for(job, {"COMPLETED"}, predicate=lambda i: restart_count(i) == 1, timeout=400)
-    ckpt = tmp_path / "ckpt"
+    info = usr1_requeued_and_completed(jobs, script, tmp_path, job_env(**OFFLINE),
+                                       lambda: len(lines(tmp_path / "cut.log")) >= 3, "3 logged steps")
 
     def check() -> None:
         assert info["ExitCode"] == "0:0"
-        (requeue,) = events(ckpt, "requeue")
-        assert 3 <= requeue["step"] < 16
-        assert [s["restart"] for s in events(ckpt, "start")] == [0, 1]
-        assert events(ckpt, "start")[1]["step"] == requeue["step"]
+        assert_resumed_once(tmp_path / "ckpt", 3, 16)
         _assert_same_training(tmp_path, "ref", "cut")
-    checked(job, check)
+    checked(info["JobId"], check)

@@ -197,7 +197,8 @@ def breakdown(history: History, accounting: dict[str, list[Allocation]] | None =
 
 
 def _parse_time(text: str) -> float | None:
-    """sacct's time: epoch seconds (``SLURM_TIME_FORMAT=%s``) or ISO local time; None for Unknown/None."""
+    """sacct's time: epoch seconds (``SLURM_TIME_FORMAT=%s``, which sacct 22.05 honours) or ISO local
+    time; None for Unknown/None."""
     text = text.strip()
     if text.isdigit():
         return float(text)
@@ -209,7 +210,8 @@ def _parse_time(text: str) -> float | None:
 
 def parse_sacct(text: str) -> list[Allocation]:
     """``sacct --duplicates --allocations --parsable2 --noheader -o JobID,State,Start,End`` output,
-    oldest run first; runs that never started are left out."""
+    oldest run first; runs that never started are left out (a PENDING record may carry the start
+    the scheduler expects, not one that happened)."""
     runs = []
     for line in text.splitlines():
         fields = line.split("|")
@@ -217,7 +219,7 @@ def parse_sacct(text: str) -> list[Allocation]:
             continue
         record = dict(zip(SACCT_FIELDS, fields))
         start = _parse_time(record["Start"])
-        if start is None:
+        if start is None or record["State"].startswith("PENDING"):
             continue
         runs.append(Allocation(start=start, end=_parse_time(record["End"]), state=record["State"].split()[0]))
     return sorted(runs, key=lambda run: run.start)

@@ -23,7 +23,7 @@ import torch.distributed  # noqa: E402,F401  (imported here, not once per child)
 
 import jobwrap  # noqa: E402
 import jobwrap._loop.session  # noqa: E402,F401
-from jobwrap import events, faults, store  # noqa: E402
+from jobwrap._storage import events, faults, store  # noqa: E402
 from jobwrap._config import Config  # noqa: E402
 from jobwrap._scheduler.schedulers import scontrol_requeue  # noqa: E402,F401
 from jobwrap._scheduler.supervisor import supervise  # noqa: E402,F401
