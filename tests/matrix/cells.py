@@ -17,8 +17,9 @@ from typing import Any, Iterable, Iterator
 # The first value of each dimension is its baseline (used where a cell does not vary it).
 DIMENSIONS: dict[str, tuple[Any, ...]] = {
     # How the training data is fed (tests/matrix/train_matrix.py builds each).
+    # stateful: torchdata's StatefulDataLoader, resumed through its own state_dict (no replay).
     "loader": ("shuffled", "generator", "sampler", "batch_sampler", "iterable", "iterable_state",
-               "python_list", "python_generator"),
+               "python_list", "python_generator", "stateful"),
     "workers": (0, 2),
     "loader_option": ("none", "persistent_workers", "worker_init_fn", "drop_last"),
     # none; a second DataLoader iterated directly inside the epoch; the same, but wrapped in job.loader() too.
@@ -44,6 +45,11 @@ LOCAL_LAUNCHES = ("plain", "run", "torchrun")
 SLURM_LAUNCHES = ("slurm_batch", "srun")
 MULTI_RANK_LAUNCHES = ("torchrun", "srun")
 CANCELS = ("term", "usr1_term", "sigkill")  # the job is not requeued: the test relaunches it, as a user would
+# Who runs the loop: the matrix's own script ("loop"), or a framework through jobwrap's integration
+# (tests/matrix/train_frameworks.py). Not a dimension of the cover: a framework cell uses only the
+# dimensions that framework has (loader, workers, accumulate, signal, launch); see framework_cells().
+FRAMEWORKS = ("loop", "lightning", "transformers")
+FRAMEWORK_SIGNALS = ("usr1", "term", "usr1_term", "sigkill")  # "double" needs the loop's SaveWatch
 
 #: How many cells of the pairwise cover the default (CI) run takes (with one cell per refused value);
 #: JOBWRAP_MATRIX=full runs all.
@@ -67,6 +73,7 @@ class Cell:
     extras: str = "none"
     signal: str = "usr1"
     launch: str = "plain"
+    framework: str = "loop"
 
     @property
     def id(self) -> str:
@@ -119,8 +126,10 @@ def valid(cell: Cell) -> bool:
 
 
 def _partial_ok(values: dict[str, Any]) -> bool:
-    """Whether some valid cell could still extend these values (for the greedy cover)."""
-    return valid(Cell(**{**dataclasses.asdict(Cell()), **_fill_neutral(values)}))
+    """Whether some valid cell, not known to be inexact, could still extend these values (for the greedy
+    cover): an inexact pair, like a refused value, would hide the pairs its cell was meant to cover."""
+    cell = Cell(**{**dataclasses.asdict(Cell()), **_fill_neutral(values)})
+    return valid(cell) and expected(cell).kind != "inexact"
 
 
 def _fill_neutral(values: dict[str, Any]) -> dict[str, Any]:
@@ -231,6 +240,26 @@ def loader_by_signal() -> list[Cell]:
     return cells
 
 
+def framework_cells() -> list[Cell]:
+    """Lightning and the Hugging Face Trainer through jobwrap's integrations: each signal under ``jobwrap run``,
+    a plain relaunch loop, gradient accumulation, loader workers, 2 ranks, and the loader Lightning refuses."""
+    lightning = dict(framework="lightning", loader="stateful")
+    trainer = dict(framework="transformers")
+    return ([Cell(signal=s, launch="run", **lightning) for s in FRAMEWORK_SIGNALS]
+            + [Cell(launch="plain", **lightning), Cell(launch="run", accumulate=2, **lightning),
+               Cell(launch="run", workers=2, **lightning), Cell(launch="torchrun", **lightning),
+               Cell(launch="run", framework="lightning")]
+            + [Cell(signal=s, launch="run", **trainer) for s in FRAMEWORK_SIGNALS]
+            + [Cell(launch="plain", **trainer), Cell(launch="run", accumulate=2, **trainer),
+               Cell(launch="torchrun", **trainer)])
+
+
+def default_framework_cells() -> list[Cell]:
+    """The framework cells CI runs (a Trainer fit costs minutes): one exact run each, and Lightning's refusal."""
+    return [Cell(launch="run", framework="lightning", loader="stateful"), Cell(launch="run", framework="lightning"),
+            Cell(launch="run", framework="transformers", accumulate=2)]
+
+
 def slurm_cells() -> list[Cell]:
     """Fewer cells on the real local Slurm (slow): each signal in the batch layout, two in srun with 2 tasks."""
     common = dict(workers=2, save="epoch_end", extras="allowed")
@@ -240,13 +269,16 @@ def slurm_cells() -> list[Cell]:
 
 def default_cells() -> list[Cell]:
     """The fixed subset CI runs: the first cells of the pairwise cover (the greedy cover front-loads pairs)."""
-    return local_pairwise()[:DEFAULT_CELLS] + [c for c in refusal_cells() if c.launch == "run"]
+    cover = local_pairwise()[:DEFAULT_CELLS]
+    stateful = [] if any(c.loader == "stateful" for c in cover) else [Cell(loader="stateful")]
+    return (cover + stateful + [c for c in refusal_cells() if c.launch == "run"]
+            + [Cell(loader="stateful", workers=2, launch="run")] + default_framework_cells())
 
 
 def full_cells() -> list[Cell]:
     """Every cell of the full matrix, without repeats: pairwise, loader x signal, Slurm."""
     return list(dict.fromkeys(local_pairwise() + refusal_cells() + single_value_cells() + loader_by_signal()
-                              + slurm_cells()))
+                              + framework_cells() + slurm_cells()))
 
 
 def selected_cells(environ: dict[str, str] | None = None) -> list[Cell]:
@@ -268,9 +300,12 @@ def pair_coverage(cells: Iterable[Cell], dimensions: dict[str, tuple[Any, ...]] 
 def expected(cell: Cell) -> Expectation:
     """What jobwrap must do with ``cell`` once issue 11's defects are fixed: the one table to adjust.
 
-    Refusals come first (the start must fail with the option named); everything
-    else must be bit-exact, whatever the signal and the launch.
+    Refusals come first (the start must fail with the option named); then what the docs
+    (docs/integrations.md) name as not exact; everything else must be bit-exact,
+    whatever the signal and the launch.
     """
+    if cell.framework != "loop":
+        return _expected_framework(cell)
     if cell.extras == "numpy_array":
         return Expectation("refused", "a numpy array cannot be read back with weights_only; refused when set "
                                       "(defect 4), not at the preemption", match=r"confusion")
@@ -287,4 +322,22 @@ def expected(cell: Cell) -> Expectation:
         return Expectation("refused", "a second loader wrapped in job.loader() inside the epoch would replace "
                                       "the training loader's position; refused at the second loader(), the first "
                                       "time validation runs", match=r"(?i)loader", in_first_epoch=True)
+    if cell.loader == "stateful" and cell.workers:
+        return Expectation("inexact", "StatefulDataLoader restores each worker's place in the sampler, not the RNG "
+                                      "streams inside the worker processes, and the matrix's dataset draws noise in "
+                                      "__getitem__; jobwrap cannot see such draws (docs/integrations.md, torchdata)",
+                           match=r"loss|final state")
+    return Expectation("exact")
+
+
+def _expected_framework(cell: Cell) -> Expectation:
+    """Lightning (jobwrap.lightning.Preemptible) and the Trainer (jobwrap.transformers.attach), as
+    docs/integrations.md states them."""
+    if cell.framework == "lightning" and cell.loader != "stateful":
+        return Expectation("refused", "a torch DataLoader cannot tell Lightning where an epoch stopped (it would "
+                                      "retrain the epoch's first batches); refused at the fit's start, naming "
+                                      "StatefulDataLoader", match=r"StatefulDataLoader")
+    if cell.framework == "transformers" and cell.ranks > 1:
+        return Expectation("refused", "jobwrap.transformers runs one training process; refused at attach()",
+                           match=r"one training process")
     return Expectation("exact")

@@ -241,11 +241,17 @@ def train(cell: Cell, directory: Path, points: Sequence[int] = ()) -> Run:
 
 # ---------------------------------------------------------------- judging
 
-def preemption_points(reference: Run) -> list[int]:
-    """Mid-epoch (an odd step: mid-accumulation too) and the first epoch boundary, from the reference's log."""
+def preemption_points(reference: Run, framework: str = "loop") -> list[int]:
+    """Mid-epoch (an odd step: mid-accumulation too) and the first epoch boundary, from the reference's log.
+
+    Lightning's epoch end is no boundary (docs/integrations.md): a signal there is honoured after the
+    next epoch's first step, so its cells are signalled there.
+    """
     lines = [line.split("\t") for line in reference.loss_lines()]
     epochs = [int(epoch) for _, epoch, _ in lines]
     boundary = epochs.count(0) if len(set(epochs)) > 1 else len(lines) // 2
+    if framework == "lightning":
+        boundary += 1
     return sorted({3, boundary})
 
 
@@ -358,5 +364,5 @@ class Matrix:
             when = "after training" if reference.loss_lines() else "before the first step"
             return Outcome("failed", f"uninterrupted run failed {when}: {last_error(reference)}")
         directory = Path(tempfile.mkdtemp(prefix="cut-", dir=self.base)) / "ck"
-        cut = train(cell, directory, preemption_points(reference))
+        cut = train(cell, directory, preemption_points(reference, cell.framework))
         return judge(cell, reference, cut)

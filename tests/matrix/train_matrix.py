@@ -121,6 +121,10 @@ def training_data(cfg: dict[str, Any], rank: int, world: int) -> Any:
     if kind in ("iterable", "iterable_state"):
         stream = (StatefulStream if kind == "iterable_state" else Stream)(x, y)
         return DataLoader(stream, batch_size=BATCH, drop_last=drop_last, **options)
+    if kind == "stateful":
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        return StatefulDataLoader(Noisy(x, y), batch_size=BATCH, shuffle=True, drop_last=drop_last, **options)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(7))
     batches = [(x[order[i:i + BATCH]], y[order[i:i + BATCH]]) for i in range(0, len(x), BATCH)]
     return batches if kind == "python_list" else (b for b in batches)
@@ -246,6 +250,11 @@ def start_ranks(cfg: dict[str, Any]) -> tuple[int, int]:
 
 def main() -> None:
     cfg, loss_log = json.loads(sys.argv[1]), sys.argv[2]
+    if cfg["framework"] != "loop":
+        import train_frameworks
+
+        train_frameworks.main(cfg, loss_log)
+        return
     rank, world = start_ranks(cfg)
     random.seed(rank)
     numpy.random.seed(rank)
