@@ -132,3 +132,14 @@ def test_plain_dataloader_is_refused_at_start(tmp_path):
     assert done.returncode != 0
     assert "StatefulDataLoader" in done.stderr and "jobwrap[torchdata]" in done.stderr
     assert not (tmp_path / "l.txt").exists()  # nothing trained
+
+
+def test_example_under_jobwrap_simulate_is_bit_exact(tmp_path):
+    """examples/lightning_train.py unchanged under `jobwrap simulate --at 5,14`: every check passes,
+    the final committed checkpoint included."""
+    example = Path(__file__).resolve().parent.parent / "examples" / "lightning_train.py"
+    result = subprocess.run([sys.executable, "-m", "jobwrap", "simulate", "--dir", str(tmp_path / "sim"),
+                             "--at", "5,14", "--", sys.executable, str(example)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert "PASS" in result.stdout
