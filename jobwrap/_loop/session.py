@@ -243,6 +243,7 @@ class Session:
                          self._trap.first.name)
             self.events.append("exit", code=0, reason="finished", step=self.step)
         self._release_directory()
+        self._preempted = None  # its traceback holds the loop's frames (a loader's workers, batches)
         if failure is not None:
             raise failure
 

@@ -227,7 +227,10 @@ class DirectoryLock:
 
     def _unlock(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)  # drops the flock
+            # Unlocked before the close: a forked child (a DataLoader worker still shutting down) holds a copy
+            # of the descriptor, and the lock would last as long as that copy.
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
             self._fd = None
 
     # ------------------------------------------------------------ the record
