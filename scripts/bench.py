@@ -349,7 +349,8 @@ def bench_resume(model, optimizer, reps: int, memory: dict[str, list[int]]) -> d
             gc.collect()
     check = torch.load(path, weights_only=True)
     assert all(torch.equal(v, target.state_dict()[k]) for k, v in check["model"].items())
-    del touched, check
+    del check
+    touched = None  # freed before cleanup(); rebound, not deleted: raw_touched() above reads it
     cleanup()
     return times
 

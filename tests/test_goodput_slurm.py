@@ -10,16 +10,14 @@ from pathlib import Path
 
 import pytest
 from slurm_cluster import accounted_runs, restart_count, wait_for
-from test_slurm_e2e import (  # noqa: F401  (jobs and slurm_up are fixtures)
+from slurm_jobs import (
     VENV_BIN,
     checked,
     job_env,
-    jobs,
     lines,
     report,
     scancel,
     slurm_time,
-    slurm_up,
     submit,
     train_command,
     wait_until,

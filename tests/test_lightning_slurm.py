@@ -10,15 +10,13 @@ import pytest
 pytest.importorskip("pytorch_lightning", reason="needs pytorch-lightning (pip install 'jobwrap[lightning]')")
 pytest.importorskip("torchdata.stateful_dataloader", reason="needs torchdata (pip install 'jobwrap[torchdata]')")
 
-from test_slurm_e2e import (  # noqa: E402,F401
+from slurm_jobs import (  # noqa: E402
     VENV_BIN,
     assert_resumed_once,
     checked,
     job_env,
-    jobs,
     lines,
     local_env,
-    slurm_up,
     usr1_requeued_and_completed,
     write_script,
 )

@@ -9,15 +9,13 @@ import pytest
 
 pytest.importorskip("transformers", reason="the transformers extra is not installed (pip install -e '.[transformers]')")
 
-from test_slurm_e2e import (  # noqa: E402,F401
+from slurm_jobs import (  # noqa: E402
     VENV_BIN,
     assert_resumed_once,
     checked,
     job_env,
-    jobs,
     lines,
     local_env,
-    slurm_up,
     usr1_requeued_and_completed,
     write_script,
 )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import os
 import signal
 import sys
@@ -18,17 +19,22 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-import torch  # noqa: E402,F401  (one import, shared by every forked trial)
-import torch.distributed  # noqa: E402,F401  (imported here, not once per child)
-
 import jobwrap  # noqa: E402
-import jobwrap._loop.session  # noqa: E402,F401
-from jobwrap._storage import events, faults, store  # noqa: E402
+import jobwrap._loop.session  # noqa: E402
 from jobwrap._config import Config  # noqa: E402
-from jobwrap._scheduler.schedulers import scontrol_requeue  # noqa: E402,F401
-from jobwrap._scheduler.supervisor import supervise  # noqa: E402,F401
-from jobwrap._storage.events import read_events  # noqa: E402,F401
-from jobwrap._storage.store import FORMAT_VERSION, CheckpointStore, checksum_of  # noqa: E402,F401
+from jobwrap._scheduler.schedulers import scontrol_requeue  # noqa: E402
+from jobwrap._scheduler.supervisor import supervise  # noqa: E402
+from jobwrap._storage import events, faults, store  # noqa: E402
+from jobwrap._storage.events import read_events  # noqa: E402
+from jobwrap._storage.store import FORMAT_VERSION, CheckpointStore, checksum_of  # noqa: E402
+
+__all__ = ["CRASH_POINTS", "FORMAT_VERSION", "PHASES", "REPO", "CheckpointStore", "checksum_of", "data_path", "known",
+           "manifest_path", "read_events", "replace_crash_point", "report_exit_decisions", "scontrol_requeue",
+           "supervise", "wait_for_trapped_signal", "wrap_phases"]
+
+# Imported once here, shared by every forked trial, not once per child.
+for _preloaded in ("torch", "torch.distributed"):
+    importlib.import_module(_preloaded)
 
 # Every crash point of a save, commit and retention (faults.POINTS names them, "" aside).
 CRASH_POINTS = [p for p in faults.POINTS if p]
