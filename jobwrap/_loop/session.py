@@ -153,8 +153,14 @@ class Session:
         if not self._scoped:
             at_exit.close_at_exit(self)
         if found is None:
-            return self._start_fresh()
-        checkpoint, loaded = found
+            self._start_fresh()
+        else:
+            self._start_resumed(*found, load_seconds=load_seconds)
+        self._auto = self._auto_interval()
+        return self
+
+    def _start_resumed(self, checkpoint: Checkpoint, loaded: dict[str, Any], *, load_seconds: float) -> None:
+        """Resume from ``checkpoint``: its step, epoch and position now; each object's state as track() asks."""
         self.resumed_from = self.last_checkpoint = checkpoint
         resumed = self._resume = Resumed(checkpoint, loaded, rank=self.group.rank, world_size=self.group.world_size,
                                          allow_world_size_change=self.config.allow_world_size_change,
@@ -171,9 +177,8 @@ class Session:
                            world_size=self.group.world_size, load_seconds=load_seconds,
                            read_seconds=self._resume.read_seconds, scheduler=self.job.scheduler,
                            process_started=start_time(os.getpid()))
-        return self
 
-    def _start_fresh(self) -> "Session":
+    def _start_fresh(self) -> None:
         """No checkpoint yet: start at step 0, or from the user's own checkpoint (``init_from``)."""
         adopted = adopt.load(self.config.init_from, self.device) if self.config.init_from else None
         if adopted is not None:
@@ -188,7 +193,13 @@ class Session:
                      f"from {adopted.path} at {self._where()}" if adopted else "fresh")
         self.events.append("start", step=self.step, resumed_from=None, world_size=self.group.world_size,
                            scheduler=self.job.scheduler, process_started=start_time(os.getpid()))
-        return self
+
+    def _auto_interval(self) -> AutoInterval | None:
+        """``save_every="auto"``: the interval, chosen once from the run's whole history (read here, not in
+        the loop) by rank 0, which alone decides when a save is due (its vote reaches every rank)."""
+        if self.config.save_every != "auto" or self.group.rank != 0:
+            return None
+        return AutoInterval(self.events.read(), log)
 
     def _where(self) -> str:
         return f"step {self.step}, epoch {self.epoch}" if self._epochs_used or self.epoch else f"step {self.step}"
@@ -347,8 +358,7 @@ class Session:
             self.epoch += 1
             self.position = 0
         self._boundary()
-        if self.config.save_at_end:
-            self.save(reason="end of training")
+        self._save_at_end()
 
     # ------------------------------------------------------------ step boundary
     def step_done(self) -> None:
@@ -436,10 +446,8 @@ class Session:
         cfg = self.config
         saved_step = self.last_checkpoint.step if self.last_checkpoint is not None else None
         if cfg.save_every == "auto":
-            if saved_step == self.step:
-                return False
-            self._auto = self._auto or AutoInterval(self.events.read(), log if self.group.rank == 0 else None)
-            return self._auto.due(self.clock() - self._last_save_time, self.last_checkpoint)
+            return (self._auto is not None and saved_step != self.step
+                    and self._auto.due(self.clock() - self._last_save_time, self.last_checkpoint))
         return deadline.periodic_save_due(
             step=self.step, saved_step=saved_step, every_steps=cfg.save_every_steps,
             every_seconds=cfg.save_every_seconds, now=self.clock(), last_save=self._last_save_time)
