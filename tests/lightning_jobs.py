@@ -11,18 +11,24 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from lightning_train import Regression, data  # noqa: E402
 
 from jobwrap.lightning import Preemptible  # noqa: E402
+
+
+class OwnSampler(DistributedSampler):
+    """A user's DistributedSampler subclass: it saves no place in its order (refused under DDP)."""
 
 
 class LossLog(pl.Callback):
@@ -57,6 +63,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--plain-loader", action="store_true", help="a torch DataLoader (refused)")
+    parser.add_argument("--own-sampler", action="store_true", help="an OwnSampler per rank (refused under DDP)")
     parser.add_argument("--step-seconds", type=float, default=0.0, help="sleep after each batch")
     parser.add_argument("--root", default=None, help="the Trainer's default_root_dir")
     parser.add_argument("--ckpt-path", default=None, help="trainer.fit(ckpt_path=...) (refused on a resume)")
@@ -72,6 +79,9 @@ def main() -> None:
     loader = data(args.workers)
     if args.plain_loader:
         loader = DataLoader(loader.dataset, batch_size=8, shuffle=True)
+    if args.own_sampler:  # Lightning starts rank 1 with LOCAL_RANK set
+        sampler = OwnSampler(loader.dataset, num_replicas=args.devices, rank=int(os.environ.get("LOCAL_RANK", "0")))
+        loader = StatefulDataLoader(loader.dataset, batch_size=8, sampler=sampler)
     trainer.fit(Regression(), train_dataloaders=loader, ckpt_path=args.ckpt_path)
     if args.save_lightning:
         trainer.save_checkpoint(args.save_lightning)

@@ -134,6 +134,18 @@ def test_plain_dataloader_is_refused_at_start(tmp_path):
     assert not (tmp_path / "l.txt").exists()  # nothing trained
 
 
+def test_ddp_own_distributed_sampler_is_refused_at_start(tmp_path):
+    """DDP with a DistributedSampler subclass of the user's (its place is not saved): refused on every rank before
+    a step, naming the fix."""
+    run = run_preempted([sys.executable, str(JOB), "--losses", str(tmp_path / "l.txt"), "--devices", "2",
+                         "--own-sampler"], tmp_path / "ck", supervised=False)
+    assert run.returncode != 0
+    assert "the train loader's sampler OwnSampler (a DistributedSampler of your own)" in run.stderr
+    assert "StatefulDistributedSampler" in run.stderr
+    assert not list(tmp_path.glob("l.txt*"))  # no rank trained a step
+    assert not CheckpointStore(str(tmp_path / "ck")).committed()
+
+
 def test_example_under_jobwrap_simulate_is_bit_exact(tmp_path):
     """examples/lightning_train.py unchanged under `jobwrap simulate --at 5,14`: every check passes,
     the final committed checkpoint included."""
