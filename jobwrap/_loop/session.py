@@ -8,8 +8,8 @@ The flow, top to bottom::
     loader()     yields batches from where the run stopped; each batch ends at a step boundary
     _boundary()  a signal arrived? -> save, requeue (or not), raise Preempted
 
-The parts it ties together: :mod:`jobwrap._loop.resume` (the checkpoint found, loaded and
-put back), :mod:`jobwrap._loop.payload` (what a checkpoint holds), :mod:`jobwrap._loop.async_save`
+The parts it ties together: :mod:`jobwrap._loop.directory` (the directory claimed, the run's
+events opened), :mod:`jobwrap._loop.resume` (the checkpoint found, loaded and put back), :mod:`jobwrap._loop.payload` (what a checkpoint holds), :mod:`jobwrap._loop.async_save`
 (periodic saves in the background), :mod:`jobwrap._storage.sharded` (FSDP state, every rank's
 part), :mod:`jobwrap._loop.grads` (gradients between optimizer steps), :mod:`jobwrap._loop.hold`
 (the test hold). Time comes from one ``clock``.
@@ -27,22 +27,22 @@ import torch
 
 from jobwrap._config import Config, load_config
 from jobwrap._format import human_size
-from jobwrap._loop import adopt, at_exit, hold, payload, resume, steps
+from jobwrap._loop import adopt, at_exit, hold, payload, steps
 from jobwrap._loop.async_save import AsyncSaver
 from jobwrap._loop.data import ResumableLoader
+from jobwrap._loop.directory import ClaimedDirectory
 from jobwrap._loop.distributed import NO_STOP, STOP_EXIT, STOP_REQUEUE, Solo, join, save_on_rank0
 from jobwrap._loop.grads import PendingGrads
 from jobwrap._loop.interval import AutoInterval
 from jobwrap._loop.resume import Resumed
 from jobwrap._loop.workers import guard_dataloader_workers
-from jobwrap._scheduler.env import JobEnv, default_run_id, read_env
+from jobwrap._scheduler.env import JobEnv, read_env
 from jobwrap._scheduler.schedulers import Scheduler, scheduler_for
 from jobwrap._scheduler.signals import SignalTrap
 from jobwrap._scheduler.stopping import EXIT, REQUEUE, Limits, Preempted, Stop, carry_out, decide_stop
 from jobwrap._storage import deadline, progress, sharded
 from jobwrap._storage.devices import resume_device
 from jobwrap._storage.events import EventLog
-from jobwrap._storage.lock import DirectoryLock
 from jobwrap._storage.pids import Lifeline, start_time
 from jobwrap._storage.state import RESERVED_KEYS, fingerprint, is_stateful, plain
 from jobwrap._storage.store import Checkpoint, CheckpointStore
@@ -119,7 +119,8 @@ class Session:
                                  layout=lambda: self._payload([self._rank_state()]),
                                  fingerprint=self._fingerprint, meta=self._meta, last=lambda: self.last_checkpoint,
                                  committed=self._record_commit, event=lambda *a, **kw: self.events.append(*a, **kw))
-        self._lock: DirectoryLock | None = None  # rank 0's hold on the directory
+        self._directory = ClaimedDirectory(self.store, self.config, self.job)
+        self.events: EventLog  # the run's history, once start() has opened the directory
         self._lifeline = Lifeline(None, clock)  # the `jobwrap run` not to outlive
         self._orphaned = False
         self._unguard_workers: Callable[[], None] = lambda: None
@@ -142,11 +143,12 @@ class Session:
         try:
             self.group = join()
             opened = self.clock()
-            found = self._open_directory()
+            found = self._directory.open(self.group, self.device)
+            self.run_id, self.events = self._directory.run_id, self._directory.events
             load_seconds = round(self.clock() - opened, 4)
         except BaseException:
             self._trap.restore()
-            self._release_directory()
+            self._directory.release()
             self._unguard_workers()
             self._started = False
             raise
@@ -204,33 +206,6 @@ class Session:
     def _where(self) -> str:
         return f"step {self.step}, epoch {self.epoch}" if self._epochs_used or self.epoch else f"step {self.step}"
 
-    def _open_directory(self) -> tuple[Checkpoint, dict[str, Any]] | None:
-        return resume.open_directory(self.store, self.group, self.device, claim=self._claim, opened=self._open_events)
-
-    def _claim(self) -> tuple[str, list[str]]:
-        """Rank 0: the directory made, held against a second live trainer, cleaned up, and its run claimed."""
-        self.store.ensure_directory()
-        self._hold_directory()  # before prepare(): its cleanup would delete a live trainer's temporaries
-        self.store.prepare()
-        return self.store.claim(self.config.run_id or default_run_id(self.job), adopt=self.config.adopt)
-
-    def _hold_directory(self) -> None:
-        self._lock = DirectoryLock(self.store.directory, job_id=self.job.job_id, restart=self.job.restart_count,
-                                   timeout=self.config.lock_timeout, break_lock=self.config.break_lock,
-                                   file_mode=self.config.file_mode)
-        self._lock.acquire()
-
-    def _release_directory(self) -> None:
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
-
-    def _open_events(self, run_id: str) -> None:
-        self.run_id = run_id
-        self.events = EventLog(self.config.directory, file_mode=self.config.file_mode,
-                               enabled=self.group.rank == 0,
-                               run_id=run_id, restart=self.job.restart_count, job_id=self.job.job_id)
-
     def close(self, exc: BaseException | None = None) -> None:
         """Restore the previous signal handlers and record how the process ended."""
         if not self._started:
@@ -253,7 +228,7 @@ class Session:
                 log.info("%s arrived after training ended; nothing left to checkpoint or requeue",
                          self._trap.first.name)
             self.events.append("exit", code=0, reason="finished", step=self.step)
-        self._release_directory()
+        self._directory.release()
         self._preempted = None  # its traceback holds the loop's frames (a loader's workers, batches)
         if failure is not None:
             raise failure
