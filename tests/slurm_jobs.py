@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from conftest import REPO
@@ -48,6 +48,14 @@ def job_env(**extra: str) -> dict[str, str]:
 def local_env(**extra: str) -> dict[str, str]:
     """job_env without Slurm's variables: for the uninterrupted local reference runs."""
     return {k: v for k, v in job_env(**extra).items() if not k.startswith("SLURM_")}
+
+
+def run_reference(args: Sequence[str], ckpt: Path, *, timeout: float = 600, **extra: str) -> None:
+    """An uninterrupted local run of ``python args`` (the jobs' Python and environment, no Slurm variables)
+    checkpointing into ``ckpt``: what a signalled job must finish like."""
+    done = subprocess.run([str(VENV_BIN / "python"), *args], env=local_env(JOBWRAP_DIR=str(ckpt), **extra),
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def submit(script: Path, *args: str, cwd: Path, env: dict[str, str] | None = None) -> str:

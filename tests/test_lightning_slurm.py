@@ -2,7 +2,6 @@
 mid-fit, requeued by Slurm, finished bit for bit like an uninterrupted local fit."""
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,12 +10,11 @@ pytest.importorskip("pytorch_lightning", reason="needs pytorch-lightning (pip in
 pytest.importorskip("torchdata.stateful_dataloader", reason="needs torchdata (pip install 'jobwrap[torchdata]')")
 
 from slurm_jobs import (  # noqa: E402
-    VENV_BIN,
     assert_resumed_once,
     checked,
     job_env,
     lines,
-    local_env,
+    run_reference,
     usr1_requeued_and_completed,
     write_script,
 )
@@ -32,10 +30,7 @@ STEPS = 24
 def test_lightning_job_signalled_on_slurm_requeues_and_finishes_bit_exact(jobs, tmp_path):
     """scancel --signal=USR1 --batch after 3 steps: the fit's checkpoint is committed, Slurm requeues the job
     (restart 1), and the fit ends with every step's loss and the final checkpoint of a plain local fit."""
-    done = subprocess.run([str(VENV_BIN / "python"), JOB, "--losses", str(tmp_path / "ref.txt"),
-                           "--root", str(tmp_path)], capture_output=True, text=True,
-                          env=local_env(JOBWRAP_DIR=str(tmp_path / "ref-ckpt")), timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_reference([JOB, "--losses", str(tmp_path / "ref.txt"), "--root", str(tmp_path)], tmp_path / "ref-ckpt")
     script = write_script(tmp_path, "lightning", command=("python", JOB, "--losses", str(tmp_path / "cut.txt"),
                                                           "--root", str(tmp_path), "--step-seconds", "1"))
     info = usr1_requeued_and_completed(jobs, script, tmp_path, job_env(),

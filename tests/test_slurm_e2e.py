@@ -29,8 +29,8 @@ from slurm_jobs import (
     events,
     job_env,
     lines,
-    local_env,
     report,
+    run_reference,
     scancel,
     slurm_time,
     submit,
@@ -57,10 +57,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     def run(args: tuple[str, ...] = TRAIN_ARGS) -> Path:
         if args not in _REFERENCES:
             work = tmp_path_factory.mktemp("reference")
-            done = subprocess.run([str(VENV_BIN / "python"), TRAIN, *args, "--loss-log", str(work / "loss.tsv")],
-                                  env=local_env(JOBWRAP_DIR=str(work / "ckpt")), capture_output=True, text=True,
-                                  timeout=300)
-            assert done.returncode == 0, done.stderr[-3000:]
+            run_reference([TRAIN, *args, "--loss-log", str(work / "loss.tsv")], work / "ckpt", timeout=300)
             _REFERENCES[args] = work
         return _REFERENCES[args]
     return run
@@ -70,11 +67,8 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
 def ddp_reference(slurm_up: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted two-rank run of examples/train_ddp.py (gloo on the CPU), launched locally."""
     work = tmp_path_factory.mktemp("ddp-reference")
-    command = [str(VENV_BIN / "python"), "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               TRAIN_DDP, *DDP_ARGS]
-    done = subprocess.run(command, env=local_env(JOBWRAP_DIR=str(work / "ckpt")), capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_reference(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", TRAIN_DDP, *DDP_ARGS],
+                  work / "ckpt", timeout=300)
     return work / "ckpt"
 
 

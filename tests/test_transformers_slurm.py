@@ -2,7 +2,6 @@
 signalled mid-run, requeued by Slurm, finished bit for bit like an uninterrupted local run."""
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -10,12 +9,11 @@ import pytest
 pytest.importorskip("transformers", reason="the transformers extra is not installed (pip install -e '.[transformers]')")
 
 from slurm_jobs import (  # noqa: E402
-    VENV_BIN,
     assert_resumed_once,
     checked,
     job_env,
     lines,
-    local_env,
+    run_reference,
     usr1_requeued_and_completed,
     write_script,
 )
@@ -34,9 +32,7 @@ def _args(tmp_path: Path, name: str) -> tuple[str, ...]:
 def test_trainer_job_signalled_on_slurm_requeues_and_finishes_bit_exact(jobs, tmp_path):
     """scancel --signal=USR1 --batch after 3 logged steps: the Trainer's checkpoint is committed, Slurm
     requeues the job (restart 1), and the run ends with every step's log and the final state of a plain run."""
-    done = subprocess.run([str(VENV_BIN / "python"), *_args(tmp_path, "ref")], capture_output=True, text=True,
-                          env=local_env(JOBWRAP_DIR=str(tmp_path / "ref-ckpt"), **OFFLINE), timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_reference(_args(tmp_path, "ref"), tmp_path / "ref-ckpt", **OFFLINE)
     script = write_script(tmp_path, "hf", command=("python", *_args(tmp_path, "cut"), "--step-seconds", "1"))
     info = usr1_requeued_and_completed(jobs, script, tmp_path, job_env(**OFFLINE),
                                        lambda: len(lines(tmp_path / "cut.log")) >= 3, "3 logged steps")
