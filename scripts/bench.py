@@ -16,6 +16,8 @@ measures, medians over repetitions, in rotating order:
             state (scripts/bench_peers.py)
   relaunch  a real signal to `jobwrap run` -> the relaunched trainer's first new step, split into its
             parts (scripts/bench_relaunch.py)
+  position  a mid-epoch resume's time to its first batch against the position in the epoch
+            (scripts/bench_resume_position.py)
 
 Benchmark files live under the repository's ignored run/ directory and are deleted afterwards.
 """
@@ -38,6 +40,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import bench_resume_position
 from bench_peers import PEER_KEYS, bench_peers
 from bench_relaunch import OVERHEAD_TARGET, SPLITS, bench_relaunch, print_relaunch
 from torch import nn
@@ -611,8 +614,28 @@ def _verdict(name: str, value: float) -> str:
     return f"{value:.3f} {'met' if met(name, value) else '**not met**'}"
 
 
+#: Measured once per run, each by its own script: key in benchmarks.json -> the script's module, which has
+#: ``targets(result)``, ``report_lines(result, plot_name)`` and ``plot(result, out, title_suffix)``.
+SECTIONS = {"resume_position": bench_resume_position}
+
+
+def run_targets(relaunch: dict | None, sections: dict[str, dict]) -> list[tuple[str, float, float]]:
+    """(name, target, value) of the targets measured once per run rather than per state size."""
+    found = []
+    if relaunch:
+        found.append(("relaunch: jobwrap's own parts - disk time (s)", OVERHEAD_TARGET, relaunch["overhead"]))
+    for key, result in sections.items():
+        found += SECTIONS[key].targets(result)
+    return found
+
+
+def plot_sections(sections: dict[str, dict], out: Path) -> dict[str, str]:
+    return {key: SECTIONS[key].plot(result, out, f"; {machine()}") for key, result in sections.items()}
+
+
 def write_markdown(summaries: list[dict], step: dict, plots: list[str], gpu: dict, out: Path,
-                   args: argparse.Namespace, relaunch: dict | None = None) -> None:
+                   args: argparse.Namespace, relaunch: dict | None = None, sections: dict[str, dict] | None = None,
+                   section_plots: dict[str, str] | None = None) -> None:
     step_us = median(step["step_done (us)"])
     lines = [
         "# Benchmarks: jobwrap against plain torch.save, torch.load, torch.distributed.checkpoint and the disk",
@@ -637,6 +660,12 @@ def write_markdown(summaries: list[dict], step: dict, plots: list[str], gpu: dic
         else:
             cells = [_verdict(name, s["ratios"][name]) if name in s["ratios"] else "not measured" for s in summaries]
         lines.append(f"| {name} | <= {target:g} | " + " | ".join(cells) + " |")
+    once = run_targets(relaunch, sections or {})
+    if once:
+        lines += ["", "Measured once per run (their sections below):", "", "| measure | target | value |",
+                  "|---|---|---|"]
+        lines += [f"| {name} | <= {target:g} | {value:.3f} {'met' if value <= target else '**not met**'} |"
+                  for name, target, value in once]
     lines += ["", "Other ratios from the same runs:", "",
               "| ratio | " + " | ".join(f"{s['size']} state" for s in summaries) + " |",
               "|---|" + "---|" * len(summaries)]
@@ -682,6 +711,8 @@ def write_markdown(summaries: list[dict], step: dict, plots: list[str], gpu: dic
         lines += [f"![{name}]({name})", ""]
     if relaunch:
         lines += relaunch_lines(relaunch)
+    for key, result in (sections or {}).items():
+        lines += SECTIONS[key].report_lines(result, (section_plots or {}).get(key))
     lines += [
         "## What is measured",
         "",
@@ -778,6 +809,13 @@ def bench_gpu_pause(nbytes: int, reps: int) -> dict[str, float] | None:
             "torch.save + fsync (GPU state)": median(blocking)}
 
 
+def measure_sections(quick: bool) -> dict[str, dict]:
+    """The measurements taken once per run, each printed as it ends."""
+    position = bench_resume_position.bench_resume_position(*((3, 200) if quick else (5, 1000)))
+    log("\n== resume against position in the epoch ==\n" + "\n".join(bench_resume_position.summary_lines(position)))
+    return {"resume_position": position}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small state only, fewer repetitions (a few minutes)")
@@ -791,8 +829,12 @@ def main() -> None:
         results = json.loads(Path(args.report_only).read_text())
         _RECORDED.update({k: results[k] for k in ("machine", "software") if k in results})
         relaunch = results.get("relaunch")
+        sections = {key: results[key] for key in SECTIONS if results.get(key)}
         plots = plot(results["sizes"], out) + ([plot_relaunch(relaunch, out)] if relaunch else [])
-        write_markdown(results["sizes"], results["step"], plots, results.get("gpu") or {}, out, args, relaunch)
+        section_plots = plot_sections(sections, out)
+        plots += list(section_plots.values())
+        write_markdown(results["sizes"], results["step"], plots, results.get("gpu") or {}, out, args, relaunch,
+                       sections, section_plots)
         log(f"wrote {out / 'benchmarks.md'} and {', '.join(plots)} from {args.report_only}")
         return
     args.reps_small = 7 if args.quick else 9
@@ -840,16 +882,18 @@ def main() -> None:
             log(f"GPU: {gpu}")
         relaunch = bench_relaunch(2 if args.quick else 5, WORK, drop_cache)
         print_relaunch(relaunch)
+        sections = measure_sections(args.quick)
     finally:
         shutil.rmtree(WORK, ignore_errors=True)
     step_us = median(step["step_done (us)"])
     log(f"\n  {'step overhead / 1 ms step':46s} {step_us / 1000:6.4f}  target <= 0.01  "
         f"{'met' if step_us / 1000 <= 0.01 else 'NOT MET'}")
+    section_plots = plot_sections(sections, out)
     plots = plot(summaries, out) + [plot_relaunch(relaunch, out)]
-    write_markdown(summaries, step, plots, gpu, out, args, relaunch)
+    write_markdown(summaries, step, plots, gpu, out, args, relaunch, sections, section_plots)
     (out / "benchmarks.json").write_text(json.dumps({"machine": machine(), "software": software(),
                                                      "sizes": summaries, "step": step, "gpu": gpu,
-                                                     "relaunch": relaunch}, indent=1))
+                                                     "relaunch": relaunch, **sections}, indent=1))
     where = out.relative_to(REPO) if out.is_relative_to(REPO) else out
     log(f"\nwrote {where}/benchmarks.md, {where}/benchmarks.json and {', '.join(plots)} "
         f"in {time.monotonic() - started:.0f} s")
