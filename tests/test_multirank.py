@@ -396,7 +396,7 @@ def test_a_failed_background_write_with_continue_keeps_both_ranks_training(tmp_p
 
 
 def test_rank_0_failing_to_stage_a_background_save_is_raised_on_both_ranks(tmp_path):
-    """A tracked object's state_dict() fails on rank 0 as it stages a periodic save: both ranks raise at the next step."""
+    """state_dict() fails on rank 0 as it stages a periodic save: both ranks raise it at the next step."""
     script = tmp_path / "write_fails.py"
     script.write_text(BACKGROUND_WRITE_FAILS)
     result = _torchrun(script, str(tmp_path / "ck"), "raise", "6", "staging")

@@ -20,8 +20,8 @@ from typing import Any, Callable, Mapping
 import torch
 
 from jobwrap._config import Config
-from jobwrap._loop.distributed import WRITER_BUSY, WRITER_DONE, WRITER_IDLE
 from jobwrap._format import human_size
+from jobwrap._loop.distributed import WRITER_BUSY, WRITER_DONE, WRITER_IDLE
 from jobwrap._storage import deadline
 from jobwrap._storage.snapshot import BackgroundSave, ChangedWhileCopied, StagingArea, check_unchanged, lower_priority
 from jobwrap._storage.store import Checkpoint, CheckpointStore, SaveCancelled
@@ -42,7 +42,8 @@ class AsyncSaver:
     """
 
     def __init__(self, store: CheckpointStore, config: Config, objects: Mapping[str, Any], *,
-                 payload: Callable[[list[dict[str, Any]] | None], dict[str, Any]], layout: Callable[[], dict[str, Any]],
+                 payload: Callable[[list[dict[str, Any]] | None], dict[str, Any]],
+                 layout: Callable[[], dict[str, Any]],
                  fingerprint: Callable[[], Any], meta: Callable[[str], dict[str, Any]],
                  last: Callable[[], Checkpoint | None], committed: Callable[[Checkpoint, Any], None],
                  event: Callable[..., None], clock: Callable[[], float] = time.monotonic) -> None:
