@@ -788,7 +788,9 @@ def write_markdown(summaries: list[dict], step: dict, plots: list[str], gpu: dic
         "- A GPU: this machine has none. On a GPU machine the same script also measures the pause of a periodic "
         "save of a state on the GPU (device to pinned host memory, copied during the pause); `scripts/gpu-check` "
         "checks the GPU path and fills the GPU section below.",
-        "- Multi-rank jobs: there, periodic saves stay synchronous (rank 0 writes while the others wait).",
+        "- Several ranks: the pause of a periodic save with 2 ranks (rank 0 writing in the background, the other "
+        "ranks going on at once) against the blocking save of the same state is measured by "
+        "`scripts/bench_rank_pause.py`, not in this report yet; sharded (FSDP) state is still saved synchronously.",
     ]
     page = out / "benchmarks.md"
     kept = gpu_block(page.read_text()) if page.exists() else None  # scripts/gpu-check's, from a GPU machine

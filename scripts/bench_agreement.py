@@ -1,4 +1,4 @@
-"""Per-step cost of the stop agreement between ranks (a 2-int all-reduce on a gloo side group).
+"""Per-step cost of the stop agreement between ranks (a 3-int all-reduce on a gloo side group).
 
     .venv/bin/python scripts/bench_agreement.py [--ranks 2] [--steps 3000]
 

@@ -11,6 +11,7 @@ import pytest
 from conftest import REPO
 
 from jobwrap._storage.events import read_events
+from jobwrap._storage.store import CheckpointStore
 from jobwrap.testing import assert_same_run, final_state, run_preempted
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -262,3 +263,145 @@ def test_accumulated_unreduced_gradients_of_each_rank_survive_a_preemption(tmp_p
     assert_same_run(tmp_path / "ref", tmp_path / "cut")
     ref, got = ((tmp_path / name).read_text().splitlines() for name in ("ref.loss", "cut.loss"))
     assert sorted(got) == sorted(ref)
+
+
+def test_periodic_saves_of_two_ranks_run_in_the_background_and_resume_bit_exact(tmp_path, reference):
+    """Two ranks save periodically in the background (rank 0 writes); a signal mid-run still resumes bit-exact."""
+    run = run_preempted(TORCHRUN, tmp_path, ranks=2, preempt_at=[5], env={"JOBWRAP_SAVE_EVERY_STEPS": "2"},
+                        timeout=240).check()
+    assert run.signalled_at == [5]
+    saves = [e for e in read_events(str(tmp_path)) if e["event"] == "save"]
+    periodic = [e for e in saves if e["reason"] == "periodic"]
+    assert periodic and all(e.get("background") is True and e["step"] % 2 == 0 for e in periodic), saves
+    assert [(e["step"], e.get("background")) for e in saves if e["reason"].startswith("signal")] == [(5, None)]
+    assert any(c.manifest.get("background") for c in CheckpointStore(str(tmp_path)).committed())
+    assert_same_run(reference, tmp_path)
+
+
+IN_FLIGHT = """\
+import os, signal, sys, threading, time, torch, torch.distributed as dist
+import jobwrap
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+writing = os.path.join(sys.argv[1], "..", "writing")
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 4)
+optimizer = torch.optim.Adam(model.parameters())
+try:
+    with jobwrap.Session(sys.argv[1], save_every_steps=2) as job:
+        job.track(model=model, optimizer=optimizer)
+        if rank == 0:  # rank 0's background write is held until the signal's save cancels it
+            real_save = job.store.save
+            def held_save(payload, *, cancel=None, **kwargs):
+                if threading.current_thread() is not threading.main_thread():
+                    open(writing, "w").close()
+                    cancel.wait(60)
+                return real_save(payload, cancel=cancel, **kwargs)
+            job.store.save = held_save
+        while job.step < 10:
+            optimizer.zero_grad()
+            model(torch.ones(2, 4)).sum().backward()
+            optimizer.step()
+            job.step_done()
+            if job.step == 3 and rank == 1:  # the save of step 2 is being written: USR1 reaches rank 1 only
+                deadline = time.monotonic() + 60
+                while not os.path.exists(writing) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                os.kill(os.getpid(), signal.SIGUSR1)
+except jobwrap.Preempted as stop:
+    print(f"rank {rank}: stopped at step {job.step}, checkpoint of step {stop.checkpoint.step}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_signal_while_rank_0_writes_in_the_background_commits_the_newest_state(tmp_path):
+    """USR1 to rank 1 while rank 0 writes a periodic save: both stop at the next step, whose state is committed."""
+    script = tmp_path / "in_flight.py"
+    script.write_text(IN_FLIGHT)
+    result = _torchrun(script, str(tmp_path / "ck"))
+    for rank in (0, 1):
+        assert f"rank {rank}: stopped at step 4, checkpoint of step 4" in result.stdout, \
+            result.stdout + result.stderr[-3000:]
+    assert "cancelling it, saving this step now" in result.stderr
+    assert [c.step for c in CheckpointStore(str(tmp_path / "ck")).committed()] == [4]
+    assert not [n for n in os.listdir(tmp_path / "ck") if n.startswith(".tmp-")]
+    assert final_state(tmp_path / "ck")["jobwrap"]["world_size"] == 2
+
+
+BACKGROUND_WRITE_FAILS = """\
+import os, sys, torch, torch.distributed as dist
+import jobwrap
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+directory, on_error, last_step, failure = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+model = torch.nn.Linear(4, 4)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+class Fragile:
+    broken = False
+    def state_dict(self):
+        if self.broken:
+            raise RuntimeError("state_dict failed on rank 0")
+        return {}
+    def load_state_dict(self, state):
+        pass
+
+fragile = Fragile()
+try:
+    with jobwrap.Session(directory, save_every_steps=2, save_at_end=False, on_save_error=on_error) as job:
+        job.track(model=model, optimizer=optimizer, fragile=fragile)
+        while job.step < last_step:
+            optimizer.zero_grad()
+            model(torch.ones(2, 4)).sum().backward()
+            optimizer.step()
+            if job.step == 1 and rank == 0 and failure == "moved":
+                os.rename(directory, directory + "-moved")  # a real failure: the writer cannot create its file
+            if job.step == 1 and rank == 0 and failure == "staging":
+                fragile.broken = True  # rank 0 fails while staging, on the training thread
+            job.step_done()
+            if job.step == 2 and rank == 0:
+                assert job._saver.background.wait(60)  # failed already: the next agreement hears of it
+    print(f"rank {rank}: trained to step {job.step}", flush=True)
+except jobwrap.errors.CheckpointError as exc:
+    print(f"rank {rank}: {type(exc).__name__} at step {job.step}: {exc}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("last_step", [6, 2], ids=["at-a-boundary", "at-close"])
+def test_a_failed_background_write_of_rank_0_is_raised_on_both_ranks(tmp_path, last_step):
+    """Rank 0's background write fails: both ranks raise StorageError naming it at the same step (or at close)."""
+    script = tmp_path / "write_fails.py"
+    script.write_text(BACKGROUND_WRITE_FAILS)
+    result = _torchrun(script, str(tmp_path / "ck"), "raise", str(last_step), "moved")
+    lines = {line[:6]: line for line in result.stdout.splitlines() if line.startswith("rank ")}
+    raised_at = 3 if last_step == 6 else 2
+    for rank, told in (("rank 0", "background save of step 2 failed"),
+                       ("rank 1", "rank 0 could not save: [Errno 2] background save of step 2 failed")):
+        line = lines.get(rank, "")
+        assert line.startswith(f"{rank}: StorageError at step {raised_at}: ") and told in line \
+            and "directory or a part of its path disappeared" in line, result.stdout + result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_a_failed_background_write_with_continue_keeps_both_ranks_training(tmp_path):
+    """on_save_error=continue: rank 0's failed background writes are logged and both ranks train to the end."""
+    script = tmp_path / "write_fails.py"
+    script.write_text(BACKGROUND_WRITE_FAILS)
+    result = _torchrun(script, str(tmp_path / "ck"), "continue", "6", "moved")
+    assert "rank 0: trained to step 6" in result.stdout and "rank 1: trained to step 6" in result.stdout, \
+        result.stdout + result.stderr[-3000:]
+    assert "background save of step 2 failed" in result.stderr
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_rank_0_failing_to_stage_a_background_save_is_raised_on_both_ranks(tmp_path):
+    """state_dict() fails on rank 0 as it stages a periodic save: both ranks raise it at the next step."""
+    script = tmp_path / "write_fails.py"
+    script.write_text(BACKGROUND_WRITE_FAILS)
+    result = _torchrun(script, str(tmp_path / "ck"), "raise", "6", "staging")
+    for rank, told in (("rank 0", "background save of step 2 failed: RuntimeError: state_dict failed on rank 0"),
+                       ("rank 1", "rank 0 could not save: background save of step 2 failed: RuntimeError: "
+                                  "state_dict failed on rank 0")):
+        assert f"{rank}: CheckpointError at step 3: {told}" in result.stdout, result.stdout + result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-3000:]

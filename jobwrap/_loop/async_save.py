@@ -21,6 +21,7 @@ import torch
 
 from jobwrap._config import Config
 from jobwrap._format import human_size
+from jobwrap._loop.distributed import WRITER_BUSY, WRITER_DONE, WRITER_IDLE
 from jobwrap._storage import deadline
 from jobwrap._storage.snapshot import BackgroundSave, ChangedWhileCopied, StagingArea, check_unchanged, lower_priority
 from jobwrap._storage.store import Checkpoint, CheckpointStore, SaveCancelled
@@ -33,14 +34,16 @@ class AsyncSaver:
     """One process's background saves, and the save speed measured on every save.
 
     What it reads of the session comes through the callables it is given:
-    ``payload()`` (the state to save), ``layout()`` (the same state's shape, to
+    ``payload(ranks)`` (the state to save; ``ranks``: every rank's entry, gathered
+    by rank 0, or None for this process's own), ``layout()`` (the same state's shape, to
     plan the buffers), ``fingerprint()``, ``meta(reason)``, ``last()`` (the
     newest committed checkpoint); ``committed(checkpoint, fingerprint)`` records a
     background save's commit, ``event(name, **fields)`` writes the run's history.
     """
 
     def __init__(self, store: CheckpointStore, config: Config, objects: Mapping[str, Any], *,
-                 payload: Callable[[], dict[str, Any]], layout: Callable[[], dict[str, Any]],
+                 payload: Callable[[list[dict[str, Any]] | None], dict[str, Any]],
+                 layout: Callable[[], dict[str, Any]],
                  fingerprint: Callable[[], Any], meta: Callable[[str], dict[str, Any]],
                  last: Callable[[], Checkpoint | None], committed: Callable[[Checkpoint, Any], None],
                  event: Callable[..., None], clock: Callable[[], float] = time.monotonic) -> None:
@@ -64,9 +67,10 @@ class AsyncSaver:
         self._step_hooks: dict[int, Any] = {}
 
     # ------------------------------------------------------------ at a step boundary
-    def start(self, reason: str, *, step: int, epoch: int) -> bool:
+    def start(self, reason: str, *, step: int, epoch: int, ranks: list[dict[str, Any]] | None = None) -> bool:
         """Copy the state into the staging buffers (the only pause) and write it on another thread.
 
+        ``ranks``: every rank's entry, gathered by rank 0 (several ranks), else this process's own.
         False when no save started: the step is saved already or being written, or an older save
         is still in flight (this one is skipped).
         """
@@ -74,14 +78,8 @@ class AsyncSaver:
         if background.busy:
             if background.finished or background.step is None:
                 self.collect()  # a reservation still running: staging needs its buffers
-            elif background.step == step:
-                return False  # this step is being written already
             else:
-                self._skipped += 1
-                if self._skipped == 1:
-                    log.info("periodic save at step %d skipped: the save of step %d is still being written "
-                             "(one save in flight at a time; save less often to save at every interval)",
-                             step, background.step)
+                self.skip(step)
                 return False
         last = self._last()
         if last is not None and last.step == step:
@@ -89,7 +87,7 @@ class AsyncSaver:
         started = self._clock()
         staging = self.staging = self.staging or StagingArea()
         defer, watched = self._deferrable() if self.lazy_copy else (set(), [])
-        payload = staging.stage(self._payload(), defer=defer)
+        payload = staging.stage(self._payload(ranks), defer=defer)
         self._in_flight_state = self._fingerprint()
         pause = self._clock() - started
         meta = {**self._meta(reason), "stage_seconds": round(pause, 6), "background": True}
@@ -113,12 +111,47 @@ class AsyncSaver:
         log.debug("step %d staged in %.3f s; writing in the background", step, pause)
         return True
 
-    def tend(self, *, step: int, may_reserve: bool) -> None:
-        """Collect a finished background save; after the first step (``may_reserve``), reserve the buffers."""
+    def skip(self, step: int) -> None:
+        """A periodic save came due at ``step`` while one is in flight: it is skipped (said once)."""
+        if self.background.step == step:
+            return  # this step is being written already
+        self._skipped += 1
+        if self._skipped == 1:
+            log.info("periodic save at step %d skipped: the save of step %d is still being written "
+                     "(one save in flight at a time; save less often to save at every interval)",
+                     step, self.background.step)
+
+    def fail_later(self, step: int, error: Exception) -> None:
+        """A save that failed before its write (staging): its failure is collected as a background one's.
+
+        With several ranks only rank 0 stages; raised there at once, it would leave the other
+        ranks waiting in the next collective. Collected at the next agreement, every rank hears it.
+        """
+        def failed(cancel: Any) -> None:
+            raise error
+
+        self.background.submit(step, failed)
+        self._tend = True
+
+    def writer_state(self) -> int:
+        """What the ranks' agreement carries for rank 0: ``WRITER_DONE`` when an outcome waits to be
+        collected (and shared), ``WRITER_BUSY`` while a save is written, else ``WRITER_IDLE``
+        (a staging reservation in flight counts as idle: :meth:`start` waits for it)."""
+        background = self.background
+        if not background.busy or background.step is None:
+            return WRITER_IDLE
+        return WRITER_DONE if background.finished else WRITER_BUSY
+
+    def tend(self, *, step: int, may_reserve: bool, collect: bool = True) -> None:
+        """Collect a finished background save; after the first step (``may_reserve``), reserve the buffers.
+
+        ``collect=False`` (several ranks): a save's outcome is left for the ranks' agreement, which
+        shares it; only a finished reservation is collected here.
+        """
         if not self._tend:
             return
         if self.background.busy:
-            if self.background.finished:
+            if self.background.finished and (collect or self.background.step is None):
                 self.collect()
             return
         if self.staging is None and may_reserve:
@@ -160,7 +193,11 @@ class AsyncSaver:
         After a step, the optimizer's state exists: the payload's layout is known.
         """
         staging = self.staging = StagingArea()
-        sizes = staging.plan(self._layout())
+        try:
+            sizes = staging.plan(self._layout())
+        except Exception as exc:  # with several ranks, raised here on rank 0 alone it would strand the others
+            log.debug("staging buffers not reserved (%s); the first save allocates them and reports any failure", exc)
+            return
         self.background.submit(None, lambda cancel: lower_priority() or staging.reserve(sizes, cancel))
 
     # ------------------------------------------------------------ the outcome

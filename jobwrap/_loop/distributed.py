@@ -1,10 +1,11 @@
 """Agreement between ranks: every rank stops at the same step, one commit, one requeue.
 
 A signal may reach one rank only (torchrun, srun, a node's own preemption). At
-each step boundary the ranks all-reduce a two-number tensor -- the strongest
-stop request and "a periodic save is due" -- on a *separate gloo group*, so the
-agreement never queues behind NCCL traffic or a background save. All ranks see
-the same answer at the same step, so they stop, save and exit together.
+each step boundary the ranks all-reduce a three-number tensor -- the strongest
+stop request, "a periodic save is due", and the state of rank 0's background
+save -- on a *separate gloo group*, so the agreement never queues behind NCCL
+traffic or a background save. All ranks see the same answer at the same step,
+so they stop, save, hear of rank 0's background outcome and exit together.
 """
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ log = logging.getLogger("jobwrap")
 # into a requeue because another rank saw USR1 first.
 NO_STOP, STOP_REQUEUE, STOP_EXIT = 0, 1, 2
 
+# Rank 0's background save, as the agreement carries it (the other ranks send WRITER_IDLE, the maximum is
+# rank 0's): nothing in flight, a save being written (one due now is skipped), or an outcome to share.
+WRITER_IDLE, WRITER_BUSY, WRITER_DONE = 0, 1, 2
+
 
 class Solo:
     """The single-process case: agreement is the local answer."""
@@ -30,8 +35,8 @@ class Solo:
     rank = 0
     world_size = 1
 
-    def agree(self, stop: int, save_due: bool) -> tuple[int, bool]:
-        return stop, save_due
+    def agree(self, stop: int, save_due: bool, writer: int = WRITER_IDLE) -> tuple[int, bool, int]:
+        return stop, save_due, writer
 
     def gather(self, obj: Any) -> list[Any]:
         return [obj]
@@ -58,15 +63,17 @@ class RankGroup:
         self.world_size = dist.get_world_size()
         # Collective: every rank creates it at Session start, in the same order.
         self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_seconds))
-        self._flags = torch.zeros(2, dtype=torch.int32)
+        self._flags = torch.zeros(3, dtype=torch.int32)
         # A script that never closes its Session: the threads are still joined before the interpreter ends.
         atexit.register(self._abandon)
 
-    def agree(self, stop: int, save_due: bool) -> tuple[int, bool]:
+    def agree(self, stop: int, save_due: bool, writer: int = WRITER_IDLE) -> tuple[int, bool, int]:
+        """The maximum over ranks of each: (stop request, a periodic save due, rank 0's ``writer`` state)."""
         self._flags[0] = stop
         self._flags[1] = int(save_due)
+        self._flags[2] = writer
         self._dist.all_reduce(self._flags, op=self._dist.ReduceOp.MAX, group=self.group)
-        return int(self._flags[0]), bool(self._flags[1])
+        return int(self._flags[0]), bool(self._flags[1]), int(self._flags[2])
 
     def gather(self, obj: Any) -> list[Any] | None:
         """Rank 0 receives every rank's ``obj`` (ranks' own RNG states); others get None."""

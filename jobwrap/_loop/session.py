@@ -31,7 +31,8 @@ from jobwrap._loop import adopt, at_exit, hold, payload, steps
 from jobwrap._loop.async_save import AsyncSaver
 from jobwrap._loop.data import ResumableLoader
 from jobwrap._loop.directory import ClaimedDirectory
-from jobwrap._loop.distributed import NO_STOP, STOP_EXIT, STOP_REQUEUE, Solo, join, save_on_rank0
+from jobwrap._loop.distributed import (NO_STOP, STOP_EXIT, STOP_REQUEUE, WRITER_BUSY, WRITER_DONE, WRITER_IDLE, Solo,
+                                       join, save_on_rank0)
 from jobwrap._loop.grads import PendingGrads
 from jobwrap._loop.interval import AutoInterval
 from jobwrap._loop.resume import Resumed
@@ -46,7 +47,7 @@ from jobwrap._storage.events import EventLog
 from jobwrap._storage.pids import Lifeline, start_time
 from jobwrap._storage.state import RESERVED_KEYS, fingerprint, is_stateful, plain
 from jobwrap._storage.store import Checkpoint, CheckpointStore
-from jobwrap.errors import ConfigError, StorageError
+from jobwrap.errors import ConfigError, JobwrapError, StorageError
 
 log = logging.getLogger("jobwrap")
 
@@ -99,6 +100,7 @@ class Session:
         self.resumed_from: Checkpoint | None = None
         self.last_checkpoint: Checkpoint | None = None
         self._saved_fingerprint: Any = None  # the state last_checkpoint holds (None: unknown, save again)
+        self._handed_off: tuple[int, Any] = (-1, None)  # (step, fingerprint) last given to rank 0's background save
         self._in_batch = False  # between the loader yielding a batch and the end of the loop's body
         self.run_id = ""
         self._objects: dict[str, Any] = {}
@@ -115,8 +117,9 @@ class Session:
         self.group: Solo = Solo()
         self._grads = PendingGrads(self._objects)
         self._saver = AsyncSaver(self.store, self.config, self._objects, clock=clock,
-                                 payload=lambda: self._payload([self._saved_rank_state()]),
-                                 layout=lambda: self._payload([self._rank_state()]),
+                                 payload=lambda ranks: self._payload(ranks or [self._saved_rank_state()]),
+                                 layout=lambda: self._payload([self._rank_state()
+                                                               for _ in range(self.group.world_size)]),
                                  fingerprint=self._fingerprint, meta=self._meta, last=lambda: self.last_checkpoint,
                                  committed=self._record_commit, event=lambda *a, **kw: self.events.append(*a, **kw))
         self._directory = ClaimedDirectory(self.store, self.config, self.job)
@@ -211,12 +214,12 @@ class Session:
         if not self._started:
             return
         self._grads.close()
-        failure = self._saver.close(exc)
+        failure = self._close_saver(exc)
         exc = exc or failure
         self._trap.restore()
         self._unguard_workers()
         # Every rank leaves together after a finished run or a Preempted; after an error some may not come.
-        self.group.close(clean=exc is None or isinstance(exc, Preempted))
+        self.group.close(clean=_clean(exc))
         self._started = False
         at_exit.forget(self)
         if isinstance(exc, Preempted):
@@ -232,6 +235,27 @@ class Session:
         self._preempted = None  # its traceback holds the loop's frames (a loader's workers, batches)
         if failure is not None:
             raise failure
+
+    def _close_saver(self, exc: BaseException | None) -> BaseException | None:
+        """Let a background save in flight commit; its failure is returned, after a clean exit on every rank.
+
+        With several ranks, a failure raised on rank 0 alone would make it skip the barrier of
+        ``group.close`` and leave the other ranks waiting there: rank 0's outcome is shared first.
+        """
+        failure = self._saver.close(exc)
+        if self.group.world_size == 1 or not self._async_periodic() or not _clean(exc):
+            return failure
+
+        def rank0_outcome() -> Checkpoint | None:
+            if failure is not None:
+                raise failure
+            return self.last_checkpoint
+
+        try:
+            self._adopt_newest(save_on_rank0(self.group, rank0_outcome))
+        except JobwrapError as shared:
+            return shared
+        return None
 
     def __enter__(self) -> "Session":
         self._scoped = True
@@ -383,12 +407,21 @@ class Session:
             if self._periodic_save_due():
                 self._periodic_save()
             return
+        if self.group.rank == 0:  # a background save's outcome waits for the agreement, which shares it
+            self._saver.tend(step=self.step, may_reserve=after_first_step and not self._sharded, collect=False)
         if self.step % self.config.sync_every_steps:
             return
-        stop, save_due = self.group.agree(self._local_stop_request(), self._periodic_save_due())
+        writer = self._saver.writer_state() if self.group.rank == 0 else WRITER_IDLE
+        stop, save_due, writer = self.group.agree(self._local_stop_request(), self._periodic_save_due(), writer)
         if stop != NO_STOP:
             self._stop(stop)
-        if save_due:
+        if writer == WRITER_DONE:
+            self._collect_background()  # every rank at this step: rank 0's commit, or its failure raised by all
+            save_due = save_due and not self._holds_step()
+        if save_due and writer == WRITER_BUSY:
+            if self.group.rank == 0:
+                self._saver.skip(self.step)
+        elif save_due:
             self._periodic_save()
 
     def _local_stop_request(self) -> int:
@@ -429,8 +462,8 @@ class Session:
 
     def _periodic_save(self) -> None:
         try:
-            if self.config.async_save and self.group.world_size == 1 and not self._sharded:
-                if self._saver.start("periodic", step=self.step, epoch=self.epoch):
+            if self._async_periodic():
+                if self._start_background():
                     self._last_save_time = self.clock()
             else:
                 self.save(reason="periodic")
@@ -439,6 +472,52 @@ class Session:
                 raise
             log.error("periodic save failed, training continues (on_save_error=continue): %s", exc)
             self._last_save_time = self.clock()
+
+    def _async_periodic(self) -> bool:
+        """Periodic saves go to a writer thread (sharded state is written by every rank, synchronously)."""
+        return self.config.async_save and not self._sharded
+
+    def _start_background(self) -> bool:
+        """Hand the state to the writer thread; True when every rank counts the save as started.
+
+        With several ranks every rank gives rank 0 its entry (a small collective) and goes on;
+        rank 0 alone pauses, to stage the state. A failure of its staging is collected like a
+        failed write, at the next agreement, so that every rank raises it at the same step.
+        """
+        if self.group.world_size == 1:
+            return self._saver.start("periodic", step=self.step, epoch=self.epoch)
+        state = self._fingerprint()
+        ranks = self.group.gather(self._saved_rank_state())
+        self._handed_off = (self.step, state)
+        if self.group.rank == 0:
+            try:
+                self._saver.start("periodic", step=self.step, epoch=self.epoch, ranks=ranks)
+            except Exception as exc:  # raised here, it would leave the other ranks in the next collective
+                self._saver.fail_later(self.step, exc)
+        return True
+
+    def _holds_step(self) -> bool:
+        return self.last_checkpoint is not None and self.last_checkpoint.step == self.step
+
+    def _collect_background(self) -> None:
+        """The background save in flight commits first, or its failure is raised (with several ranks, on
+        every rank); then every rank knows rank 0's newest checkpoint, so all decide alike what to save."""
+        if self.group.world_size == 1 or not self._async_periodic():
+            self._collect_on_rank0()
+            return
+        self._adopt_newest(save_on_rank0(self.group, self._collect_on_rank0))
+
+    def _collect_on_rank0(self) -> Checkpoint | None:
+        if self._saver.background.busy:
+            self._saver.collect()
+        return self.last_checkpoint
+
+    def _adopt_newest(self, newest: Checkpoint | None) -> None:
+        """A rank other than 0 takes rank 0's newest checkpoint: newer than its own, it is the background
+        save it handed off its entry for (a synchronous save is known to every rank at once)."""
+        if self.group.rank != 0 and newest is not None:
+            step, state = self._handed_off
+            self._record_commit(newest, state if newest.step == step else None)
 
     # ------------------------------------------------------------ save
     def save(self, *, reason: str = "manual") -> Checkpoint:
@@ -456,10 +535,8 @@ class Session:
         self.start()
         if self._in_batch:
             self._batch_finished()
-        if self._saver.background.busy:
-            self._saver.collect()  # a save in flight commits first (or its failure is raised)
-        if (self.last_checkpoint is not None and self.last_checkpoint.step == self.step
-                and not self._moved_since_save()):
+        self._collect_background()  # a save in flight commits first (or its failure is raised)
+        if self._holds_step() and not self._moved_since_save():
             return self.last_checkpoint
         state = self._fingerprint()
         ranks = self.group.gather(self._saved_rank_state())
@@ -563,7 +640,7 @@ class Session:
         checkpoint = self._save_before_exit(f"signal {name}")
         # Decided after the save, from every signal received by now on any rank: a TERM (scancel)
         # that came during the save still makes the stop a cancel instead of a requeue.
-        settled, _ = self.group.agree(max(request, self._local_stop_request()), False)
+        settled = self.group.agree(max(request, self._local_stop_request()), False)[0]
         if settled == STOP_EXIT:
             sig = self._exit_signal() or signal.SIGTERM
             if settled != request:
@@ -584,6 +661,11 @@ class Session:
                     progressed=progressed, history=history)
         return carry_out(decide_stop(stop, Limits(self.config.max_requeues, self.config.max_no_progress)), stop,
                          scheduler=self.scheduler, events=self.events, step=self.step)
+
+
+def _clean(exc: BaseException | None) -> bool:
+    """A finished run or a Preempted: every rank ends together (after an error some may not come)."""
+    return exc is None or isinstance(exc, Preempted)
 
 
 def _restarts(saved: Any, now: int) -> str:

@@ -1,0 +1,157 @@
+"""The pause of a periodic save with several ranks: in the background (rank 0 writes) against blocking.
+
+    .venv/bin/python scripts/bench_rank_pause.py [--quick] [--mb 400] [--ranks 2] [--reps 5]
+
+Spawns the ranks on this machine (gloo over loopback, one torch thread each), each
+with the state of ``scripts/bench.py``'s ``build()`` (square layers and Adam's moments),
+and trains them in step. At each even step a periodic save is due; a barrier lines
+the ranks up just before that boundary, so a rank's pause is what the save costs
+it: the time ``step_done()`` blocks, plus the time the next ``optimizer.step()``
+waits for the copy still running on rank 0's writer thread (``lazy_copy``). The
+pause of a save is the maximum over the ranks (in a DDP job every rank waits for
+the slowest at the next all-reduce); medians over the repetitions. Blocking: the
+same loop with ``async_save=False`` (every rank waits while rank 0 writes).
+Target: the background pause at most 0.1x the blocking one.
+
+``bench_rank_pause(reps, work_dir, ...)`` returns the numbers, for ``scripts/bench.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+REPO = Path(__file__).resolve().parent.parent
+TARGET = 0.10  # background pause / blocking pause
+MODES = {"background": True, "blocking": False}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    model(x).square().mean().backward()
+    optimizer.step()
+
+
+def _measure(rank: int, directory: Path, background: bool, reps: int, nbytes: int, batch: int) -> list[float]:
+    """This rank's pause at each periodic save: step_done() at the save, plus the next step's wait for the copy."""
+    import jobwrap
+    from bench import build  # here, not at the top: bench.py imports this module
+
+    model, optimizer = build(nbytes, "cpu")
+    x = torch.randn(batch, next(model.parameters()).shape[1])
+    pauses = []
+    job = jobwrap.Session(str(directory), environ={}, run_id="bench", save_at_end=False, save_every_steps=2,
+                          keep_last=1, async_save=background)
+    with job:
+        job.track(model=model, optimizer=optimizer)
+        _train_step(model, optimizer, x)
+        job.step_done()                           # step 1: rank 0 reserves the staging buffers in the background
+        if rank == 0:
+            assert job._saver.background.wait(600)
+        _train_step(model, optimizer, x)
+        for _ in range(reps):
+            dist.barrier()                        # the ranks reach the boundary together, as DDP's steps keep them
+            started = time.perf_counter()
+            job.step_done()                       # even step: a periodic save is due
+            pause = time.perf_counter() - started
+            _train_step(model, optimizer, x)      # on rank 0 its step() may wait for the writer's copy
+            pauses.append(pause + job._saver.copy_wait)
+            if rank == 0:
+                assert job._saver.background.wait(600)  # written before the next one comes due: none is skipped
+            job.step_done()                       # odd step: the outcome is shared, nothing due
+            _train_step(model, optimizer, x)
+        assert job.last_checkpoint is not None and job.last_checkpoint.step == 2 * reps, job.last_checkpoint
+        if background:
+            saves = [e for e in job.events.read() if e["event"] == "save"]
+            assert rank != 0 or all(e.get("background") for e in saves), saves
+    return pauses
+
+
+def _rank(rank: int, world: int, port: int, work: str, reps: int, nbytes: int, batch: int, queue: Any) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # the ranks share this machine's cores, as torchrun's OMP_NUM_THREADS=1 would
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        for mode, background in MODES.items():
+            directory = Path(work) / mode
+            if rank == 0:
+                shutil.rmtree(directory, ignore_errors=True)
+                directory.mkdir(parents=True)
+            dist.barrier()
+            queue.put((mode, rank, _measure(rank, directory, background, reps, nbytes, batch)))
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def bench_rank_pause(reps: int, work_dir: Path, *, nbytes: int = 100 << 20, ranks: int = 2,
+                     batch: int = 8) -> dict[str, Any]:
+    """Medians of the periodic save's pause (the maximum over ``ranks``) in the background and blocking,
+    the per-rank medians, the ratio and whether it meets :data:`TARGET`. Files go under ``work_dir``
+    and are deleted afterwards."""
+    work = Path(work_dir) / "rank-pause"
+    queue = mp.get_context("spawn").SimpleQueue()
+    scripts = str(Path(__file__).resolve().parent)
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)  # the ranks import bench.py's build()
+    try:
+        mp.spawn(_rank, args=(ranks, _free_port(), str(work), reps, nbytes, batch, queue), nprocs=ranks)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    per_rank: dict[str, dict[int, list[float]]] = {mode: {} for mode in MODES}
+    while not queue.empty():
+        mode, rank, pauses = queue.get()
+        per_rank[mode][rank] = pauses
+    result: dict[str, Any] = {"ranks": ranks, "state bytes": nbytes, "reps": reps}
+    for mode, by_rank in per_rank.items():
+        worst = [max(values) for values in zip(*by_rank.values())]
+        result[f"{mode} pause"] = statistics.median(worst)
+        result[f"{mode} pauses"] = worst
+        result[f"{mode} pause by rank"] = {r: statistics.median(v) for r, v in sorted(by_rank.items())}
+    result["ratio"] = result["background pause"] / result["blocking pause"]
+    result["met"] = result["ratio"] <= TARGET
+    return result
+
+
+def print_rank_pause(result: dict[str, Any]) -> None:
+    """The result in a few lines, with the target's verdict."""
+    print(f"periodic save pause, {result['ranks']} ranks, {result['state bytes'] / 1e6:.0f} MB of state, "
+          f"median of {result['reps']} (the maximum over ranks; step_done + the next step's wait for the copy):")
+    for mode in MODES:
+        by_rank = ", ".join(f"rank {r} {v * 1e3:.1f} ms" for r, v in result[f"{mode} pause by rank"].items())
+        print(f"  {mode:10s} {result[f'{mode} pause'] * 1e3:9.1f} ms   ({by_rank})")
+    print(f"  background / blocking = {result['ratio']:.3f}: target <= {TARGET} "
+          f"{'met' if result['met'] else 'NOT MET'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="about 100 MB of state, 3 repetitions")
+    parser.add_argument("--mb", type=float, default=None, help="state size in MB (default 400, 100 with --quick)")
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=None, help="saves measured per mode (default 5, 3 with --quick)")
+    parser.add_argument("--work", default=str(REPO / "run" / "bench"), help="where the checkpoints go (deleted after)")
+    args = parser.parse_args()
+    mb = args.mb if args.mb is not None else (100 if args.quick else 400)
+    reps = args.reps if args.reps is not None else (3 if args.quick else 5)
+    print_rank_pause(bench_rank_pause(reps, Path(args.work), nbytes=int(mb * (1 << 20)), ranks=args.ranks))
+
+
+if __name__ == "__main__":
+    main()
