@@ -18,6 +18,8 @@ measures, medians over repetitions, in rotating order:
             parts (scripts/bench_relaunch.py)
   position  a mid-epoch resume's time to its first batch against the position in the epoch
             (scripts/bench_resume_position.py)
+  ranks     the pause of a periodic save with 2 ranks, background against blocking
+            (scripts/bench_rank_pause.py)
 
 Benchmark files live under the repository's ignored run/ directory and are deleted afterwards.
 """
@@ -40,6 +42,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import bench_rank_pause
 import bench_resume_position
 from bench_peers import PEER_KEYS, bench_peers
 from bench_relaunch import OVERHEAD_TARGET, SPLITS, bench_relaunch, print_relaunch
@@ -616,7 +619,7 @@ def _verdict(name: str, value: float) -> str:
 
 #: Measured once per run, each by its own script: key in benchmarks.json -> the script's module, which has
 #: ``targets(result)``, ``report_lines(result, plot_name)`` and ``plot(result, out, title_suffix)``.
-SECTIONS = {"resume_position": bench_resume_position}
+SECTIONS = {"resume_position": bench_resume_position, "rank_pause": bench_rank_pause}
 
 
 def run_targets(relaunch: dict | None, sections: dict[str, dict]) -> list[tuple[str, float, float]]:
@@ -788,9 +791,8 @@ def write_markdown(summaries: list[dict], step: dict, plots: list[str], gpu: dic
         "- A GPU: this machine has none. On a GPU machine the same script also measures the pause of a periodic "
         "save of a state on the GPU (device to pinned host memory, copied during the pause); `scripts/gpu-check` "
         "checks the GPU path and fills the GPU section below.",
-        "- Several ranks: the pause of a periodic save with 2 ranks (rank 0 writing in the background, the other "
-        "ranks going on at once) against the blocking save of the same state is measured by "
-        "`scripts/bench_rank_pause.py`, not in this report yet; sharded (FSDP) state is still saved synchronously.",
+        "- Sharded (FSDP) state with several ranks: its periodic saves are still synchronous (every rank writes "
+        "its part through DCP), and not measured here.",
     ]
     page = out / "benchmarks.md"
     kept = gpu_block(page.read_text()) if page.exists() else None  # scripts/gpu-check's, from a GPU machine
@@ -815,7 +817,9 @@ def measure_sections(quick: bool) -> dict[str, dict]:
     """The measurements taken once per run, each printed as it ends."""
     position = bench_resume_position.bench_resume_position(*((3, 200) if quick else (5, 1000)))
     log("\n== resume against position in the epoch ==\n" + "\n".join(bench_resume_position.summary_lines(position)))
-    return {"resume_position": position}
+    pause = bench_rank_pause.bench_rank_pause(3 if quick else 5, WORK, nbytes=(100 if quick else 400) << 20)
+    bench_rank_pause.print_rank_pause(pause)
+    return {"resume_position": position, "rank_pause": pause}
 
 
 def main() -> None:

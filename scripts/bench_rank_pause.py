@@ -140,6 +140,61 @@ def print_rank_pause(result: dict[str, Any]) -> None:
           f"{'met' if result['met'] else 'NOT MET'}")
 
 
+def targets(result: dict[str, Any]) -> list[tuple[str, float, float]]:
+    """(name, target, value) for scripts/bench's table of targets."""
+    return [(f"periodic pause, {result['ranks']} ranks / blocking save of the same state", TARGET, result["ratio"])]
+
+
+def report_lines(result: dict[str, Any], plot_name: str | None) -> list[str]:
+    """scripts/bench's section on docs/benchmarks.md."""
+    lines = ["## Periodic saves with several ranks", "",
+             f"{result['ranks']} ranks on this machine (gloo over loopback; `scripts/bench_rank_pause.py`), each with "
+             f"{result['state bytes'] / 1e6:.0f} MB of replicated state, trained in step; the pause of a periodic "
+             "save is the time `step_done()` blocks plus the next `optimizer.step()`'s wait for the copy on rank 0's "
+             "writer thread, the maximum over the ranks (in a DDP job every rank waits for the slowest at the next "
+             f"all-reduce). Medians of {result['reps']} saves. *blocking*: `async_save=False`, every rank waits while "
+             "rank 0 writes; *background*: rank 0 stages the state and writes it on its writer thread, the other "
+             "ranks hand over their own small state (RNG, data position) and go on.", "",
+             "| mode | pause, median (worst rank) | by rank |", "|---|---|---|"]
+    for mode in MODES:
+        by_rank = ", ".join(f"rank {r}: {v * 1e3:.1f} ms" for r, v in result[f"{mode} pause by rank"].items())
+        lines.append(f"| {mode} | {result[f'{mode} pause'] * 1e3:.1f} ms | {by_rank} |")
+    lines += ["", f"Target: background / blocking <= {TARGET:g}: {result['ratio']:.3f}, "
+              f"{'met' if result['met'] else '**not met**'}.", ""]
+    if plot_name:
+        lines += [f"![{plot_name}]({plot_name})", ""]
+    return lines
+
+
+def plot(result: dict[str, Any], out: Path, title_suffix: str = "") -> str:
+    """Each rank's pause, background against blocking (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ranks = list(result["blocking pause by rank"])
+    width = 0.38
+    for i, (mode, color) in enumerate((("blocking", "#bbbbbb"), ("background", "#1f77b4"))):
+        values = [result[f"{mode} pause by rank"][r] for r in ranks]
+        bars = ax.bar([j + (i - 0.5) * width for j in range(len(ranks))], values, width, color=color, label=mode)
+        for bar, value in zip(bars, values):
+            ax.annotate(f"{value * 1e3:.1f} ms", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(ranks)), [f"rank {r}" for r in ranks])
+    ax.set_yscale("log")
+    ax.set_ylabel("pause per periodic save, s (median)")
+    ax.legend(fontsize=8)
+    ax.set_title(f"periodic save pause, {result['ranks']} ranks, {result['state bytes'] / 1e6:.0f} MB"
+                 f"{title_suffix}", fontsize=10)
+    fig.tight_layout()
+    name = "bench-rank-pause.png"
+    fig.savefig(out / name, dpi=100)
+    plt.close(fig)
+    return name
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="about 100 MB of state, 3 repetitions")
