@@ -19,6 +19,10 @@ resolution):
   import jobwrap, start (lock, scan, verify), load (read + checksum), track (restore the state),
   first batch          jobwrap's parts; then the step itself
 
+The trainer reads its modules' bytecode from a cache (``PYTHONPYCACHEPREFIX`` under the work
+directory, filled by the first launch), as an installed package does: an environment with
+``PYTHONDONTWRITEBYTECODE`` would otherwise compile jobwrap's source on every start (60 ms and more).
+
 Run by scripts/bench (``bench_relaunch`` below); alone: ``python scripts/bench_relaunch.py [--reps N]``.
 """
 from __future__ import annotations
@@ -152,12 +156,16 @@ def _watch_exit(pid: int, gone: list[float]) -> None:
         gone.append(time.time())
 
 
-def one_relaunch(directory: Path) -> tuple[dict[str, float], Path]:
-    """One launch preempted by a real SIGUSR1 and its relaunch; the split in seconds, and the checkpoint."""
+def one_relaunch(directory: Path, bytecode: Path) -> tuple[dict[str, float], Path]:
+    """One launch preempted by a real SIGUSR1 and its relaunch; the split in seconds, and the checkpoint.
+
+    ``bytecode``: where the trainer's compiled modules are cached (kept between relaunches).
+    """
     from jobwrap._storage.events import read_events
 
     shutil.rmtree(directory, ignore_errors=True)
-    env = {**os.environ, "JOBWRAP_NO_SLURM": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "JOBWRAP_NO_SLURM": "1", "PYTHONUNBUFFERED": "1", "PYTHONPYCACHEPREFIX": str(bytecode)}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     command = [sys.executable, "-m", "jobwrap", "run", "--dir", str(directory), "--max-requeues", "1", "--",
                sys.executable, os.path.abspath(__file__), "--train", str(directory)]
     run = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -236,7 +244,7 @@ def bench_relaunch(reps: int, work: Path, drop_cache: Callable[[Path], None]) ->
     samples: dict[str, list[float]] = {name: [] for name in SPLITS}
     writes, reads, size = [], [], 0
     for rep in range(reps):
-        split, checkpoint = one_relaunch(work / f"relaunch-{rep}")
+        split, checkpoint = one_relaunch(work / f"relaunch-{rep}", work / "bytecode")
         for name, seconds in split.items():
             samples[name].append(seconds)
         size = checkpoint.stat().st_size

@@ -43,7 +43,7 @@ from jobwrap._storage import deadline, progress, sharded
 from jobwrap._storage.devices import resume_device
 from jobwrap._storage.events import EventLog
 from jobwrap._storage.lock import DirectoryLock
-from jobwrap._storage.pids import Lifeline, start_time
+from jobwrap._storage.pids import Lifeline, created_at
 from jobwrap._storage.state import RESERVED_KEYS, fingerprint, is_stateful, plain
 from jobwrap._storage.store import Checkpoint, CheckpointStore
 from jobwrap.errors import ConfigError, StorageError
@@ -85,6 +85,7 @@ class Session:
 
     def __init__(self, directory: str | os.PathLike | None = None, *, environ: dict[str, str] | None = None,
                  clock: Callable[[], float] = time.monotonic, **settings: Any) -> None:
+        began = clock()
         self.config: Config = load_config(environ, directory=directory, **settings)
         self.job: JobEnv = read_env(environ)
         self.clock = clock
@@ -127,6 +128,11 @@ class Session:
         self._rng_restored: Any = None  # the streams as track() put them back, until the first boundary
         self._epochs_used = False  # log lines name the epoch only in loops that have them
         self._preempted: Preempted | None = None
+        # The relaunch's timeline (jobwrap status): jobwrap's own start-up, and the first batch and step.
+        self._init_seconds = clock() - began
+        self._first_step_pending = False
+        self._first_batch_at: float | None = None
+        self._listed: list[Checkpoint] | None = None  # rank 0's committed checkpoints, listed once at start
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> "Session":
@@ -134,6 +140,7 @@ class Session:
         if self._started:
             return self
         self._started = True
+        session_started = time.time()
         _ensure_log_handler()
         # Trap first, so a signal that arrives while resuming is honoured right after.
         self._trap.install()
@@ -153,7 +160,7 @@ class Session:
         if not self._scoped:
             at_exit.close_at_exit(self)
         if found is None:
-            return self._start_fresh()
+            return self._start_fresh(session_started)
         checkpoint, loaded = found
         self.resumed_from = self.last_checkpoint = checkpoint
         resumed = self._resume = Resumed(checkpoint, loaded, rank=self.group.rank, world_size=self.group.world_size,
@@ -163,17 +170,18 @@ class Session:
         self._grads.resume(resumed.grads)
         self.epoch, self.step, self.position = resumed.epoch, resumed.step, resumed.position
         self._resumed_step = self.step
-        self._saver.check_fit(checkpoint, self.store.committed(), warn=self.group.rank == 0)
+        self._saver.check_fit(checkpoint, self._committed_after_resume(checkpoint), warn=self.group.rank == 0)
         if self.group.rank == 0:
             log.info("resumed from %s: %s, run %s%s", os.path.basename(checkpoint.path), self._where(),
                      checkpoint.run_id, _restarts(checkpoint.manifest.get("restart_count"), self.job.restart_count))
         self.events.append("start", step=self.step, epoch=self.epoch, resumed_from=checkpoint.path,
                            world_size=self.group.world_size, load_seconds=load_seconds,
                            read_seconds=self._resume.read_seconds, scheduler=self.job.scheduler,
-                           process_started=start_time(os.getpid()))
+                           **self._startup_fields(session_started))
+        self._first_step_pending = True
         return self
 
-    def _start_fresh(self) -> "Session":
+    def _start_fresh(self, session_started: float) -> "Session":
         """No checkpoint yet: start at step 0, or from the user's own checkpoint (``init_from``)."""
         adopted = adopt.load(self.config.init_from, self.device) if self.config.init_from else None
         if adopted is not None:
@@ -187,8 +195,18 @@ class Session:
             log.info("no checkpoint in %s: starting run %s %s", self.config.directory, self.run_id,
                      f"from {adopted.path} at {self._where()}" if adopted else "fresh")
         self.events.append("start", step=self.step, resumed_from=None, world_size=self.group.world_size,
-                           scheduler=self.job.scheduler, process_started=start_time(os.getpid()))
+                           scheduler=self.job.scheduler, **self._startup_fields(session_started))
         return self
+
+    def _startup_fields(self, session_started: float) -> dict[str, Any]:
+        """The start event's record of how this process got there (jobwrap._report.relaunch reads it)."""
+        created = created_at()
+        fields = {"process_started": None if created is None else round(created, 3),
+                  "session_started": round(session_started, 3),
+                  "init_seconds": round(self._init_seconds, 4)}
+        if self.job.previous_exit is not None:
+            fields["previous_exit"] = round(self.job.previous_exit, 3)
+        return fields
 
     def _where(self) -> str:
         return f"step {self.step}, epoch {self.epoch}" if self._epochs_used or self.epoch else f"step {self.step}"
@@ -196,12 +214,21 @@ class Session:
     def _open_directory(self) -> tuple[Checkpoint, dict[str, Any]] | None:
         return resume.open_directory(self.store, self.group, self.device, claim=self._claim, opened=self._open_events)
 
-    def _claim(self) -> tuple[str, list[str]]:
-        """Rank 0: the directory made, held against a second live trainer, cleaned up, and its run claimed."""
+    def _claim(self) -> tuple[str, list[str], list[Checkpoint]]:
+        """Rank 0: the directory made, held against a second live trainer, cleaned up, and its run claimed;
+        with its committed checkpoints, listed once for the whole start."""
         self.store.ensure_directory()
         self._hold_directory()  # before prepare(): its cleanup would delete a live trainer's temporaries
-        self.store.prepare()
-        return self.store.claim(self.config.run_id or default_run_id(self.job), adopt=self.config.adopt)
+        self._listed = self.store.prepare(proven=True)
+        return (*self.store.claim(self.config.run_id or default_run_id(self.job), adopt=self.config.adopt),
+                self._listed)
+
+    def _committed_after_resume(self, resumed: Checkpoint) -> list[Checkpoint]:
+        """The committed checkpoints now: rank 0's start listing, less those the resume set aside (only ones
+        newer than the checkpoint it took can have been); other ranks list the directory."""
+        if self._listed is None:
+            return self.store.committed()
+        return [c for c in self._listed if c.key <= resumed.key or os.path.exists(c.path)]
 
     def _hold_directory(self) -> None:
         self._lock = DirectoryLock(self.store.directory, job_id=self.job.job_id, restart=self.job.restart_count,
@@ -367,10 +394,15 @@ class Session:
     def _step_done(self) -> None:
         self.step += 1
         self.position += 1
+        if self._first_step_pending:  # a resumed process's first new step: the end of its relaunch
+            self._first_step_pending = False
+            self.events.append("first-step", step=self.step, first_batch=self._first_batch_at)
 
     def _batch_started(self) -> None:
         """The loader handed out a batch: the loop's body trains on it now."""
         self._in_batch = True
+        if self._first_step_pending and self._first_batch_at is None:
+            self._first_batch_at = round(time.time(), 3)
 
     def _batch_left(self) -> None:
         """The loop broke off with its batch: nothing counts it (a save() in the body already did)."""
