@@ -31,8 +31,17 @@ from jobwrap._loop import adopt, at_exit, hold, payload, steps
 from jobwrap._loop.async_save import AsyncSaver
 from jobwrap._loop.data import ResumableLoader
 from jobwrap._loop.directory import ClaimedDirectory
-from jobwrap._loop.distributed import (NO_STOP, STOP_EXIT, STOP_REQUEUE, WRITER_BUSY, WRITER_DONE, WRITER_IDLE, Solo,
-                                       join, save_on_rank0)
+from jobwrap._loop.distributed import (
+    NO_STOP,
+    STOP_EXIT,
+    STOP_REQUEUE,
+    WRITER_BUSY,
+    WRITER_DONE,
+    WRITER_IDLE,
+    Solo,
+    join,
+    save_on_rank0,
+)
 from jobwrap._loop.grads import PendingGrads
 from jobwrap._loop.interval import AutoInterval
 from jobwrap._loop.resume import Resumed
@@ -44,7 +53,7 @@ from jobwrap._scheduler.stopping import EXIT, REQUEUE, Limits, Preempted, Stop, 
 from jobwrap._storage import deadline, progress, sharded
 from jobwrap._storage.devices import resume_device
 from jobwrap._storage.events import EventLog
-from jobwrap._storage.pids import Lifeline, start_time
+from jobwrap._storage.pids import Lifeline, created_at
 from jobwrap._storage.state import RESERVED_KEYS, fingerprint, is_stateful, plain
 from jobwrap._storage.store import Checkpoint, CheckpointStore
 from jobwrap.errors import ConfigError, JobwrapError, StorageError
@@ -86,6 +95,7 @@ class Session:
 
     def __init__(self, directory: str | os.PathLike | None = None, *, environ: dict[str, str] | None = None,
                  clock: Callable[[], float] = time.monotonic, **settings: Any) -> None:
+        began = clock()
         self.config: Config = load_config(environ, directory=directory, **settings)
         self.job: JobEnv = read_env(environ)
         self.clock = clock
@@ -131,6 +141,10 @@ class Session:
         self._rng_restored: Any = None  # the streams as track() put them back, until the first boundary
         self._epochs_used = False  # log lines name the epoch only in loops that have them
         self._preempted: Preempted | None = None
+        # The relaunch's timeline (jobwrap status): jobwrap's own start-up, and the first batch and step.
+        self._init_seconds = clock() - began
+        self._first_step_pending = False
+        self._first_batch_at: float | None = None
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> "Session":
@@ -138,6 +152,7 @@ class Session:
         if self._started:
             return self
         self._started = True
+        session_started = time.time()
         _ensure_log_handler()
         # Trap first, so a signal that arrives while resuming is honoured right after.
         self._trap.install()
@@ -158,13 +173,14 @@ class Session:
         if not self._scoped:
             at_exit.close_at_exit(self)
         if found is None:
-            self._start_fresh()
+            self._start_fresh(session_started)
         else:
-            self._start_resumed(*found, load_seconds=load_seconds)
+            self._start_resumed(*found, load_seconds=load_seconds, session_started=session_started)
         self._auto = self._auto_interval()
         return self
 
-    def _start_resumed(self, checkpoint: Checkpoint, loaded: dict[str, Any], *, load_seconds: float) -> None:
+    def _start_resumed(self, checkpoint: Checkpoint, loaded: dict[str, Any], *, load_seconds: float,
+                       session_started: float) -> None:
         """Resume from ``checkpoint``: its step, epoch and position now; each object's state as track() asks."""
         self.resumed_from = self.last_checkpoint = checkpoint
         resumed = self._resume = Resumed(checkpoint, loaded, rank=self.group.rank, world_size=self.group.world_size,
@@ -174,16 +190,17 @@ class Session:
         self._grads.resume(resumed.grads)
         self.epoch, self.step, self.position = resumed.epoch, resumed.step, resumed.position
         self._resumed_step = self.step
-        self._saver.check_fit(checkpoint, self.store.committed(), warn=self.group.rank == 0)
+        self._saver.check_fit(checkpoint, self._directory.committed_after_resume(checkpoint), warn=self.group.rank == 0)
         if self.group.rank == 0:
             log.info("resumed from %s: %s, run %s%s", os.path.basename(checkpoint.path), self._where(),
                      checkpoint.run_id, _restarts(checkpoint.manifest.get("restart_count"), self.job.restart_count))
         self.events.append("start", step=self.step, epoch=self.epoch, resumed_from=checkpoint.path,
                            world_size=self.group.world_size, load_seconds=load_seconds,
                            read_seconds=self._resume.read_seconds, scheduler=self.job.scheduler,
-                           process_started=start_time(os.getpid()))
+                           **self._startup_fields(session_started))
+        self._first_step_pending = True
 
-    def _start_fresh(self) -> None:
+    def _start_fresh(self, session_started: float) -> None:
         """No checkpoint yet: start at step 0, or from the user's own checkpoint (``init_from``)."""
         adopted = adopt.load(self.config.init_from, self.device) if self.config.init_from else None
         if adopted is not None:
@@ -197,7 +214,7 @@ class Session:
             log.info("no checkpoint in %s: starting run %s %s", self.config.directory, self.run_id,
                      f"from {adopted.path} at {self._where()}" if adopted else "fresh")
         self.events.append("start", step=self.step, resumed_from=None, world_size=self.group.world_size,
-                           scheduler=self.job.scheduler, process_started=start_time(os.getpid()))
+                           scheduler=self.job.scheduler, **self._startup_fields(session_started))
 
     def _auto_interval(self) -> AutoInterval | None:
         """``save_every="auto"``: the interval, chosen once from the run's whole history (read here, not in
@@ -205,6 +222,16 @@ class Session:
         if self.config.save_every != "auto" or self.group.rank != 0:
             return None
         return AutoInterval(self.events.read(), log)
+
+    def _startup_fields(self, session_started: float) -> dict[str, Any]:
+        """The start event's record of how this process got there (jobwrap._report.relaunch reads it)."""
+        created = created_at()
+        fields = {"process_started": None if created is None else round(created, 3),
+                  "session_started": round(session_started, 3),
+                  "init_seconds": round(self._init_seconds, 4)}
+        if self.job.previous_exit is not None:
+            fields["previous_exit"] = round(self.job.previous_exit, 3)
+        return fields
 
     def _where(self) -> str:
         return f"step {self.step}, epoch {self.epoch}" if self._epochs_used or self.epoch else f"step {self.step}"
@@ -376,10 +403,15 @@ class Session:
     def _step_done(self) -> None:
         self.step += 1
         self.position += 1
+        if self._first_step_pending:  # a resumed process's first new step: the end of its relaunch
+            self._first_step_pending = False
+            self.events.append("first-step", step=self.step, first_batch=self._first_batch_at)
 
     def _batch_started(self) -> None:
         """The loader handed out a batch: the loop's body trains on it now."""
         self._in_batch = True
+        if self._first_step_pending and self._first_batch_at is None:
+            self._first_batch_at = round(time.time(), 3)
 
     def _batch_left(self) -> None:
         """The loop broke off with its batch: nothing counts it (a save() in the body already did)."""

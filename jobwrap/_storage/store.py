@@ -445,22 +445,32 @@ class CheckpointStore:
         except OSError as exc:
             raise storage_error(exc, f"checkpoint directory {self.directory} cannot commit a file") from exc
 
-    def prepare(self) -> None:
-        """Create the directory, prove it is writable, and clean what a killed save left.
+    def prepare(self, *, proven: bool = False) -> list[Checkpoint]:
+        """Create the directory, prove it is writable, and clean what a killed save left; return the
+        committed checkpoints, newest first (what :meth:`committed` lists now, from the same one scan).
 
         Only the trainer holding the directory (:mod:`jobwrap._storage.lock`) may call it: the
-        temporaries it removes would be another live trainer's saves in progress.
+        temporaries it removes would be another live trainer's saves in progress. Holding it, the
+        listing stays true until this trainer writes. ``proven``: :meth:`ensure_directory` ran
+        just before (to take the lock), so the directory is not probed again.
         """
-        self.ensure_directory()
-        for name in leftovers(os.listdir(self.directory)):
+        if not proven:
+            self.ensure_directory()
+        names = os.listdir(self.directory)
+        removed = leftovers(names)
+        for name in removed:
             log.info("removing %s left by an interrupted save", name)
             self._remove(name)
-        for item in self.listing():
+        committed = []
+        for item in parse_listing(set(names).difference(removed)):
             found = self._read_manifest(item.step, item.serial) if item.has_manifest else None
             if isinstance(found, str):  # damaged or lying: never trusted, reported once, kept for a human
                 moved = self._quarantine_step(item.step, item.serial)
                 log.warning("bad manifest %s: %s; set aside as %s", manifest_name(item.step, item.serial),
                             found, moved)
+            elif found is not None and item.has_data:
+                committed.append(found)
+        return committed
 
     def claim(self, run_id: str | None, *, adopt: bool = False) -> tuple[str, list[str]]:
         """Make sure this directory belongs to ``run_id``; return (run id, accepted lineage).
@@ -732,16 +742,18 @@ class CheckpointStore:
         return value
 
     def newest_loadable(self, load: Callable[[Checkpoint], Any], *, lineage: list[str] | None = None,
-                        verify: bool = True) -> tuple[Checkpoint, Any] | None:
+                        verify: bool = True, committed: list[Checkpoint] | None = None
+                        ) -> tuple[Checkpoint, Any] | None:
         """The newest checkpoint that verifies and loads; bad ones are reported and set aside.
 
         Only a file that fails its checksum or is not a checkpoint is bad. Any
         other failure (no usable CUDA, out of memory, an I/O error) is this
         node's, not the file's: :class:`LoadFailedHereError` stops the start and
         nothing is moved. ``verify=False`` when ``load`` verifies as it reads
-        (:meth:`read_verified`), so the file is read once.
+        (:meth:`read_verified`), so the file is read once. ``committed``: the directory's committed
+        checkpoints when the caller has just listed them (:meth:`prepare`), else they are read here.
         """
-        for checkpoint in self.committed():
+        for checkpoint in self.committed() if committed is None else committed:
             if checkpoint.manifest.get("format", 0) > FORMAT_VERSION:
                 log.warning("skipping %s: written by a newer jobwrap (format %s > %s); upgrade jobwrap to use it",
                             checkpoint.path, checkpoint.manifest.get("format"), FORMAT_VERSION)
