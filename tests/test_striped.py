@@ -144,3 +144,43 @@ def test_export_writes_one_weights_only_file_from_one_file_and_striped_checkpoin
         assert_same_state(exported, {k: v for k, v in state.items() if k != "jobwrap"})
     bad = _run("-m", "jobwrap", "export", str(tmp_path / "one.pt"), str(tmp_path / "x.pt"))
     assert bad.returncode == 1 and "is not a committed jobwrap checkpoint" in bad.stderr
+
+
+RANK1_FAILS = """\
+import sys, torch, torch.distributed as dist
+import jobwrap
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+
+class Fragile:
+    def state_dict(self):
+        if rank == 1:
+            raise RuntimeError("state_dict failed on rank 1")
+        return {}
+    def load_state_dict(self, state):
+        pass
+
+with jobwrap.Session(sys.argv[1], stripe_min_bytes=0) as job:
+    job.track(model=torch.nn.Linear(64, 64), fragile=Fragile())
+    job.step_done()
+    try:
+        job.save()
+    except Exception as exc:
+        print(f"rank {rank}: {type(exc).__name__}: {exc}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_a_failure_on_rank_1_fails_the_striped_save_on_every_rank(tmp_path):
+    """Rank 1 cannot produce its state: both ranks raise StorageError naming rank 1, nothing is committed."""
+    script = tmp_path / "rank1_fails.py"
+    script.write_text(RANK1_FAILS)
+    result = _run("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+                  str(tmp_path / "ck"), env={"JOBWRAP_NO_SLURM": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
+    assert len(lines) == 2 and all("StorageError" in line and "rank 1 could not write its part of the striped "
+                                   "state of step 1: RuntimeError: state_dict failed on rank 1" in line
+                                   for line in lines), result.stdout + result.stderr[-3000:]
+    assert CheckpointStore(str(tmp_path / "ck")).committed() == []
+    assert not _folder(tmp_path / "ck", 1).exists()

@@ -490,7 +490,7 @@ class Session:
                     ranks, reason, shards=shards, started=started, serial=serial))
         elif self.group.world_size > 1 and reason != "periodic":  # periodic saves keep the one-file layout
             outcome = striped.commit(
-                self.store, self.group, step=self.step, states=payload.states(self._objects, self._sharded),
+                self.store, self.group, step=self.step, states=lambda: payload.states(self._objects, self._sharded),
                 min_bytes=self.config.stripe_min_bytes, on_rank0=on_rank0,
                 write_file=lambda states, stripes, serial: self._write(
                     ranks, reason, shards=stripes, started=started, serial=serial, states=states))

@@ -108,24 +108,36 @@ def skeleton(states: Mapping[str, Any], striped: set[int]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- the save: every rank's part, rank 0's commit
 
-def commit(store: CheckpointStore, group: Any, *, step: int, states: Mapping[str, Any], min_bytes: int,
-           on_rank0: Callable[[Callable[[], Any]], Any],
+def commit(store: CheckpointStore, group: Any, *, step: int, states: Callable[[], Mapping[str, Any]],
+           min_bytes: int, on_rank0: Callable[[Callable[[], Any]], Any],
            write_file: Callable[[dict[str, Any], dict[str, Any], int], Any]) -> Any | None:
-    """Every rank writes its part of ``states`` (the tracked objects' state dicts); rank 0 commits (a collective).
+    """Every rank writes its part of ``states()`` (the tracked objects' state dicts); rank 0 commits (a collective).
 
     None, on every rank, when rank 0 finds fewer than ``min_bytes`` of tensors:
     the caller saves one file instead. ``write_file(skeleton, record, serial)``:
-    rank 0's .pt (the states without the striped tensors) and manifest.
+    rank 0's .pt (the states without the striped tensors) and manifest. A
+    ``state_dict()`` that fails on any rank fails the save on every rank.
     """
-    tensors = stripable(states)
+    try:
+        taken, problem = states(), None
+    except Exception as exc:  # raised in rank 0's decision or any rank's part: every rank hears of it
+        taken, problem = {}, exc
+    tensors = stripable(taken)
     mine = layout(tensors)
-    total = sum(t.nbytes for _, t in tensors)
-    wanted = on_rank0(lambda: mine if total >= min_bytes else None)
+
+    def decide() -> str | None:
+        if problem is not None:
+            raise problem
+        return mine if sum(t.nbytes for _, t in tensors) >= min_bytes else None
+
+    wanted = on_rank0(decide)
     if wanted is None:
         return None
     owners = plan([t.nbytes for _, t in tensors], group.world_size)
 
     def write_part(folder: str) -> dict[str, dict[str, Any]]:
+        if problem is not None:
+            raise problem
         if mine != wanted:
             raise StateMismatchError(
                 f"rank {group.rank}'s tracked state has another layout than rank 0's (tensor names, shapes or "
@@ -139,7 +151,7 @@ def commit(store: CheckpointStore, group: Any, *, step: int, states: Mapping[str
 
     def write_sealed(record: dict[str, Any], serial: int) -> Any:
         record["tensors"] = [[owners[i], path] for i, (path, _) in enumerate(tensors)]
-        return write_file(skeleton(states, {id(t) for _, t in tensors}), record, serial)
+        return write_file(skeleton(taken, {id(t) for _, t in tensors}), record, serial)
 
     return sharded.commit_folder(store, group, step=step, write_part=write_part, catch=(Exception,),
                                  what="striped state", on_rank0=on_rank0, write_file=write_sealed)
