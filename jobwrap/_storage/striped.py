@@ -32,7 +32,7 @@ from jobwrap._storage.faults import crash_point
 from jobwrap._storage.store import Checkpoint, CheckpointStore, folder_name
 from jobwrap.errors import CorruptCheckpointError, StateMismatchError
 
-Path = list  # keys from a state dict's top (the tracked name) down to a tensor: str or int each
+Place = list  # keys from a state dict's top (the tracked name) down to a tensor: str or int each
 
 
 def part_name(rank: int) -> str:
@@ -52,15 +52,15 @@ def plan(sizes: Sequence[int], ranks: int) -> list[int]:
     return owners
 
 
-def stripable(states: Mapping[str, Any]) -> list[tuple[Path, torch.Tensor]]:
+def stripable(states: Mapping[str, Any]) -> list[tuple[Place, torch.Tensor]]:
     """(path, tensor) of each tensor reachable through dicts and lists that alone owns its storage, in order.
 
     Tensors that share a storage (tied weights, views of one buffer) stay in the
     .pt, where ``torch.save`` keeps them shared; so does anything in a tuple.
     """
-    found: list[tuple[Path, torch.Tensor]] = []
+    found: list[tuple[Place, torch.Tensor]] = []
 
-    def walk(value: Any, path: Path) -> None:
+    def walk(value: Any, path: Place) -> None:
         if isinstance(value, torch.Tensor):
             found.append((path, value))
         elif isinstance(value, dict):
@@ -82,7 +82,7 @@ def _storage(tensor: torch.Tensor) -> tuple[str, int]:
     return str(tensor.device), tensor.untyped_storage().data_ptr()
 
 
-def layout(tensors: Sequence[tuple[Path, torch.Tensor]]) -> str:
+def layout(tensors: Sequence[tuple[Place, torch.Tensor]]) -> str:
     """What the plan depends on (every path, dtype, shape): equal on ranks whose replicated state has one layout."""
     text = repr([(path, str(t.dtype), tuple(t.shape)) for path, t in tensors])
     return xxhash.xxh3_64_hexdigest(text.encode())
@@ -198,7 +198,7 @@ def _check_record(record: Any, folder: str, source: str) -> dict[int, int]:
                                      f"nothing in the folder is read") from None
 
 
-def _put(payload: dict[str, Any], path: Path, tensor: torch.Tensor, source: str) -> None:
+def _put(payload: dict[str, Any], path: Place, tensor: torch.Tensor, source: str) -> None:
     try:
         *parents, last = path
         container: Any = payload
