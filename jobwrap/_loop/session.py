@@ -50,7 +50,7 @@ from jobwrap._scheduler.env import JobEnv, read_env
 from jobwrap._scheduler.schedulers import Scheduler, scheduler_for
 from jobwrap._scheduler.signals import SignalTrap
 from jobwrap._scheduler.stopping import EXIT, REQUEUE, Limits, Preempted, Stop, carry_out, decide_stop
-from jobwrap._storage import deadline, progress, sharded
+from jobwrap._storage import deadline, progress, sharded, striped
 from jobwrap._storage.devices import resume_device
 from jobwrap._storage.events import EventLog
 from jobwrap._storage.pids import Lifeline, created_at
@@ -572,13 +572,21 @@ class Session:
             return self.last_checkpoint
         state = self._fingerprint()
         ranks = self.group.gather(self._saved_rank_state())
+        started = self.clock()
+        on_rank0 = functools.partial(save_on_rank0, self.group)
+        outcome = None
         if self._sharded:
-            started = self.clock()
             outcome = sharded.commit(
                 self.store, self.group, step=self.step, objects=self._objects, names=self._sharded,
-                on_rank0=functools.partial(save_on_rank0, self.group), write_file=lambda shards, serial: self._write(
+                on_rank0=on_rank0, write_file=lambda shards, serial: self._write(
                     ranks, reason, shards=shards, started=started, serial=serial))
-        else:
+        elif self.group.world_size > 1 and reason != "periodic":  # periodic saves keep the one-file layout
+            outcome = striped.commit(
+                self.store, self.group, step=self.step, states=lambda: payload.states(self._objects, self._sharded),
+                min_bytes=self.config.stripe_min_bytes, on_rank0=on_rank0,
+                write_file=lambda states, stripes, serial: self._write(
+                    ranks, reason, shards=stripes, started=started, serial=serial, states=states))
+        if outcome is None:
             outcome = save_on_rank0(self.group, lambda: self._write(ranks, reason))
         self.last_checkpoint = outcome
         self._saved_fingerprint = state
@@ -620,17 +628,21 @@ class Session:
         return moved
 
     def _write(self, ranks: list[dict[str, Any]], reason: str, shards: dict[str, Any] | None = None,
-               started: float | None = None, serial: int | None = None) -> Checkpoint:
-        """Rank 0: the .pt and its manifest (the commit); ``shards``: the record of a sealed sharded folder."""
+               started: float | None = None, serial: int | None = None,
+               states: dict[str, Any] | None = None) -> Checkpoint:
+        """Rank 0: the .pt and its manifest (the commit); ``shards``: the record of a sealed folder, sharded state
+        or (with ``states``, the tracked states without their striped tensors) striped parts."""
         started = started or self.clock()
         meta = self._meta(reason)
+        kind = "stripes" if states is not None else "dcp"
         if shards is not None:
             # The folder's time (every rank's writes, the seal) counts in the measured save speed.
-            meta["dcp"] = {k: shards[k] for k in ("folder", "world_size", "bytes")}
-            meta["dcp"]["seconds"] = round(self.clock() - started, 6)
+            meta[kind] = {k: shards[k] for k in ("folder", "world_size", "bytes")}
+            meta[kind]["seconds"] = round(self.clock() - started, 6)
         with progress.saving(self.store.directory, self.step, self.last_checkpoint):
-            checkpoint = self.store.save(self._payload(ranks, shards), step=self.step, epoch=self.epoch, meta=meta,
-                                         serial=serial)
+            built = self._payload(ranks, stripes=shards, states=states) if states is not None else \
+                self._payload(ranks, shards)
+            checkpoint = self.store.save(built, step=self.step, epoch=self.epoch, meta=meta, serial=serial)
         seconds = self.clock() - started
         size = checkpoint.size + (shards["bytes"] if shards else 0)
         where = os.path.basename(checkpoint.path) + (f" + {shards['folder']}/" if shards else "")
@@ -651,9 +663,11 @@ class Session:
         return {**self._rank_state(),
                 **self._grads.to_save(sharded=self._sharded, step=self.step, world_size=self.group.world_size)}
 
-    def _payload(self, ranks: list[dict[str, Any]], shards: dict[str, Any] | None = None) -> dict[str, Any]:
+    def _payload(self, ranks: list[dict[str, Any]], shards: dict[str, Any] | None = None,
+                 stripes: dict[str, Any] | None = None, states: dict[str, Any] | None = None) -> dict[str, Any]:
         return payload.build(self._objects, self.extras, sharded_names=self._sharded, epoch=self.epoch,
-                             step=self.step, position=self.position, ranks=ranks, run_id=self.run_id, shards=shards)
+                             step=self.step, position=self.position, ranks=ranks, run_id=self.run_id, shards=shards,
+                             stripes=stripes, object_states=states)
 
     def _meta(self, reason: str) -> dict[str, Any]:
         return payload.meta(reason, run_id=self.run_id, job=self.job)

@@ -57,7 +57,7 @@ def checkpoint_bytes(manifest: dict[str, Any]) -> int:
 
 def _shards(manifest: dict[str, Any]) -> dict[str, Any]:
     """The sharded folder's record (bytes, and the seconds every rank took to write it), or {}."""
-    record = manifest.get("dcp")
+    record = manifest.get("dcp") or manifest.get("stripes")  # sharded state, or striped parts
     return record if isinstance(record, dict) else {}
 
 

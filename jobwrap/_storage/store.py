@@ -7,8 +7,10 @@ Layout of a checkpoint directory::
     step-000000001200.json     its manifest: size, checksum, metadata -- the commit record
     step-000000001200-1.pt     a second checkpoint of the same step (serial 1; the state moved on
     step-000000001200-1.json   without a step: end-of-epoch code after a save) -- newer than serial 0
-    step-000000001200.dcp/     sharded (FSDP) state, one torch.distributed.checkpoint folder
-                               written by every rank; the .pt records its files' sizes and checksums
+    step-000000001200.dcp/     the step's folder, written by every rank; the .pt records its files' sizes
+                               and checksums: sharded (FSDP) state, one torch.distributed.checkpoint
+                               folder, or striped replicated state, one part-R.pt per rank
+                               (see :mod:`jobwrap._storage.striped`)
     events.jsonl               the run's history (see :mod:`jobwrap._storage.events`)
     lock, lock.json            held by the one live trainer of the directory (see :mod:`jobwrap._storage.lock`)
 
@@ -39,6 +41,7 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import xxhash
 
+from jobwrap._storage import faults
 from jobwrap._storage.faults import crash_point
 from jobwrap.errors import CorruptCheckpointError, ForeignRunError, LoadFailedHereError, describe_oserror, storage_error
 
@@ -226,6 +229,8 @@ class _HashingWriter:
         while done < len(view):
             done += os.write(self.fd, view[done:])
         self.size += len(view)
+        if faults.WRITE_BPS:
+            faults.throttle(len(view))
 
 
 class _VerifyingReader(io.RawIOBase):
@@ -322,6 +327,17 @@ def _torch_crc_off() -> Iterator[None]:
             _crc_depth -= 1
             if _crc_depth == 0:
                 torch.serialization.set_crc32_options(_crc_previous)
+
+
+def _torch_save(payload: Any, fd: int, cancel: threading.Event | None = None) -> _HashingWriter:
+    """``torch.save`` into ``fd`` through the hashing writer (torch's CRC32 off); the writer holds size and hash."""
+    import torch
+
+    writer = _HashingWriter(fd, cancel)
+    with _torch_crc_off():
+        torch.save(payload, writer)
+    writer.finish()
+    return writer
 
 
 def checksum_of(path: str) -> tuple[str, int]:
@@ -520,8 +536,6 @@ class CheckpointStore:
         written), large writes, one fsync of the data. Setting ``cancel``
         abandons the save at the next chunk (:class:`SaveCancelled`).
         """
-        import torch
-
         serial = self.next_serial(step) if serial is None else serial
         data_tmp = self._tmp_name(data_name(step, serial))
         started = time.monotonic()
@@ -529,10 +543,7 @@ class CheckpointStore:
             fd = os.open(os.path.join(self.directory, data_tmp),
                          os.O_WRONLY | os.O_CREAT | os.O_EXCL, self.file_mode)
             try:
-                writer = _HashingWriter(fd, cancel)
-                with _torch_crc_off():
-                    torch.save(payload, writer)
-                writer.finish()
+                writer = _torch_save(payload, fd, cancel)
                 crash_point("data-written")
                 os.fsync(fd)
             finally:
@@ -618,6 +629,22 @@ class CheckpointStore:
         except OSError as exc:
             raise storage_error(exc, f"cannot create {path} for the sharded state of step {step}") from exc
         return path
+
+    def write_part(self, folder: str, name: str, payload: Any) -> dict[str, Any]:
+        """``payload`` with ``torch.save`` as ``name`` in a step's open folder, fsynced; its size and checksum.
+
+        One rank's part of a striped checkpoint: the same one-pass hashing writer
+        as :meth:`save`; nothing is committed (the manifest, written by rank 0
+        after every part, is).
+        """
+        path = os.path.join(folder, name)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, self.file_mode)
+        try:
+            writer = _torch_save(payload, fd)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return {"size": writer.size, "checksum": "xxh3_64:" + writer.hash.hexdigest()}
 
     def seal_folder(self, step: int, files: Iterable[str], serial: int = 0) -> None:
         """After every rank wrote its part: make the folder's entries (and the folder's own) durable."""
