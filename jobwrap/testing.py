@@ -235,6 +235,7 @@ def assert_same_run(first: str | os.PathLike, second: str | os.PathLike) -> None
         state["jobwrap"].get("dcp", {}).pop("files", None)  # checksums: DCP's .metadata holds a random save id
         state["jobwrap"].get("dcp", {}).pop("bytes", None)
         state["jobwrap"].pop("stripes", None)  # where the tensors were written, not what they hold
+        state["jobwrap"].pop("format", None)  # the layout (one file or striped), likewise
     assert_same_state(a, b)
 
 

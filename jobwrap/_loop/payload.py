@@ -21,7 +21,7 @@ from jobwrap import __version__
 from jobwrap._scheduler.env import JobEnv
 from jobwrap._storage import sharded, striped
 from jobwrap._storage.state import capture_rng, plain
-from jobwrap._storage.store import FORMAT_VERSION, Checkpoint, CheckpointStore, folder_name
+from jobwrap._storage.store import STRIPED_FORMAT, Checkpoint, CheckpointStore, folder_name
 from jobwrap.errors import CorruptCheckpointError
 
 
@@ -41,7 +41,7 @@ def build(objects: Mapping[str, Any], extras: Mapping[str, Any], *, sharded_name
     payload["epoch"] = epoch
     payload["step"] = step
     payload["jobwrap"] = {
-        "format": FORMAT_VERSION,
+        "format": STRIPED_FORMAT if stripes is not None else 1,  # as the manifest says (store.STRIPED_FORMAT)
         "position": position,
         "world_size": len(ranks),
         "ranks": ranks,

@@ -561,8 +561,9 @@ class Session:
         when anything changed since: the epoch, the position, an extra, a
         tracked object (end-of-epoch code such as ``scheduler.step()``), the RNG.
         With several ranks every rank must call it (the step boundary does):
-        rank 0 writes, with every rank's RNG and data state, and all ranks
-        return only once the checkpoint is committed.
+        rank 0 writes, with every rank's RNG and data state (from
+        ``stripe_min_bytes`` of replicated state on, every rank writes its
+        share), and all ranks return only once the checkpoint is committed.
         """
         self.start()
         if self._in_batch:

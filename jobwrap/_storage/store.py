@@ -47,7 +47,11 @@ from jobwrap.errors import CorruptCheckpointError, ForeignRunError, LoadFailedHe
 
 log = logging.getLogger("jobwrap")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest layout this jobwrap reads
+#: Each manifest names the oldest format that reads it: a one-file or sharded checkpoint is format 1
+#: (jobwrap before striping reads it); a striped one, whose .pt holds None where its tensors were, is 2,
+#: so an older jobwrap skips it as "written by a newer jobwrap" instead of loading the Nones.
+STRIPED_FORMAT = 2
 RUN_FILE = "run.json"
 _NAME = re.compile(r"^step-(\d{12})(?:-([1-9]\d{0,5}))?\.(pt|json|dcp)$")
 _TMP_PREFIX = ".tmp-"
@@ -553,7 +557,7 @@ class CheckpointStore:
                        os.path.join(self.directory, data_name(step, serial)))
             crash_point("data-renamed")
             manifest = {
-                "format": FORMAT_VERSION,
+                "format": STRIPED_FORMAT if "stripes" in meta else 1,
                 "file": data_name(step, serial),
                 "size": writer.size,
                 "checksum": "xxh3_64:" + writer.hash.hexdigest(),
