@@ -72,6 +72,9 @@ class Config:
     on_save_error: str = "raise"
     allow_world_size_change: bool = False
     sync_every_steps: int = 1
+    # With several ranks and replicated (DDP) state, a signal's or manual save of at least this many tensor
+    # bytes is striped: every rank writes its share (jobwrap/_storage/striped.py); 0 stripes every such save.
+    stripe_min_bytes: int = 1 << 30
     # Periodic saves copy the state into reused CPU buffers and write it on a background thread.
     async_save: bool = True
     # ...and copy the tracked optimizers' CPU parameters and state on the writer thread while the next
@@ -112,6 +115,8 @@ class Config:
             raise ConfigError(f"file_mode={oct(self.file_mode)} is world-writable; use 0o600 or 0o640")
         if self.sync_every_steps < 1:
             raise ConfigError(f"sync_every_steps={self.sync_every_steps}: use 1 or more")
+        if self.stripe_min_bytes < 0:
+            raise ConfigError(f"stripe_min_bytes={self.stripe_min_bytes}: use 0 (always stripe) or more bytes")
         if self.lock_timeout <= 0:
             raise ConfigError(f"lock_timeout={self.lock_timeout}: use a positive number of seconds")
         if self.on_save_error not in ("raise", "continue"):
@@ -162,6 +167,7 @@ _ENV_FIELDS: dict[str, tuple[str, Any]] = {
     "JOBWRAP_ALLOW_WORLD_SIZE_CHANGE": ("allow_world_size_change", _flag),
     "JOBWRAP_SYNC_EVERY_STEPS": ("sync_every_steps", int),
     "JOBWRAP_ASYNC_SAVE": ("async_save", _flag),
+    "JOBWRAP_STRIPE_MIN_BYTES": ("stripe_min_bytes", int),
     "JOBWRAP_LAZY_COPY": ("lazy_copy", _flag),
     "JOBWRAP_LOCK_TIMEOUT": ("lock_timeout", float),
     "JOBWRAP_BREAK_LOCK": ("break_lock", _flag),

@@ -8,7 +8,7 @@ import sys
 from typing import Sequence
 
 # Order is the order shown in --help.
-COMMAND_MODULES = ("run", "ls", "status", "simulate", "submit", "doctor", "task")
+COMMAND_MODULES = ("run", "ls", "status", "export", "simulate", "submit", "doctor", "task")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -188,24 +188,15 @@ def _dump_stacks(pid: int) -> None:
 
 
 def final_state(directory: str | os.PathLike) -> dict[str, Any]:
-    """The newest committed checkpoint of a directory, verified and loaded with ``weights_only=True``."""
-    import torch
+    """The newest committed checkpoint of a directory, verified and loaded with ``weights_only=True``
+    (striped tensors put back, sharded state gathered into full tensors as if rank 0 had saved it)."""
+    from jobwrap._loop import payload
 
     store = CheckpointStore(os.fspath(directory))
     committed = store.committed()
     if not committed:
         raise AssertionError(f"no committed checkpoint in {directory}")
-    store.verify(committed[0])
-    state = torch.load(committed[0].path, map_location="cpu", weights_only=True)
-    record = state["jobwrap"].get("dcp")
-    if record:  # sharded state: verified, then gathered into full tensors as if rank 0 had saved it
-        from jobwrap._storage import sharded
-        from jobwrap._storage.store import folder_name
-
-        sharded.check_record(record, folder_name(committed[0].step, committed[0].serial), os.path.basename(committed[0].path))
-        store.verify_folder(committed[0], record["files"])
-        state.update(sharded.read_full(store.folder_path(committed[0].step, committed[0].serial), record["files"]))
-    return state
+    return payload.whole(store, committed[0])
 
 
 def assert_same_state(a: Any, b: Any, path: str = "checkpoint") -> None:
@@ -243,6 +234,8 @@ def assert_same_run(first: str | os.PathLike, second: str | os.PathLike) -> None
         state["jobwrap"].pop("run_id", None)
         state["jobwrap"].get("dcp", {}).pop("files", None)  # checksums: DCP's .metadata holds a random save id
         state["jobwrap"].get("dcp", {}).pop("bytes", None)
+        state["jobwrap"].pop("stripes", None)  # where the tensors were written, not what they hold
+        state["jobwrap"].pop("format", None)  # the layout (one file or striped), likewise
     assert_same_state(a, b)
 
 

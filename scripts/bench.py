@@ -41,9 +41,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 import bench_rank_pause
 import bench_resume_position
+import torch
 from bench_peers import PEER_KEYS, bench_peers
 from bench_relaunch import OVERHEAD_TARGET, SPLITS, bench_relaunch, print_relaunch
 from torch import nn

@@ -50,8 +50,9 @@ def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: tor
 
 def _measure(rank: int, directory: Path, background: bool, reps: int, nbytes: int, batch: int) -> list[float]:
     """This rank's pause at each periodic save: step_done() at the save, plus the next step's wait for the copy."""
-    import jobwrap
     from bench import build  # here, not at the top: bench.py imports this module
+
+    import jobwrap
 
     model, optimizer = build(nbytes, "cpu")
     x = torch.randn(batch, next(model.parameters()).shape[1])

@@ -253,3 +253,15 @@ def test_accumulated_gradients_of_a_sharded_model_are_refused_at_the_first_bound
     assert "ConfigError: step boundary 1: gradients accumulated since the last optimizer.step() are pending" in result.stderr, result.stderr[-3000:]
     assert "call job.step_done()" in result.stderr and "only after optimizer.step()" in result.stderr
     assert CheckpointStore(str(tmp_path / "ck")).committed() == []
+
+
+def test_export_gathers_a_sharded_checkpoint_into_one_weights_only_file(tmp_path, reference):
+    """jobwrap export of an FSDP checkpoint: one file weights_only opens, the full tensors equal to the state."""
+    out = tmp_path / "model.pt"
+    result = subprocess.run([sys.executable, "-m", "jobwrap", "export", str(reference), str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    exported = torch.load(out, weights_only=True)
+    state = {k: v for k, v in final_state(reference).items() if k != "jobwrap"}
+    assert sorted(exported) == sorted(state) and "model" in exported
+    assert_same_state(exported, state)

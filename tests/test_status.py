@@ -9,6 +9,8 @@ import sys
 
 from jobwrap._format import human_duration
 from jobwrap._report.history import render, summarize
+from jobwrap._report.relaunch import PARTS as relaunch_parts
+from jobwrap._report.relaunch import facts, relaunches
 from jobwrap._storage import progress
 from jobwrap._storage.events import read_events
 from jobwrap._storage.store import CheckpointStore
@@ -81,6 +83,20 @@ def test_events_of_other_ranks_are_ignored():
 def test_empty_directory_says_so():
     """No events: a clear sentence, not an empty table."""
     assert "no run history" in render(summarize([]), "/ck", None, now=0)
+
+
+def test_relaunch_without_jobwrap_run_or_new_fields_counts_from_what_the_log_has():
+    """An older log (no Session start, no first step) and no jobwrap run: the exit ends at the exit event,
+    the parts not recorded are None, and a creation time before the exit event makes no negative part."""
+    events = ([_start(0)] + _preempted(10, 5) + [_start(20, 5, 1, "/ck/5", load_seconds=0.3, read_seconds=0.2,
+                                                       process_started=10.995)])
+    events[1]["delay"] = 0.5
+    (relaunch,) = relaunches(events)
+    assert relaunch.exit_seen == "exit event" and relaunch.total is None
+    assert relaunch.boundary == 0.5 and relaunch.save == 1 and relaunch.exit == 0 and relaunch.relaunch == 0
+    assert relaunch.interpreter is None and relaunch.first_batch is None and relaunch.first_step is None
+    assert abs(relaunch.jobwrap_start - (20 - 0.2 - 11)) < 1e-9 and abs(relaunch.load - 0.2) < 1e-9
+    assert "first new step not recorded" in facts([relaunch])[0][1]
 
 
 def test_slow_save_logs_a_start_line_and_ticks_in_a_terminal(monkeypatch, caplog):
@@ -162,3 +178,28 @@ def test_status_counts_steps_redone_after_a_corrupt_checkpoint(tmp_path):
     assert record["steps_lost"] == 5, read_events(str(ck))
     assert record["runs"][-1]["start_step"] == 4 and record["runs"][-1]["steps_lost"] == 5
     assert [r["outcome"] for r in record["runs"]] == ["requeued", "stopped", "finished"]
+
+
+def test_status_splits_each_relaunch_from_the_signal_to_the_first_new_step(tmp_path):
+    """Real run under jobwrap run, preempted at steps 3 and 10: each relaunch's parts are all recorded,
+    non-negative, add up to the span from the signal to the first new step, and match the events they come from."""
+    ck = tmp_path / "ck"
+    run_preempted(_train(tmp_path), ck, preempt_at=[3, 10]).check()
+    record = json.loads(_status(ck, "--json"))
+    events = read_events(str(ck))
+    signals = [e for e in events if e["event"] == "signal"]
+    firsts = [e for e in events if e["event"] == "first-step"]
+    starts = [e for e in events if e["event"] == "start" and e.get("resumed_from")]
+    assert [r["launch"] for r in record["relaunches"]] == [2, 3] and len(firsts) == 2
+    for relaunch, signal, first, start in zip(record["relaunches"], signals, firsts, starts):
+        parts = [relaunch[part] for part in relaunch_parts]
+        assert all(seconds is not None and seconds >= 0 for seconds in parts), relaunch
+        assert relaunch["exit_seen"] == "process gone" and relaunch["signal"] == "SIGUSR1"
+        measured = first["time"] - (signal["time"] - signal["delay"])  # the signal -> the first new step
+        assert abs(relaunch["total"] - measured) < 1e-3 and abs(sum(parts) - relaunch["total"]) < 1e-3
+        assert abs(relaunch["load"] - start["read_seconds"]) < 1e-3 and first["step"] == relaunch["step"] + 1
+        assert start["session_started"] >= start["process_started"] and start["previous_exit"] <= start["time"]
+    text = _status(ck)
+    lines = {line.split()[1]: line for line in text.splitlines() if line.startswith("  relaunch ")}
+    assert "USR1@3 -> first new step in" in lines["2"] and "USR1@10 -> first new step in" in lines["3"]
+    assert all(f" {part.replace('_', ' ')} " in lines["2"] for part in relaunch_parts)

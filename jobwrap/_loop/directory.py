@@ -8,6 +8,7 @@ events log (only rank 0's writes) and loads the checkpoint rank 0 picked
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ class ClaimedDirectory:
         self.run_id = ""
         self.events: EventLog
         self._lock: DirectoryLock | None = None  # rank 0's hold on the directory
+        self._listed: list[Checkpoint] | None = None  # rank 0's committed checkpoints, listed once at start
 
     def open(self, group: Any, device: torch.device) -> tuple[Checkpoint, dict[str, Any]] | None:
         """Rank 0 claims the directory; every rank opens the events and loads the checkpoint picked. A collective."""
@@ -46,12 +48,21 @@ class ClaimedDirectory:
             self._lock.release()
             self._lock = None
 
-    def _claim(self) -> tuple[str, list[str]]:
-        """Rank 0: the directory made, held against a second live trainer, cleaned up, and its run claimed."""
+    def committed_after_resume(self, resumed: Checkpoint) -> list[Checkpoint]:
+        """The committed checkpoints now: rank 0's start listing, less those the resume set aside (only ones
+        newer than the checkpoint it took can have been); other ranks list the directory."""
+        if self._listed is None:
+            return self.store.committed()
+        return [c for c in self._listed if c.key <= resumed.key or os.path.exists(c.path)]
+
+    def _claim(self) -> tuple[str, list[str], list[Checkpoint]]:
+        """Rank 0: the directory made, held against a second live trainer, cleaned up, and its run claimed;
+        with its committed checkpoints, listed once for the whole start."""
         self.store.ensure_directory()
         self._hold()  # before prepare(): its cleanup would delete a live trainer's temporaries
-        self.store.prepare()
-        return self.store.claim(self.config.run_id or default_run_id(self.job), adopt=self.config.adopt)
+        self._listed = self.store.prepare(proven=True)
+        return (*self.store.claim(self.config.run_id or default_run_id(self.job), adopt=self.config.adopt),
+                self._listed)
 
     def _hold(self) -> None:
         self._lock = DirectoryLock(self.store.directory, job_id=self.job.job_id, restart=self.job.restart_count,

@@ -25,10 +25,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from jobwrap._format import human_duration
-from jobwrap._report.history import Launch, summarize
+
+if TYPE_CHECKING:
+    from jobwrap._report.history import Launch
 
 __all__ = ["CEILING", "FLOOR", "PRIOR_MTBI", "AutoInterval", "Choice", "choose", "estimate_mtbi", "mean_time_between",
            "young_daly"]
@@ -106,6 +108,8 @@ class AutoInterval:
     start, revised after each periodic save this process makes."""
 
     def __init__(self, events: Sequence[dict[str, Any]], log: logging.Logger | None = None) -> None:
+        from jobwrap._report.history import summarize  # save_every="auto" only: not on every start
+
         launches = summarize(events).launches[:-1]  # the last is this process, just started
         self.mtbi, self.run, self.seen = mean_time_between(launches)
         self.costs = _periodic_costs(events)[-RECENT:]

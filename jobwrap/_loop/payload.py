@@ -5,7 +5,8 @@ jobwrap: each tracked object's state dict under its name (sharded objects live i
 the step's folder instead), the extras as plain values, ``epoch`` and ``step``,
 and ``jobwrap``: the format, the loader's position, one entry per rank (its RNG
 streams, its loader's state, gradients pending between optimizer steps), the
-names tracked, the run, and the record of a sharded folder.
+names tracked, the run, and the record of a sharded folder or of striped parts
+(:mod:`jobwrap._storage.striped`: those tensors are None in the .pt, and put back at the load).
 """
 from __future__ import annotations
 
@@ -18,22 +19,29 @@ import torch
 
 from jobwrap import __version__
 from jobwrap._scheduler.env import JobEnv
-from jobwrap._storage import sharded
+from jobwrap._storage import sharded, striped
 from jobwrap._storage.state import capture_rng, plain
-from jobwrap._storage.store import FORMAT_VERSION, Checkpoint, CheckpointStore, folder_name
+from jobwrap._storage.store import STRIPED_FORMAT, Checkpoint, CheckpointStore, folder_name
 from jobwrap.errors import CorruptCheckpointError
+
+
+def states(objects: Mapping[str, Any], sharded_names: list[str]) -> dict[str, Any]:
+    """The state dicts a .pt holds: every tracked object's but the sharded ones (those are in the folder)."""
+    return {name: obj.state_dict() for name, obj in objects.items() if name not in sharded_names}
 
 
 def build(objects: Mapping[str, Any], extras: Mapping[str, Any], *, sharded_names: list[str], epoch: int,
           step: int, position: int, ranks: list[dict[str, Any]], run_id: str,
-          shards: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The payload of a save; ``shards``: the record of its sealed sharded folder."""
-    payload: dict[str, Any] = {name: obj.state_dict() for name, obj in objects.items() if name not in sharded_names}
+          shards: dict[str, Any] | None = None, stripes: dict[str, Any] | None = None,
+          object_states: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The payload of a save; ``shards``: the record of its sealed sharded folder; ``stripes``: of its striped
+    parts, with ``object_states`` the states without the striped tensors."""
+    payload: dict[str, Any] = dict(object_states if object_states is not None else states(objects, sharded_names))
     payload.update({name: plain(value, name) for name, value in extras.items()})
     payload["epoch"] = epoch
     payload["step"] = step
     payload["jobwrap"] = {
-        "format": FORMAT_VERSION,
+        "format": STRIPED_FORMAT if stripes is not None else 1,  # as the manifest says (store.STRIPED_FORMAT)
         "position": position,
         "world_size": len(ranks),
         "ranks": ranks,
@@ -43,6 +51,8 @@ def build(objects: Mapping[str, Any], extras: Mapping[str, Any], *, sharded_name
     }
     if shards is not None:
         payload["jobwrap"]["dcp"] = shards
+    if stripes is not None:
+        payload["jobwrap"]["stripes"] = stripes
     return payload
 
 
@@ -76,6 +86,7 @@ def load(store: CheckpointStore, checkpoint: Checkpoint, device: torch.device) -
     payload = store.read_verified(checkpoint, lambda f: torch.load(f, map_location=device, weights_only=True))
     if not isinstance(payload, dict) or not isinstance(payload.get("jobwrap"), dict):
         raise CorruptCheckpointError(f"{checkpoint.path} is a torch file but not a jobwrap checkpoint")
+    striped.fill(store, checkpoint, payload, device)
     payload["jobwrap"]["read_seconds"] = round(time.monotonic() - began, 4)
     return payload
 
@@ -88,3 +99,14 @@ def load_verified(store: CheckpointStore, checkpoint: Checkpoint, device: torch.
         sharded.check_record(record, folder_name(checkpoint.step, checkpoint.serial), os.path.basename(checkpoint.path))
         store.verify_folder(checkpoint, record["files"])
     return payload
+
+
+def whole(store: CheckpointStore, checkpoint: Checkpoint) -> dict[str, Any]:
+    """Everything ``checkpoint`` holds as one payload on the CPU, verified: striped tensors put back, sharded
+    state gathered into full tensors (as if rank 0 alone had saved it). For export and tests."""
+    loaded = load_verified(store, checkpoint, torch.device("cpu"))
+    loaded["jobwrap"].pop("read_seconds", None)
+    record = loaded["jobwrap"].get("dcp")
+    if record:
+        loaded.update(sharded.read_full(store.folder_path(checkpoint.step, checkpoint.serial), record["files"]))
+    return loaded

@@ -26,21 +26,22 @@ log = logging.getLogger("jobwrap")
 
 
 def open_directory(store: CheckpointStore, group: Any, device: torch.device, *,
-                   claim: Callable[[], tuple[str, list[str]]],
+                   claim: Callable[[], tuple[str, list[str], list[Checkpoint]]],
                    opened: Callable[[str], None]) -> tuple[Checkpoint, dict[str, Any]] | None:
     """Rank 0 claims the directory and picks the newest verified checkpoint; every rank loads it.
 
-    ``claim()``: rank 0's hold on the directory, returning the run and its lineage;
+    ``claim()``: rank 0's hold on the directory, returning the run, its lineage and the committed
+    checkpoints (listed once, as the directory was cleaned up);
     ``opened(run_id)``: every rank, once the run is known. A collective.
     """
     decision: dict[str, Any] = {}
     if group.rank == 0:
         try:
-            run_id, lineage = claim()
+            run_id, lineage, committed = claim()
             opened(run_id)
             verified = functools.partial(payload.load_verified, store, device=device)
-            with progress.loading(store):
-                found = store.newest_loadable(verified, lineage=lineage, verify=False)
+            with progress.loading(store, committed):
+                found = store.newest_loadable(verified, lineage=lineage, verify=False, committed=committed)
             decision = {"run_id": run_id, "step": found[0].step if found else None,
                         "serial": found[0].serial if found else 0}
         except BaseException as exc:  # any failure: the other ranks wait for the decision

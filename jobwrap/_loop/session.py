@@ -31,8 +31,17 @@ from jobwrap._loop import adopt, at_exit, hold, payload, steps
 from jobwrap._loop.async_save import AsyncSaver
 from jobwrap._loop.data import ResumableLoader
 from jobwrap._loop.directory import ClaimedDirectory
-from jobwrap._loop.distributed import (NO_STOP, STOP_EXIT, STOP_REQUEUE, WRITER_BUSY, WRITER_DONE, WRITER_IDLE, Solo,
-                                       join, save_on_rank0)
+from jobwrap._loop.distributed import (
+    NO_STOP,
+    STOP_EXIT,
+    STOP_REQUEUE,
+    WRITER_BUSY,
+    WRITER_DONE,
+    WRITER_IDLE,
+    Solo,
+    join,
+    save_on_rank0,
+)
 from jobwrap._loop.grads import PendingGrads
 from jobwrap._loop.interval import AutoInterval
 from jobwrap._loop.resume import Resumed
@@ -41,10 +50,10 @@ from jobwrap._scheduler.env import JobEnv, read_env
 from jobwrap._scheduler.schedulers import Scheduler, scheduler_for
 from jobwrap._scheduler.signals import SignalTrap
 from jobwrap._scheduler.stopping import EXIT, REQUEUE, Limits, Preempted, Stop, carry_out, decide_stop
-from jobwrap._storage import deadline, progress, sharded
+from jobwrap._storage import deadline, progress, sharded, striped
 from jobwrap._storage.devices import resume_device
 from jobwrap._storage.events import EventLog
-from jobwrap._storage.pids import Lifeline, start_time
+from jobwrap._storage.pids import Lifeline, created_at
 from jobwrap._storage.state import RESERVED_KEYS, fingerprint, is_stateful, plain
 from jobwrap._storage.store import Checkpoint, CheckpointStore
 from jobwrap.errors import ConfigError, JobwrapError, StorageError
@@ -86,6 +95,7 @@ class Session:
 
     def __init__(self, directory: str | os.PathLike | None = None, *, environ: dict[str, str] | None = None,
                  clock: Callable[[], float] = time.monotonic, **settings: Any) -> None:
+        began = clock()
         self.config: Config = load_config(environ, directory=directory, **settings)
         self.job: JobEnv = read_env(environ)
         self.clock = clock
@@ -131,6 +141,10 @@ class Session:
         self._rng_restored: Any = None  # the streams as track() put them back, until the first boundary
         self._epochs_used = False  # log lines name the epoch only in loops that have them
         self._preempted: Preempted | None = None
+        # The relaunch's timeline (jobwrap status): jobwrap's own start-up, and the first batch and step.
+        self._init_seconds = clock() - began
+        self._first_step_pending = False
+        self._first_batch_at: float | None = None
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> "Session":
@@ -138,6 +152,7 @@ class Session:
         if self._started:
             return self
         self._started = True
+        session_started = time.time()
         _ensure_log_handler()
         # Trap first, so a signal that arrives while resuming is honoured right after.
         self._trap.install()
@@ -158,13 +173,14 @@ class Session:
         if not self._scoped:
             at_exit.close_at_exit(self)
         if found is None:
-            self._start_fresh()
+            self._start_fresh(session_started)
         else:
-            self._start_resumed(*found, load_seconds=load_seconds)
+            self._start_resumed(*found, load_seconds=load_seconds, session_started=session_started)
         self._auto = self._auto_interval()
         return self
 
-    def _start_resumed(self, checkpoint: Checkpoint, loaded: dict[str, Any], *, load_seconds: float) -> None:
+    def _start_resumed(self, checkpoint: Checkpoint, loaded: dict[str, Any], *, load_seconds: float,
+                       session_started: float) -> None:
         """Resume from ``checkpoint``: its step, epoch and position now; each object's state as track() asks."""
         self.resumed_from = self.last_checkpoint = checkpoint
         resumed = self._resume = Resumed(checkpoint, loaded, rank=self.group.rank, world_size=self.group.world_size,
@@ -174,16 +190,17 @@ class Session:
         self._grads.resume(resumed.grads)
         self.epoch, self.step, self.position = resumed.epoch, resumed.step, resumed.position
         self._resumed_step = self.step
-        self._saver.check_fit(checkpoint, self.store.committed(), warn=self.group.rank == 0)
+        self._saver.check_fit(checkpoint, self._directory.committed_after_resume(checkpoint), warn=self.group.rank == 0)
         if self.group.rank == 0:
             log.info("resumed from %s: %s, run %s%s", os.path.basename(checkpoint.path), self._where(),
                      checkpoint.run_id, _restarts(checkpoint.manifest.get("restart_count"), self.job.restart_count))
         self.events.append("start", step=self.step, epoch=self.epoch, resumed_from=checkpoint.path,
                            world_size=self.group.world_size, load_seconds=load_seconds,
                            read_seconds=self._resume.read_seconds, scheduler=self.job.scheduler,
-                           process_started=start_time(os.getpid()))
+                           **self._startup_fields(session_started))
+        self._first_step_pending = True
 
-    def _start_fresh(self) -> None:
+    def _start_fresh(self, session_started: float) -> None:
         """No checkpoint yet: start at step 0, or from the user's own checkpoint (``init_from``)."""
         adopted = adopt.load(self.config.init_from, self.device) if self.config.init_from else None
         if adopted is not None:
@@ -197,7 +214,7 @@ class Session:
             log.info("no checkpoint in %s: starting run %s %s", self.config.directory, self.run_id,
                      f"from {adopted.path} at {self._where()}" if adopted else "fresh")
         self.events.append("start", step=self.step, resumed_from=None, world_size=self.group.world_size,
-                           scheduler=self.job.scheduler, process_started=start_time(os.getpid()))
+                           scheduler=self.job.scheduler, **self._startup_fields(session_started))
 
     def _auto_interval(self) -> AutoInterval | None:
         """``save_every="auto"``: the interval, chosen once from the run's whole history (read here, not in
@@ -205,6 +222,16 @@ class Session:
         if self.config.save_every != "auto" or self.group.rank != 0:
             return None
         return AutoInterval(self.events.read(), log)
+
+    def _startup_fields(self, session_started: float) -> dict[str, Any]:
+        """The start event's record of how this process got there (jobwrap._report.relaunch reads it)."""
+        created = created_at()
+        fields = {"process_started": None if created is None else round(created, 3),
+                  "session_started": round(session_started, 3),
+                  "init_seconds": round(self._init_seconds, 4)}
+        if self.job.previous_exit is not None:
+            fields["previous_exit"] = round(self.job.previous_exit, 3)
+        return fields
 
     def _where(self) -> str:
         return f"step {self.step}, epoch {self.epoch}" if self._epochs_used or self.epoch else f"step {self.step}"
@@ -376,10 +403,15 @@ class Session:
     def _step_done(self) -> None:
         self.step += 1
         self.position += 1
+        if self._first_step_pending:  # a resumed process's first new step: the end of its relaunch
+            self._first_step_pending = False
+            self.events.append("first-step", step=self.step, first_batch=self._first_batch_at)
 
     def _batch_started(self) -> None:
         """The loader handed out a batch: the loop's body trains on it now."""
         self._in_batch = True
+        if self._first_step_pending and self._first_batch_at is None:
+            self._first_batch_at = round(time.time(), 3)
 
     def _batch_left(self) -> None:
         """The loop broke off with its batch: nothing counts it (a save() in the body already did)."""
@@ -529,8 +561,9 @@ class Session:
         when anything changed since: the epoch, the position, an extra, a
         tracked object (end-of-epoch code such as ``scheduler.step()``), the RNG.
         With several ranks every rank must call it (the step boundary does):
-        rank 0 writes, with every rank's RNG and data state, and all ranks
-        return only once the checkpoint is committed.
+        rank 0 writes, with every rank's RNG and data state (from
+        ``stripe_min_bytes`` of replicated state on, every rank writes its
+        share), and all ranks return only once the checkpoint is committed.
         """
         self.start()
         if self._in_batch:
@@ -540,13 +573,21 @@ class Session:
             return self.last_checkpoint
         state = self._fingerprint()
         ranks = self.group.gather(self._saved_rank_state())
+        started = self.clock()
+        on_rank0 = functools.partial(save_on_rank0, self.group)
+        outcome = None
         if self._sharded:
-            started = self.clock()
             outcome = sharded.commit(
                 self.store, self.group, step=self.step, objects=self._objects, names=self._sharded,
-                on_rank0=functools.partial(save_on_rank0, self.group), write_file=lambda shards, serial: self._write(
+                on_rank0=on_rank0, write_file=lambda shards, serial: self._write(
                     ranks, reason, shards=shards, started=started, serial=serial))
-        else:
+        elif self.group.world_size > 1 and reason != "periodic":  # periodic saves keep the one-file layout
+            outcome = striped.commit(
+                self.store, self.group, step=self.step, states=lambda: payload.states(self._objects, self._sharded),
+                min_bytes=self.config.stripe_min_bytes, on_rank0=on_rank0,
+                write_file=lambda states, stripes, serial: self._write(
+                    ranks, reason, shards=stripes, started=started, serial=serial, states=states))
+        if outcome is None:
             outcome = save_on_rank0(self.group, lambda: self._write(ranks, reason))
         self.last_checkpoint = outcome
         self._saved_fingerprint = state
@@ -588,17 +629,21 @@ class Session:
         return moved
 
     def _write(self, ranks: list[dict[str, Any]], reason: str, shards: dict[str, Any] | None = None,
-               started: float | None = None, serial: int | None = None) -> Checkpoint:
-        """Rank 0: the .pt and its manifest (the commit); ``shards``: the record of a sealed sharded folder."""
+               started: float | None = None, serial: int | None = None,
+               states: dict[str, Any] | None = None) -> Checkpoint:
+        """Rank 0: the .pt and its manifest (the commit); ``shards``: the record of a sealed folder, sharded state
+        or (with ``states``, the tracked states without their striped tensors) striped parts."""
         started = started or self.clock()
         meta = self._meta(reason)
+        kind = "stripes" if states is not None else "dcp"
         if shards is not None:
             # The folder's time (every rank's writes, the seal) counts in the measured save speed.
-            meta["dcp"] = {k: shards[k] for k in ("folder", "world_size", "bytes")}
-            meta["dcp"]["seconds"] = round(self.clock() - started, 6)
+            meta[kind] = {k: shards[k] for k in ("folder", "world_size", "bytes")}
+            meta[kind]["seconds"] = round(self.clock() - started, 6)
         with progress.saving(self.store.directory, self.step, self.last_checkpoint):
-            checkpoint = self.store.save(self._payload(ranks, shards), step=self.step, epoch=self.epoch, meta=meta,
-                                         serial=serial)
+            built = self._payload(ranks, stripes=shards, states=states) if states is not None else \
+                self._payload(ranks, shards)
+            checkpoint = self.store.save(built, step=self.step, epoch=self.epoch, meta=meta, serial=serial)
         seconds = self.clock() - started
         size = checkpoint.size + (shards["bytes"] if shards else 0)
         where = os.path.basename(checkpoint.path) + (f" + {shards['folder']}/" if shards else "")
@@ -619,9 +664,11 @@ class Session:
         return {**self._rank_state(),
                 **self._grads.to_save(sharded=self._sharded, step=self.step, world_size=self.group.world_size)}
 
-    def _payload(self, ranks: list[dict[str, Any]], shards: dict[str, Any] | None = None) -> dict[str, Any]:
+    def _payload(self, ranks: list[dict[str, Any]], shards: dict[str, Any] | None = None,
+                 stripes: dict[str, Any] | None = None, states: dict[str, Any] | None = None) -> dict[str, Any]:
         return payload.build(self._objects, self.extras, sharded_names=self._sharded, epoch=self.epoch,
-                             step=self.step, position=self.position, ranks=ranks, run_id=self.run_id, shards=shards)
+                             step=self.step, position=self.position, ranks=ranks, run_id=self.run_id, shards=shards,
+                             stripes=stripes, object_states=states)
 
     def _meta(self, reason: str) -> dict[str, Any]:
         return payload.meta(reason, run_id=self.run_id, job=self.job)

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Sequence
 from jobwrap._format import human_age, human_duration, human_size, table
 from jobwrap._storage.deadline import checkpoint_bytes
 
-__all__ = ["Launch", "History", "checkpoint_summary", "render", "summarize"]
+__all__ = ["Launch", "History", "by_launch", "checkpoint_summary", "render", "summarize"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -165,7 +165,7 @@ def _outcome(exit_event: dict[str, Any] | None, requeued: bool, stopped: bool) -
     return "failed"
 
 
-def _split(events: Iterable[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+def by_launch(events: Iterable[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     """Events grouped by launch; events before the first start (none expected) are dropped."""
     groups: list[list[dict[str, Any]]] = []
     for event in events:
@@ -195,7 +195,7 @@ def summarize(events: Iterable[dict[str, Any]]) -> History:
     furthest = 0  # the highest step any earlier launch reached
     last_save: dict[str, Any] | None = None
     run_ids: list[str] = []
-    for number, group in enumerate(_split(events), start=1):
+    for number, group in enumerate(by_launch(events), start=1):
         start = group[0]
         if start.get("run_id") and start["run_id"] not in run_ids:
             run_ids.append(start["run_id"])

@@ -20,11 +20,17 @@ class JobEnv:
     requeue_file: str | None = None  # set by `jobwrap run`: touching it asks for a relaunch
     supervisor: tuple[int, float] | None = None  # (pid, create time) of the `jobwrap run` that started it
     trainers_dir: str | None = None  # set by `jobwrap run`: training processes register there for its signals
+    previous_exit: float | None = None  # set by `jobwrap run` on a relaunch: when the previous process ended
 
 
 #: Set by ``jobwrap run`` for everything it starts: ``PID:CREATE_TIME`` of itself, so that a
 #: training process (also one under torchrun or a shell) can tell when its supervisor is gone.
 SUPERVISOR_VARIABLE = "JOBWRAP_SUPERVISOR"
+
+
+#: Set by ``jobwrap run`` when it relaunches the command: the wall time it saw the previous process end
+#: (reaped it), so that the relaunch's cost splits into the old process's exit and the new one's start.
+PREVIOUS_EXIT_VARIABLE = "JOBWRAP_PREVIOUS_EXIT"
 
 
 def supervisor_token(pid: int, create_time: float) -> str:
@@ -36,6 +42,13 @@ def parse_supervisor(value: str | None) -> tuple[int, float] | None:
     try:
         pid, started = (value or "").split(":")
         return int(pid), float(started)
+    except ValueError:
+        return None
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        return float(value) if value else None
     except ValueError:
         return None
 
@@ -80,6 +93,7 @@ def read_env(environ: Mapping[str, str] | None = None) -> JobEnv:
             requeue_file=environ.get("JOBWRAP_REQUEUE_FILE") or None,
             supervisor=parse_supervisor(environ.get(SUPERVISOR_VARIABLE)),
             trainers_dir=environ.get("JOBWRAP_TRAINERS") or None,
+            previous_exit=_float(environ.get(PREVIOUS_EXIT_VARIABLE)),
         )
     return JobEnv(
         scheduler="local",
@@ -89,6 +103,7 @@ def read_env(environ: Mapping[str, str] | None = None) -> JobEnv:
         requeue_file=environ.get("JOBWRAP_REQUEUE_FILE") or None,
         supervisor=parse_supervisor(environ.get(SUPERVISOR_VARIABLE)),
         trainers_dir=environ.get("JOBWRAP_TRAINERS") or None,
+        previous_exit=_float(environ.get(PREVIOUS_EXIT_VARIABLE)),
     )
 
 

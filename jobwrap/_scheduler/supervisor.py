@@ -19,13 +19,12 @@ import threading
 import time
 from typing import Callable, Mapping, Sequence
 
-import psutil
-
 from jobwrap._config import REQUEUE_EXIT_CODE
 from jobwrap._scheduler import trainers
-from jobwrap._scheduler.env import SUPERVISOR_VARIABLE, read_env, supervisor_token
+from jobwrap._scheduler.env import PREVIOUS_EXIT_VARIABLE, SUPERVISOR_VARIABLE, read_env, supervisor_token
 from jobwrap._scheduler.schedulers import DESPITE_EXIT_SIGNALS, scheduler_for
 from jobwrap._scheduler.stopping import EXIT, REQUEUE, SUPERVISOR, Limits, Stop, decide_stop
+from jobwrap._storage.pids import start_time
 
 log = logging.getLogger("jobwrap")
 
@@ -160,7 +159,7 @@ def supervise(command: Sequence[str], *, forward: Sequence[signal.Signals], max_
     os.close(fd)
     os.unlink(requeue_file)
     env["JOBWRAP_REQUEUE_FILE"] = requeue_file
-    env[SUPERVISOR_VARIABLE] = supervisor_token(os.getpid(), psutil.Process().create_time())
+    env[SUPERVISOR_VARIABLE] = supervisor_token(os.getpid(), start_time(os.getpid()) or 0.0)
     preexec = _die_with_me()
     previous = {sig: signal.signal(sig, relay) for sig in forward}
     try:
@@ -175,6 +174,7 @@ def supervise(command: Sequence[str], *, forward: Sequence[signal.Signals], max_
             while unsent:
                 hold(unsent.pop(0))
             status = exit_status(child.wait())
+            ended = time.time()
             request = _take(requeue_file)
             if request is None and status != REQUEUE_EXIT_CODE:
                 return status
@@ -189,6 +189,7 @@ def supervise(command: Sequence[str], *, forward: Sequence[signal.Signals], max_
                 log.error("%s", decision.reason)
                 return decision.exit_code
             restart += 1
+            env[PREVIOUS_EXIT_VARIABLE] = repr(ended)  # the relaunched process records it (jobwrap status)
             received.clear()
             log.info("%s", decision.reason)
     finally:

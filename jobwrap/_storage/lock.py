@@ -32,9 +32,7 @@ import time
 import uuid
 from typing import Any, Callable
 
-import psutil
-
-from jobwrap._storage.pids import alive
+from jobwrap._storage.pids import alive, start_time
 from jobwrap.errors import DirectoryHeldError, storage_error
 
 log = logging.getLogger("jobwrap")
@@ -149,7 +147,7 @@ class DirectoryLock:
         self.break_lock = break_lock
         self.file_mode = file_mode
         now = time.time()
-        self.me = Holder(host=socket.gethostname(), pid=os.getpid(), started=psutil.Process().create_time(),
+        self.me = Holder(host=socket.gethostname(), pid=os.getpid(), started=start_time(os.getpid()) or 0.0,
                          boot_id=boot_id(), job_id=job_id, restart=restart, since=now, heartbeat=now)
         self._fd: int | None = None
         self._stop = threading.Event()

@@ -119,9 +119,11 @@ def saving(directory: str, step: int, previous: Checkpoint | None) -> contextlib
                  probe=temporary_bytes(directory, step))
 
 
-def loading(store: CheckpointStore) -> contextlib.AbstractContextManager[None]:
-    """The phase around verifying and loading the newest checkpoint; its save time is the estimate."""
-    newest = store.committed()[:1]
+def loading(store: CheckpointStore, committed: list[Checkpoint] | None = None
+            ) -> contextlib.AbstractContextManager[None]:
+    """The phase around verifying and loading the newest checkpoint; its save time is the estimate.
+    ``committed``: the directory's committed checkpoints, when just listed (else they are read here)."""
+    newest = (store.committed() if committed is None else committed)[:1]
     if not newest:
         return contextlib.nullcontext()
     checkpoint = newest[0]

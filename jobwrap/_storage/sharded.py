@@ -195,22 +195,41 @@ def commit(store: CheckpointStore, group: Any, *, step: int, objects: Mapping[st
            on_rank0: Callable[[Callable[[], Any]], Any], write_file: Callable[[dict[str, Any], int], Any]) -> Any:
     """Every rank writes its shards; only once all are durable does rank 0 write the .pt and commit.
 
-    The manifest stays the commit marker: a kill before it leaves a folder
-    that resume ignores and the next start removes. ``on_rank0(work)``: rank 0
-    runs ``work``, every rank returns its result or raises its error (a
-    collective). ``write_file(shards, serial)``: rank 0's .pt and manifest,
-    given the sealed folder's record.
+    ``on_rank0(work)``: rank 0 runs ``work``, every rank returns its result or
+    raises its error (a collective). ``write_file(shards, serial)``: rank 0's
+    .pt and manifest, given the sealed folder's record.
+    """
+    def write_shards(folder: str) -> dict[str, dict[str, Any]]:
+        files = write(state_dicts(objects, names), folder, getattr(group, "group", None))
+        # DCP's coordinator, rank 0, wrote the folder's .metadata after every rank's data.
+        return describe(folder, files + ([METADATA] if group.rank == 0 else []))
+
+    return commit_folder(store, group, step=step, write_part=write_shards, catch=errors(), what="sharded state",
+                         on_rank0=on_rank0, write_file=lambda record, serial: write_file(
+                             {**record, "objects": list(names)}, serial))
+
+
+def commit_folder(store: CheckpointStore, group: Any, *, step: int,
+                  write_part: Callable[[str], dict[str, dict[str, Any]]], catch: tuple[type[BaseException], ...],
+                  what: str, on_rank0: Callable[[Callable[[], Any]], Any],
+                  write_file: Callable[[dict[str, Any], int], Any]) -> Any:
+    """The step's folder protocol, for any state every rank writes a part of (DCP shards, striped parts).
+
+    Rank 0 claims a fresh folder; every rank runs ``write_part(folder)`` (its
+    files' ``{name: {size, checksum}}``); rank 0 seals the folder once every part
+    is durable and ``write_file(record, serial)`` writes the .pt and the manifest,
+    which stays the one commit marker: a kill before it leaves a folder that
+    resume ignores and the next start removes. A rank's failure (one of
+    ``catch``) reaches every rank as a StorageError naming it and ``what``.
     """
     folder = on_rank0(lambda: _claim_folder(store, step))
     serial = parse_name(os.path.basename(folder))[1]
     try:
-        files = write(state_dicts(objects, names), folder, getattr(group, "group", None))
-        # DCP's coordinator, rank 0, wrote the folder's .metadata after every rank's data.
-        written: Any = describe(folder, files + ([METADATA] if group.rank == 0 else []))
-    except errors() as exc:  # gathered below, so that every rank raises instead of some hanging
+        written: Any = write_part(folder)
+    except catch as exc:  # gathered below, so that every rank raises instead of some hanging
         written = failure(exc)
     parts = group.gather(written)
-    return on_rank0(lambda: _write_sealed(store, step, names, parts, serial, write_file))
+    return on_rank0(lambda: _write_sealed(store, step, what, parts, serial, write_file))
 
 
 def _claim_folder(store: CheckpointStore, step: int) -> str:
@@ -218,29 +237,29 @@ def _claim_folder(store: CheckpointStore, step: int) -> str:
     return store.open_folder(step, store.next_serial(step))
 
 
-def _write_sealed(store: CheckpointStore, step: int, names: list[str], parts: list[Any], serial: int,
+def _write_sealed(store: CheckpointStore, step: int, what: str, parts: list[Any], serial: int,
                   write_file: Callable[[dict[str, Any], int], Any]) -> Any:
     """Rank 0: seal every rank's part, then the .pt and the manifest; an uncommitted folder is not left behind."""
-    shards = _seal(store, step, names, parts, serial)
+    record = _seal(store, step, what, parts, serial)
     try:
-        return write_file(shards, serial)
+        return write_file(record, serial)
     except CheckpointError:
         if not any(c.key == (step, serial) for c in store.committed()):  # committed: its own folder
             store.discard_folder(step, serial)
         raise
 
 
-def _seal(store: CheckpointStore, step: int, names: list[str], parts: list[Any], serial: int) -> dict[str, Any]:
+def _seal(store: CheckpointStore, step: int, what: str, parts: list[Any], serial: int) -> dict[str, Any]:
     """Rank 0: the record of a folder every rank finished, made durable; or the first rank's failure."""
     failed = [(rank, part) for rank, part in enumerate(parts) if isinstance(part, tuple)]
     if failed:
         store.discard_folder(step, serial)
         rank, (code, message) = failed[0]
-        raise StorageError(code or errno.EIO, f"rank {rank} could not write its part of the sharded state "
+        raise StorageError(code or errno.EIO, f"rank {rank} could not write its part of the {what} "
                                               f"of step {step}: {message}; nothing was committed")
     files = {name: meta for part in parts for name, meta in part.items()}
     store.seal_folder(step, files, serial)
-    return {"folder": folder_name(step, serial), "objects": list(names), "world_size": len(parts),
+    return {"folder": folder_name(step, serial), "world_size": len(parts),
             "files": files, "bytes": sum(f["size"] for f in files.values())}
 
 

@@ -7,8 +7,10 @@ Layout of a checkpoint directory::
     step-000000001200.json     its manifest: size, checksum, metadata -- the commit record
     step-000000001200-1.pt     a second checkpoint of the same step (serial 1; the state moved on
     step-000000001200-1.json   without a step: end-of-epoch code after a save) -- newer than serial 0
-    step-000000001200.dcp/     sharded (FSDP) state, one torch.distributed.checkpoint folder
-                               written by every rank; the .pt records its files' sizes and checksums
+    step-000000001200.dcp/     the step's folder, written by every rank; the .pt records its files' sizes
+                               and checksums: sharded (FSDP) state, one torch.distributed.checkpoint
+                               folder, or striped replicated state, one part-R.pt per rank
+                               (see :mod:`jobwrap._storage.striped`)
     events.jsonl               the run's history (see :mod:`jobwrap._storage.events`)
     lock, lock.json            held by the one live trainer of the directory (see :mod:`jobwrap._storage.lock`)
 
@@ -39,12 +41,17 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import xxhash
 
+from jobwrap._storage import faults
 from jobwrap._storage.faults import crash_point
 from jobwrap.errors import CorruptCheckpointError, ForeignRunError, LoadFailedHereError, describe_oserror, storage_error
 
 log = logging.getLogger("jobwrap")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest layout this jobwrap reads
+#: Each manifest names the oldest format that reads it: a one-file or sharded checkpoint is format 1
+#: (jobwrap before striping reads it); a striped one, whose .pt holds None where its tensors were, is 2,
+#: so an older jobwrap skips it as "written by a newer jobwrap" instead of loading the Nones.
+STRIPED_FORMAT = 2
 RUN_FILE = "run.json"
 _NAME = re.compile(r"^step-(\d{12})(?:-([1-9]\d{0,5}))?\.(pt|json|dcp)$")
 _TMP_PREFIX = ".tmp-"
@@ -226,6 +233,8 @@ class _HashingWriter:
         while done < len(view):
             done += os.write(self.fd, view[done:])
         self.size += len(view)
+        if faults.WRITE_BPS:
+            faults.throttle(len(view))
 
 
 class _VerifyingReader(io.RawIOBase):
@@ -322,6 +331,17 @@ def _torch_crc_off() -> Iterator[None]:
             _crc_depth -= 1
             if _crc_depth == 0:
                 torch.serialization.set_crc32_options(_crc_previous)
+
+
+def _torch_save(payload: Any, fd: int, cancel: threading.Event | None = None) -> _HashingWriter:
+    """``torch.save`` into ``fd`` through the hashing writer (torch's CRC32 off); the writer holds size and hash."""
+    import torch
+
+    writer = _HashingWriter(fd, cancel)
+    with _torch_crc_off():
+        torch.save(payload, writer)
+    writer.finish()
+    return writer
 
 
 def checksum_of(path: str) -> tuple[str, int]:
@@ -445,22 +465,32 @@ class CheckpointStore:
         except OSError as exc:
             raise storage_error(exc, f"checkpoint directory {self.directory} cannot commit a file") from exc
 
-    def prepare(self) -> None:
-        """Create the directory, prove it is writable, and clean what a killed save left.
+    def prepare(self, *, proven: bool = False) -> list[Checkpoint]:
+        """Create the directory, prove it is writable, and clean what a killed save left; return the
+        committed checkpoints, newest first (what :meth:`committed` lists now, from the same one scan).
 
         Only the trainer holding the directory (:mod:`jobwrap._storage.lock`) may call it: the
-        temporaries it removes would be another live trainer's saves in progress.
+        temporaries it removes would be another live trainer's saves in progress. Holding it, the
+        listing stays true until this trainer writes. ``proven``: :meth:`ensure_directory` ran
+        just before (to take the lock), so the directory is not probed again.
         """
-        self.ensure_directory()
-        for name in leftovers(os.listdir(self.directory)):
+        if not proven:
+            self.ensure_directory()
+        names = os.listdir(self.directory)
+        removed = leftovers(names)
+        for name in removed:
             log.info("removing %s left by an interrupted save", name)
             self._remove(name)
-        for item in self.listing():
+        committed = []
+        for item in parse_listing(set(names).difference(removed)):
             found = self._read_manifest(item.step, item.serial) if item.has_manifest else None
             if isinstance(found, str):  # damaged or lying: never trusted, reported once, kept for a human
                 moved = self._quarantine_step(item.step, item.serial)
                 log.warning("bad manifest %s: %s; set aside as %s", manifest_name(item.step, item.serial),
                             found, moved)
+            elif found is not None and item.has_data:
+                committed.append(found)
+        return committed
 
     def claim(self, run_id: str | None, *, adopt: bool = False) -> tuple[str, list[str]]:
         """Make sure this directory belongs to ``run_id``; return (run id, accepted lineage).
@@ -510,8 +540,6 @@ class CheckpointStore:
         written), large writes, one fsync of the data. Setting ``cancel``
         abandons the save at the next chunk (:class:`SaveCancelled`).
         """
-        import torch
-
         serial = self.next_serial(step) if serial is None else serial
         data_tmp = self._tmp_name(data_name(step, serial))
         started = time.monotonic()
@@ -519,10 +547,7 @@ class CheckpointStore:
             fd = os.open(os.path.join(self.directory, data_tmp),
                          os.O_WRONLY | os.O_CREAT | os.O_EXCL, self.file_mode)
             try:
-                writer = _HashingWriter(fd, cancel)
-                with _torch_crc_off():
-                    torch.save(payload, writer)
-                writer.finish()
+                writer = _torch_save(payload, fd, cancel)
                 crash_point("data-written")
                 os.fsync(fd)
             finally:
@@ -532,7 +557,7 @@ class CheckpointStore:
                        os.path.join(self.directory, data_name(step, serial)))
             crash_point("data-renamed")
             manifest = {
-                "format": FORMAT_VERSION,
+                "format": STRIPED_FORMAT if "stripes" in meta else 1,
                 "file": data_name(step, serial),
                 "size": writer.size,
                 "checksum": "xxh3_64:" + writer.hash.hexdigest(),
@@ -608,6 +633,22 @@ class CheckpointStore:
         except OSError as exc:
             raise storage_error(exc, f"cannot create {path} for the sharded state of step {step}") from exc
         return path
+
+    def write_part(self, folder: str, name: str, payload: Any) -> dict[str, Any]:
+        """``payload`` with ``torch.save`` as ``name`` in a step's open folder, fsynced; its size and checksum.
+
+        One rank's part of a striped checkpoint: the same one-pass hashing writer
+        as :meth:`save`; nothing is committed (the manifest, written by rank 0
+        after every part, is).
+        """
+        path = os.path.join(folder, name)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, self.file_mode)
+        try:
+            writer = _torch_save(payload, fd)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return {"size": writer.size, "checksum": "xxh3_64:" + writer.hash.hexdigest()}
 
     def seal_folder(self, step: int, files: Iterable[str], serial: int = 0) -> None:
         """After every rank wrote its part: make the folder's entries (and the folder's own) durable."""
@@ -732,16 +773,18 @@ class CheckpointStore:
         return value
 
     def newest_loadable(self, load: Callable[[Checkpoint], Any], *, lineage: list[str] | None = None,
-                        verify: bool = True) -> tuple[Checkpoint, Any] | None:
+                        verify: bool = True, committed: list[Checkpoint] | None = None
+                        ) -> tuple[Checkpoint, Any] | None:
         """The newest checkpoint that verifies and loads; bad ones are reported and set aside.
 
         Only a file that fails its checksum or is not a checkpoint is bad. Any
         other failure (no usable CUDA, out of memory, an I/O error) is this
         node's, not the file's: :class:`LoadFailedHereError` stops the start and
         nothing is moved. ``verify=False`` when ``load`` verifies as it reads
-        (:meth:`read_verified`), so the file is read once.
+        (:meth:`read_verified`), so the file is read once. ``committed``: the directory's committed
+        checkpoints when the caller has just listed them (:meth:`prepare`), else they are read here.
         """
-        for checkpoint in self.committed():
+        for checkpoint in self.committed() if committed is None else committed:
             if checkpoint.manifest.get("format", 0) > FORMAT_VERSION:
                 log.warning("skipping %s: written by a newer jobwrap (format %s > %s); upgrade jobwrap to use it",
                             checkpoint.path, checkpoint.manifest.get("format"), FORMAT_VERSION)

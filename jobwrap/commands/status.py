@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from jobwrap._report import goodput, leadtime
+from jobwrap._report import goodput, leadtime, relaunch
 from jobwrap._report.history import checkpoint_summary, render, summarize
 from jobwrap._storage.events import read_events
 from jobwrap._storage.store import CheckpointStore
@@ -26,11 +26,12 @@ examples:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        NAME, help="summarize a run: goodput, restarts, preemptions, steps lost, time saving and loading",
+        NAME, help="summarize a run: goodput, restarts, preemptions, steps lost, saving, loading, relaunches",
         description="Read the run's event log (DIR/events.jsonl) and print how it went: the goodput (the share "
                     "of the allocated time that trained the model) and where the rest went, each launch, "
                     "the signals that stopped it, the work redone after a resume (steps lost; 0 is "
-                    "right), the time spent saving and loading, the last checkpoint and how each launch ended. "
+                    "right), the time spent saving and loading, the last checkpoint, how each launch ended and "
+                    "what each relaunch cost from the signal to the first new step, part by part. "
                     "On Slurm, sacct (where available) gives the allocations and the queue waits.",
         epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -53,6 +54,7 @@ def main(args: argparse.Namespace) -> int:
     accounting, _ = goodput.read_accounting(slurm_jobs) if slurm_jobs else ({}, "")
     times = goodput.breakdown(history, accounting)
     advice = leadtime.advise(history, [launch.step_seconds for launch in times.launches])
+    relaunches = relaunch.relaunches(events)
     if args.json:
         record = history.as_dict()
         record["directory"] = os.path.abspath(args.directory)
@@ -60,11 +62,13 @@ def main(args: argparse.Namespace) -> int:
         record["time"] = times.as_dict()
         record["goodput"] = record["time"]["goodput"]
         record["lead_time"] = dataclasses.asdict(advice) if advice else None
+        record["relaunches"] = [r.as_dict() for r in relaunches]
         print(json.dumps(record, indent=1))
     else:
         top, more = goodput.facts(times)
         if advice is not None:
             more.append(("lead time", advice.text()))
+        more += relaunch.facts(relaunches)
         print(render(history, args.directory, checkpoint, time.time(), top=top, more=more))
     if args.plot:
         from jobwrap._report.timeline import draw

@@ -1,0 +1,211 @@
+"""Striped replicated state: with N ranks, each writes about 1/N of a checkpoint's tensor bytes.
+
+With DDP every rank holds the same model and optimizer, so a save written by
+rank 0 alone is bounded by one writer's bandwidth (a parallel filesystem limits
+each client). When striping applies -- several ranks, nothing sharded, not a
+periodic save, at least ``stripe_min_bytes`` of tensors -- every rank computes the
+same :func:`plan` from the state's layout (largest tensor first onto the least
+loaded rank; no communication), writes its tensors as ``part-R.pt`` (a plain
+``torch.save`` of ``{index: tensor}``) into the step's folder through the
+store's hashing writer, and rank 0 writes the .pt -- everything else, each
+striped tensor replaced by None and its place recorded under ``jobwrap.stripes``
+-- and the manifest once every part is durable: the folder protocol FSDP state
+uses (:func:`jobwrap._storage.sharded.commit_folder`).
+
+At resume every part is read verified (size and checksum, like the .pt) and its
+tensors are put back where they were before any ``load_state_dict``: the payload
+is the one a one-file save would have given, on any number of ranks.
+"""
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import xxhash
+
+from jobwrap._storage import sharded
+from jobwrap._storage.faults import crash_point
+from jobwrap._storage.store import Checkpoint, CheckpointStore, folder_name
+from jobwrap.errors import CorruptCheckpointError, StateMismatchError
+
+Place = list  # keys from a state dict's top (the tracked name) down to a tensor: str or int each
+
+
+def part_name(rank: int) -> str:
+    return f"part-{rank}.pt"
+
+
+# ---------------------------------------------------------------- pure: what goes where
+
+def plan(sizes: Sequence[int], ranks: int) -> list[int]:
+    """The rank that writes each tensor: largest first onto the rank with the fewest bytes so far (ties: lowest)."""
+    loads = [0] * ranks
+    owners = [0] * len(sizes)
+    for index in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        rank = min(range(ranks), key=lambda r: (loads[r], r))
+        owners[index] = rank
+        loads[rank] += sizes[index]
+    return owners
+
+
+def stripable(states: Mapping[str, Any]) -> list[tuple[Place, torch.Tensor]]:
+    """(path, tensor) of each tensor reachable through dicts and lists that alone owns its storage, in order.
+
+    Tensors that share a storage (tied weights, views of one buffer) stay in the
+    .pt, where ``torch.save`` keeps them shared; so does anything in a tuple.
+    """
+    found: list[tuple[Place, torch.Tensor]] = []
+
+    def walk(value: Any, path: Place) -> None:
+        if isinstance(value, torch.Tensor):
+            found.append((path, value))
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(key, (str, int)) and not isinstance(key, bool):
+                    walk(item, path + [key])
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                walk(item, path + [index])
+
+    for name, state in states.items():
+        walk(state, [name])
+    plain = [(p, t) for p, t in found if type(t) in (torch.Tensor, torch.nn.Parameter) and t.layout == torch.strided]
+    shared = collections.Counter(_storage(t) for _, t in plain)
+    return [(p, t) for p, t in plain if shared[_storage(t)] == 1 and t.untyped_storage().nbytes() == t.nbytes]
+
+
+def _storage(tensor: torch.Tensor) -> tuple[str, int]:
+    return str(tensor.device), tensor.untyped_storage().data_ptr()
+
+
+def layout(tensors: Sequence[tuple[Place, torch.Tensor]]) -> str:
+    """What the plan depends on (every path, dtype, shape): equal on ranks whose replicated state has one layout."""
+    text = repr([(path, str(t.dtype), tuple(t.shape)) for path, t in tensors])
+    return xxhash.xxh3_64_hexdigest(text.encode())
+
+
+def skeleton(states: Mapping[str, Any], striped: set[int]) -> dict[str, Any]:
+    """``states`` with each tensor whose id is in ``striped`` replaced by None; the containers on the way are
+    copies (an optimizer's state_dict shares its per-parameter dicts with the optimizer)."""
+    def strip(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return None if id(value) in striped else value
+        if isinstance(value, dict):
+            out = copy.copy(value)  # an OrderedDict's _metadata (load_state_dict's versions) comes along
+            for key, item in value.items():
+                out[key] = strip(item)
+            return out
+        if isinstance(value, list):
+            return [strip(item) for item in value]
+        return value
+
+    return {name: strip(state) for name, state in states.items()}
+
+
+# ---------------------------------------------------------------- the save: every rank's part, rank 0's commit
+
+def commit(store: CheckpointStore, group: Any, *, step: int, states: Callable[[], Mapping[str, Any]],
+           min_bytes: int, on_rank0: Callable[[Callable[[], Any]], Any],
+           write_file: Callable[[dict[str, Any], dict[str, Any], int], Any]) -> Any | None:
+    """Every rank writes its part of ``states()`` (the tracked objects' state dicts); rank 0 commits (a collective).
+
+    None, on every rank, when rank 0 finds fewer than ``min_bytes`` of tensors:
+    the caller saves one file instead. ``write_file(skeleton, record, serial)``:
+    rank 0's .pt (the states without the striped tensors) and manifest. A
+    ``state_dict()`` that fails on any rank fails the save on every rank.
+    """
+    try:
+        taken, problem = states(), None
+    except Exception as exc:  # raised in rank 0's decision or any rank's part: every rank hears of it
+        taken, problem = {}, exc
+    tensors = stripable(taken)
+    mine = layout(tensors)
+
+    def decide() -> str | None:
+        if problem is not None:
+            raise problem
+        return mine if sum(t.nbytes for _, t in tensors) >= min_bytes else None
+
+    wanted = on_rank0(decide)
+    if wanted is None:
+        return None
+    owners = plan([t.nbytes for _, t in tensors], group.world_size)
+
+    def write_part(folder: str) -> dict[str, dict[str, Any]]:
+        if problem is not None:
+            raise problem
+        if mine != wanted:
+            raise StateMismatchError(
+                f"rank {group.rank}'s tracked state has another layout than rank 0's (tensor names, shapes or "
+                f"dtypes differ): striping needs the same state on every rank, as DDP keeps it. Track only "
+                f"replicated objects, or set JOBWRAP_STRIPE_MIN_BYTES to more than the state (stripe_min_bytes=) "
+                f"to save from rank 0 alone")
+        part = {i: t for i, (_, t) in enumerate(tensors) if owners[i] == group.rank}
+        written = store.write_part(folder, part_name(group.rank), part)
+        crash_point("part-written")
+        return {part_name(group.rank): written}
+
+    def write_sealed(record: dict[str, Any], serial: int) -> Any:
+        record["tensors"] = [[owners[i], path] for i, (path, _) in enumerate(tensors)]
+        return write_file(skeleton(taken, {id(t) for _, t in tensors}), record, serial)
+
+    return sharded.commit_folder(store, group, step=step, write_part=write_part, catch=(Exception,),
+                                 what="striped state", on_rank0=on_rank0, write_file=write_sealed)
+
+
+# ---------------------------------------------------------------- the load: every part verified, put back
+
+def fill(store: CheckpointStore, checkpoint: Checkpoint, payload: dict[str, Any], device: Any) -> None:
+    """Put the striped tensors of ``checkpoint`` back into its loaded ``payload``; each part is read verified.
+
+    A part that is missing, damaged or does not fit the record raises
+    :class:`CorruptCheckpointError`: the checkpoint is set aside like a damaged .pt.
+    """
+    record = payload["jobwrap"].get("stripes")
+    if not record:
+        return
+    source = os.path.basename(checkpoint.path)
+    folder = store.folder_path(checkpoint.step, checkpoint.serial)  # its own folder, never a path from the file
+    places = _check_record(record, folder_name(checkpoint.step, checkpoint.serial), source)
+    for rank in range(record["world_size"]):
+        name = part_name(rank)
+        path = os.path.join(folder, name)
+        if os.path.islink(folder) or os.path.islink(path):
+            raise CorruptCheckpointError(f"{path}: a symlink, not followed")
+        expected = record["files"][name]
+        part = store.read_verified(
+            dataclasses.replace(checkpoint, path=path, size=expected["size"], checksum=expected["checksum"]),
+            lambda f: torch.load(f, map_location=device, weights_only=True))
+        if not isinstance(part, dict) or sorted(part) != [i for i, r in places.items() if r == rank]:
+            raise CorruptCheckpointError(f"{path}: its tensors are not the ones {source} places in it")
+        for index, tensor in part.items():
+            _put(payload, record["tensors"][index][1], tensor, source)
+
+
+def _check_record(record: Any, folder: str, source: str) -> dict[int, int]:
+    """``{tensor index: rank}`` from ``source``'s stripes record, once it is checked to be jobwrap's own."""
+    try:
+        ranks, files, tensors = int(record["world_size"]), record["files"], record["tensors"]
+        if record["folder"] != folder or set(files) != {part_name(r) for r in range(ranks)}:
+            raise ValueError(f"its parts are said to be {sorted(files)} in {record['folder']!r}")
+        return {index: int(rank) for index, (rank, _) in enumerate(tensors) if 0 <= int(rank) < ranks}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptCheckpointError(f"{source}: its striped-state record is not jobwrap's ({exc}); "
+                                     f"nothing in the folder is read") from None
+
+
+def _put(payload: dict[str, Any], path: Place, tensor: torch.Tensor, source: str) -> None:
+    try:
+        *parents, last = path
+        container: Any = payload
+        for key in parents:
+            container = container[key]
+        if container[last] is not None:
+            raise ValueError("the place is not empty")
+        container[last] = tensor
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise CorruptCheckpointError(f"{source}: a striped tensor's place {path!r} is not in it ({exc})") from None
