@@ -19,7 +19,8 @@ measures, medians over repetitions, in rotating order:
   position  a mid-epoch resume's time to its first batch against the position in the epoch
             (scripts/bench_resume_position.py)
   ranks     the pause of a periodic save with 2 ranks, background against blocking
-            (scripts/bench_rank_pause.py)
+            (scripts/bench_rank_pause.py); the signal's save with 1, 2 and 4 ranks, throttled
+            writers and not (scripts/bench_rank_write.py)
 
 Benchmark files live under the repository's ignored run/ directory and are deleted afterwards.
 """
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import bench_rank_pause
+import bench_rank_write
 import bench_resume_position
 import torch
 from bench_peers import PEER_KEYS, bench_peers
@@ -619,7 +621,8 @@ def _verdict(name: str, value: float) -> str:
 
 #: Measured once per run, each by its own script: key in benchmarks.json -> the script's module, which has
 #: ``targets(result)``, ``report_lines(result, plot_name)`` and ``plot(result, out, title_suffix)``.
-SECTIONS = {"resume_position": bench_resume_position, "rank_pause": bench_rank_pause}
+SECTIONS = {"resume_position": bench_resume_position, "rank_pause": bench_rank_pause,
+            "rank_write": bench_rank_write}
 
 
 def run_targets(relaunch: dict | None, sections: dict[str, dict]) -> list[tuple[str, float, float]]:
@@ -819,7 +822,21 @@ def measure_sections(quick: bool) -> dict[str, dict]:
     log("\n== resume against position in the epoch ==\n" + "\n".join(bench_resume_position.summary_lines(position)))
     pause = bench_rank_pause.bench_rank_pause(3 if quick else 5, WORK, nbytes=(100 if quick else 400) << 20)
     bench_rank_pause.print_rank_pause(pause)
-    return {"resume_position": position, "rank_pause": pause}
+    log("\n== emergency save against ranks, throttled writers ==")
+    memory = _memory_dir()
+    try:
+        write = bench_rank_write.bench_rank_write((128 if quick else 384) << 20, reps=1 if quick else 3,
+                                                  directory=memory / "rank-write")
+    finally:
+        shutil.rmtree(memory, ignore_errors=True)
+    bench_rank_write.print_rank_write(write)
+    return {"resume_position": position, "rank_pause": pause, "rank_write": write}
+
+
+def _memory_dir() -> Path:
+    """A tmpfs for the throttled-writer benchmark (the per-process limit, not the one disk), else run/bench."""
+    shm = Path("/dev/shm")
+    return shm / f"jobwrap-bench-{os.getpid()}" if shm.is_dir() and os.access(shm, os.W_OK) else WORK
 
 
 def main() -> None:

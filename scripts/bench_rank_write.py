@@ -93,14 +93,96 @@ def bench_rank_write(nbytes: int = 256 << 20, ranks: tuple[int, ...] = (1, 2, 4)
         if n > 1 and 1 in seconds["unthrottled"]:
             ratio = seconds["unthrottled"][n] / seconds["unthrottled"][1]
             targets[f"unthrottled time, {n} ranks / 1 writer"] = (ratio, 1.0, ratio <= 1.0)
-    return {"state_bytes": nbytes, "throttle_bytes_per_second": bps, "directory": str(directory),
-            "seconds": seconds, "targets": targets}
+    return {"state_bytes": nbytes, "throttle_bytes_per_second": bps, "storage": _storage_kind(directory),
+            "reps": reps, "seconds": seconds, "targets": targets}
+
+
+def _storage_kind(directory: Path) -> str:
+    """What the files went to, in words (the report names no path of the machine)."""
+    best, kind = "", "a local disk"
+    with open("/proc/mounts") as mounts:
+        for line in mounts:
+            fields = line.split()
+            if len(fields) > 2 and str(directory.resolve()).startswith(fields[1]) and len(fields[1]) > len(best):
+                best, kind = fields[1], ("a tmpfs (memory)" if fields[2] == "tmpfs" else f"a local {fields[2]} disk")
+    return kind
 
 
 def print_rank_write(result: dict[str, Any]) -> None:
     for name, (ratio, target, met) in result["targets"].items():
         sign = ">=" if "speedup" in name else "<="
         print(f"  {name}: {ratio:.2f} (target {sign} {target}) {'met' if met else 'NOT MET'}")
+
+
+def targets(result: dict[str, Any]) -> list[tuple[str, float, float]]:
+    """(name, target, value) for scripts/bench's table, every one as "value <= target" (a speedup inverted)."""
+    found = []
+    for name, (ratio, target, _) in result["targets"].items():
+        if "speedup" in name:  # time with N ranks / time with one writer <= 1 / speedup target
+            found.append((name.replace("speedup, ", "time, "), round(1 / target, 3), 1 / ratio))
+        else:
+            found.append((name, target, ratio))
+    return found
+
+
+def report_lines(result: dict[str, Any], plot_name: str | None) -> list[str]:
+    """scripts/bench's section on docs/benchmarks.md."""
+    throttled, unthrottled = _by_ranks(result, "throttled"), _by_ranks(result, "unthrottled")
+    lines = ["## Emergency save against ranks, with throttled writers", "",
+             f"The signal's save of {result['state_bytes'] / 1e6:.0f} MB of replicated (DDP) state "
+             "(`scripts/bench_rank_write.py`): N real processes (gloo), rank 0 gets a real SIGUSR1, every rank "
+             "stops at the next boundary; the time is rank 0's, from the signal to the commit. One rank writes one "
+             "file; N ranks stripe (`stripe_min_bytes=0`), each writing about 1/N of the bytes, rank 0 committing "
+             f"one manifest over the parts. *throttled*: every process's writes limited to "
+             f"{result['throttle_bytes_per_second'] / 1e6:.0f} MB/s (`JOBWRAP_TEST_WRITE_BPS`), the per-client "
+             "limit of a parallel filesystem; the files go to "
+             f"{result['storage']}, standing in for a filesystem whose aggregate bandwidth exceeds N clients' (this "
+             "machine's one disk would otherwise be the limit). *unthrottled*: the same saves at full speed. "
+             f"Medians of {result.get('reps', 1)}.", "",
+             "| ranks | throttled: seconds (speedup) | unthrottled: seconds (x one writer) |", "|---|---|---|"]
+    for n in sorted(throttled):
+        t, u = throttled[n], unthrottled[n]
+        lines.append(f"| {n} | {t:.3f} ({throttled[1] / t:.2f}x) | {u:.3f} ({u / unthrottled[1]:.2f}x) |")
+    lines += ["", "Targets: " + "; ".join(
+        f"{name} {ratio:.2f} ({'>=' if 'speedup' in name else '<='} {target:g}) {'met' if met else '**not met**'}"
+        for name, (ratio, target, met) in result["targets"].items()) + ".", ""]
+    if plot_name:
+        lines += [f"![{plot_name}]({plot_name})", ""]
+    return lines
+
+
+def _by_ranks(result: dict[str, Any], mode: str) -> dict[int, float]:
+    """Seconds by number of ranks (read back from JSON, the numbers are strings)."""
+    return {int(n): v for n, v in result["seconds"][mode].items()}
+
+
+def plot(result: dict[str, Any], out: Path, title_suffix: str = "") -> str:
+    """Save time against ranks, throttled and not, with the ideal 1/N of one writer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for mode, color in (("throttled", "#1f77b4"), ("unthrottled", "#6baed6")):
+        by_ranks = _by_ranks(result, mode)
+        ranks = sorted(by_ranks)
+        ax.plot(ranks, [by_ranks[n] for n in ranks], "o-", color=color, label=mode)
+        if mode == "throttled" and 1 in by_ranks:
+            ax.plot(ranks, [by_ranks[1] / n for n in ranks], ":", color="black", linewidth=0.8,
+                    label="one writer / N (ideal)")
+    ax.set_xlabel("ranks writing")
+    ax.set_ylabel("signal -> committed, s (median)")
+    ax.set_xticks(sorted(_by_ranks(result, "throttled")))
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    ax.set_title(f"emergency save of {result['state_bytes'] / 1e6:.0f} MB against ranks"
+                 f"{title_suffix}", fontsize=10)
+    fig.tight_layout()
+    name = "bench-rank-write.png"
+    fig.savefig(out / name, dpi=100)
+    plt.close(fig)
+    return name
 
 
 # ---------------------------------------------------------------- one rank of one save
