@@ -788,6 +788,20 @@ def write_markdown(summaries: list[dict], step: dict, plots: list[str], gpu: dic
         "- **Resume**: `torch.load` reads the checkpoint through a reader that hashes the bytes in file order "
         "as torch pulls them into its tensors, so the checksum costs no second read and nothing is used before "
         "it matched.",
+        "- **Mid-epoch resume** (`jobwrap/_loop/skipping.py`): the sampler's order for the epoch is drawn as in "
+        "the uninterrupted run and the batches already trained are skipped by index, nothing loaded; each "
+        "batch's worker RNG (torch, `random`, NumPy) is seeded from the loader's base seed and the batch's index, "
+        "so batch k's random draws do not depend on batches 0..k-1. A loader jobwrap cannot skip (its own "
+        "`__iter__`, an IterableDataset without `state_dict`) is still replayed; torchdata's "
+        "`StatefulDataLoader` resumes through its own `state_dict`.",
+        "- **Several ranks, periodic saves**: every rank hands its small state (RNG, data position) to rank 0 "
+        "and goes on; rank 0 stages and writes in the background as one process does. Rank 0's outcome reaches "
+        "every rank at the next agreement, so a failure is raised on all of them at the same step.",
+        "- **Several ranks, a signal's save** (`jobwrap/_storage/striped.py`): from `stripe_min_bytes` "
+        "(`JOBWRAP_STRIPE_MIN_BYTES`, 1 GiB by default) of replicated state on, every rank writes its share of "
+        "the tensors (largest first onto the least-loaded rank, the same plan on every rank) into the step's "
+        "folder, and rank 0 commits one manifest over the parts; `jobwrap export` writes one "
+        "`torch.load(weights_only=True)` file from any checkpoint.",
         "",
         "## Not covered",
         "",
