@@ -288,20 +288,19 @@ def default_cells() -> list[Cell]:
 
 
 def striped_twins(cover: list[Cell]) -> list[Cell]:
-    """For the cover's striped cells: each one-file (the multi-rank runs CI had before striping), and the first
-    under SIGKILL (periodic background saves with 2 ranks, striped manual and final saves). A twin shares
-    its cell's uninterrupted reference run."""
+    """For the cover's striped cells: each one-file (the multi-rank runs the cover had before striping), and
+    the first under SIGKILL (periodic background saves with 2 ranks, striped manual and final saves). A twin
+    shares its cell's uninterrupted reference run."""
     striped = [c for c in cover if c.layout == "striped"]
     one_file = [dataclasses.replace(c, layout="one_file") for c in striped]
-    killed = [] if any(c.signal == "sigkill" for c in striped) else [dataclasses.replace(striped[0], signal="sigkill")]
-    return one_file + killed
+    return list(dict.fromkeys(one_file + [dataclasses.replace(striped[0], signal="sigkill")]))
 
 
 def full_cells() -> list[Cell]:
-    """Every cell of the full matrix, without repeats: pairwise (with the default run's striped twins),
-    loader x signal, Slurm."""
+    """Every cell of the full matrix, without repeats: pairwise (with its striped cells' twins), loader x signal,
+    Slurm."""
     cover = local_pairwise()
-    return list(dict.fromkeys(cover + striped_twins(cover[:DEFAULT_CELLS]) + refusal_cells() + single_value_cells()
+    return list(dict.fromkeys(cover + striped_twins(cover) + refusal_cells() + single_value_cells()
                               + loader_by_signal() + framework_cells() + slurm_cells()))
 
 

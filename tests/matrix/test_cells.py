@@ -108,7 +108,8 @@ def test_compatibility_page_marks_what_differs_from_expected():
 
 
 def test_striped_layout_needs_several_ranks_and_meets_every_value():
-    """layout=striped is valid only with a multi-rank launch; the cover pairs it with every signal and loader."""
+    """layout=striped is valid only with a multi-rank launch; the cover pairs it with every signal and loader,
+    and the full matrix runs torchrun under every signal in both layouts."""
     assert not valid(Cell(layout="striped")) and not valid(Cell(layout="striped", launch="run"))
     assert valid(Cell(layout="striped", launch="torchrun"))
     cover = local_pairwise()
@@ -117,6 +118,8 @@ def test_striped_layout_needs_several_ranks_and_meets_every_value():
     assert {c.signal for c in striped} == set(DIMENSIONS["signal"])
     assert {c.loader for c in striped} >= set(DIMENSIONS["loader"]) - set(refused_values()["loader"])
     assert [c for c in full_cells() if c.layout == "striped" and c.launch == "srun"]
+    torchrun = {(c.signal, c.layout) for c in full_cells() if c.launch == "torchrun" and c.framework == "loop"}
+    assert torchrun == set(itertools.product(DIMENSIONS["signal"], DIMENSIONS["layout"]))  # the twins keep one_file
 
 
 def test_default_subset_runs_striped_saves_and_keeps_its_one_file_multi_rank_cells():
