@@ -39,6 +39,10 @@ DIMENSIONS: dict[str, tuple[Any, ...]] = {
     # sigkill: periodic background saves, then SIGKILL to every process, then a plain relaunch.
     "signal": ("usr1", "term", "usr1_term", "double", "sigkill"),
     "launch": ("plain", "run", "torchrun", "slurm_batch", "srun"),
+    # How a signal's, manual or final save of the replicated state is written with 2 ranks: one file by rank 0,
+    # or striped (every rank writes its share; JOBWRAP_STRIPE_MIN_BYTES=0 for the matrix's tiny state).
+    # Multi-rank launches only: with one rank there is nothing to stripe.
+    "layout": ("one_file", "striped"),
 }
 
 LOCAL_LAUNCHES = ("plain", "run", "torchrun")
@@ -73,6 +77,7 @@ class Cell:
     extras: str = "none"
     signal: str = "usr1"
     launch: str = "plain"
+    layout: str = "one_file"
     framework: str = "loop"
 
     @property
@@ -92,6 +97,7 @@ class Cell:
         values = dataclasses.asdict(self)
         values.pop("signal")
         values.pop("launch")
+        values.pop("layout")  # reaches the run through the driver's environment, not the script
         values["ranks"] = self.ranks
         return values
 
@@ -122,6 +128,8 @@ def valid(cell: Cell) -> bool:
         return False  # no DataLoader: workers and loader options mean nothing
     if cell.loop == "step_done" and (cell.loader != "shuffled" or cell.validation == "wrapped"):
         return False  # the hand-written loop indexes its own data; job.loader() is not used
+    if cell.layout == "striped" and cell.ranks == 1:
+        return False  # one rank writes everything: nothing to stripe
     return True
 
 
@@ -139,6 +147,8 @@ def _fill_neutral(values: dict[str, Any]) -> dict[str, Any]:
         filled["workers"] = 2 if filled.get("loader_option") == "persistent_workers" else 0
     if "loader" not in filled:
         filled["loader"] = "shuffled"
+    if "launch" not in filled and filled.get("layout") == "striped":
+        filled["launch"] = "torchrun"  # striping needs several ranks
     return filled
 
 
@@ -264,21 +274,34 @@ def slurm_cells() -> list[Cell]:
     """Fewer cells on the real local Slurm (slow): each signal in the batch layout, two in srun with 2 tasks."""
     common = dict(workers=2, save="epoch_end", extras="allowed")
     return ([Cell(signal=s, launch="slurm_batch", **common) for s in DIMENSIONS["signal"]]
-            + [Cell(signal=s, launch="srun", **common) for s in ("usr1", "term")])
+            + [Cell(signal=s, launch="srun", **common) for s in ("usr1", "term")]
+            + [Cell(signal="usr1", launch="srun", layout="striped", **common)])
 
 
 def default_cells() -> list[Cell]:
-    """The fixed subset CI runs: the first cells of the pairwise cover (the greedy cover front-loads pairs)."""
+    """The fixed subset CI runs: the first cells of the pairwise cover (the greedy cover front-loads pairs),
+    and the striped saves' cases: see :func:`striped_twins`."""
     cover = local_pairwise()[:DEFAULT_CELLS]
     stateful = [] if any(c.loader == "stateful" for c in cover) else [Cell(loader="stateful")]
-    return (cover + stateful + [c for c in refusal_cells() if c.launch == "run"]
+    return (cover + striped_twins(cover) + stateful + [c for c in refusal_cells() if c.launch == "run"]
             + [Cell(loader="stateful", workers=2, launch="run")] + default_framework_cells())
 
 
+def striped_twins(cover: list[Cell]) -> list[Cell]:
+    """For the cover's striped cells: each one-file (the multi-rank runs the cover had before striping), and
+    the first under SIGKILL (periodic background saves with 2 ranks, striped manual and final saves). A twin
+    shares its cell's uninterrupted reference run."""
+    striped = [c for c in cover if c.layout == "striped"]
+    one_file = [dataclasses.replace(c, layout="one_file") for c in striped]
+    return list(dict.fromkeys(one_file + [dataclasses.replace(striped[0], signal="sigkill")]))
+
+
 def full_cells() -> list[Cell]:
-    """Every cell of the full matrix, without repeats: pairwise, loader x signal, Slurm."""
-    return list(dict.fromkeys(local_pairwise() + refusal_cells() + single_value_cells() + loader_by_signal()
-                              + framework_cells() + slurm_cells()))
+    """Every cell of the full matrix, without repeats: pairwise (with its striped cells' twins), loader x signal,
+    Slurm."""
+    cover = local_pairwise()
+    return list(dict.fromkeys(cover + striped_twins(cover) + refusal_cells() + single_value_cells()
+                              + loader_by_signal() + framework_cells() + slurm_cells()))
 
 
 def selected_cells(environ: dict[str, str] | None = None) -> list[Cell]:

@@ -12,6 +12,7 @@ failed with a jobwrap error, the text given), ``diverged`` or ``failed`` (with w
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+import psutil
 from cells import CANCELS, Cell, expected
 
 import jobwrap.errors
@@ -60,6 +62,8 @@ class Run:
     signalled: list[int]
     output: str
     problems: list[str]
+    #: Each checkpoint data file seen committed after a launch: whether its manifest records striped parts.
+    layouts: dict[str, bool] = dataclasses.field(default_factory=dict)
 
     def loss_lines(self, rank: int = 0) -> list[str]:
         path = Path(f"{self.directory}.loss.r{rank}")
@@ -89,6 +93,8 @@ def environment(cell: Cell, directory: Path, control: Path | None, hold_at: list
         env["JOBWRAP_SAVE_EVERY_STEPS"] = str(PERIODIC_EVERY)
     if cell.signal == "double" and control is not None:
         env["MATRIX_HOLD_SAVE"] = str(control)
+    if cell.layout == "striped":
+        env["JOBWRAP_STRIPE_MIN_BYTES"] = "0"  # the matrix's state is a few KB
     return env
 
 
@@ -105,6 +111,7 @@ class Launcher:
         self.lock = threading.Lock()
         self.signalled: list[int] = []
         self.codes: list[int] = []
+        self.layouts: dict[str, bool] = {}
         self.output = directory.parent / f"{directory.name}.out"
 
     def run(self, deadline: float, max_launches: int) -> None:
@@ -120,6 +127,7 @@ class Launcher:
                                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
                 code = self._wait(deadline)
             self.codes.append(code)
+            self.layouts.update(checkpoint_layouts(self.directory))  # before a later launch's retention
             if code == 0:
                 return
             if code == REQUEUE_EXIT_CODE and self.cell.launch == "plain":
@@ -140,15 +148,24 @@ class Launcher:
         finally:
             _kill_group(proc.pid, signal.SIGKILL)  # leftovers (workers, ranks) of this launch
 
-    def send(self, signum: int, *, group: bool = False) -> None:
+    def send(self, signum: int, *, group: bool = False, descendants: bool = False) -> None:
+        """``signum`` to the launch's first process, to its process group, or (``descendants``) also to every
+        process it started in a session of its own (torchrun starts its ranks so)."""
         with self.lock:
             proc = self.current
         if proc is None or proc.poll() is not None:
             return
+        members = []
+        if descendants:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                members = psutil.Process(proc.pid).children(recursive=True)
         if group:
             _kill_group(proc.pid, signum)
         else:
             os.kill(proc.pid, signum)
+        for member in members:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.send_signal(signum)
 
 
 def _kill_group(pid: int, signum: int) -> None:
@@ -187,7 +204,7 @@ class Signaller(threading.Thread):
         """The cell's signal, the way the scheduler or the user sends it."""
         send, kind = self.launcher.send, self.launcher.cell.signal
         if kind == "sigkill":
-            send(signal.SIGKILL, group=True)
+            send(signal.SIGKILL, group=True, descendants=True)  # the node died: torchrun's ranks die too
             return
         if kind in ("usr1", "usr1_term", "double"):
             send(signal.SIGUSR1)
@@ -236,7 +253,20 @@ def train(cell: Cell, directory: Path, points: Sequence[int] = ()) -> Run:
         if signaller:
             signaller.join(timeout=30)
     problems = list(signaller.problems) if signaller else []
-    return Run(directory, launcher.codes, launcher.signalled, launcher.output.read_text(), problems)
+    return Run(directory, launcher.codes, launcher.signalled, launcher.output.read_text(), problems,
+               launcher.layouts)
+
+
+def checkpoint_layouts(directory: Path) -> dict[str, bool]:
+    """Each committed checkpoint's data file in ``directory``: whether its manifest records striped parts."""
+    layouts = {}
+    for path in directory.glob("step-*.json"):
+        try:
+            manifest = json.loads(path.read_text())
+            layouts[manifest["file"]] = bool(manifest.get("stripes"))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a manifest, or one a save is replacing: the judge needs only those it can read
+    return layouts
 
 
 # ---------------------------------------------------------------- judging
@@ -281,6 +311,8 @@ def judge(cell: Cell, reference: Run, cut: Run) -> Outcome:
     requeues = [e["step"] for e in events if e["event"] == "requeue"]
     if cell.signal in ("term", "usr1_term") and any(c in (0, REQUEUE_EXIT_CODE) for c in cut.codes[:-1]):
         problems.append(f"exit codes {cut.codes}: a cancelled launch ended as finished or requeued")
+    if cell.signal == "sigkill":
+        problems += _kill_problems(events, cut.signalled)
     if cell.signal in CANCELS and requeues:
         problems.append(f"requeued at {requeues} after a cancel (TERM) or a kill")
     if cell.signal not in CANCELS and requeues != cut.signalled:
@@ -290,6 +322,8 @@ def judge(cell: Cell, reference: Run, cut: Run) -> Outcome:
                         and str(e.get("reason", "")).startswith("signal")})
         if saved != cut.signalled:
             problems.append(f"signal checkpoints at {saved}, signalled at {cut.signalled}")
+    if cell.layout == "striped":
+        problems += _striping_problems(cell, events, {**cut.layouts, **checkpoint_layouts(cut.directory)})
     for rank in range(cell.ranks):
         problems += _compare_losses(cell, reference.loss_lines(rank), cut.loss_lines(rank), rank)
     try:
@@ -302,6 +336,27 @@ def judge(cell: Cell, reference: Run, cut: Run) -> Outcome:
         kind = "failed" if cut.codes[-1:] != [0] else "diverged"
         return Outcome(kind, "; ".join(problems))
     return Outcome("exact")
+
+
+def _kill_problems(events: list[dict], signalled: list[int]) -> list[str]:
+    """Each SIGKILL ended the training: the next launch resumed at or before the step it was killed at."""
+    resumed = [e["step"] for e in events if e["event"] == "start"][1:]
+    if len(resumed) < len(signalled) or any(r > s for r, s in zip(resumed, signalled)):
+        return [f"killed at steps {signalled}, but the relaunches resumed at {resumed}: a kill did not stop "
+                f"the training"]
+    return []
+
+
+def _striping_problems(cell: Cell, events: list[dict], layouts: dict[str, bool]) -> list[str]:
+    """A striped cell wrote striped checkpoints, and (but after a SIGKILL, which resumes from a periodic
+    one-file save) resumed from striped ones only: otherwise it could pass without testing striping."""
+    if not any(layouts.values()):
+        return [f"no striped checkpoint written (JOBWRAP_STRIPE_MIN_BYTES=0); manifests seen: {sorted(layouts)}"]
+    resumed = [os.path.basename(e["resumed_from"]) for e in events if e["event"] == "start" and e.get("resumed_from")]
+    one_file = [name for name in resumed if layouts.get(name) is False]
+    if cell.signal != "sigkill" and one_file:
+        return [f"resumed from one-file checkpoints {one_file}, not striped ones"]
+    return []
 
 
 def _compare_losses(cell: Cell, reference: list[str], cut: list[str], rank: int) -> list[str]:
@@ -329,8 +384,9 @@ class Matrix:
         self.references: dict[str, Run] = {}
 
     def reference(self, cell: Cell) -> Run:
-        reference_cell = dataclasses.replace(cell, signal="usr1",
-                                             launch="torchrun" if cell.ranks == 2 else "plain")
+        # One-file: a striped run must end where the uninterrupted one-file run ends (shared with its twin).
+        reference_cell = dataclasses.replace(cell, signal="usr1", launch="torchrun" if cell.ranks == 2 else "plain",
+                                             layout="one_file")
         key = json.dumps(reference_cell.training(), sort_keys=True)
         if key not in self.references:
             directory = Path(tempfile.mkdtemp(prefix="reference-", dir=self.base)) / "ck"

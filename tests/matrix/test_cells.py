@@ -105,3 +105,68 @@ def test_compatibility_page_marks_what_differs_from_expected():
     rows = [line for line in page.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
     assert "**exact** |" in rows[0] and "✗" not in rows[0]
     assert "**failed** ✗" in rows[1] and "\\|" in rows[1]  # a | in the detail does not break the table
+
+
+def test_striped_layout_needs_several_ranks_and_meets_every_value():
+    """layout=striped is valid only with a multi-rank launch; the cover pairs it with every signal and loader,
+    and the full matrix runs torchrun under every signal in both layouts."""
+    assert not valid(Cell(layout="striped")) and not valid(Cell(layout="striped", launch="run"))
+    assert valid(Cell(layout="striped", launch="torchrun"))
+    cover = local_pairwise()
+    assert all(c.ranks == 2 for c in cover if c.layout == "striped")
+    striped = [c for c in cover if c.layout == "striped"]
+    assert {c.signal for c in striped} == set(DIMENSIONS["signal"])
+    assert {c.loader for c in striped} >= set(DIMENSIONS["loader"]) - set(refused_values()["loader"])
+    assert [c for c in full_cells() if c.layout == "striped" and c.launch == "srun"]
+    torchrun = {(c.signal, c.layout) for c in full_cells() if c.launch == "torchrun" and c.framework == "loop"}
+    assert torchrun == set(itertools.product(DIMENSIONS["signal"], DIMENSIONS["layout"]))  # the twins keep one_file
+
+
+def test_default_subset_runs_striped_saves_and_keeps_its_one_file_multi_rank_cells():
+    """CI runs torchrun cells with striped saves, under SIGKILL and under a signal's save, all expected exact;
+    each has its one-file twin, which shares its uninterrupted reference (the layout is not the script's)."""
+    default = default_cells()
+    striped = [c for c in default if c.layout == "striped"]
+    assert all(c.launch == "torchrun" and expected(c).kind == "exact" for c in striped)
+    assert "sigkill" in {c.signal for c in striped}
+    assert {c.signal for c in striped} & {"usr1", "term", "usr1_term"}
+    for cell in (c for c in striped if c.signal != "sigkill"):
+        twin = dataclasses.replace(cell, layout="one_file")
+        assert twin in default and twin.training() == cell.training()
+
+
+def test_a_striped_cell_without_striped_checkpoints_is_judged_a_problem(tmp_path):
+    """The judge of a striped cell flags a run that wrote only one-file checkpoints, or resumed from one after a
+    signal, so that a cell whose setting never reached the run cannot pass."""
+    import torch
+
+    import jobwrap
+    from drive import _striping_problems, checkpoint_layouts
+    from jobwrap._storage.events import read_events
+
+    with jobwrap.Session(directory=str(tmp_path)) as job:  # one process: a one-file save, as without striping
+        job.track(model=torch.nn.Linear(2, 2))
+        job.save()
+    layouts = checkpoint_layouts(tmp_path)
+    assert list(layouts.values()) == [False]
+    cell = Cell(layout="striped", launch="torchrun", signal="term")
+    assert _striping_problems(cell, read_events(str(tmp_path)), layouts)
+    [one_file] = layouts
+    resumed = [{"event": "start", "resumed_from": str(tmp_path / one_file)}]
+    layouts = {**layouts, "step-000000000009.pt": True}
+    assert _striping_problems(cell, resumed, layouts)  # resumed from a one-file checkpoint after a TERM
+    assert not _striping_problems(dataclasses.replace(cell, signal="sigkill"), resumed, layouts)  # periodic
+    assert not _striping_problems(cell, [{"event": "start", "resumed_from": "ck/step-000000000009.pt"}], layouts)
+
+
+def test_a_kill_that_did_not_stop_the_training_is_judged_a_problem():
+    """A SIGKILL cell whose relaunches did not resume at or before each kill's step (ranks that outlived the kill,
+    in sessions of their own, trained on) is flagged instead of passing on the survivors' final state."""
+    from drive import _kill_problems
+
+    def start(step: int) -> dict:
+        return {"event": "start", "step": step}
+
+    assert _kill_problems([start(0), start(8)], [3, 4])
+    assert _kill_problems([start(0), start(2)], [3, 4])  # the second kill gave no relaunch
+    assert not _kill_problems([start(0), start(2), start(4)], [3, 4])
