@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import bench_plot
 import bench_rank_pause
 import bench_rank_write
 import bench_resume_position
@@ -556,12 +557,7 @@ def plot(summaries: list[dict], out: Path) -> list[str]:
 
 def plot_relaunch(relaunch: dict, out: Path) -> str:
     """One bar: a relaunch's parts from the signal to the first new step, jobwrap's own in colour."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(15, 2.8))
+    fig, ax = bench_plot.axes(15, 2.8)
     left = 0.0
     for i, (name, seconds) in enumerate(relaunch["median_seconds"].items()):
         color = ("#1f77b4", "#6baed6")[i % 2] if SPLITS[name] else ("#bbbbbb", "#dddddd")[i % 2]
@@ -574,11 +570,7 @@ def plot_relaunch(relaunch: dict, out: Path) -> str:
     ax.set_xlabel("seconds from the signal (medians; jobwrap's parts in blue)")
     ax.set_title(f"relaunch under jobwrap run, signal -> first new step "
                  f"({relaunch['checkpoint_bytes'] / 1e6:.0f} MB checkpoint); {machine()}", fontsize=10)
-    fig.tight_layout()
-    name = "bench-relaunch.png"
-    fig.savefig(out / name, dpi=100)
-    plt.close(fig)
-    return name
+    return bench_plot.save(fig, out, "bench-relaunch.png")
 
 
 def relaunch_lines(relaunch: dict) -> list[str]:
@@ -869,10 +861,10 @@ def main() -> None:
         sections = {key: results[key] for key in SECTIONS if results.get(key)}
         plots = plot(results["sizes"], out) + ([plot_relaunch(relaunch, out)] if relaunch else [])
         section_plots = plot_sections(sections, out)
-        plots += list(section_plots.values())
         write_markdown(results["sizes"], results["step"], plots, results.get("gpu") or {}, out, args, relaunch,
                        sections, section_plots)
-        log(f"wrote {out / 'benchmarks.md'} and {', '.join(plots)} from {args.report_only}")
+        log(f"wrote {out / 'benchmarks.md'} and {', '.join(plots + list(section_plots.values()))} "
+            f"from {args.report_only}")
         return
     args.reps_small = 7 if args.quick else 9
     args.reps_large = 5
@@ -932,7 +924,8 @@ def main() -> None:
                                                      "sizes": summaries, "step": step, "gpu": gpu,
                                                      "relaunch": relaunch, **sections}, indent=1))
     where = out.relative_to(REPO) if out.is_relative_to(REPO) else out
-    log(f"\nwrote {where}/benchmarks.md, {where}/benchmarks.json and {', '.join(plots)} "
+    written = ", ".join(plots + list(section_plots.values()))
+    log(f"\nwrote {where}/benchmarks.md, {where}/benchmarks.json and {written} "
         f"in {time.monotonic() - started:.0f} s")
 
 

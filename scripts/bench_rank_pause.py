@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import bench_plot
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -169,12 +170,7 @@ def report_lines(result: dict[str, Any], plot_name: str | None) -> list[str]:
 
 def plot(result: dict[str, Any], out: Path, title_suffix: str = "") -> str:
     """Each rank's pause, background against blocking (log scale)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, ax = bench_plot.axes(7, 3.6)
     ranks = list(result["blocking pause by rank"])
     width = 0.38
     for i, (mode, color) in enumerate((("blocking", "#bbbbbb"), ("background", "#1f77b4"))):
@@ -189,11 +185,7 @@ def plot(result: dict[str, Any], out: Path, title_suffix: str = "") -> str:
     ax.legend(fontsize=8)
     ax.set_title(f"periodic save pause, {result['ranks']} ranks, {result['state bytes'] / 1e6:.0f} MB"
                  f"{title_suffix}", fontsize=10)
-    fig.tight_layout()
-    name = "bench-rank-pause.png"
-    fig.savefig(out / name, dpi=100)
-    plt.close(fig)
-    return name
+    return bench_plot.save(fig, out, "bench-rank-pause.png")
 
 
 def main() -> None:

@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import bench_plot
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DIR = REPO / "run" / "bench" / "rank-write"
 TARGETS = {2: 1.7, 4: 3.0}  # throttled speedup over one writer, by ranks
@@ -158,12 +160,7 @@ def _by_ranks(result: dict[str, Any], mode: str) -> dict[int, float]:
 
 def plot(result: dict[str, Any], out: Path, title_suffix: str = "") -> str:
     """Save time against ranks, throttled and not, with the ideal 1/N of one writer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = bench_plot.axes(7, 4)
     for mode, color in (("throttled", "#1f77b4"), ("unthrottled", "#6baed6")):
         by_ranks = _by_ranks(result, mode)
         ranks = sorted(by_ranks)
@@ -178,11 +175,7 @@ def plot(result: dict[str, Any], out: Path, title_suffix: str = "") -> str:
     ax.legend(fontsize=8)
     ax.set_title(f"emergency save of {result['state_bytes'] / 1e6:.0f} MB against ranks"
                  f"{title_suffix}", fontsize=10)
-    fig.tight_layout()
-    name = "bench-rank-write.png"
-    fig.savefig(out / name, dpi=100)
-    plt.close(fig)
-    return name
+    return bench_plot.save(fig, out, "bench-rank-write.png")
 
 
 # ---------------------------------------------------------------- one rank of one save

@@ -20,6 +20,7 @@ import statistics
 import time
 from pathlib import Path
 
+import bench_plot
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -159,14 +160,9 @@ def report_lines(result: dict, plot_name: str | None) -> list[str]:
 
 def plot(result: dict, out: Path, title_suffix: str = "") -> str:
     """Seconds to the first batch against the position resumed at: skip and replay, the fresh start, the target."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     percents = [int(p) for p in result["points"]]
     fresh = statistics.median(result["fresh"])
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = bench_plot.axes(7, 4)
     for kind, color in (("skip", "#1f77b4"), ("replay", "#bbbbbb")):
         ax.plot(percents, [statistics.median(result["points"][str(p)][kind]) for p in percents], "o-",
                 color=color, label=f"resumed ({kind})")
@@ -177,11 +173,7 @@ def plot(result: dict, out: Path, title_suffix: str = "") -> str:
     ax.set_yscale("log")
     ax.legend(fontsize=8)
     ax.set_title(f"resume time against position in the epoch{title_suffix}", fontsize=10)
-    fig.tight_layout()
-    name = "bench-resume-position.png"
-    fig.savefig(out / name, dpi=100)
-    plt.close(fig)
-    return name
+    return bench_plot.save(fig, out, "bench-resume-position.png")
 
 
 def main() -> None:
