@@ -416,10 +416,15 @@ _SEEDABLE = {"python": "Python", "numpy": "NumPy"}
 
 
 def unseeded_streams(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """The Python/NumPy streams that alone make two final checkpoints differ ([] if anything else differs)."""
+    """The Python/NumPy streams that alone make two final checkpoints differ ([] if anything else differs).
+
+    Each rank holds every stream twice where a ``job.loader`` ran: its current
+    state, and the loader's copy from the epoch's start (to rebuild the epoch's
+    order). An unseeded stream differs in both; neither is a tensor difference.
+    """
     differ = []
     for name in _SEEDABLE:
-        streams = [[rank["rng"].pop(name, None) for rank in state["jobwrap"]["ranks"]] for state in (a, b)]
+        streams = [[_pop_stream(rank, name) for rank in state["jobwrap"]["ranks"]] for state in (a, b)]
         try:
             assert_same_state(*streams)
         except AssertionError:
@@ -431,6 +436,13 @@ def unseeded_streams(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     except AssertionError:
         return []
     return differ
+
+
+def _pop_stream(rank: dict[str, Any], name: str) -> list[Any]:
+    """Take the stream ``name`` out of a rank's entry: its current state, then the loader's epoch-start copy."""
+    epoch = rank.get("data", {}).get("epoch") if isinstance(rank.get("data"), dict) else None
+    copies = [rank.get("rng", {}), epoch.get("rng", {}) if isinstance(epoch, dict) else {}]
+    return [copy.pop(name, None) if isinstance(copy, dict) else None for copy in copies]
 
 
 def _final_step(plain: PreemptedRun, log: Path) -> int:
