@@ -48,8 +48,18 @@ from jobwrap._loop.resume import Resumed
 from jobwrap._loop.workers import guard_dataloader_workers
 from jobwrap._scheduler.env import JobEnv, read_env
 from jobwrap._scheduler.schedulers import Scheduler, scheduler_for
-from jobwrap._scheduler.signals import SignalTrap
-from jobwrap._scheduler.stopping import EXIT, REQUEUE, Limits, Preempted, Stop, carry_out, decide_stop
+from jobwrap._scheduler.signals import InterruptWatch, SignalTrap
+from jobwrap._scheduler.stopping import (
+    EXIT,
+    REQUEUE,
+    Limits,
+    Preempted,
+    Stop,
+    after_interrupt,
+    carry_out,
+    decide_stop,
+    interrupted_exit,
+)
 from jobwrap._storage import deadline, progress, sharded, striped
 from jobwrap._storage.devices import resume_device
 from jobwrap._storage.events import EventLog
@@ -118,6 +128,7 @@ class Session:
         self._loader: ResumableLoader | None = None
         self._trap = SignalTrap(self.config.requeue_signals + self.config.exit_signals,
                                 registry=self.job.trainers_dir, clock=clock)
+        self._interrupts = InterruptWatch(clock)  # a Ctrl-C the script catches must not end as "finished"
         self._resume: Resumed | None = None  # the loaded checkpoint, until the first boundary frees it
         self._resume_data: dict[str, Any] | None = None  # the loader's position state, until a loader takes it
         self._resumed_step = -1
@@ -156,6 +167,8 @@ class Session:
         _ensure_log_handler()
         # Trap first, so a signal that arrives while resuming is honoured right after.
         self._trap.install()
+        if signal.SIGINT not in self._trap.signals:
+            self._interrupts.install()
         self._lifeline = Lifeline(self.job.supervisor, self.clock)
         self._unguard_workers = guard_dataloader_workers(self._trap.signals)
         try:
@@ -166,6 +179,7 @@ class Session:
             load_seconds = round(self.clock() - opened, 4)
         except BaseException:
             self._trap.restore()
+            self._interrupts.restore()
             self._directory.release()
             self._unguard_workers()
             self._started = False
@@ -176,6 +190,9 @@ class Session:
             self._start_fresh(session_started)
         else:
             self._start_resumed(*found, load_seconds=load_seconds, session_started=session_started)
+        interrupted = after_interrupt(self.events.read(), self.step) if self.group.rank == 0 else None
+        if interrupted:
+            log.warning("%s", interrupted)
         self._auto = self._auto_interval()
         return self
 
@@ -244,6 +261,7 @@ class Session:
         failure = self._close_saver(exc)
         exc = exc or failure
         self._trap.restore()
+        self._interrupts.restore()
         self._unguard_workers()
         # Every rank leaves together after a finished run or a Preempted; after an error some may not come.
         self.group.close(clean=_clean(exc))
@@ -251,6 +269,11 @@ class Session:
         at_exit.forget(self)
         if isinstance(exc, Preempted):
             self.events.append("exit", code=exc.code, reason=exc.reason, step=self.step)
+        elif isinstance(exc, KeyboardInterrupt) or (exc is None and self._interrupts.received):
+            newest = self.last_checkpoint.step if self.last_checkpoint is not None else None
+            code, reason = interrupted_exit(step=self.step, newest=newest, caught=exc is None)
+            log.warning("%s", reason)
+            self.events.append("exit", code=code, reason=reason, step=self.step)
         elif exc is not None:
             self.events.append("exit", code=1, reason=f"{type(exc).__name__}: {exc}", step=self.step)
         else:
