@@ -20,6 +20,7 @@ import functools
 import logging
 import os
 import signal
+import sys
 import time
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
@@ -152,6 +153,7 @@ class Session:
         self._rng_restored: Any = None  # the streams as track() put them back, until the first boundary
         self._epochs_used = False  # log lines name the epoch only in loops that have them
         self._preempted: Preempted | None = None
+        self._adopted_path: str | None = None  # the init_from file this run started from
         # The relaunch's timeline (jobwrap status): jobwrap's own start-up, and the first batch and step.
         self._init_seconds = clock() - began
         self._first_step_pending = False
@@ -177,6 +179,8 @@ class Session:
             found = self._directory.open(self.group, self.device)
             self.run_id, self.events = self._directory.run_id, self._directory.events
             load_seconds = round(self.clock() - opened, 4)
+            if found is None:  # an init_from refused lets go of the directory like a failed open
+                self._start_fresh(session_started)
         except BaseException:
             self._trap.restore()
             self._interrupts.restore()
@@ -186,9 +190,7 @@ class Session:
             raise
         if not self._scoped:
             at_exit.close_at_exit(self)
-        if found is None:
-            self._start_fresh(session_started)
-        else:
+        if found is not None:
             self._start_resumed(*found, load_seconds=load_seconds, session_started=session_started)
         interrupted = after_interrupt(self.events.read(), self.step) if self.group.rank == 0 else None
         if interrupted:
@@ -219,17 +221,20 @@ class Session:
 
     def _start_fresh(self, session_started: float) -> None:
         """No checkpoint yet: start at step 0, or from the user's own checkpoint (``init_from``)."""
-        adopted = adopt.load(self.config.init_from, self.device) if self.config.init_from else None
+        adopted = adopt.load(self.config.init_from, self.device, self.config.init_epoch) \
+            if self.config.init_from else None
         if adopted is not None:
             self._resume = adopted
+            self._adopted_path = adopted.path
             self.epoch, self.step = adopted.epoch, adopted.step
             self._resumed_step = self.step
             self._epochs_used = "epoch" in adopted.payload
             self.events.append("init_from", path=os.path.abspath(adopted.path), step=self.step, epoch=self.epoch,
-                               keys=sorted(map(str, adopted.payload)))
+                               epoch_is=adopted.epoch_is, keys=sorted(map(str, adopted.payload)))
         if self.group.rank == 0:
             log.info("no checkpoint in %s: starting run %s %s", self.config.directory, self.run_id,
-                     f"from {adopted.path} at {self._where()}" if adopted else "fresh")
+                     f"from {adopted.path} at {self._where()}"
+                     + (f" ({adopted.convention})" if adopted.convention else "") if adopted else "fresh")
         self.events.append("start", step=self.step, resumed_from=None, world_size=self.group.world_size,
                            scheduler=self.job.scheduler, **self._startup_fields(session_started))
 
@@ -395,10 +400,16 @@ class Session:
         if self.config.save_at_end:
             self.save(reason="end of training")
 
-    def epochs(self, total: int) -> Iterator[int]:
-        """Epoch numbers from the resumed one to ``total - 1``; commits a final checkpoint at the end."""
+    def epochs(self, total: int, start: int | None = None) -> Iterator[int]:
+        """Epoch numbers from the resumed one to ``total - 1``; commits a final checkpoint at the end.
+
+        ``start``: the epoch the script's own resume reached (``args.start_epoch``), where the
+        directory holds no jobwrap checkpoint yet; jobwrap's checkpoint (or init_from) wins once there is one.
+        """
         self.start()
         self._epochs_used = True
+        source = os.path.basename(self.resumed_from.path) if self.resumed_from is not None else self._adopted_path
+        self.epoch = adopt.start_epoch(start, epoch=self.epoch, source=source, argv=sys.argv)
         if self.resumed_from is not None and self.epoch >= total:
             steps.say_finished(self.step, f"{total} epochs")
         while self.epoch < total:
