@@ -57,8 +57,12 @@ def _launch(script: Path, directory: Path, **env: str) -> subprocess.Popen:
                             env={**os.environ, "JOBWRAP_DIR": str(directory), "JOBWRAP_NO_SLURM": "1", **env})
 
 
-def _interrupt_at(script: Path, directory: Path, step: int) -> tuple[int, str, str]:
-    """Run ``script`` held at ``step`` (the test hold), send it a real SIGINT there, return how it ended."""
+def _interrupt_at(script: Path, directory: Path, step: int, *, goes_on: bool = False) -> tuple[int, str, str]:
+    """Run ``script`` held at ``step`` (the test hold), send it a real SIGINT there, return how it ended.
+
+    ``goes_on``: the script trains on and comes back to ``step`` (the broken epoch's steps never counted); its
+    hold there ends once the interrupt was recorded at that boundary.
+    """
     control = Path(tempfile.mkdtemp(prefix="jobwrap-control-"))
     proc = _launch(script, directory, JOBWRAP_SAVE_EVERY_STEPS="4", JOBWRAP_TEST_HOLD_AT=str(step),
                    JOBWRAP_TEST_CONTROL=str(control))
@@ -70,6 +74,12 @@ def _interrupt_at(script: Path, directory: Path, step: int) -> tuple[int, str, s
             raise AssertionError(f"never held at step {step}: {proc.communicate(timeout=30)[1][-3000:]}")
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
+    while goes_on and not any(e["event"] == "interrupt" for e in read_events(str(directory))):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"no interrupt event: {proc.communicate(timeout=30)[1][-3000:]}")
+        time.sleep(0.01)
+    (control / f"done-{step}").touch()
     out, err = proc.communicate(timeout=120)
     return proc.returncode, out, err
 
@@ -114,3 +124,22 @@ def test_uncaught_ctrl_c_is_recorded_interrupted_and_the_handler_is_put_back(tmp
     assert (exit_event["code"], exit_event["step"]) == (130, 1)
     assert exit_event["reason"].startswith("interrupted: SIGINT (Ctrl-C) at step 1, not caught; no checkpoint")
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_training_on_after_a_caught_ctrl_c_is_warned_at_the_next_boundary(tmp_path):
+    """A script that catches KeyboardInterrupt inside its epoch loop and goes on to the next epoch: the next boundary
+    warns that the run is no longer the uninterrupted one, records an interrupt event, and the end is interrupted."""
+    script = tmp_path / "goes_on.py"
+    script.write_text(CATCHES_CTRL_C.replace(
+        "    try:\n        for epoch in job.epochs(2):\n            train(job)\n    except KeyboardInterrupt:\n",
+        "    for epoch in job.epochs(2):\n        try:\n            train(job)\n        except KeyboardInterrupt:\n"
+        "    "))
+    assert "        except KeyboardInterrupt:\n            print(" in script.read_text()
+    code, out, err = _interrupt_at(script, tmp_path / "ck", 3, goes_on=True)
+    assert code == 0 and "Exiting from training early" in out, err[-3000:]
+    assert err.count("SIGINT (Ctrl-C) interrupted training and the script caught it and went on, now at step 3, "
+                     "epoch 1") == 1, err[-3000:]
+    events = read_events(str(tmp_path / "ck"))
+    assert [(e["step"], e["epoch"]) for e in events if e["event"] == "interrupt"] == [(3, 1)]
+    assert events[-1]["code"] == 130 and events[-1]["reason"].startswith(
+        "interrupted: SIGINT (Ctrl-C) at step 11, caught by the script")

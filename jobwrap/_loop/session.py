@@ -154,6 +154,7 @@ class Session:
         self._epochs_used = False  # log lines name the epoch only in loops that have them
         self._preempted: Preempted | None = None
         self._adopted_path: str | None = None  # the init_from file this run started from
+        self._interrupts_told = 0  # the Ctrl-Cs already warned of at a boundary
         # The relaunch's timeline (jobwrap status): jobwrap's own start-up, and the first batch and step.
         self._init_seconds = clock() - began
         self._first_step_pending = False
@@ -460,6 +461,8 @@ class Session:
     def _boundary(self) -> None:
         if self._resume is not None:
             self._finish_resume()
+        if len(self._interrupts.received) > self._interrupts_told:
+            self._went_on_after_interrupt()
         self._orphaned = self._orphaned or self._lifeline.cut()  # then it stops as on a cancel
         if self.config.test_hold_at and self.step in self.config.test_hold_at:
             hold.hold(self.config.test_control, self.step, self.group.rank, self._trap)
@@ -489,6 +492,14 @@ class Session:
                 self._saver.skip(self.step)
         elif save_due:
             self._periodic_save()
+
+    def _went_on_after_interrupt(self) -> None:
+        """The script caught a Ctrl-C and trains on: say so once per Ctrl-C, and record it in the events log."""
+        self._interrupts_told = len(self._interrupts.received)
+        log.warning("SIGINT (Ctrl-C) interrupted training and the script caught it and went on, now at %s: the step "
+                    "it broke may be half done, so from here this run is not the uninterrupted one (checkpoints "
+                    "saved from now on hold that)", self._where())
+        self.events.append("interrupt", step=self.step, epoch=self.epoch)
 
     def _local_stop_request(self) -> int:
         """The strongest stop this process was asked for: a cancel (an exit signal) beats a requeue,
