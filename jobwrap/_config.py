@@ -53,6 +53,9 @@ class Config:
     adopt: bool = False
     # A user's own torch.save checkpoint the first launch starts from (jobwrap/_loop/adopt.py).
     init_from: str | None = None
+    # What init_from's "epoch" means: "done" (the epoch finished) or "next" (the next to run, pytorch/examples'
+    # ImageNet `epoch + 1`). Required where the file holds an epoch: jobwrap cannot tell them apart.
+    init_epoch: str | None = None
     requeue_signals: tuple[signal.Signals, ...] = dataclasses.field(
         default_factory=lambda: parse_signals(DEFAULT_REQUEUE_SIGNALS))
     exit_signals: tuple[signal.Signals, ...] = dataclasses.field(
@@ -124,6 +127,9 @@ class Config:
                               f"'continue' (log it and keep training; the signal's save still raises)")
         if self.run_id is not None:
             _check_run_id(self.run_id)
+        if self.init_epoch not in (None, "done", "next"):
+            raise ConfigError(f"init_epoch={self.init_epoch!r} (JOBWRAP_INIT_EPOCH): use 'done' where init_from's "
+                              f"epoch is the epoch finished, 'next' where it is the next epoch to run")
 
     def _check_save_every(self) -> None:
         if self.save_every is None:
@@ -152,6 +158,7 @@ _ENV_FIELDS: dict[str, tuple[str, Any]] = {
     "JOBWRAP_RUN_ID": ("run_id", str),
     "JOBWRAP_ADOPT": ("adopt", _flag),
     "JOBWRAP_INIT_FROM": ("init_from", str),
+    "JOBWRAP_INIT_EPOCH": ("init_epoch", str),
     "JOBWRAP_REQUEUE_SIGNALS": ("requeue_signals", parse_signals),
     "JOBWRAP_EXIT_SIGNALS": ("exit_signals", parse_signals),
     "JOBWRAP_KEEP": ("keep_last", int),

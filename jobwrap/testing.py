@@ -34,8 +34,9 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from jobwrap._config import DIR_OVERRIDE, ENV_VARS
 from jobwrap._loop.hold import done_name, got_name, held_pattern, held_rank
 from jobwrap._report.history import summarize
-from jobwrap._storage.events import read_events
-from jobwrap._storage.store import CheckpointStore
+from jobwrap._storage.events import EVENTS_FILE, read_events
+from jobwrap._storage.lock import HOLDER_FILE, LOCK_FILE
+from jobwrap._storage.store import RUN_FILE, CheckpointStore
 from jobwrap.errors import ConfigError
 
 __all__ = ["PreemptedRun", "run_preempted", "signal_when_held", "final_state", "assert_same_run",
@@ -51,14 +52,26 @@ class PreemptedRun:
     stderr: str
     directory: Path
     signalled_at: list[int]
+    asked: list[int] = dataclasses.field(default_factory=list)  # the steps preempt_at named
 
     @property
     def preemptions(self) -> int:
         return len(self.signalled_at)
 
     def check(self) -> "PreemptedRun":
+        """The run finished (exit 0) and was signalled at every step asked for.
+
+        A run that never reached a step (it finished earlier, or resumed past it)
+        was never preempted there: passing it would make a preemption test that cannot fail.
+        """
         if self.returncode != 0:
             raise AssertionError(f"run exited with {self.returncode}\n--- stderr tail ---\n{self.stderr[-3000:]}")
+        missed = [step for step in self.asked if step not in self.signalled_at]
+        if missed:
+            raise AssertionError(
+                f"asked to preempt at steps {self.asked} but signalled at {self.signalled_at}: the run never held at "
+                f"{missed} (it ended before them, or resumed past them from checkpoints already in {self.directory})"
+                f"\n--- stderr tail ---\n{self.stderr[-3000:]}")
         return self
 
 
@@ -66,8 +79,8 @@ def run_preempted(command: Sequence[str], directory: str | os.PathLike, *,
                   preempt_at: Iterable[int] = (), signal_: int | Sequence[int] = signal.SIGUSR1,
                   env: Mapping[str, str] | None = None, run_args: Sequence[str] = (),
                   ranks: int = 1, target_ranks: Sequence[int] | None = None,
-                  to_group: bool = False, supervised: bool = True,
-                  timeout: float = 300) -> PreemptedRun:
+                  to_group: bool = False, supervised: bool = True, fresh: bool = False,
+                  resume: bool = False, timeout: float = 300) -> PreemptedRun:
     """Run ``command`` under ``jobwrap run`` and send ``signal_`` when it reaches each step in ``preempt_at``.
 
     By default the signal goes to the supervisor, which forwards it to the
@@ -81,9 +94,15 @@ def run_preempted(command: Sequence[str], directory: str | os.PathLike, *,
     (``[SIGUSR1, SIGTERM]``: a warning, then a cancel): they are sent in order,
     and the hold ends once the targets have seen every one. On a timeout every
     Python process of the run dumps its stack into the error.
+
+    A directory that already holds a run is refused when ``preempt_at`` asks for
+    signals: the command would resume it (a finished run trains nothing), never
+    reach the steps, and the test could not fail. ``fresh=True`` deletes that run
+    first (a jobwrap directory only); ``resume=True`` continues it on purpose.
     """
     directory = Path(directory)
     pending = sorted(set(preempt_at))
+    _claim(directory, preempting=bool(pending), fresh=fresh, resume=resume)
     signals = [signal_] if isinstance(signal_, int) else list(signal_)
     control = Path(tempfile.mkdtemp(prefix="jobwrap-control-"))
     run_env = {**os.environ, **(env or {}), "JOBWRAP_DIR": str(directory),
@@ -122,7 +141,48 @@ def run_preempted(command: Sequence[str], directory: str | os.PathLike, *,
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
     return PreemptedRun(returncode=proc.returncode, stdout=out_path.read_text(), stderr=err_path.read_text(),
-                        directory=directory, signalled_at=signalled)
+                        directory=directory, signalled_at=signalled, asked=sorted(set(preempt_at)))
+
+
+def _claim(directory: Path, *, preempting: bool, fresh: bool, resume: bool) -> None:
+    """Refuse (or, with ``fresh``, empty) a directory whose run a preemption test would only resume."""
+    if fresh and resume:
+        raise ConfigError("run_preempted(fresh=True, resume=True): choose one, fresh deletes the run that resume "
+                          "would continue")
+    held = _held_run(directory)
+    if held is None or resume:
+        return
+    if fresh:
+        foreign = [p.name for p in directory.iterdir() if not _jobwrap_entry(p.name)]
+        if foreign:
+            raise ConfigError(f"run_preempted(fresh=True) will not delete {directory}: besides a jobwrap run it holds "
+                              f"{sorted(foreign)[:5]}; give a directory of its own")
+        shutil.rmtree(directory)
+        return
+    if preempting:
+        raise ConfigError(f"{directory} already holds a run ({held}): preempted there, the command would resume it "
+                          f"and might never reach the steps asked for. Pass fresh=True to delete it and start "
+                          f"clean, resume=True to continue it on purpose, or use a new directory")
+
+
+def _held_run(directory: Path) -> str | None:
+    """What run ``directory`` holds (its newest checkpoint, its end), or None where it holds none."""
+    if not directory.is_dir():
+        return None
+    events = read_events(str(directory))
+    committed = CheckpointStore(str(directory)).committed()
+    if not events and not committed:
+        return None
+    parts = [f"checkpoint at step {committed[0].step}" if committed else "no checkpoint"]
+    exits = [e for e in events if e.get("event") == "exit"]
+    if exits:
+        parts.append("finished" if exits[-1].get("reason") == "finished" else f"last exit {exits[-1].get('code')}")
+    return ", ".join(parts)
+
+
+def _jobwrap_entry(name: str) -> bool:
+    """A name jobwrap writes in a checkpoint directory (checkpoints, manifests, folders, events, lock, temporaries)."""
+    return name.startswith(("step-", ".tmp-")) or name in (EVENTS_FILE, RUN_FILE, LOCK_FILE, HOLDER_FILE)
 
 
 def signal_when_held(control: str | os.PathLike, step: int, send: Callable[[dict[int, int]], None], *,
@@ -310,7 +370,8 @@ def preempt_and_relaunch(command: Sequence[str], directory: Path, steps: Sequenc
     remaining = list(steps)
     for restart in range(len(steps) + 1):
         env = {DIR_OVERRIDE: str(directory), **({"JOBWRAP_RESTART_COUNT": str(restart)} if restart else {})}
-        run = run_preempted(command, directory, preempt_at=remaining, signal_=sig, timeout=timeout, env=env)
+        run = run_preempted(command, directory, preempt_at=remaining, signal_=sig, timeout=timeout, env=env,
+                            resume=bool(restart))
         runs.append(run)
         signalled += run.signalled_at
         remaining = [s for s in remaining if s not in run.signalled_at]
@@ -355,10 +416,15 @@ _SEEDABLE = {"python": "Python", "numpy": "NumPy"}
 
 
 def unseeded_streams(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """The Python/NumPy streams that alone make two final checkpoints differ ([] if anything else differs)."""
+    """The Python/NumPy streams that alone make two final checkpoints differ ([] if anything else differs).
+
+    Each rank holds every stream twice where a ``job.loader`` ran: its current
+    state, and the loader's copy from the epoch's start (to rebuild the epoch's
+    order). An unseeded stream differs in both; neither is a tensor difference.
+    """
     differ = []
     for name in _SEEDABLE:
-        streams = [[rank["rng"].pop(name, None) for rank in state["jobwrap"]["ranks"]] for state in (a, b)]
+        streams = [[_pop_stream(rank, name) for rank in state["jobwrap"]["ranks"]] for state in (a, b)]
         try:
             assert_same_state(*streams)
         except AssertionError:
@@ -370,6 +436,13 @@ def unseeded_streams(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     except AssertionError:
         return []
     return differ
+
+
+def _pop_stream(rank: dict[str, Any], name: str) -> list[Any]:
+    """Take the stream ``name`` out of a rank's entry: its current state, then the loader's epoch-start copy."""
+    epoch = rank.get("data", {}).get("epoch") if isinstance(rank.get("data"), dict) else None
+    copies = [rank.get("rng", {}), epoch.get("rng", {}) if isinstance(epoch, dict) else {}]
+    return [copy.pop(name, None) if isinstance(copy, dict) else None for copy in copies]
 
 
 def _final_step(plain: PreemptedRun, log: Path) -> int:

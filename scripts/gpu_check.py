@@ -54,10 +54,12 @@ def check_demo(out: Path, device: str) -> dict[str, Any]:
     command = [sys.executable, str(TRAIN), "--epochs", "2", "--deterministic"]
     env = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8", "JOBWRAP_DEVICE": device}
     preempt_at = [5, STEPS_PER_EPOCH + 7]
+    # fresh=True: a second gpu-check in the same --out must train both runs again, not resume the first's
+    # finished runs (never signalled, they would compare the first check's results with themselves).
     with concurrent.futures.ThreadPoolExecutor(2) as pool:  # two processes on one GPU: half the wall time
-        plain = pool.submit(run_preempted, command, out / "demo-plain", env=env, timeout=240)
+        plain = pool.submit(run_preempted, command, out / "demo-plain", env=env, fresh=True, timeout=240)
         cut = pool.submit(run_preempted, command, out / "demo-preempted", env=env, preempt_at=preempt_at,
-                          timeout=240)
+                          fresh=True, timeout=240)
         plain_run, cut_run = plain.result().check(), cut.result().check()
     result: dict[str, Any] = {"preempted_at": cut_run.signalled_at, "device": device}
     try:
@@ -78,6 +80,7 @@ def check_resume(out: Path, device: str) -> dict[str, Any]:
     """Saved from ``device`` memory; resumed with JOBWRAP_DEVICE on the device and on the CPU: same tensors."""
     model, optimizer = bench.build(8 << 20, device)
     directory = out / "resume-check"
+    shutil.rmtree(directory, ignore_errors=True)  # an earlier check's checkpoint would be resumed into `model`
     with jobwrap.Session(str(directory), environ={}, run_id="gpu-check", save_at_end=False, device=device) as job:
         job.track(model=model, optimizer=optimizer)
         path = job.save().path

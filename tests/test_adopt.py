@@ -117,7 +117,7 @@ def test_first_launch_starts_from_the_users_checkpoint(tmp_path):
     it in the events log; once jobwrap saved, its own checkpoint takes over."""
     saved, _ = _seed_checkpoint(tmp_path / "ckpt.pt")
     model = torch.nn.Linear(4, 2)
-    with jobwrap.Session(tmp_path / "run", init_from=str(tmp_path / "ckpt.pt")) as job:
+    with jobwrap.Session(tmp_path / "run", init_from=str(tmp_path / "ckpt.pt"), init_epoch="done") as job:
         job.track(model=model, optimizer=torch.optim.Adam(model.parameters()), best_loss=float("inf"))
         assert (job.epoch, job.step, job["best_loss"]) == (3, 0, 0.25)
         assert torch.equal(model.weight, saved.weight)
@@ -125,7 +125,7 @@ def test_first_launch_starts_from_the_users_checkpoint(tmp_path):
         job.save()
     [record] = [e for e in read_events(str(tmp_path / "run")) if e["event"] == "init_from"]
     assert record["path"] == str(tmp_path / "ckpt.pt") and record["epoch"] == 3
-    with jobwrap.Session(tmp_path / "run", init_from=str(tmp_path / "ckpt.pt")) as job:
+    with jobwrap.Session(tmp_path / "run", init_from=str(tmp_path / "ckpt.pt"), init_epoch="done") as job:
         job.track(model=model, optimizer=torch.optim.Adam(model.parameters()), best_loss=float("inf"))
         assert job["best_loss"] == 0.125 and job.resumed_from is not None
     assert sum(e["event"] == "init_from" for e in read_events(str(tmp_path / "run"))) == 1
@@ -135,7 +135,7 @@ def test_init_from_with_other_keys_is_refused(tmp_path):
     """A tracked name the user's checkpoint has no entry for: a ConfigError naming the file's keys and the fix."""
     _seed_checkpoint(tmp_path / "ckpt.pt")
     net = torch.nn.Linear(4, 2)
-    with jobwrap.Session(tmp_path / "run", init_from=str(tmp_path / "ckpt.pt")) as job:
+    with jobwrap.Session(tmp_path / "run", init_from=str(tmp_path / "ckpt.pt"), init_epoch="done") as job:
         with pytest.raises(jobwrap.ConfigError, match=r"no entry 'net'.*'model'.*JOBWRAP_INIT_FROM"):
             job.track(net=net)
     with pytest.raises(jobwrap.ConfigError, match="is not a file"):
@@ -159,3 +159,109 @@ def test_nanogpt_style_checkpoint_starts_the_first_launch_then_the_store_takes_o
     assert [(e["event"], e["step"]) for e in events if e["event"] in ("init_from", "start")] == [
         ("init_from", 4), ("start", 4), ("start", 6)]
     assert "entries ['config'] were not tracked and are ignored" in cut.stderr
+
+
+def _imagenet_checkpoint(path: Path, finished_epoch: int) -> torch.nn.Module:
+    """What pytorch/examples' ImageNet main.py saves after ``finished_epoch``: 'epoch': epoch + 1, the next to run."""
+    torch.manual_seed(2)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=30, gamma=0.1)
+    model(torch.randn(3, 4)).sum().backward()
+    optimizer.step()
+    scheduler.step()
+    torch.save({"epoch": finished_epoch + 1, "arch": "resnet18", "state_dict": model.state_dict(),
+                "best_acc1": torch.tensor(71.5), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict()}, path)
+    return model
+
+
+def _imagenet_objects() -> dict:
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return {"state_dict": model, "optimizer": optimizer,
+            "scheduler": torch.optim.lr_scheduler.StepLR(optimizer, step_size=30, gamma=0.1),
+            "best_acc1": torch.tensor(0.0)}
+
+
+def test_init_from_with_an_epoch_is_refused_until_its_convention_is_said(tmp_path):
+    """An ImageNet-style file (epoch + 1) without init_epoch: refused at start naming both readings, the ImageNet
+    convention and the setting; the directory is let go, so the same launch with init_epoch='next' starts."""
+    _imagenet_checkpoint(tmp_path / "checkpoint.pth.tar", finished_epoch=2)
+    with pytest.raises(jobwrap.ConfigError, match=r"holds epoch=3.*epoch finished \(training goes on with epoch 4\)"
+                                                  r".*next epoch to run.*ImageNet.*init_epoch='next'.*"
+                                                  r"JOBWRAP_INIT_EPOCH"):
+        jobwrap.Session(tmp_path / "run", init_from=str(tmp_path / "checkpoint.pth.tar")).start()
+    env = {"JOBWRAP_INIT_FROM": str(tmp_path / "checkpoint.pth.tar"), "JOBWRAP_INIT_EPOCH": "next"}
+    with jobwrap.Session(tmp_path / "run", environ=env) as job:
+        assert job.epoch == 3
+    with pytest.raises(jobwrap.ConfigError, match=r"init_epoch='last'.*'done'.*'next'"):
+        jobwrap.Session(tmp_path / "other", init_epoch="last")
+
+
+def test_imagenet_style_checkpoint_goes_on_with_the_epoch_it_names_as_next(tmp_path, caplog):
+    """init_epoch='next' on ImageNet's dict (finished epoch 2, saved 'epoch': 3): epochs 3 and 4 run, none is
+    skipped; the state dicts and best_acc1 come back; the log line and the event say which convention was used."""
+    saved = _imagenet_checkpoint(tmp_path / "checkpoint.pth.tar", finished_epoch=2)
+    objects = _imagenet_objects()
+    caplog.set_level("INFO", logger="jobwrap")
+    with jobwrap.Session(tmp_path / "run", init_from=str(tmp_path / "checkpoint.pth.tar"), init_epoch="next") as job:
+        job.track(**objects)
+        ran = list(job.epochs(5))
+        assert torch.equal(objects["state_dict"].weight, saved.weight) and job["best_acc1"].item() == 71.5
+    assert ran == [3, 4]
+    assert objects["scheduler"].last_epoch == 1
+    assert "at step 0, epoch 3 (epoch 3 is the next epoch to run (init_epoch='next'))" in caplog.text
+    assert "entries ['arch'] were not tracked" in caplog.text
+    [record] = [e for e in read_events(str(tmp_path / "run")) if e["event"] == "init_from"]
+    assert (record["epoch"], record["epoch_is"]) == (3, "next")
+
+
+def test_nanogpt_style_checkpoint_needs_no_epoch_convention(tmp_path, caplog):
+    """nanoGPT's dict (iter_num, model, optimizer, model_args, best_val_loss, config) has no epoch: it starts at
+    step iter_num without init_epoch, and the log line says iter_num was read as the steps done."""
+    torch.manual_seed(4)
+    model = torch.nn.Linear(8, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4)
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "model_args": {"n_layer": 12, "n_embd": 768}, "iter_num": 2000, "best_val_loss": 2.85,
+                "config": {"learning_rate": 6e-4}}, tmp_path / "ckpt.pt")
+    caplog.set_level("INFO", logger="jobwrap")
+    fresh = torch.nn.Linear(8, 1)
+    with jobwrap.Session(tmp_path / "run", init_from=str(tmp_path / "ckpt.pt"), save_at_end=False) as job:
+        job.track(model=fresh, optimizer=torch.optim.AdamW(fresh.parameters(), lr=6e-4), best_val_loss=1e9)
+        assert (job.step, job.epoch, job["best_val_loss"]) == (2000, 0, 2.85)
+        assert torch.equal(fresh.weight, model.weight)
+    assert "from " + str(tmp_path / "ckpt.pt") + " at step 2000 (iter_num 2000 is the steps done)" in caplog.text
+
+
+def test_the_scripts_own_start_epoch_begins_a_fresh_directory_and_jobwraps_checkpoint_wins_after(tmp_path, caplog):
+    """job.epochs(n, start=args.start_epoch): in a directory without a jobwrap checkpoint the script's own resume
+    stands (epochs 1..); once jobwrap saved, its checkpoint wins and a warning names both epochs."""
+    caplog.set_level("INFO", logger="jobwrap")
+    with jobwrap.Session(tmp_path / "run") as job:
+        job.track(model=torch.nn.Linear(2, 2))
+        assert list(job.epochs(2, start=1)) == [1]
+    assert "beginning at epoch 1, the script's own" in caplog.text
+    with jobwrap.Session(tmp_path / "run") as job:
+        job.track(model=torch.nn.Linear(2, 2))
+        assert list(job.epochs(4, start=1)) == [2, 3]
+    assert "job.epochs(start=1), the script's own resume, is not where jobwrap goes on: step-" in caplog.text
+    assert "training goes on with epoch 2" in caplog.text
+    with jobwrap.Session(tmp_path / "other") as job, pytest.raises(jobwrap.ConfigError, match="start=-1"):
+        list(job.epochs(2, start=-1))
+
+
+def test_a_resume_flag_with_no_start_epoch_is_named(tmp_path):
+    """A script launched with --resume FILE whose job.epochs() gets no start= in an empty directory: a warning
+    names the flag, that training begins at epoch 0, and both ways out (issue 22's silent 48 steps instead of 16)."""
+    (tmp_path / "own_resume.py").write_text(
+        "import argparse\nimport jobwrap\nparser = argparse.ArgumentParser()\n"
+        "parser.add_argument('--resume', default='')\nparser.parse_args()\n"
+        "with jobwrap.Session() as job:\n    for epoch in job.epochs(1):\n        pass\n")
+    out = subprocess.run([sys.executable, "own_resume.py", "--resume", "checkpoint.pth.tar"], cwd=tmp_path,
+                         env={**_env(), "JOBWRAP_DIR": str(tmp_path / "run"), "JOBWRAP_NO_SLURM": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "asks for --resume checkpoint.pth.tar, but job.epochs() was given no start=" in out.stderr
+    assert "start=args.start_epoch" in out.stderr and "init_from=checkpoint.pth.tar" in out.stderr

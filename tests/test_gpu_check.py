@@ -54,3 +54,12 @@ def test_without_cuda_it_says_how_to_check_it_here():
     """On a machine without CUDA (and without --cpu-dry-run) it refuses and names --cpu-dry-run."""
     result = _gpu_check("--out", "unused")
     assert result.returncode == 2 and "--cpu-dry-run" in result.stdout
+
+
+def test_demo_run_twice_in_one_out_directory_is_preempted_both_times(tmp_path):
+    """The demo check twice into the same --out: the second is signalled at every step again and passes (it used to
+    resume the first check's finished runs, was never preempted and compared old results)."""
+    first = gpu_check.check_demo(tmp_path, "cpu")
+    second = gpu_check.check_demo(tmp_path, "cpu")
+    assert first["ok"] and first["preempted_at"] == [5, gpu_check.STEPS_PER_EPOCH + 7]
+    assert second["ok"] and second["preempted_at"] == first["preempted_at"], second

@@ -13,6 +13,7 @@ import pytest
 
 from jobwrap._storage.events import read_events
 from jobwrap._storage.store import CheckpointStore
+from jobwrap.errors import ConfigError
 from jobwrap.testing import assert_same_run, final_state, run_preempted
 
 STEPS_PER_EPOCH = 8  # --samples 256 / batch 32
@@ -173,3 +174,38 @@ def test_ls_lists_what_a_run_wrote(tmp_path):
     lines = out.splitlines()
     assert lines[1].startswith("->") and "step-000000000008.pt" in lines[1] and "verified" in lines[1]
     assert "step-000000000003.pt" in out
+
+
+def test_preempting_a_directory_that_holds_a_run_is_refused_or_started_fresh(tmp_path):
+    """preempt_at on a finished run's directory: refused at start; resume=True is never signalled and check()
+    fails; fresh=True deletes the run and is signalled at every step."""
+    cmd = _cmd("adam", 1, tmp_path / "loss")
+    run_preempted(cmd, tmp_path / "cut").check()
+    with pytest.raises(ConfigError, match=r"already holds a run \(checkpoint at step 8, finished\).*fresh=True"
+                                          r".*resume=True"):
+        run_preempted(cmd, tmp_path / "cut", preempt_at=[3, 6])
+    resumed = run_preempted(cmd, tmp_path / "cut", preempt_at=[3, 6], resume=True)
+    assert resumed.returncode == 0 and resumed.signalled_at == []
+    with pytest.raises(AssertionError, match=r"signalled at \[\]: the run never held at \[3, 6\]"):
+        resumed.check()
+    fresh = run_preempted(cmd, tmp_path / "cut", preempt_at=[3, 6], fresh=True).check()
+    assert fresh.signalled_at == [3, 6]
+    assert [e["event"] for e in read_events(str(tmp_path / "cut"))].count("start") == 3
+
+
+def test_check_fails_when_a_step_was_never_reached(tmp_path):
+    """A step beyond the run's end is never signalled: check() fails naming it, though the run exited 0."""
+    run = run_preempted(_cmd("adam", 1, tmp_path / "loss"), tmp_path / "ck", preempt_at=[2, 500])
+    assert run.returncode == 0 and run.signalled_at == [2]
+    with pytest.raises(AssertionError, match=r"never held at \[500\]"):
+        run.check()
+
+
+def test_fresh_never_deletes_a_directory_with_other_files(tmp_path):
+    """fresh=True on a directory holding a jobwrap run and a file of the user's: refused, nothing deleted."""
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "events.jsonl").write_text('{"event": "start", "step": 0}\n')
+    (tmp_path / "ck" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"will not delete .*notes\.txt"):
+        run_preempted(["true"], tmp_path / "ck", fresh=True)
+    assert (tmp_path / "ck" / "notes.txt").read_text() == "mine"

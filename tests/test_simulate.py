@@ -11,7 +11,7 @@ import pytest
 
 from jobwrap.commands.simulate import parse_steps
 from jobwrap.errors import ConfigError
-from jobwrap.testing import assert_same_run, random_steps
+from jobwrap.testing import assert_same_run, final_state, random_steps
 
 TRAIN = Path(__file__).resolve().parent.parent / "examples" / "train.py"
 # A script whose resume is wrong on purpose: the optimizer is not tracked, so Adam's moments restart.
@@ -31,6 +31,27 @@ with jobwrap.Session() as job:
         optimizer.step()
         job.step_done()
     job.save()
+'''
+
+# A good resume through job.loader whose Python and NumPy streams are never seeded (numpy is imported, not drawn
+# from): each run starts them from the OS's entropy, so two plain runs differ there too, and only there.
+UNSEEDED_LOADER = '''\
+import numpy
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+import jobwrap
+
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 1)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+data = DataLoader(TensorDataset(torch.randn(64, 4), torch.randn(64, 1)), batch_size=8, shuffle=True)
+with jobwrap.Session() as job:
+    job.track(model=model, optimizer=optimizer)
+    for epoch in job.epochs(2):
+        for x, y in job.loader(data):
+            optimizer.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            optimizer.step()
 '''
 
 
@@ -106,3 +127,16 @@ def test_jobwrap_preempt_fixture(jobwrap_preempt, tmp_path):
     cut = jobwrap_preempt(cmd, "cut", preempt_at=[5]).check()
     assert cut.signalled_at == [5] and cut.directory == tmp_path / "cut"
     assert_same_run(plain.directory, cut.directory)
+
+
+def test_unseeded_streams_are_named_even_in_the_loaders_epoch_start_copy(tmp_path):
+    """job.loader keeps an epoch-start copy of the streams: an unseeded NumPy/Python stream is still diagnosed as
+    never seeded (FAIL, but no tensor difference claimed), in both places of the checkpoint."""
+    (tmp_path / "unseeded.py").write_text(UNSEEDED_LOADER)
+    out = _simulate(tmp_path, "--dir", "sim", "--at", "3,10", "--", sys.executable, "unseeded.py")
+    assert out.returncode == 1, out.stdout + out.stderr
+    line = next(l for l in out.stdout.splitlines() if l.startswith("same final checkpoint"))
+    assert "only the Python and NumPy random stream(s) differ" in line and "never seeded" in line, line
+    assert "tensors differ" not in out.stdout and "max abs diff" not in out.stdout
+    plain = final_state(tmp_path / "sim" / "plain")
+    assert "numpy" in plain["jobwrap"]["ranks"][0]["data"]["epoch"]["rng"]  # the copy this test is about

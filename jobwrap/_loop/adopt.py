@@ -2,14 +2,22 @@
 
 The first launch in an empty directory loads the file (``weights_only=True``):
 each tracked name takes the entry of the same key, ``step`` (or nanoGPT's
-``iter_num``) and ``epoch`` say where training goes on. From its first save on,
-jobwrap's own checkpoints take over and the file is not read again.
+``iter_num``: steps done) and ``epoch`` say where training goes on. From its
+first save on, jobwrap's own checkpoints take over and the file is not read again.
+
+An ``epoch`` has two conventions in the wild, a step apart: the epoch finished
+(``'epoch': epoch``) and the next one to run (pytorch/examples' ImageNet script:
+``'epoch': epoch + 1``). The file cannot say which, so ``init_epoch`` must; read
+the wrong way, an epoch is skipped or trained twice without a word.
+
+A script may also resume on its own (``--resume``, ``start_epoch``) into a
+directory jobwrap has not saved in yet: :func:`start_epoch` settles whose epoch wins.
 """
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -19,6 +27,9 @@ from jobwrap.errors import ConfigError
 log = logging.getLogger("jobwrap")
 
 STEP_KEYS = ("step", "iter_num")
+#: The keys of pytorch/examples' ImageNet checkpoint, which saves ``'epoch': epoch + 1`` (named in the refusal).
+IMAGENET_KEYS = frozenset({"epoch", "arch", "state_dict", "best_acc1", "optimizer"})
+EPOCH_MEANINGS = {"done": "the epoch finished", "next": "the next epoch to run"}
 
 
 class Adopted:
@@ -31,12 +42,18 @@ class Adopted:
     read_seconds = 0.0
     position = 0
 
-    def __init__(self, path: str, loaded: dict[str, Any]) -> None:
+    def __init__(self, path: str, loaded: dict[str, Any], epoch_is: str | None = None) -> None:
         self.path = path
         self.payload = loaded
-        self.step = int(next((loaded[k] for k in STEP_KEYS if k in loaded), 0))
-        # The seed convention: the epoch saved at its end; training goes on with the next one.
-        self.epoch = int(loaded["epoch"]) + 1 if "epoch" in loaded else 0
+        step_key = next((k for k in STEP_KEYS if k in loaded), None)
+        self.step = _whole(loaded[step_key], path, step_key) if step_key else 0
+        self.epoch_is = epoch_is if "epoch" in loaded else None
+        self.epoch = _epoch(path, loaded, epoch_is) if "epoch" in loaded else 0
+        said = [f"{step_key} {self.step} is the steps done"] if step_key else []
+        if self.epoch_is:
+            said.append(f"epoch {loaded['epoch']} is {EPOCH_MEANINGS[self.epoch_is]} (init_epoch={self.epoch_is!r})")
+        #: How the file's numbers were read, for the start's log line.
+        self.convention = "; ".join(said)
 
     def restore(self, name: str, obj: Any) -> bool:
         if name not in self.payload:
@@ -62,7 +79,74 @@ class Adopted:
         return [k for k, v in self.payload.items() if isinstance(v, dict)]
 
 
-def load(path: str, device: torch.device) -> Adopted:
+def _whole(value: Any, path: str, key: str) -> int:
+    """An entry that counts (step, epoch) as an int; a tensor of one number is accepted."""
+    try:
+        number = value.item() if isinstance(value, torch.Tensor) else value
+        if isinstance(number, bool) or int(number) != number or number < 0:
+            raise ValueError
+        return int(number)
+    except (ValueError, TypeError, RuntimeError):
+        raise ConfigError(f"init_from {path}: its {key!r} is {value!r}, not a count; save a whole number "
+                          f"there, or unset init_from") from None
+
+
+def _epoch(path: str, loaded: dict[str, Any], epoch_is: str | None) -> int:
+    """The epoch training goes on with, as ``init_epoch`` says the file's ``epoch`` means; refused unsaid."""
+    saved = _whole(loaded["epoch"], path, "epoch")
+    if epoch_is is None:
+        looks = (" Its keys are those of pytorch/examples' ImageNet script, which saves 'epoch': epoch + 1 "
+                 "(init_epoch='next')." if IMAGENET_KEYS <= set(map(str, loaded)) else "")
+        raise ConfigError(
+            f"init_from {path} holds epoch={saved}, and jobwrap cannot tell whether it is the epoch finished "
+            f"(training goes on with epoch {saved + 1}) or the next epoch to run (training goes on with epoch "
+            f"{saved}).{looks} Say which: init_epoch='done' or init_epoch='next' (JOBWRAP_INIT_EPOCH)")
+    return saved + 1 if epoch_is == "done" else saved
+
+
+def start_epoch(start: int | None, *, epoch: int, source: str | None, argv: Sequence[str]) -> int:
+    """The epoch ``job.epochs(total, start=...)`` begins at; says which won where two disagree.
+
+    ``source`` is what jobwrap's own ``epoch`` came from (its checkpoint, the
+    init_from file), None in a directory it has not saved in yet. jobwrap's
+    wins: ``track()`` has put its state back over whatever the script loaded
+    itself. Without a source the script's ``start`` (its own resume) stands.
+    Without either, a ``--resume`` on the command line is named: the script
+    may have loaded a checkpoint that jobwrap's epoch 0 would train again.
+    """
+    if start is not None and (isinstance(start, bool) or not isinstance(start, int) or start < 0):
+        raise ConfigError(f"job.epochs(start={start!r}): give the first epoch to run, a whole number from 0, "
+                          f"or None")
+    if source is not None:
+        if start is not None and start != epoch:
+            log.warning("job.epochs(start=%d), the script's own resume, is not where jobwrap goes on: %s wins, "
+                        "training goes on with epoch %d (job.track() put its state back over what the script "
+                        "loaded)", start, source, epoch)
+        return epoch
+    if start is not None:
+        if start != epoch:
+            log.info("no jobwrap checkpoint yet: beginning at epoch %d, the script's own (job.epochs(start=))", start)
+        return start
+    flag = resume_flag(argv)
+    if flag is not None and epoch == 0:
+        log.warning("the command line asks for --resume %s, but job.epochs() was given no start= and jobwrap has "
+                    "no checkpoint here yet: training begins at epoch 0. Pass job.epochs(total, "
+                    "start=args.start_epoch) where the script resumed itself, or let jobwrap load the file: "
+                    "init_from=%s with init_epoch", flag, flag)
+    return epoch
+
+
+def resume_flag(argv: Sequence[str]) -> str | None:
+    """The value of a ``--resume PATH`` (or ``--resume=PATH``) on the command line, if one is given (pure)."""
+    for i, arg in enumerate(argv):
+        if arg == "--resume" and i + 1 < len(argv) and argv[i + 1] and not argv[i + 1].startswith("-"):
+            return argv[i + 1]
+        if arg.startswith("--resume=") and arg.removeprefix("--resume="):
+            return arg.removeprefix("--resume=")
+    return None
+
+
+def load(path: str, device: torch.device, epoch_is: str | None = None) -> Adopted:
     """The user's checkpoint at ``path``, or a ConfigError saying what is wrong with it."""
     if not os.path.isfile(path):
         raise ConfigError(f"init_from {path!r} (JOBWRAP_INIT_FROM or init_from=) is not a file; give the path of "
@@ -75,4 +159,4 @@ def load(path: str, device: torch.device) -> Adopted:
     if not isinstance(loaded, dict):
         raise ConfigError(f"init_from {path!r} holds a {type(loaded).__name__}, not a dict of named entries; "
                           f"save it as torch.save({{'model': model.state_dict(), ...}}, path)")
-    return Adopted(path, loaded)
+    return Adopted(path, loaded, epoch_is)

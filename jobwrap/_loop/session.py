@@ -20,6 +20,7 @@ import functools
 import logging
 import os
 import signal
+import sys
 import time
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
@@ -48,8 +49,18 @@ from jobwrap._loop.resume import Resumed
 from jobwrap._loop.workers import guard_dataloader_workers
 from jobwrap._scheduler.env import JobEnv, read_env
 from jobwrap._scheduler.schedulers import Scheduler, scheduler_for
-from jobwrap._scheduler.signals import SignalTrap
-from jobwrap._scheduler.stopping import EXIT, REQUEUE, Limits, Preempted, Stop, carry_out, decide_stop
+from jobwrap._scheduler.signals import InterruptWatch, SignalTrap
+from jobwrap._scheduler.stopping import (
+    EXIT,
+    REQUEUE,
+    Limits,
+    Preempted,
+    Stop,
+    after_interrupt,
+    carry_out,
+    decide_stop,
+    interrupted_exit,
+)
 from jobwrap._storage import deadline, progress, sharded, striped
 from jobwrap._storage.devices import resume_device
 from jobwrap._storage.events import EventLog
@@ -118,6 +129,7 @@ class Session:
         self._loader: ResumableLoader | None = None
         self._trap = SignalTrap(self.config.requeue_signals + self.config.exit_signals,
                                 registry=self.job.trainers_dir, clock=clock)
+        self._interrupts = InterruptWatch(clock)  # a Ctrl-C the script catches must not end as "finished"
         self._resume: Resumed | None = None  # the loaded checkpoint, until the first boundary frees it
         self._resume_data: dict[str, Any] | None = None  # the loader's position state, until a loader takes it
         self._resumed_step = -1
@@ -141,6 +153,8 @@ class Session:
         self._rng_restored: Any = None  # the streams as track() put them back, until the first boundary
         self._epochs_used = False  # log lines name the epoch only in loops that have them
         self._preempted: Preempted | None = None
+        self._adopted_path: str | None = None  # the init_from file this run started from
+        self._interrupts_told = 0  # the Ctrl-Cs already warned of at a boundary
         # The relaunch's timeline (jobwrap status): jobwrap's own start-up, and the first batch and step.
         self._init_seconds = clock() - began
         self._first_step_pending = False
@@ -156,6 +170,8 @@ class Session:
         _ensure_log_handler()
         # Trap first, so a signal that arrives while resuming is honoured right after.
         self._trap.install()
+        if signal.SIGINT not in self._trap.signals:
+            self._interrupts.install()
         self._lifeline = Lifeline(self.job.supervisor, self.clock)
         self._unguard_workers = guard_dataloader_workers(self._trap.signals)
         try:
@@ -164,18 +180,22 @@ class Session:
             found = self._directory.open(self.group, self.device)
             self.run_id, self.events = self._directory.run_id, self._directory.events
             load_seconds = round(self.clock() - opened, 4)
+            if found is None:  # an init_from refused lets go of the directory like a failed open
+                self._start_fresh(session_started)
         except BaseException:
             self._trap.restore()
+            self._interrupts.restore()
             self._directory.release()
             self._unguard_workers()
             self._started = False
             raise
         if not self._scoped:
             at_exit.close_at_exit(self)
-        if found is None:
-            self._start_fresh(session_started)
-        else:
+        if found is not None:
             self._start_resumed(*found, load_seconds=load_seconds, session_started=session_started)
+        interrupted = after_interrupt(self.events.read(), self.step) if self.group.rank == 0 else None
+        if interrupted:
+            log.warning("%s", interrupted)
         self._auto = self._auto_interval()
         return self
 
@@ -202,17 +222,20 @@ class Session:
 
     def _start_fresh(self, session_started: float) -> None:
         """No checkpoint yet: start at step 0, or from the user's own checkpoint (``init_from``)."""
-        adopted = adopt.load(self.config.init_from, self.device) if self.config.init_from else None
+        adopted = adopt.load(self.config.init_from, self.device, self.config.init_epoch) \
+            if self.config.init_from else None
         if adopted is not None:
             self._resume = adopted
+            self._adopted_path = adopted.path
             self.epoch, self.step = adopted.epoch, adopted.step
             self._resumed_step = self.step
             self._epochs_used = "epoch" in adopted.payload
             self.events.append("init_from", path=os.path.abspath(adopted.path), step=self.step, epoch=self.epoch,
-                               keys=sorted(map(str, adopted.payload)))
+                               epoch_is=adopted.epoch_is, keys=sorted(map(str, adopted.payload)))
         if self.group.rank == 0:
             log.info("no checkpoint in %s: starting run %s %s", self.config.directory, self.run_id,
-                     f"from {adopted.path} at {self._where()}" if adopted else "fresh")
+                     f"from {adopted.path} at {self._where()}"
+                     + (f" ({adopted.convention})" if adopted.convention else "") if adopted else "fresh")
         self.events.append("start", step=self.step, resumed_from=None, world_size=self.group.world_size,
                            scheduler=self.job.scheduler, **self._startup_fields(session_started))
 
@@ -244,6 +267,7 @@ class Session:
         failure = self._close_saver(exc)
         exc = exc or failure
         self._trap.restore()
+        self._interrupts.restore()
         self._unguard_workers()
         # Every rank leaves together after a finished run or a Preempted; after an error some may not come.
         self.group.close(clean=_clean(exc))
@@ -251,6 +275,11 @@ class Session:
         at_exit.forget(self)
         if isinstance(exc, Preempted):
             self.events.append("exit", code=exc.code, reason=exc.reason, step=self.step)
+        elif isinstance(exc, KeyboardInterrupt) or (exc is None and self._interrupts.received):
+            newest = self.last_checkpoint.step if self.last_checkpoint is not None else None
+            code, reason = interrupted_exit(step=self.step, newest=newest, caught=exc is None)
+            log.warning("%s", reason)
+            self.events.append("exit", code=code, reason=reason, step=self.step)
         elif exc is not None:
             self.events.append("exit", code=1, reason=f"{type(exc).__name__}: {exc}", step=self.step)
         else:
@@ -372,10 +401,16 @@ class Session:
         if self.config.save_at_end:
             self.save(reason="end of training")
 
-    def epochs(self, total: int) -> Iterator[int]:
-        """Epoch numbers from the resumed one to ``total - 1``; commits a final checkpoint at the end."""
+    def epochs(self, total: int, start: int | None = None) -> Iterator[int]:
+        """Epoch numbers from the resumed one to ``total - 1``; commits a final checkpoint at the end.
+
+        ``start``: the epoch the script's own resume reached (``args.start_epoch``), where the
+        directory holds no jobwrap checkpoint yet; jobwrap's checkpoint (or init_from) wins once there is one.
+        """
         self.start()
         self._epochs_used = True
+        source = os.path.basename(self.resumed_from.path) if self.resumed_from is not None else self._adopted_path
+        self.epoch = adopt.start_epoch(start, epoch=self.epoch, source=source, argv=sys.argv)
         if self.resumed_from is not None and self.epoch >= total:
             steps.say_finished(self.step, f"{total} epochs")
         while self.epoch < total:
@@ -426,6 +461,8 @@ class Session:
     def _boundary(self) -> None:
         if self._resume is not None:
             self._finish_resume()
+        if len(self._interrupts.received) > self._interrupts_told:
+            self._went_on_after_interrupt()
         self._orphaned = self._orphaned or self._lifeline.cut()  # then it stops as on a cancel
         if self.config.test_hold_at and self.step in self.config.test_hold_at:
             hold.hold(self.config.test_control, self.step, self.group.rank, self._trap)
@@ -455,6 +492,14 @@ class Session:
                 self._saver.skip(self.step)
         elif save_due:
             self._periodic_save()
+
+    def _went_on_after_interrupt(self) -> None:
+        """The script caught a Ctrl-C and trains on: say so once per Ctrl-C, and record it in the events log."""
+        self._interrupts_told = len(self._interrupts.received)
+        log.warning("SIGINT (Ctrl-C) interrupted training and the script caught it and went on, now at %s: the step "
+                    "it broke may be half done, so from here this run is not the uninterrupted one (checkpoints "
+                    "saved from now on hold that)", self._where())
+        self.events.append("interrupt", step=self.step, epoch=self.epoch)
 
     def _local_stop_request(self) -> int:
         """The strongest stop this process was asked for: a cancel (an exit signal) beats a requeue,

@@ -96,3 +96,38 @@ class SignalTrap:
 
     def __exit__(self, *exc: object) -> None:
         self.restore()
+
+
+class InterruptWatch:
+    """Notes each Ctrl-C (SIGINT) and lets Python raise its KeyboardInterrupt, as it always does.
+
+    A script may catch the KeyboardInterrupt and end normally (pytorch/examples' word
+    language model: ``except KeyboardInterrupt: print('Exiting from training early')``).
+    Nothing then tells the session that training stopped short, and it would record the
+    run as finished past its newest checkpoint. The previous handler (Python's, or the
+    script's) still runs, unchanged: the script sees what it always saw. Not installed
+    where SIGINT is ignored or kills (no Python handler to chain to), nor where SIGINT
+    is a configured stop signal (the :class:`SignalTrap` has it).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self.received: list[float] = []
+        self._previous: Callable[[int, FrameType | None], object] | None = None
+
+    def install(self) -> "InterruptWatch":
+        previous = signal.getsignal(signal.SIGINT)
+        if callable(previous) and threading.current_thread() is threading.main_thread():
+            self._previous = previous
+            signal.signal(signal.SIGINT, self._note)
+        return self
+
+    def restore(self) -> None:
+        if self._previous is not None and signal.getsignal(signal.SIGINT) == self._note:
+            signal.signal(signal.SIGINT, self._previous)  # a handler the script set since stays
+        self._previous = None
+
+    def _note(self, signum: int, frame: FrameType | None) -> None:
+        self.received.append(self._clock())  # a list append only, as in SignalTrap._record
+        if self._previous is not None:
+            self._previous(signum, frame)

@@ -156,3 +156,37 @@ def carry_out(decision: Decision, stop: Stop, *, scheduler: Any, events: Any, st
     code = scheduler.requeue()
     events.append("requeue", step=step, progress=stop.progressed, exit_code=code, scheduler=scheduler.name)
     return code, True, f"{decision.reason} ({scheduler.name})"
+
+
+#: The start of an interrupted launch's exit reason (a Ctrl-C, caught by the script or not).
+INTERRUPTED = "interrupted"
+
+
+def interrupted_exit(*, step: int, newest: int | None, caught: bool) -> tuple[int, str]:
+    """(exit code, reason) of a launch a SIGINT (Ctrl-C) ended: never "finished", and where the next resumes.
+
+    No checkpoint is written for it: the KeyboardInterrupt may have broken a step
+    in the middle, and committing that state would make the resumed run diverge.
+    """
+    how = "caught by the script, which then ended normally" if caught else "not caught"
+    if newest is None:
+        after = "no checkpoint was committed: the next launch starts from step 0"
+    elif newest < step:
+        after = (f"the newest checkpoint is step {newest}: the next launch resumes there and trains steps "
+                 f"{newest + 1}-{step} again")
+    else:
+        after = f"the newest checkpoint is step {newest}: the next launch resumes there"
+    return 128 + signal.SIGINT, f"{INTERRUPTED}: SIGINT (Ctrl-C) at step {step}, {how}; {after}"
+
+
+def after_interrupt(events: Sequence[dict[str, Any]], step: int) -> str | None:
+    """What a launch that goes on from ``step`` says when the launch before it was interrupted, else None (pure)."""
+    exits = [e for e in events if e.get("event") == "exit" and e.get("rank", 0) == 0]
+    if not exits or not str(exits[-1].get("reason", "")).startswith(INTERRUPTED):
+        return None
+    stopped = exits[-1].get("step")
+    said = f"the previous launch did not finish: SIGINT (Ctrl-C) interrupted it at step {stopped}"
+    if not isinstance(stopped, int) or step >= stopped:
+        return f"{said}; going on from step {step}"
+    start = f"resuming from its newest checkpoint, step {step}" if step else "starting from step 0 (no checkpoint)"
+    return f"{said}; {start}, so steps {step + 1}-{stopped} are trained again"
