@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import logging
 import os
 from typing import Any, Callable, Mapping, Sequence
 
@@ -31,6 +32,8 @@ from jobwrap._storage import sharded
 from jobwrap._storage.faults import crash_point
 from jobwrap._storage.store import Checkpoint, CheckpointStore, folder_name
 from jobwrap.errors import CorruptCheckpointError, StateMismatchError
+
+log = logging.getLogger("jobwrap")
 
 Place = list  # keys from a state dict's top (the tracked name) down to a tensor: str or int each
 
@@ -82,6 +85,39 @@ def _storage(tensor: torch.Tensor) -> tuple[str, int]:
     return str(tensor.device), tensor.untyped_storage().data_ptr()
 
 
+def unproven(digests: Sequence[Sequence[int | None]]) -> list[int]:
+    """Indices of the tensors whose digest is not one known value on every rank (rank 0's list first). Pure.
+
+    Every list must cover the same tensors (the ranks' layouts are equal); a
+    None digest (a tensor that could not be hashed) is never proven equal.
+    """
+    first = digests[0]
+    return [i for i, value in enumerate(first) if value is None or any(d[i] != value for d in digests[1:])]
+
+
+_DIGEST_CHUNK = 64 << 20  # bytes per piece copied to the host from an accelerator
+
+
+def digest(tensor: torch.Tensor) -> int | None:
+    """xxh3-64 of a tensor's bytes, equal on two ranks whose values are equal bit for bit (None: not hashable).
+
+    A CPU tensor is hashed where it lies (no copy when contiguous); one on an
+    accelerator goes through host memory in 64 MiB pieces.
+    """
+    hasher = xxhash.xxh3_64()
+    try:
+        flat = tensor.detach().reshape(-1).view(torch.uint8)
+        for start in range(0, flat.numel(), _DIGEST_CHUNK):
+            hasher.update(flat[start:start + _DIGEST_CHUNK].cpu().numpy())
+    except (RuntimeError, TypeError, NotImplementedError):  # no plain bytes (a meta tensor): rank 0 keeps it
+        return None
+    return hasher.intdigest()
+
+
+def _name(path: Place) -> str:
+    return ".".join(str(key) for key in path)
+
+
 def layout(tensors: Sequence[tuple[Place, torch.Tensor]]) -> str:
     """What the plan depends on (every path, dtype, shape): equal on ranks whose replicated state has one layout."""
     text = repr([(path, str(t.dtype), tuple(t.shape)) for path, t in tensors])
@@ -117,6 +153,8 @@ def commit(store: CheckpointStore, group: Any, *, step: int, states: Callable[[]
     the caller saves one file instead. ``write_file(skeleton, record, serial)``:
     rank 0's .pt (the states without the striped tensors) and manifest. A
     ``state_dict()`` that fails on any rank fails the save on every rank.
+    Tensors whose values differ between ranks are not striped: rank 0's .pt
+    holds rank 0's values, as in a one-file save.
     """
     try:
         taken, problem = states(), None
@@ -124,34 +162,48 @@ def commit(store: CheckpointStore, group: Any, *, step: int, states: Callable[[]
         taken, problem = {}, exc
     tensors = stripable(taken)
     mine = layout(tensors)
+    wanted_here = problem is None and sum(t.nbytes for _, t in tensors) >= min_bytes
+    # Hashed only where a striped save is likely (a rank with another layout is refused in write_part).
+    digests = group.gather((mine, [digest(t) for _, t in tensors] if wanted_here else None))
 
-    def decide() -> str | None:
+    def decide() -> tuple[str, list[int]] | None:
         if problem is not None:
             raise problem
-        return mine if sum(t.nbytes for _, t in tensors) >= min_bytes else None
+        if not wanted_here:
+            return None
+        comparable = [d for lay, d in digests if lay == mine and d is not None]
+        kept = unproven(comparable) if len(comparable) == len(digests) else []
+        if kept:
+            names = ", ".join(_name(tensors[i][0]) for i in kept[:3]) + (", ..." if len(kept) > 3 else "")
+            log.info("%d of %d tensors differ between the ranks (%s): rank 0's values are saved, as one file "
+                     "would hold them", len(kept), len(tensors), names)
+        return mine, kept
 
     wanted = on_rank0(decide)
     if wanted is None:
         return None
-    owners = plan([t.nbytes for _, t in tensors], group.world_size)
+    layout_wanted, kept = wanted
+    held = set(kept)
+    spread = [pair for i, pair in enumerate(tensors) if i not in held] if mine == layout_wanted else []
+    owners = plan([t.nbytes for _, t in spread], group.world_size)
 
     def write_part(folder: str) -> dict[str, dict[str, Any]]:
         if problem is not None:
             raise problem
-        if mine != wanted:
+        if mine != layout_wanted:
             raise StateMismatchError(
                 f"rank {group.rank}'s tracked state has another layout than rank 0's (tensor names, shapes or "
                 f"dtypes differ): striping needs the same state on every rank, as DDP keeps it. Track only "
                 f"replicated objects, or set JOBWRAP_STRIPE_MIN_BYTES to more than the state (stripe_min_bytes=) "
                 f"to save from rank 0 alone")
-        part = {i: t for i, (_, t) in enumerate(tensors) if owners[i] == group.rank}
+        part = {i: t for i, (_, t) in enumerate(spread) if owners[i] == group.rank}
         written = store.write_part(folder, part_name(group.rank), part)
         crash_point("part-written")
         return {part_name(group.rank): written}
 
     def write_sealed(record: dict[str, Any], serial: int) -> Any:
-        record["tensors"] = [[owners[i], path] for i, (path, _) in enumerate(tensors)]
-        return write_file(skeleton(taken, {id(t) for _, t in tensors}), record, serial)
+        record["tensors"] = [[owners[i], path] for i, (path, _) in enumerate(spread)]
+        return write_file(skeleton(taken, {id(t) for _, t in spread}), record, serial)
 
     return sharded.commit_folder(store, group, step=step, write_part=write_part, catch=(Exception,),
                                  what="striped state", on_rank0=on_rank0, write_file=write_sealed)
