@@ -132,6 +132,49 @@ def test_lock_of_a_killed_trainer_is_taken_over_at_once(tmp_path):
     assert not (tmp_path / "ck" / "lock.json").exists()  # released at the end
 
 
+def _held_breaker(directory: Path, control: Path, step: int) -> subprocess.Popen:
+    """A long trainer with JOBWRAP_BREAK_LOCK=1, once it holds at ``step``; killed if it never does."""
+    proc = subprocess.Popen(LONG, env={**_env(directory, control, hold=step), "JOBWRAP_BREAK_LOCK": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _held_pid(control, step, proc)
+    except BaseException:
+        proc.kill()
+        proc.communicate(timeout=30)
+        raise
+    return proc
+
+
+def test_a_trainer_that_broke_the_lock_holds_it_after_the_old_holder_exits(tmp_path):
+    """Holder, breaker (JOBWRAP_BREAK_LOCK=1), holder exits: a third trainer is refused, naming the live breaker."""
+    first = _held_trainer(tmp_path / "ck", tmp_path / "control1", 2)
+    breaker = None
+    try:
+        breaker = _held_breaker(tmp_path / "ck", tmp_path / "control2", 2)
+        first.send_signal(signal.SIGTERM)  # the old holder ends cleanly while the breaker trains on
+        (tmp_path / "control1" / done_name(2)).touch()
+        first.wait(timeout=120)
+        third = subprocess.run(LONG, env=_env(tmp_path / "ck", tmp_path / "control3"),
+                               capture_output=True, text=True, timeout=180)
+        assert third.returncode != 0, third.stderr[-3000:]
+        assert "DirectoryHeldError" in third.stderr and "another process holds its lock" in third.stderr, \
+            third.stderr[-3000:]
+        assert f"pid {breaker.pid}" in third.stderr
+        assert "taking over" not in third.stderr
+        assert breaker.poll() is None
+    finally:
+        if breaker is not None:
+            breaker.send_signal(signal.SIGTERM)
+            (tmp_path / "control2" / done_name(2)).touch()
+            _, err = breaker.communicate(timeout=120)
+            assert "JOBWRAP_BREAK_LOCK: taking" in err, err[-3000:]
+        if first.poll() is None:
+            first.kill()
+            first.wait(timeout=30)
+    assert breaker.returncode == 128 + signal.SIGTERM
+    assert not (tmp_path / "ck" / "lock.json").exists()  # the breaker's record, removed at its clean end
+
+
 # ---------------------------------------------------------------- the policy, pure
 
 def _holder(**changes) -> Holder:
