@@ -154,7 +154,8 @@ def test_a_trainer_that_broke_the_lock_holds_it_after_the_old_holder_exits(tmp_p
         first.send_signal(signal.SIGTERM)  # the old holder ends cleanly while the breaker trains on
         (tmp_path / "control1" / done_name(2)).touch()
         first.wait(timeout=120)
-        third = subprocess.run(LONG, env=_env(tmp_path / "ck", tmp_path / "control3"),
+        short = [sys.executable, str(TRAIN), "--epochs", "1", "--samples", "64"]  # ends, if it takes the directory
+        third = subprocess.run(short, env=_env(tmp_path / "ck", tmp_path / "control3"),
                                capture_output=True, text=True, timeout=180)
         assert third.returncode != 0, third.stderr[-3000:]
         assert "DirectoryHeldError" in third.stderr and "another process holds its lock" in third.stderr, \
