@@ -12,7 +12,7 @@ from conftest import REPO
 
 from jobwrap._storage.events import read_events
 from jobwrap._storage.store import CheckpointStore
-from jobwrap._storage.striped import digest, plan, unproven
+from jobwrap._storage.striped import checksum, digest, plan, unproven
 from jobwrap.testing import assert_same_run, assert_same_state, final_state, run_preempted
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -199,6 +199,23 @@ def test_unproven_names_every_tensor_whose_digest_is_not_the_same_on_every_rank(
     changed.view(-1)[13] = torch.nextafter(changed.view(-1)[13], torch.tensor(float("inf")))  # one bit
     assert digest(changed) != digest(value)
     assert digest(torch.empty(3, device="meta")) is None
+
+
+@pytest.mark.parametrize("size", [4 * 5, 4 * 5 + 3])
+def test_accelerator_checksum_tells_any_changed_or_swapped_word(size, monkeypatch):
+    """The on-device checksum (run here on the CPU, in small pieces): one changed bit, two swapped words, a changed
+    last byte and a changed length all change it; equal bytes give equal values."""
+    monkeypatch.setattr("jobwrap._storage.striped._WORDS", 3)  # several pieces even for a tiny tensor
+    data = torch.randint(0, 256, (size,), dtype=torch.uint8)
+    assert checksum(data) == checksum(data.clone())
+    flipped = data.clone()
+    flipped[9] ^= 1
+    swapped = data.clone()
+    swapped[0:4], swapped[12:16] = data[12:16], data[0:4]
+    last = data.clone()
+    last[-1] ^= 128
+    others = [checksum(flipped), checksum(swapped), checksum(last), checksum(data[:-1])]
+    assert checksum(data) not in others and len(set(others)) == 4
 
 
 # ---------------------------------------------------------------- DDP with BatchNorm: buffers differ per rank
