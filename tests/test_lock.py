@@ -1,8 +1,11 @@
 """One live trainer per directory, and no trainer outliving its `jobwrap run`: real processes, real SIGKILLs."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import signal
+import threading
 import socket
 import subprocess
 import sys
@@ -14,7 +17,7 @@ import pytest
 from conftest import TRAIN
 
 from jobwrap._loop.hold import done_name, held_name
-from jobwrap._storage.lock import Holder, lock_proves_absence, mount_of, refusal
+from jobwrap._storage.lock import DirectoryLock, Holder, lock_proves_absence, mount_of, refusal
 from jobwrap.testing import final_state
 
 LONG = [sys.executable, str(TRAIN), "--epochs", "100000", "--samples", "64", "--step-seconds", "0.01"]
@@ -174,6 +177,18 @@ def test_a_trainer_that_broke_the_lock_holds_it_after_the_old_holder_exits(tmp_p
             first.wait(timeout=30)
     assert breaker.returncode == 128 + signal.SIGTERM
     assert not (tmp_path / "ck" / "lock.json").exists()  # the breaker's record, removed at its clean end
+
+
+def test_a_heartbeat_stops_once_the_record_names_a_breaker(tmp_path):
+    """Where the record decides, a holder whose record was taken by a breaker stops beating instead of writing it back."""
+    lock = DirectoryLock(str(tmp_path), job_id=None, restart=0, timeout=1.0)
+    breaker = dataclasses.replace(lock.me, pid=lock.me.pid + 1, since=lock.me.since + 1)
+    (tmp_path / "lock.json").write_text(json.dumps(dataclasses.asdict(breaker)))
+    beating = threading.Thread(target=lock._beat, daemon=True)
+    beating.start()
+    beating.join(timeout=10)
+    assert not beating.is_alive()
+    assert json.loads((tmp_path / "lock.json").read_text())["pid"] == breaker.pid
 
 
 # ---------------------------------------------------------------- the policy, pure
