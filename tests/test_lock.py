@@ -180,7 +180,7 @@ def test_a_trainer_that_broke_the_lock_holds_it_after_the_old_holder_exits(tmp_p
 
 
 def test_a_heartbeat_stops_once_the_record_names_a_breaker(tmp_path):
-    """Where the record decides, a holder whose record was taken by a breaker stops beating instead of writing it back."""
+    """Where the record decides, a holder whose record a breaker took stops beating instead of writing it back."""
     lock = DirectoryLock(str(tmp_path), job_id=None, restart=0, timeout=1.0)
     breaker = dataclasses.replace(lock.me, pid=lock.me.pid + 1, since=lock.me.since + 1)
     (tmp_path / "lock.json").write_text(json.dumps(dataclasses.asdict(breaker)))

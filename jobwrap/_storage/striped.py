@@ -5,12 +5,21 @@ rank 0 alone is bounded by one writer's bandwidth (a parallel filesystem limits
 each client). When striping applies -- several ranks, nothing sharded, not a
 periodic save, at least ``stripe_min_bytes`` of tensors -- every rank computes the
 same :func:`plan` from the state's layout (largest tensor first onto the least
-loaded rank; no communication), writes its tensors as ``part-R.pt`` (a plain
-``torch.save`` of ``{index: tensor}``) into the step's folder through the
+loaded rank; no communication beyond rank 0's decision), writes its tensors as
+``part-R.pt`` (a plain ``torch.save`` of ``{index: tensor}``) into the step's folder through the
 store's hashing writer, and rank 0 writes the .pt -- everything else, each
 striped tensor replaced by None and its place recorded under ``jobwrap.stripes``
 -- and the manifest once every part is durable: the folder protocol FSDP state
 uses (:func:`jobwrap._storage.sharded.commit_folder`).
+
+Equal values on every rank are checked, not assumed: DDP keeps parameters and
+optimizer state equal, but not buffers (each rank moves its BatchNorm
+statistics with its own batches between DDP's broadcasts of rank 0's) nor
+anything a script changes on one rank. Before a striped save every rank hashes
+each tensor (:func:`digest`: xxh3 of its bytes, or a checksum on its
+accelerator) and rank 0 gathers the digests; a tensor whose digest is not the
+same on every rank is left out of the plan and stays in rank 0's .pt with rank
+0's value, the one a one-file save writes. Only what is proven equal is striped.
 
 At resume every part is read verified (size and checksum, like the .pt) and its
 tensors are put back where they were before any ``load_state_dict``: the payload
@@ -113,8 +122,8 @@ def digest(tensor: torch.Tensor) -> int | None:
         if flat.device.type != "cpu":
             return checksum(flat)
         return xxhash.xxh3_64_intdigest(flat.numpy())
-    except (RuntimeError, TypeError, NotImplementedError):  # no plain bytes (a meta tensor): rank 0 keeps it
-        return None
+    except Exception:  # no plain bytes (a meta tensor), or no memory to read them: rank 0 keeps it
+        return None  # (raised here, one rank would leave the others waiting in the gather)
 
 
 def checksum(flat: torch.Tensor) -> int:
