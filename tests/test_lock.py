@@ -1,8 +1,11 @@
 """One live trainer per directory, and no trainer outliving its `jobwrap run`: real processes, real SIGKILLs."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import signal
+import threading
 import socket
 import subprocess
 import sys
@@ -14,7 +17,7 @@ import pytest
 from conftest import TRAIN
 
 from jobwrap._loop.hold import done_name, held_name
-from jobwrap._storage.lock import Holder, lock_proves_absence, mount_of, refusal
+from jobwrap._storage.lock import DirectoryLock, Holder, lock_proves_absence, mount_of, refusal
 from jobwrap.testing import final_state
 
 LONG = [sys.executable, str(TRAIN), "--epochs", "100000", "--samples", "64", "--step-seconds", "0.01"]
@@ -130,6 +133,62 @@ def test_lock_of_a_killed_trainer_is_taken_over_at_once(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"taking over {tmp_path / 'ck'} from a holder that is gone" in second.stderr
     assert not (tmp_path / "ck" / "lock.json").exists()  # released at the end
+
+
+def _held_breaker(directory: Path, control: Path, step: int) -> subprocess.Popen:
+    """A long trainer with JOBWRAP_BREAK_LOCK=1, once it holds at ``step``; killed if it never does."""
+    proc = subprocess.Popen(LONG, env={**_env(directory, control, hold=step), "JOBWRAP_BREAK_LOCK": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _held_pid(control, step, proc)
+    except BaseException:
+        proc.kill()
+        proc.communicate(timeout=30)
+        raise
+    return proc
+
+
+def test_a_trainer_that_broke_the_lock_holds_it_after_the_old_holder_exits(tmp_path):
+    """Holder, breaker (JOBWRAP_BREAK_LOCK=1), holder exits: a third trainer is refused, naming the live breaker."""
+    first = _held_trainer(tmp_path / "ck", tmp_path / "control1", 2)
+    breaker = None
+    try:
+        breaker = _held_breaker(tmp_path / "ck", tmp_path / "control2", 2)
+        first.send_signal(signal.SIGTERM)  # the old holder ends cleanly while the breaker trains on
+        (tmp_path / "control1" / done_name(2)).touch()
+        first.wait(timeout=120)
+        short = [sys.executable, str(TRAIN), "--epochs", "1", "--samples", "64"]  # ends, if it takes the directory
+        third = subprocess.run(short, env=_env(tmp_path / "ck", tmp_path / "control3"),
+                               capture_output=True, text=True, timeout=180)
+        assert third.returncode != 0, third.stderr[-3000:]
+        assert "DirectoryHeldError" in third.stderr and "another process holds its lock" in third.stderr, \
+            third.stderr[-3000:]
+        assert f"pid {breaker.pid}" in third.stderr
+        assert "taking over" not in third.stderr
+        assert breaker.poll() is None
+    finally:
+        if breaker is not None:
+            breaker.send_signal(signal.SIGTERM)
+            (tmp_path / "control2" / done_name(2)).touch()
+            _, err = breaker.communicate(timeout=120)
+            assert "JOBWRAP_BREAK_LOCK: taking" in err, err[-3000:]
+        if first.poll() is None:
+            first.kill()
+            first.wait(timeout=30)
+    assert breaker.returncode == 128 + signal.SIGTERM
+    assert not (tmp_path / "ck" / "lock.json").exists()  # the breaker's record, removed at its clean end
+
+
+def test_a_heartbeat_stops_once_the_record_names_a_breaker(tmp_path):
+    """Where the record decides, a holder whose record a breaker took stops beating instead of writing it back."""
+    lock = DirectoryLock(str(tmp_path), job_id=None, restart=0, timeout=1.0)
+    breaker = dataclasses.replace(lock.me, pid=lock.me.pid + 1, since=lock.me.since + 1)
+    (tmp_path / "lock.json").write_text(json.dumps(dataclasses.asdict(breaker)))
+    beating = threading.Thread(target=lock._beat, daemon=True)
+    beating.start()
+    beating.join(timeout=10)
+    assert not beating.is_alive()
+    assert json.loads((tmp_path / "lock.json").read_text())["pid"] == breaker.pid
 
 
 # ---------------------------------------------------------------- the policy, pure

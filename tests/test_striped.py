@@ -12,7 +12,7 @@ from conftest import REPO
 
 from jobwrap._storage.events import read_events
 from jobwrap._storage.store import CheckpointStore
-from jobwrap._storage.striped import plan
+from jobwrap._storage.striped import checksum, digest, plan, unproven
 from jobwrap.testing import assert_same_run, assert_same_state, final_state, run_preempted
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -186,3 +186,90 @@ def test_a_failure_on_rank_1_fails_the_striped_save_on_every_rank(tmp_path):
                                    for line in lines), result.stdout + result.stderr[-3000:]
     assert CheckpointStore(str(tmp_path / "ck")).committed() == []
     assert not _folder(tmp_path / "ck", 1).exists()
+
+
+def test_unproven_names_every_tensor_whose_digest_is_not_the_same_on_every_rank():
+    """Pure: a tensor is striped only if every rank hashed it to one value; an unhashable one never is."""
+    assert unproven([[1, 2, 3], [1, 5, 3], [1, 2, 3]]) == [1]
+    assert unproven([[1, None, 3], [1, None, 3]]) == [1]
+    assert unproven([[7, 8]]) == []
+    value = torch.randn(4, 5)
+    assert digest(value) == digest(value.clone()) != digest(value + 1e-7)
+    changed = value.clone()
+    changed.view(-1)[13] = torch.nextafter(changed.view(-1)[13], torch.tensor(float("inf")))  # one bit
+    assert digest(changed) != digest(value)
+    assert digest(torch.empty(3, device="meta")) is None
+
+
+@pytest.mark.parametrize("size", [4 * 5, 4 * 5 + 3])
+def test_accelerator_checksum_tells_any_changed_or_swapped_word(size, monkeypatch):
+    """The on-device checksum (run here on the CPU, in small pieces): one changed bit, two swapped words, a changed
+    last byte and a changed length all change it; equal bytes give equal values."""
+    monkeypatch.setattr("jobwrap._storage.striped._WORDS", 3)  # several pieces even for a tiny tensor
+    data = torch.randint(0, 256, (size,), dtype=torch.uint8)
+    assert checksum(data) == checksum(data.clone())
+    flipped = data.clone()
+    flipped[9] ^= 1
+    swapped = data.clone()
+    swapped[0:4], swapped[12:16] = data[12:16], data[0:4]
+    last = data.clone()
+    last[-1] ^= 128
+    others = [checksum(flipped), checksum(swapped), checksum(last), checksum(data[:-1])]
+    assert checksum(data) not in others and len(set(others)) == 4
+
+
+# ---------------------------------------------------------------- DDP with BatchNorm: buffers differ per rank
+
+BATCHNORM = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+             str(REPO / "tests" / "scripts" / "ddp_batchnorm.py")]
+
+
+def _batchnorm_run(directory, preempt_at=(), env=None):
+    """A DDP + BatchNorm run in ``directory``; each rank's final BatchNorm buffers land in ``directory``/buffers."""
+    (directory / "buffers").mkdir(parents=True)
+    run = run_preempted([*BATCHNORM, "--buffers-dir", str(directory / "buffers")], directory / "ck", ranks=2,
+                        preempt_at=preempt_at, env=env, timeout=300).check()
+    assert run.signalled_at == list(preempt_at)
+    return run
+
+
+def _rank_buffers(directory, rank: int):
+    return torch.load(directory / "buffers" / f"rank-{rank}.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def batchnorm_reference(tmp_path_factory):
+    """An uninterrupted two-rank DDP + BatchNorm run, saved in one file (the default threshold)."""
+    directory = tmp_path_factory.mktemp("bn-reference")
+    _batchnorm_run(directory)
+    return directory
+
+
+def test_one_file_save_under_ddp_holds_rank_0s_batchnorm_statistics(batchnorm_reference):
+    """The ranks end with different running statistics; the one-file checkpoint holds rank 0's exactly."""
+    saved = final_state(batchnorm_reference / "ck")["model"]
+    ours, theirs = _rank_buffers(batchnorm_reference, 0), _rank_buffers(batchnorm_reference, 1)
+    assert not torch.equal(ours["1.running_mean"], theirs["1.running_mean"])  # the premise: they differ
+    assert_same_state({k: saved[k] for k in ours}, ours, "rank 0's buffers")
+
+
+def test_one_file_save_under_ddp_batchnorm_resumes_bit_exact(tmp_path, batchnorm_reference):
+    """USR1 at step 5, one-file layout: every rank resumes with rank 0's statistics, bit-exact with the reference."""
+    _batchnorm_run(tmp_path, preempt_at=[5])
+    assert "stripes" not in {c.step: c.manifest for c in CheckpointStore(str(tmp_path / "ck")).committed()}[5]
+    assert_same_run(batchnorm_reference / "ck", tmp_path / "ck")
+
+
+def test_striped_save_under_ddp_batchnorm_keeps_rank_0s_statistics_and_resumes_bit_exact(tmp_path, batchnorm_reference):
+    """USR1 at step 5, striped: the BatchNorm statistics that differ come from rank 0, the resume is bit-exact."""
+    run = _batchnorm_run(tmp_path, preempt_at=[5], env=STRIPE)
+    ck = tmp_path / "ck"
+    manifests = {c.step: c.manifest for c in CheckpointStore(str(ck)).committed()}
+    assert manifests[5]["stripes"]["world_size"] == 2 and manifests[16]["stripes"]["world_size"] == 2
+    by_hand = torch.load(ck / "step-000000000005.pt", weights_only=True)["model"]
+    assert by_hand["0.weight"] is None  # proven equal on both ranks: striped
+    assert by_hand["1.running_mean"] is not None and by_hand["1.running_var"] is not None  # differ: rank 0's
+    assert "tensors differ between the ranks (model.1.running_mean, model.1.running_var)" in run.stderr
+    saved = final_state(ck)["model"]
+    assert_same_state({k: saved[k] for k in _rank_buffers(tmp_path, 0)}, _rank_buffers(tmp_path, 0), "rank 0's")
+    assert_same_run(batchnorm_reference / "ck", ck)

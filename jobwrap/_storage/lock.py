@@ -4,8 +4,10 @@ Two trainers in one directory overwrite each other's checkpoints, and the second
 start-up cleanup deletes the first one's temporary files. Rank 0 of a run holds the
 directory; every other trainer is refused with who holds it and the way out.
 
-- ``lock``: ``flock()``ed while held, never removed or replaced (a new file would be a
-  second, independent lock). The kernel drops the lock when its holder dies. On NFS it
+- ``lock``: ``flock()``ed while held, never removed, and replaced only to break a lock
+  (``JOBWRAP_BREAK_LOCK`` past a held one: a fresh file, locked, renamed over it, so the
+  breaker holds the lock every later trainer finds busy; the old holder keeps a lock on a
+  file nobody opens). The kernel drops the lock when its holder dies. On NFS it
   is a lock on the server (a dead node's lock is dropped after the NFSv4 lease; NFSv3
   keeps it until that node reboots); on Lustre it is cluster-wide only with the ``flock``
   mount option (``localflock``: this node only; neither: ENOSYS).
@@ -19,6 +21,7 @@ docs/design.md ("One trainer per directory") explains the choices.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import errno
@@ -171,6 +174,8 @@ class DirectoryLock:
         if reason is not None:
             log.warning("JOBWRAP_BREAK_LOCK: taking %s although %s (%s)", self.directory, reason,
                         holder.describe(time.time()) if holder else "no holder record")
+            if os_lock == "busy":  # held by another process: take a lock of our own, or a third trainer
+                os_lock = self._replace_lock()  # would take the directory from us once that one exits
         elif holder is not None:
             log.info("taking over %s from a holder that is gone (%s)", self.directory, holder.describe(time.time()))
         try:
@@ -216,6 +221,39 @@ class DirectoryLock:
                 return "none"
             raise
         self._fd = fd
+        return self._coverage()
+
+    def _replace_lock(self) -> str:
+        """Break a lock another process holds: a fresh ``lock`` file, flocked, then renamed over the held one.
+
+        From the rename on, every trainer opens the new file and finds it busy as long as
+        this process lives; the old holder keeps its lock on a file no longer named
+        ``lock``. Two breakers at once: the one whose file was renamed over is refused.
+        """
+        path = os.path.join(self.directory, LOCK_FILE)
+        tmp = os.path.join(self.directory, f".tmp-{LOCK_FILE}.{uuid.uuid4().hex[:8]}")
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, self.file_mode)
+        except OSError as exc:
+            raise storage_error(exc, f"checkpoint directory {self.directory} is not usable") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else can hold it yet
+            os.replace(tmp, path)
+            ours = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except OSError as exc:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise storage_error(exc, f"checkpoint directory {self.directory} is not usable") from exc
+        if not ours:
+            os.close(fd)
+            raise DirectoryHeldError(self._message(self._read(), "another trainer broke the lock at the same "
+                                                                 "time and holds it now"))
+        self._fd = fd
+        return self._coverage()
+
+    def _coverage(self) -> str:
+        """With the flock held: "proof" where the filesystem's lock covers every host, else "local"."""
         try:
             with open("/proc/self/mountinfo") as f:
                 fstype, options = mount_of(os.path.realpath(self.directory), f.read())
@@ -258,6 +296,13 @@ class DirectoryLock:
     def _beat(self) -> None:
         failed = False
         while not self._stop.wait(max(1.0, self.timeout / 4)):
+            holder = self._read()
+            if holder is not None and (holder.host, holder.pid, holder.since) != (self.me.host, self.me.pid,
+                                                                                 self.me.since):
+                # Broken by JOBWRAP_BREAK_LOCK: a heartbeat now would write this process back over its record.
+                log.warning("the lock record of %s names another trainer now (%s): this one no longer holds "
+                            "the directory (JOBWRAP_BREAK_LOCK)", self.directory, holder.describe(time.time()))
+                return
             try:
                 self._write(heartbeat=time.time())
                 failed = False

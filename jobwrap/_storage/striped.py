@@ -5,12 +5,21 @@ rank 0 alone is bounded by one writer's bandwidth (a parallel filesystem limits
 each client). When striping applies -- several ranks, nothing sharded, not a
 periodic save, at least ``stripe_min_bytes`` of tensors -- every rank computes the
 same :func:`plan` from the state's layout (largest tensor first onto the least
-loaded rank; no communication), writes its tensors as ``part-R.pt`` (a plain
-``torch.save`` of ``{index: tensor}``) into the step's folder through the
+loaded rank; no communication beyond rank 0's decision), writes its tensors as
+``part-R.pt`` (a plain ``torch.save`` of ``{index: tensor}``) into the step's folder through the
 store's hashing writer, and rank 0 writes the .pt -- everything else, each
 striped tensor replaced by None and its place recorded under ``jobwrap.stripes``
 -- and the manifest once every part is durable: the folder protocol FSDP state
 uses (:func:`jobwrap._storage.sharded.commit_folder`).
+
+Equal values on every rank are checked, not assumed: DDP keeps parameters and
+optimizer state equal, but not buffers (each rank moves its BatchNorm
+statistics with its own batches between DDP's broadcasts of rank 0's) nor
+anything a script changes on one rank. Before a striped save every rank hashes
+each tensor (:func:`digest`: xxh3 of its bytes, or a checksum on its
+accelerator) and rank 0 gathers the digests; a tensor whose digest is not the
+same on every rank is left out of the plan and stays in rank 0's .pt with rank
+0's value, the one a one-file save writes. Only what is proven equal is striped.
 
 At resume every part is read verified (size and checksum, like the .pt) and its
 tensors are put back where they were before any ``load_state_dict``: the payload
@@ -21,7 +30,9 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import logging
 import os
+import struct
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -31,6 +42,8 @@ from jobwrap._storage import sharded
 from jobwrap._storage.faults import crash_point
 from jobwrap._storage.store import Checkpoint, CheckpointStore, folder_name
 from jobwrap.errors import CorruptCheckpointError, StateMismatchError
+
+log = logging.getLogger("jobwrap")
 
 Place = list  # keys from a state dict's top (the tracked name) down to a tensor: str or int each
 
@@ -82,6 +95,61 @@ def _storage(tensor: torch.Tensor) -> tuple[str, int]:
     return str(tensor.device), tensor.untyped_storage().data_ptr()
 
 
+def unproven(digests: Sequence[Sequence[int | None]]) -> list[int]:
+    """Indices of the tensors whose digest is not one known value on every rank (rank 0's list first). Pure.
+
+    Every list must cover the same tensors (the ranks' layouts are equal); a
+    None digest (a tensor that could not be hashed) is never proven equal.
+    """
+    first = digests[0]
+    return [i for i, value in enumerate(first) if value is None or any(d[i] != value for d in digests[1:])]
+
+
+_WORDS = 1 << 23  # int32 words per piece of an accelerator's checksum (64 MiB of int64 temporaries, twice)
+_ODD = 0x9E3779B97F4A7C15 - (1 << 64)  # as a signed int64: an odd multiplier spreads positions over 64 bits
+
+
+def digest(tensor: torch.Tensor) -> int | None:
+    """A 64-bit digest of a tensor's bytes, equal on two ranks whose values are equal bit for bit (None: no bytes).
+
+    A CPU tensor: xxh3 where it lies (no copy when contiguous). One on an
+    accelerator is checksummed there (:func:`checksum`): copying every rank's
+    whole state to the host only to hash it would cost more than the striped
+    write saves.
+    """
+    try:
+        flat = tensor.detach().reshape(-1).view(torch.uint8)
+        if flat.device.type != "cpu":
+            return checksum(flat)
+        return xxhash.xxh3_64_intdigest(flat.numpy())
+    except Exception:  # no plain bytes (a meta tensor), or no memory to read them: rank 0 keeps it
+        return None  # (raised here, one rank would leave the others waiting in the gather)
+
+
+def checksum(flat: torch.Tensor) -> int:
+    """Two sums mod 2^64 over ``flat``'s bytes (uint8) read as int32 words, computed on its own device: plain, and
+    weighted by an odd number per position, so any one changed word, or two words swapped, changes the result.
+
+    Integer sums are exact in any order, so every rank of one device type gets the same value.
+    """
+    whole = flat.numel() - flat.numel() % 4
+    words = flat[:whole].view(torch.int32)
+    sums = torch.zeros(2, dtype=torch.int64, device=flat.device)
+    for start in range(0, words.numel(), _WORDS):
+        piece = words[start:start + _WORDS].to(torch.int64)
+        weights = torch.arange(start, start + piece.numel(), dtype=torch.int64, device=flat.device)
+        sums[0] += piece.sum()
+        sums[1] += piece.mul_(weights.mul_(_ODD).bitwise_or_(1)).sum()
+    tail = flat[whole:].to(torch.int64)  # the last 1-3 bytes of an odd-sized tensor
+    sums[0] += tail.mul_(torch.tensor([3, 5, 7], device=flat.device)[:tail.numel()]).sum()
+    plain, weighted = sums.tolist()
+    return xxhash.xxh3_64_intdigest(struct.pack("<qqq", plain, weighted, flat.numel()))
+
+
+def _name(path: Place) -> str:
+    return ".".join(str(key) for key in path)
+
+
 def layout(tensors: Sequence[tuple[Place, torch.Tensor]]) -> str:
     """What the plan depends on (every path, dtype, shape): equal on ranks whose replicated state has one layout."""
     text = repr([(path, str(t.dtype), tuple(t.shape)) for path, t in tensors])
@@ -117,6 +185,8 @@ def commit(store: CheckpointStore, group: Any, *, step: int, states: Callable[[]
     the caller saves one file instead. ``write_file(skeleton, record, serial)``:
     rank 0's .pt (the states without the striped tensors) and manifest. A
     ``state_dict()`` that fails on any rank fails the save on every rank.
+    Tensors whose values differ between ranks are not striped: rank 0's .pt
+    holds rank 0's values, as in a one-file save.
     """
     try:
         taken, problem = states(), None
@@ -124,34 +194,48 @@ def commit(store: CheckpointStore, group: Any, *, step: int, states: Callable[[]
         taken, problem = {}, exc
     tensors = stripable(taken)
     mine = layout(tensors)
+    wanted_here = problem is None and sum(t.nbytes for _, t in tensors) >= min_bytes
+    # Hashed only where a striped save is likely (a rank with another layout is refused in write_part).
+    digests = group.gather((mine, [digest(t) for _, t in tensors] if wanted_here else None))
 
-    def decide() -> str | None:
+    def decide() -> tuple[str, list[int]] | None:
         if problem is not None:
             raise problem
-        return mine if sum(t.nbytes for _, t in tensors) >= min_bytes else None
+        if not wanted_here:
+            return None
+        comparable = [d for lay, d in digests if lay == mine and d is not None]
+        kept = unproven(comparable) if len(comparable) == len(digests) else []
+        if kept:
+            names = ", ".join(_name(tensors[i][0]) for i in kept[:3]) + (", ..." if len(kept) > 3 else "")
+            log.info("%d of %d tensors differ between the ranks (%s): rank 0's values are saved, as one file "
+                     "would hold them", len(kept), len(tensors), names)
+        return mine, kept
 
     wanted = on_rank0(decide)
     if wanted is None:
         return None
-    owners = plan([t.nbytes for _, t in tensors], group.world_size)
+    layout_wanted, kept = wanted
+    held = set(kept)
+    spread = [pair for i, pair in enumerate(tensors) if i not in held] if mine == layout_wanted else []
+    owners = plan([t.nbytes for _, t in spread], group.world_size)
 
     def write_part(folder: str) -> dict[str, dict[str, Any]]:
         if problem is not None:
             raise problem
-        if mine != wanted:
+        if mine != layout_wanted:
             raise StateMismatchError(
                 f"rank {group.rank}'s tracked state has another layout than rank 0's (tensor names, shapes or "
                 f"dtypes differ): striping needs the same state on every rank, as DDP keeps it. Track only "
                 f"replicated objects, or set JOBWRAP_STRIPE_MIN_BYTES to more than the state (stripe_min_bytes=) "
                 f"to save from rank 0 alone")
-        part = {i: t for i, (_, t) in enumerate(tensors) if owners[i] == group.rank}
+        part = {i: t for i, (_, t) in enumerate(spread) if owners[i] == group.rank}
         written = store.write_part(folder, part_name(group.rank), part)
         crash_point("part-written")
         return {part_name(group.rank): written}
 
     def write_sealed(record: dict[str, Any], serial: int) -> Any:
-        record["tensors"] = [[owners[i], path] for i, (path, _) in enumerate(tensors)]
-        return write_file(skeleton(taken, {id(t) for _, t in tensors}), record, serial)
+        record["tensors"] = [[owners[i], path] for i, (path, _) in enumerate(spread)]
+        return write_file(skeleton(taken, {id(t) for _, t in spread}), record, serial)
 
     return sharded.commit_folder(store, group, step=step, write_part=write_part, catch=(Exception,),
                                  what="striped state", on_rank0=on_rank0, write_file=write_sealed)
