@@ -232,7 +232,7 @@ def test_default_subset_keeps_one_cell_per_refused_value():
             assert [c for c in default if getattr(c, name) == value and expected(c).kind == "refused"], (name, value)
 
 
-def test_ddp_batchnorm_runs_under_both_layouts_and_lightning_options_are_signalled():
+def test_ddp_batchnorm_runs_under_both_layouts_and_lightning_options_are_signalled(tmp_path):
     """DDP with BatchNorm runs under torchrun in both layouts (CI runs the striped TERM one); Lightning's
     val_check_interval and ModelCheckpoint cells run under USR1 and TERM, signalled at the step before the
     validation."""
@@ -243,7 +243,7 @@ def test_ddp_batchnorm_runs_under_both_layouts_and_lightning_options_are_signall
     assert [c for c in default_cells() if c.norm == "batchnorm" and c.layout == "striped"]
     options = {(c.fit_option, c.signal) for c in full_cells() if c.framework == "lightning"}
     assert options >= set(itertools.product(("val_check_interval", "model_checkpoint"), ("usr1", "term")))
-    reference = Run(directory=None, codes=[0], signalled=[], output="", problems=[])  # type: ignore[arg-type]
-    reference.loss_lines = lambda rank=0: [f"{s}\t{s // 12}\t0.0" for s in range(24)]  # type: ignore[method-assign]
+    (tmp_path / "ck.loss.r0").write_text("".join(f"{s}\t{s // 12}\t[0.5]\n" for s in range(24)))  # 2 epochs of 12
+    reference = Run(directory=tmp_path / "ck", codes=[0], signalled=[], output="", problems=[])
     assert preemption_points(reference, "lightning", "val_check_interval") == [6, 13]
     assert preemption_points(reference, "lightning") == [3, 13]
