@@ -393,7 +393,7 @@ def pair_coverage(cells: Iterable[Cell], dimensions: dict[str, tuple[Any, ...]] 
 # ---------------------------------------------------------------- expectations
 
 def expected(cell: Cell) -> Expectation:
-    """What jobwrap must do with ``cell`` once issue 11's defects are fixed: the one table to adjust.
+    """What jobwrap must do with ``cell`` once issues 11 and 21 are fixed: the one table to adjust.
 
     Refusals come first (the start must fail with the option named); then what the docs
     (docs/integrations.md) name as not exact; everything else must be bit-exact,
