@@ -80,9 +80,13 @@ def lightning_fit(cfg: dict[str, Any], loss_log: str) -> None:
         x = torch.randn(16, 4, generator=g)
         fit["val_dataloaders"] = DataLoader(TensorDataset(x, x.sum(dim=1, keepdim=True)), batch_size=8)
     elif cfg["fit_option"] == "model_checkpoint":
-        # In the run's own folder: the reference's and the preempted run's files do not meet.
-        folder = Path(os.environ["JOBWRAP_DIR"]).parent / f"{Path(os.environ['JOBWRAP_DIR']).name}-lightning"
-        callbacks.append(ModelCheckpoint(dirpath=str(folder), every_n_train_steps=3, save_top_k=-1))
+        checkpoints = ModelCheckpoint(dirpath="lightning-ck", every_n_train_steps=3, save_top_k=-1)
+        # Relative to the run's own folder, as ModelCheckpoint would not keep it (it stores the real path): the
+        # reference and the preempted run live in different folders, where a user's relaunches share one, and
+        # the paths it records (best_model_path) are compared.
+        os.chdir(Path(os.environ["JOBWRAP_DIR"]).parent)
+        checkpoints.dirpath = "lightning-ck"
+        callbacks.append(checkpoints)
         options = dict(enable_checkpointing=True)
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=cfg["ranks"],
                          strategy="ddp" if cfg["ranks"] > 1 else "auto",
