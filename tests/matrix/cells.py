@@ -349,13 +349,13 @@ def slurm_cells() -> list[Cell]:
 def default_cells() -> list[Cell]:
     """The fixed subset CI runs: the first cells of the pairwise cover (the greedy cover front-loads pairs),
     the striped saves' cases (see :func:`striped_twins`), each refused value once, the integrations, and DDP with
-    BatchNorm under TERM in both layouts (they share one reference run)."""
+    BatchNorm in both layouts (a striped cover cell with its twin, or else a TERM pair sharing one reference)."""
     cover = local_pairwise()[:DEFAULT_CELLS]
     stateful = [] if any(c.loader == "stateful" for c in cover) else [Cell(loader="stateful")]
+    batchnorm = [] if any(c.norm == "batchnorm" and c.layout == "striped" for c in cover) else [
+        Cell(norm="batchnorm", signal="term", launch="torchrun", layout=layout) for layout in DIMENSIONS["layout"]]
     return (cover + striped_twins(cover) + stateful + [c for c in refusal_cells() if c.launch == "run"]
-            + [Cell(loader="stateful", workers=2, launch="run")] + default_framework_cells()
-            + [Cell(norm="batchnorm", signal="term", launch="torchrun", layout=layout)
-               for layout in DIMENSIONS["layout"]])
+            + [Cell(loader="stateful", workers=2, launch="run")] + default_framework_cells() + batchnorm)
 
 
 def striped_twins(cover: list[Cell]) -> list[Cell]:

@@ -233,14 +233,15 @@ def test_default_subset_keeps_one_cell_per_refused_value():
 
 
 def test_ddp_batchnorm_runs_under_both_layouts_and_lightning_options_are_signalled(tmp_path):
-    """DDP with BatchNorm runs under torchrun in both layouts (CI runs the striped TERM one); Lightning's
+    """DDP with BatchNorm runs under torchrun in both layouts, in CI's subset too; Lightning's
     val_check_interval and ModelCheckpoint cells run under USR1 and TERM, signalled at the step before the
     validation."""
     from drive import Run, preemption_points
 
     batchnorm = {(c.layout, c.signal) for c in full_cells() if c.norm == "batchnorm" and c.launch == "torchrun"}
     assert batchnorm >= set(itertools.product(DIMENSIONS["layout"], ("usr1", "term")))
-    assert [c for c in default_cells() if c.norm == "batchnorm" and c.layout == "striped"]
+    default_batchnorm = {c.layout for c in default_cells() if c.norm == "batchnorm" and c.launch == "torchrun"}
+    assert default_batchnorm == set(DIMENSIONS["layout"])
     options = {(c.fit_option, c.signal) for c in full_cells() if c.framework == "lightning"}
     assert options >= set(itertools.product(("val_check_interval", "model_checkpoint"), ("usr1", "term")))
     (tmp_path / "ck.loss.r0").write_text("".join(f"{s}\t{s // 12}\t[0.5]\n" for s in range(24)))  # 2 epochs of 12
