@@ -21,12 +21,27 @@ DIMENSIONS: dict[str, tuple[Any, ...]] = {
     "loader": ("shuffled", "generator", "sampler", "batch_sampler", "iterable", "iterable_state",
                "python_list", "python_generator", "stateful"),
     "workers": (0, 2),
+    # Where a map-style dataset's augmentation noise comes from: global: the process's torch and NumPy streams;
+    # worker_init_gen: a NumPy Generator that worker_init_fn makes from get_worker_info().seed and stores on the
+    # worker's dataset; lazy: __getitem__ makes self.rng on first use from torch.initial_seed().
+    "worker_rng": ("global", "worker_init_gen", "lazy"),
     "loader_option": ("none", "persistent_workers", "worker_init_fn", "drop_last"),
     # none; a second DataLoader iterated directly inside the epoch; the same, but wrapped in job.loader() too.
     "validation": ("none", "plain", "wrapped"),
-    # job.epochs() + job.loader(), or a hand-written loop that calls job.step_done() only.
-    "loop": ("epochs", "step_done"),
+    # epochs: job.epochs() + job.loader(); step_done: a hand-written loop that indexes its data and calls
+    # job.step_done(); steps: the same under `for step in job.steps(n)`; endless: `it = iter(job.loader(dl))` over
+    # an endless DataLoader (an infinite sampler), `for _ in job.steps(n): x, y = next(it)`; while_next:
+    # `while True:` with next() on an endless DataLoader's iterator, job.step_done(), a break at max_iters.
+    "loop": ("epochs", "step_done", "steps", "endless", "while_next"),
     "accumulate": (1, 2),
+    # Which count decides the optimizer step under accumulation: job.step, or the batch index of
+    # `for i, (x, y) in enumerate(job.loader(dl))` (`if (i + 1) % k == 0`), which restarts at 0 in a resumed epoch.
+    "accumulate_by": ("step", "enumerate"),
+    # single: one training loader; zip: `zip(job.loader(a), job.loader(b))`; aux_unwrapped: a second DataLoader,
+    # not wrapped, drawn from with next() at every step of the epoch (`aux = iter(b)` at the epoch's start).
+    "composition": ("single", "zip", "aux_unwrapped"),
+    # The model: the MLP, or the same with a BatchNorm1d (running statistics as buffers; DDP broadcasts them).
+    "norm": ("none", "batchnorm"),
     "save": ("none", "epoch_end", "in_body"),
     "scheduler": ("epoch", "per_batch"),
     "scaler": ("none", "grad_scaler"),
@@ -45,8 +60,13 @@ DIMENSIONS: dict[str, tuple[Any, ...]] = {
     "layout": ("one_file", "striped"),
 }
 
+#: The loaders over the map-style dataset, whose __getitem__ draws the augmentation noise (worker_rng).
+MAP_STYLE = ("shuffled", "generator", "sampler", "batch_sampler", "stateful")
 LOCAL_LAUNCHES = ("plain", "run", "torchrun")
 SLURM_LAUNCHES = ("slurm_batch", "srun")
+# Launches the matrix lists but cannot run yet: a submitit job (SlurmExecutor on the cluster; a LocalExecutor driver
+# that delivers scancel's TERM to its process group is not written). Not a dimension of the cover.
+SUBMITIT_LAUNCHES = ("submitit",)
 MULTI_RANK_LAUNCHES = ("torchrun", "srun")
 CANCELS = ("term", "usr1_term", "sigkill")  # the job is not requeued: the test relaunches it, as a user would
 # Who runs the loop: the matrix's own script ("loop"), or a framework through jobwrap's integration
@@ -54,6 +74,11 @@ CANCELS = ("term", "usr1_term", "sigkill")  # the job is not requeued: the test 
 # dimensions that framework has (loader, workers, accumulate, signal, launch); see framework_cells().
 FRAMEWORKS = ("loop", "lightning", "transformers")
 FRAMEWORK_SIGNALS = ("usr1", "term", "usr1_term", "sigkill")  # "double" needs the loop's SaveWatch
+# Lightning fit options of the framework cells: none; val_check_interval=0.5 with a validation loader (signalled
+# at the batch before the mid-epoch validation); ModelCheckpoint(every_n_train_steps=3) (signalled at its step).
+FIT_OPTIONS = ("none", "val_check_interval", "model_checkpoint")
+#: The step of the Lightning cells' mid-epoch validation with val_check_interval=0.5 (12 batches an epoch).
+LIGHTNING_VALIDATES_AFTER = 6
 
 #: How many cells of the pairwise cover the default (CI) run takes (with one cell per refused value);
 #: JOBWRAP_MATRIX=full runs all.
@@ -66,10 +91,14 @@ class Cell:
 
     loader: str = "shuffled"
     workers: int = 0
+    worker_rng: str = "global"
     loader_option: str = "none"
     validation: str = "none"
     loop: str = "epochs"
     accumulate: int = 1
+    accumulate_by: str = "step"
+    composition: str = "single"
+    norm: str = "none"
     save: str = "none"
     scheduler: str = "epoch"
     scaler: str = "none"
@@ -79,6 +108,7 @@ class Cell:
     launch: str = "plain"
     layout: str = "one_file"
     framework: str = "loop"
+    fit_option: str = "none"
 
     @property
     def id(self) -> str:
@@ -90,6 +120,7 @@ class Cell:
 
     @property
     def ranks(self) -> int:
+        """Training processes: 2 under a multi-rank launch."""
         return 2 if self.launch in MULTI_RANK_LAUNCHES else 1
 
     def training(self) -> dict[str, Any]:
@@ -126,8 +157,16 @@ def valid(cell: Cell) -> bool:
         return False  # DataLoader raises ValueError itself
     if python_data and (cell.workers or cell.loader_option != "none"):
         return False  # no DataLoader: workers and loader options mean nothing
-    if cell.loop == "step_done" and (cell.loader != "shuffled" or cell.validation == "wrapped"):
-        return False  # the hand-written loop indexes its own data; job.loader() is not used
+    if cell.loop != "epochs" and (cell.loader != "shuffled" or cell.validation == "wrapped"
+                                  or cell.composition != "single"):
+        return False  # the step loops build their own data (indexed, or an endless loader) from the shuffled one's
+    if cell.accumulate_by == "enumerate" and (cell.accumulate == 1 or cell.loop != "epochs"):
+        return False  # no accumulation, or no enumerate(job.loader(...)) to key it on
+    if cell.worker_rng != "global" and cell.loader not in MAP_STYLE:
+        return False  # the generator lives in the map-style dataset's __getitem__
+    if cell.worker_rng == "worker_init_gen" and (not cell.workers or cell.loader_option == "worker_init_fn"
+                                                 or cell.loop in ("step_done", "steps")):
+        return False  # worker_init_fn runs only in workers (and is the cell's one worker_init_fn)
     if cell.layout == "striped" and cell.ranks == 1:
         return False  # one rank writes everything: nothing to stripe
     return True
@@ -144,7 +183,10 @@ def _fill_neutral(values: dict[str, Any]) -> dict[str, Any]:
     """Fill unset dimensions with the value least likely to clash with what is set."""
     filled = dict(values)
     if "workers" not in filled:
-        filled["workers"] = 2 if filled.get("loader_option") == "persistent_workers" else 0
+        filled["workers"] = 2 if (filled.get("loader_option") == "persistent_workers"
+                                  or filled.get("worker_rng") == "worker_init_gen") else 0
+    if "accumulate" not in filled and filled.get("accumulate_by") == "enumerate":
+        filled["accumulate"] = 2
     if "loader" not in filled:
         filled["loader"] = "shuffled"
     if "launch" not in filled and filled.get("layout") == "striped":
@@ -261,7 +303,33 @@ def framework_cells() -> list[Cell]:
                Cell(launch="run", framework="lightning")]
             + [Cell(signal=s, launch="run", **trainer) for s in FRAMEWORK_SIGNALS]
             + [Cell(launch="plain", **trainer), Cell(launch="run", accumulate=2, **trainer),
-               Cell(launch="torchrun", **trainer)])
+               Cell(launch="torchrun", **trainer)]
+            + lightning_option_cells())
+
+
+def lightning_option_cells() -> list[Cell]:
+    """Lightning's own mid-epoch work: validation at val_check_interval=0.5 (signalled at the batch before it) and
+    ModelCheckpoint(every_n_train_steps=3) (signalled at its step), under USR1 and TERM."""
+    return [Cell(signal=s, launch="run", framework="lightning", loader="stateful", fit_option=option)
+            for option in FIT_OPTIONS[1:] for s in ("usr1", "term")]
+
+
+def term_worker_cells() -> list[Cell]:
+    """scancel's TERM to the whole process group while 2 loader workers run: every launch path (the Slurm and
+    submitit ones are skipped without the cluster) with each loader kind it takes: a DataLoader and torchdata's
+    StatefulDataLoader for the loop and Lightning, the Trainer's own loader for the Trainer."""
+    loop = [Cell(loader=loader, workers=2, signal="term", launch=launch)
+            for launch in (*LOCAL_LAUNCHES, *SLURM_LAUNCHES, *SUBMITIT_LAUNCHES) for loader in ("shuffled", "stateful")]
+    lightning = [Cell(loader=loader, workers=2, signal="term", launch=launch, framework="lightning")
+                 for launch in LOCAL_LAUNCHES for loader in ("stateful", "shuffled")]
+    trainer = [Cell(workers=2, signal="term", launch=launch, framework="transformers") for launch in LOCAL_LAUNCHES]
+    return loop + lightning + trainer
+
+
+def ddp_batchnorm_cells() -> list[Cell]:
+    """DDP with a BatchNorm (buffers broadcast from rank 0 at every forward) under torchrun, in both layouts."""
+    return [Cell(norm="batchnorm", signal=s, launch="torchrun", layout=layout)
+            for layout in DIMENSIONS["layout"] for s in ("usr1", "term")]
 
 
 def default_framework_cells() -> list[Cell]:
@@ -280,11 +348,14 @@ def slurm_cells() -> list[Cell]:
 
 def default_cells() -> list[Cell]:
     """The fixed subset CI runs: the first cells of the pairwise cover (the greedy cover front-loads pairs),
-    and the striped saves' cases: see :func:`striped_twins`."""
+    the striped saves' cases (see :func:`striped_twins`), each refused value once, the integrations, and DDP with
+    BatchNorm in both layouts (a striped cover cell with its twin, or else a TERM pair sharing one reference)."""
     cover = local_pairwise()[:DEFAULT_CELLS]
     stateful = [] if any(c.loader == "stateful" for c in cover) else [Cell(loader="stateful")]
+    batchnorm = [] if any(c.norm == "batchnorm" and c.layout == "striped" for c in cover) else [
+        Cell(norm="batchnorm", signal="term", launch="torchrun", layout=layout) for layout in DIMENSIONS["layout"]]
     return (cover + striped_twins(cover) + stateful + [c for c in refusal_cells() if c.launch == "run"]
-            + [Cell(loader="stateful", workers=2, launch="run")] + default_framework_cells())
+            + [Cell(loader="stateful", workers=2, launch="run")] + default_framework_cells() + batchnorm)
 
 
 def striped_twins(cover: list[Cell]) -> list[Cell]:
@@ -298,10 +369,11 @@ def striped_twins(cover: list[Cell]) -> list[Cell]:
 
 def full_cells() -> list[Cell]:
     """Every cell of the full matrix, without repeats: pairwise (with its striped cells' twins), loader x signal,
-    Slurm."""
+    the frameworks, TERM with workers under every launch, DDP with BatchNorm, Slurm."""
     cover = local_pairwise()
     return list(dict.fromkeys(cover + striped_twins(cover) + refusal_cells() + single_value_cells()
-                              + loader_by_signal() + framework_cells() + slurm_cells()))
+                              + loader_by_signal() + framework_cells() + term_worker_cells()
+                              + ddp_batchnorm_cells() + slurm_cells()))
 
 
 def selected_cells(environ: dict[str, str] | None = None) -> list[Cell]:
@@ -321,7 +393,7 @@ def pair_coverage(cells: Iterable[Cell], dimensions: dict[str, tuple[Any, ...]] 
 # ---------------------------------------------------------------- expectations
 
 def expected(cell: Cell) -> Expectation:
-    """What jobwrap must do with ``cell`` once issue 11's defects are fixed: the one table to adjust.
+    """What jobwrap must do with ``cell`` once issues 11 and 21 are fixed: the one table to adjust.
 
     Refusals come first (the start must fail with the option named); then what the docs
     (docs/integrations.md) name as not exact; everything else must be bit-exact,
@@ -341,15 +413,47 @@ def expected(cell: Cell) -> Expectation:
     if cell.loader == "python_generator":
         return Expectation("refused", "a one-shot generator cannot be replayed to resume mid-epoch; "
                                       "refused at loader()", match=r"(?i)generator|re-?iterable")
+    if cell.composition == "zip":
+        return Expectation("refused", "two loaders zipped, each in job.loader(), would both count steps and "
+                                      "replace each other's position; refused at the second loader(), naming "
+                                      "job.loader", match=r"(?i)loader")
+    if cell.composition == "aux_unwrapped":
+        return Expectation("refused", "a second loader drawn with next() inside the epoch without job.loader() "
+                                      "restarts from its first batch on a resume; refused at the latest in the "
+                                      "first epoch, naming the loader", match=r"(?i)loader", in_first_epoch=True)
+    if cell.loop == "while_next":
+        return Expectation("refused", "the batches come from an iterator of an unwrapped DataLoader, which a "
+                                      "resume restarts from its first batch; refused at the latest in the first "
+                                      "epoch, naming job.loader", match=r"(?i)loader", in_first_epoch=True)
+    if cell.accumulate_by == "enumerate":
+        return _expected_index_accumulation()
     if cell.validation == "wrapped":
         return Expectation("refused", "a second loader wrapped in job.loader() inside the epoch would replace "
                                       "the training loader's position; refused at the second loader(), the first "
                                       "time validation runs", match=r"(?i)loader", in_first_epoch=True)
+    if cell.worker_rng != "global":
+        return _expected_worker_rng(cell)
     if cell.loader == "stateful" and cell.workers:
         return Expectation("inexact", "StatefulDataLoader restores each worker's place in the sampler, not the RNG "
                                       "streams inside the worker processes, and the matrix's dataset draws noise in "
                                       "__getitem__; jobwrap cannot see such draws (docs/integrations.md, torchdata)",
                            match=r"loss|final state")
+    return Expectation("exact")
+
+
+def _expected_index_accumulation() -> Expectation:
+    """``if (i + 1) % k == 0: optimizer.step()`` over ``enumerate(job.loader(dl))``: a resumed epoch's enumerate
+    starts at 0, so the accumulation windows shift; jobwrap cannot make the plain enumerate exact, so it must refuse
+    it (issue 21 adds a loader API for the batch index after a resume: flip to "exact" when the cell uses it)."""
+    return Expectation("refused", "enumerate() restarts at 0 in a resumed epoch, shifting the optimizer steps "
+                                  "keyed on the batch index; refused in the first epoch, naming the loader's batch "
+                                  "index", match=r"(?i)enumerate|index", in_first_epoch=True)
+
+
+def _expected_worker_rng(cell: Cell) -> Expectation:
+    """A dataset with its own generator (worker_init_fn from get_worker_info().seed, or made lazily in
+    __getitem__ from torch.initial_seed()): expected exact for now (issue 21); when jobwrap refuses one of
+    these instead, this is the one place to say so."""
     return Expectation("exact")
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import psutil
-from cells import CANCELS, Cell, expected
+from cells import CANCELS, LIGHTNING_VALIDATES_AFTER, SUBMITIT_LAUNCHES, Cell, expected
 
 import jobwrap.errors
 from jobwrap._config import REQUEUE_EXIT_CODE
@@ -271,18 +271,20 @@ def checkpoint_layouts(directory: Path) -> dict[str, bool]:
 
 # ---------------------------------------------------------------- judging
 
-def preemption_points(reference: Run, framework: str = "loop") -> list[int]:
+def preemption_points(reference: Run, framework: str = "loop", fit_option: str = "none") -> list[int]:
     """Mid-epoch (an odd step: mid-accumulation too) and the first epoch boundary, from the reference's log.
 
     Lightning's epoch end is no boundary (docs/integrations.md): a signal there is honoured after the
-    next epoch's first step, so its cells are signalled there.
+    next epoch's first step, so its cells are signalled there. With val_check_interval, the mid-epoch
+    signal comes at the batch before the validation, instead of step 3.
     """
     lines = [line.split("\t") for line in reference.loss_lines()]
     epochs = [int(epoch) for _, epoch, _ in lines]
     boundary = epochs.count(0) if len(set(epochs)) > 1 else len(lines) // 2
     if framework == "lightning":
         boundary += 1
-    return sorted({3, boundary})
+    middle = LIGHTNING_VALIDATES_AFTER if fit_option == "val_check_interval" else 3
+    return sorted({middle, boundary})
 
 
 def refusal(run: Run, *, in_first_epoch: bool = False) -> str | None:
@@ -404,6 +406,8 @@ class Matrix:
             from slurm_driver import run_slurm_cell  # needs the local cluster
 
             return run_slurm_cell(self, cell)
+        if cell.launch in SUBMITIT_LAUNCHES:
+            return Outcome("skipped", "submitit cells need the Slurm cluster and a submitit driver (not written yet)")
         reference = self.reference(cell)
         early = expected(cell).in_first_epoch
         refused = refusal(reference, in_first_epoch=early)
@@ -420,5 +424,5 @@ class Matrix:
             when = "after training" if reference.loss_lines() else "before the first step"
             return Outcome("failed", f"uninterrupted run failed {when}: {last_error(reference)}")
         directory = Path(tempfile.mkdtemp(prefix="cut-", dir=self.base)) / "ck"
-        cut = train(cell, directory, preemption_points(reference, cell.framework))
+        cut = train(cell, directory, preemption_points(reference, cell.framework, cell.fit_option))
         return judge(cell, reference, cut)

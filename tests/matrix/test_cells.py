@@ -62,10 +62,13 @@ def test_expected_is_exact_or_refused_with_a_pattern():
 
 
 def test_inexact_pairs_are_kept_out_of_the_pairwise_cover():
-    """StatefulDataLoader with workers drawing noise is documented as not exact: no pairwise cell holds it."""
+    """StatefulDataLoader with workers drawing noise from the global streams is documented as not exact: no
+    pairwise cell holds it (with a generator of the dataset's own, the pair is expected exact and covered)."""
     assert expected(Cell(loader="stateful", workers=2)).kind == "inexact"
     assert expected(Cell(loader="stateful")).kind == "exact"
-    assert not any(c.loader == "stateful" and c.workers for c in local_pairwise())
+    cover = local_pairwise()
+    assert not any(expected(c).kind == "inexact" for c in cover)
+    assert not any(c.loader == "stateful" and c.workers and c.worker_rng == "global" for c in cover)
 
 
 def test_each_integration_has_rows_in_the_default_and_full_matrix():
@@ -170,3 +173,78 @@ def test_a_kill_that_did_not_stop_the_training_is_judged_a_problem():
     assert _kill_problems([start(0), start(8)], [3, 4])
     assert _kill_problems([start(0), start(2)], [3, 4])  # the second kill gave no relaunch
     assert not _kill_problems([start(0), start(2), start(4)], [3, 4])
+
+
+def test_term_with_workers_runs_under_every_launch_path_and_loader_kind():
+    """The full matrix sends scancel's TERM with 2 workers under every launch path and every loader kind it takes,
+    each expected exact except the two refusals docs/integrations.md states (Lightning's DataLoader, the Trainer
+    under torchrun)."""
+    term = [c for c in full_cells() if c.signal == "term" and c.workers == 2 and c.worker_rng == "global"
+            and c == dataclasses.replace(Cell(), loader=c.loader, workers=2, signal="term", launch=c.launch,
+                                         framework=c.framework)]
+    loop = {(c.launch, c.loader) for c in term if c.framework == "loop"}
+    assert loop >= set(itertools.product(("plain", "run", "torchrun", "slurm_batch", "srun", "submitit"),
+                                         ("shuffled", "stateful")))
+    lightning = {(c.launch, c.loader) for c in term if c.framework == "lightning"}
+    assert lightning == set(itertools.product(("plain", "run", "torchrun"), ("stateful", "shuffled")))
+    assert {c.launch for c in term if c.framework == "transformers"} == {"plain", "run", "torchrun"}
+    not_exact = {(c.framework, c.launch, c.loader) for c in term if expected(c).kind != "exact"
+                 and not (c.framework == "loop" and c.loader == "stateful")}  # the documented worker noise
+    assert not_exact == {("lightning", launch, "shuffled") for launch in ("plain", "run", "torchrun")} | {
+        ("transformers", "torchrun", "shuffled")}
+
+
+def test_worker_rng_kinds_are_expected_from_one_place():
+    """Each dataset generator kind meets loaders, workers and launches in the cover, and its expectation comes
+    from _expected_worker_rng alone (exact for now), whatever else the cell has."""
+    from cells import _expected_worker_rng
+
+    cover = local_pairwise()
+    for kind in ("worker_init_gen", "lazy"):
+        cells = [c for c in cover if c.worker_rng == kind]
+        assert {c.launch for c in cells} == {"plain", "run", "torchrun"}
+        assert all(expected(c) == _expected_worker_rng(c) for c in cells)
+    assert not valid(Cell(worker_rng="worker_init_gen"))  # worker_init_fn never runs without workers
+    assert not valid(Cell(worker_rng="lazy", loader="iterable"))  # no __getitem__ to hold it
+    assert expected(Cell(worker_rng="lazy", loader="stateful", workers=2)).kind == "exact"
+
+
+def test_loop_shapes_accumulation_and_composition_have_cells():
+    """Every loop shape, the enumerate-keyed accumulation and each loader composition is in the full matrix; the
+    exact ones meet every signal in the cover, the refused ones run under each local launch."""
+    full, cover = full_cells(), local_pairwise()
+    assert {c.loop for c in full} == set(DIMENSIONS["loop"])
+    for loop in ("steps", "endless"):
+        assert {c.signal for c in cover if c.loop == loop} == set(DIMENSIONS["signal"])
+    refused = refused_values()
+    assert refused["loop"] == ("while_next",) and refused["accumulate_by"] == ("enumerate",)
+    assert set(refused["composition"]) == {"zip", "aux_unwrapped"}
+    for name, value in (("loop", "while_next"), ("accumulate_by", "enumerate"), ("composition", "zip"),
+                        ("composition", "aux_unwrapped")):
+        assert {c.launch for c in full if getattr(c, name) == value} == {"plain", "run", "torchrun"}
+
+
+def test_default_subset_keeps_one_cell_per_refused_value():
+    """CI's subset runs each refused value once (under jobwrap run), so every refusal is checked on each change."""
+    default = default_cells()
+    for name, values in refused_values().items():
+        for value in values:
+            assert [c for c in default if getattr(c, name) == value and expected(c).kind == "refused"], (name, value)
+
+
+def test_ddp_batchnorm_runs_under_both_layouts_and_lightning_options_are_signalled(tmp_path):
+    """DDP with BatchNorm runs under torchrun in both layouts, in CI's subset too; Lightning's
+    val_check_interval and ModelCheckpoint cells run under USR1 and TERM, signalled at the step before the
+    validation."""
+    from drive import Run, preemption_points
+
+    batchnorm = {(c.layout, c.signal) for c in full_cells() if c.norm == "batchnorm" and c.launch == "torchrun"}
+    assert batchnorm >= set(itertools.product(DIMENSIONS["layout"], ("usr1", "term")))
+    default_batchnorm = {c.layout for c in default_cells() if c.norm == "batchnorm" and c.launch == "torchrun"}
+    assert default_batchnorm == set(DIMENSIONS["layout"])
+    options = {(c.fit_option, c.signal) for c in full_cells() if c.framework == "lightning"}
+    assert options >= set(itertools.product(("val_check_interval", "model_checkpoint"), ("usr1", "term")))
+    (tmp_path / "ck.loss.r0").write_text("".join(f"{s}\t{s // 12}\t[0.5]\n" for s in range(24)))  # 2 epochs of 12
+    reference = Run(directory=tmp_path / "ck", codes=[0], signalled=[], output="", problems=[])
+    assert preemption_points(reference, "lightning", "val_check_interval") == [6, 13]
+    assert preemption_points(reference, "lightning") == [3, 13]

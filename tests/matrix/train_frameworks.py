@@ -30,9 +30,11 @@ def main(cfg: dict[str, Any], loss_log: str) -> None:
 # ---------------------------------------------------------------- PyTorch Lightning
 
 def lightning_fit(cfg: dict[str, Any], loss_log: str) -> None:
-    """examples/lightning_train.py's module and data; a torch DataLoader when the cell's loader is not "stateful"."""
+    """examples/lightning_train.py's module and data; a torch DataLoader when the cell's loader is not "stateful";
+    the cell's fit option: validation twice an epoch (val_check_interval=0.5), or ModelCheckpoint every 3 steps."""
     import pytorch_lightning as pl
-    from torch.utils.data import DataLoader
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader, TensorDataset
 
     sys.path.insert(0, str(EXAMPLES))
     from lightning_train import Regression, data
@@ -59,16 +61,41 @@ def lightning_fit(cfg: dict[str, Any], loss_log: str) -> None:
                 f.write(f"{trainer.global_step - 1}\t{trainer.current_epoch}\t{self.losses!r}\n")
             self.losses = []
 
+    class Validated(Regression):
+        """The example's module with a validation step, as a fit with val_check_interval has."""
+
+        def validation_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            loss = torch.nn.functional.mse_loss(self.net(x), y)
+            self.log("val_loss", loss)
+            return loss
+
     pl.seed_everything(0, workers=True)
+    callbacks: list[Any] = [LossLog()]
+    options: dict[str, Any] = dict(enable_checkpointing=False)
+    fit: dict[str, Any] = {}
+    if cfg["fit_option"] == "val_check_interval":
+        options = dict(enable_checkpointing=False, val_check_interval=0.5)
+        g = torch.Generator().manual_seed(5)
+        x = torch.randn(16, 4, generator=g)
+        fit["val_dataloaders"] = DataLoader(TensorDataset(x, x.sum(dim=1, keepdim=True)), batch_size=8)
+    elif cfg["fit_option"] == "model_checkpoint":
+        checkpoints = ModelCheckpoint(dirpath="lightning-ck", every_n_train_steps=3, save_top_k=-1)
+        # Relative to the run's own folder, as ModelCheckpoint would not keep it (it stores the real path): the
+        # reference and the preempted run live in different folders, where a user's relaunches share one, and
+        # the paths it records (best_model_path) are compared.
+        os.chdir(Path(os.environ["JOBWRAP_DIR"]).parent)
+        checkpoints.dirpath = "lightning-ck"
+        callbacks.append(checkpoints)
+        options = dict(enable_checkpointing=True)
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=cfg["ranks"],
                          strategy="ddp" if cfg["ranks"] > 1 else "auto",
-                         callbacks=[LossLog(), Preemptible()], accumulate_grad_batches=cfg["accumulate"],
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)
+                         callbacks=[*callbacks, Preemptible()], accumulate_grad_batches=cfg["accumulate"],
+                         logger=False, enable_progress_bar=False, enable_model_summary=False, **options)
     loader = data(cfg["workers"])
     if cfg["loader"] != "stateful":
         loader = DataLoader(loader.dataset, batch_size=8, shuffle=True, num_workers=cfg["workers"])
-    trainer.fit(Regression(), train_dataloaders=loader)
+    trainer.fit(Validated() if "val_dataloaders" in fit else Regression(), train_dataloaders=loader, **fit)
 
 
 # ---------------------------------------------------------------- Hugging Face Trainer

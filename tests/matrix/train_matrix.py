@@ -23,7 +23,7 @@ import numpy
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, Sampler
 
 import jobwrap
 
@@ -54,6 +54,42 @@ class Noisy(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         noise = 0.01 * torch.randn(8) + float(numpy.random.normal(0, 0.01))
         return self.x[i] + noise, self.y[i]
+
+
+class OwnGenerator(Noisy):
+    """The same noise from a NumPy Generator the dataset holds, as per-worker augmentation recipes do: made by
+    worker_init_fn from get_worker_info().seed (worker_rng="worker_init_gen", see seed_dataset), or made on first
+    use from torch.initial_seed() (worker_rng="lazy")."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, lazy: bool) -> None:
+        super().__init__(x, y)
+        self.lazy = lazy
+        self.rng: numpy.random.Generator | None = None
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rng is None and self.lazy:
+            self.rng = numpy.random.default_rng(torch.initial_seed())
+        noise = torch.from_numpy(self.rng.normal(0, 0.01, 8).astype(numpy.float32))
+        return self.x[i] + noise, self.y[i]
+
+
+def seed_dataset(worker_id: int) -> None:
+    """worker_init_fn: each worker's copy of the dataset gets a generator from the seed PyTorch gave the worker."""
+    info = torch.utils.data.get_worker_info()
+    info.dataset.rng = numpy.random.default_rng(info.seed)
+
+
+class EndlessSampler(Sampler[int]):
+    """An infinite sampler (detectron2's TrainingSampler, in short): a new permutation after each pass, forever;
+    the training ends by its step count, not by the loader."""
+
+    def __init__(self, size: int, seed: int = 7) -> None:
+        self.size, self.seed = size, seed
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed)
+        while True:
+            yield from torch.randperm(self.size, generator=g).tolist()
 
 
 class Stream(IterableDataset):
@@ -97,7 +133,34 @@ def loader_options(cfg: dict[str, Any]) -> dict[str, Any]:
         options["persistent_workers"] = True
     elif cfg["loader_option"] == "worker_init_fn":
         options["worker_init_fn"] = seed_worker
+    if cfg["worker_rng"] == "worker_init_gen":
+        options["worker_init_fn"] = seed_dataset
     return options
+
+
+def map_dataset(cfg: dict[str, Any], x: torch.Tensor, y: torch.Tensor) -> Noisy:
+    """The map-style dataset with the cell's source of augmentation noise."""
+    if cfg["worker_rng"] == "global":
+        return Noisy(x, y)
+    return OwnGenerator(x, y, lazy=cfg["worker_rng"] == "lazy")
+
+
+def endless_data(cfg: dict[str, Any], rank: int, world: int) -> DataLoader:
+    """An endless DataLoader over this rank's share (the step loops "endless" and "while_next")."""
+    x, y = tensors()
+    x, y = x[rank::world], y[rank::world]
+    return DataLoader(map_dataset(cfg, x, y), batch_size=BATCH, sampler=EndlessSampler(len(x)),
+                      drop_last=cfg["loader_option"] == "drop_last", **loader_options(cfg))
+
+
+def second_data(cfg: dict[str, Any], rank: int, world: int) -> DataLoader:
+    """A second training loader (composition): for zip, as many batches as the first; drawn from with next()
+    and restarted when exhausted, a shorter one."""
+    samples = SAMPLES if cfg["composition"] == "zip" else 24
+    x, y = tensors(samples, seed=4321)
+    x, y = x[rank::world], y[rank::world]
+    batch = BATCH if cfg["composition"] == "zip" else 4
+    return DataLoader(Noisy(x, y), batch_size=batch, shuffle=True, num_workers=cfg["workers"])
 
 
 def training_data(cfg: dict[str, Any], rank: int, world: int) -> Any:
@@ -107,24 +170,25 @@ def training_data(cfg: dict[str, Any], rank: int, world: int) -> Any:
     drop_last = cfg["loader_option"] == "drop_last"
     options = loader_options(cfg)
     kind = cfg["loader"]
+    dataset = map_dataset(cfg, x, y)
     if kind == "shuffled":
-        return DataLoader(Noisy(x, y), batch_size=BATCH, shuffle=True, drop_last=drop_last, **options)
+        return DataLoader(dataset, batch_size=BATCH, shuffle=True, drop_last=drop_last, **options)
     if kind == "generator":
-        return DataLoader(Noisy(x, y), batch_size=BATCH, shuffle=True, drop_last=drop_last,
+        return DataLoader(dataset, batch_size=BATCH, shuffle=True, drop_last=drop_last,
                           generator=torch.Generator().manual_seed(7), **options)
     if kind == "sampler":
         sampler = RandomSampler(range(len(x)), generator=torch.Generator().manual_seed(7))
-        return DataLoader(Noisy(x, y), batch_size=BATCH, sampler=sampler, drop_last=drop_last, **options)
+        return DataLoader(dataset, batch_size=BATCH, sampler=sampler, drop_last=drop_last, **options)
     if kind == "batch_sampler":
         batches = BatchSampler(RandomSampler(range(len(x))), BATCH, drop_last=drop_last)
-        return DataLoader(Noisy(x, y), batch_sampler=batches, **options)
+        return DataLoader(dataset, batch_sampler=batches, **options)
     if kind in ("iterable", "iterable_state"):
         stream = (StatefulStream if kind == "iterable_state" else Stream)(x, y)
         return DataLoader(stream, batch_size=BATCH, drop_last=drop_last, **options)
     if kind == "stateful":
         from torchdata.stateful_dataloader import StatefulDataLoader
 
-        return StatefulDataLoader(Noisy(x, y), batch_size=BATCH, shuffle=True, drop_last=drop_last, **options)
+        return StatefulDataLoader(dataset, batch_size=BATCH, shuffle=True, drop_last=drop_last, **options)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(7))
     batches = [(x[order[i:i + BATCH]], y[order[i:i + BATCH]]) for i in range(0, len(x), BATCH)]
     return batches if kind == "python_list" else (b for b in batches)
@@ -261,7 +325,8 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(1)
     with jobwrap.Session() as job:
-        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 1))
+        norm = [nn.BatchNorm1d(16)] if cfg["norm"] == "batchnorm" else []
+        model = nn.Sequential(nn.Linear(8, 16), *norm, nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 1))
         if world > 1:
             model = nn.parallel.DistributedDataParallel(model)
         trainer = Trainer(cfg, model, job)
@@ -279,8 +344,9 @@ def main() -> None:
             job["seen"] = 0  # set, never tracked: the way a script starts its bookkeeping
         log = open(f"{loss_log}.r{rank}", "a")
 
-        def body(x: torch.Tensor, y: torch.Tensor) -> None:
-            loss = trainer.step(x, y, job.step)
+        def body(x: torch.Tensor, y: torch.Tensor, index: int | None = None) -> None:
+            """One step; ``index``: the batch index that keys the accumulation (accumulate_by="enumerate")."""
+            loss = trainer.step(x, y, job.step if index is None else index)
             things["watch"].count += 1
             log.write(f"{job.step}\t{job.epoch}\t{loss!r}\n")
             log.flush()
@@ -294,16 +360,43 @@ def main() -> None:
 
         if cfg["loop"] == "step_done":
             hand_written_loop(job, trainer, data, body, cfg)
+        elif cfg["loop"] in ("steps", "endless", "while_next"):
+            STEP_LOOPS[cfg["loop"]](job, trainer, body, cfg, rank, world)
         else:
+            second = second_data(cfg, rank, world) if cfg["composition"] != "single" else None
             for epoch in job.epochs(EPOCHS):
                 if hasattr(getattr(data, "dataset", None), "set_epoch"):
                     data.dataset.set_epoch(epoch)
-                for x, y in job.loader(data):
-                    body(x, y)
+                if cfg["composition"] == "zip":
+                    for (x, y), (x2, y2) in zip(job.loader(data), job.loader(second)):
+                        body(torch.cat([x, x2]), torch.cat([y, y2]))
+                elif cfg["composition"] == "aux_unwrapped":
+                    aux = iter(second)
+                    for x, y in job.loader(data):
+                        try:
+                            x2, y2 = next(aux)
+                        except StopIteration:
+                            aux = iter(second)
+                            x2, y2 = next(aux)
+                        body(torch.cat([x, x2]), torch.cat([y, y2]))
+                elif cfg["accumulate_by"] == "enumerate":
+                    for i, (x, y) in enumerate(job.loader(data)):
+                        body(x, y, i)
+                else:
+                    for x, y in job.loader(data):
+                        body(x, y)
                 trainer.end_epoch()
                 if cfg["save"] == "epoch_end":
                     job.save()
         log.close()
+
+
+def indexed_batch(dataset: Dataset, step: int, per_epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch of ``step`` for loops that index their data: epoch by epoch, a permutation seeded by the epoch."""
+    epoch, index = divmod(step, per_epoch)
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(100 + epoch))
+    batch = [dataset[int(i)] for i in order[index * BATCH:(index + 1) * BATCH]]
+    return torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
 
 
 def hand_written_loop(job: jobwrap.Session, trainer: Trainer, data: DataLoader, body: Any,
@@ -312,17 +405,65 @@ def hand_written_loop(job: jobwrap.Session, trainer: Trainer, data: DataLoader, 
     dataset = data.dataset
     per_epoch = len(dataset) // BATCH
     while job.step < EPOCHS * per_epoch:
-        epoch, index = divmod(job.step, per_epoch)
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(100 + epoch))
-        batch = [dataset[int(i)] for i in order[index * BATCH:(index + 1) * BATCH]]
-        x, y = torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
-        body(x, y)
+        index = job.step % per_epoch
+        body(*indexed_batch(dataset, job.step, per_epoch))
         if index == per_epoch - 1:
             trainer.end_epoch()
         job.step_done()
         if index == per_epoch - 1 and cfg["save"] == "epoch_end":
             job.save()
     job.save()
+
+
+def end_of_pass(step: int, trainer: Trainer, job: jobwrap.Session, cfg: dict[str, Any]) -> None:
+    """The step loops' "epoch": every SAMPLES // BATCH steps, the scheduler's step and the epoch-end save."""
+    if (step + 1) % (SAMPLES // BATCH) == 0:
+        trainer.end_epoch()
+        if cfg["save"] == "epoch_end":
+            job.save()
+
+
+def steps_loop(job: jobwrap.Session, trainer: Trainer, body: Any, cfg: dict[str, Any], rank: int,
+               world: int) -> None:
+    """``for step in job.steps(n)``, the data indexed by the step."""
+    x, y = tensors()
+    dataset = map_dataset(cfg, x[rank::world], y[rank::world])
+    per_epoch = len(dataset) // BATCH
+    for step in job.steps(EPOCHS * (SAMPLES // BATCH)):
+        body(*indexed_batch(dataset, step, per_epoch))
+        end_of_pass(step, trainer, job, cfg)
+
+
+def endless_loop(job: jobwrap.Session, trainer: Trainer, body: Any, cfg: dict[str, Any], rank: int,
+                 world: int) -> None:
+    """An endless loader wrapped by job.loader(), drawn with next() under job.steps(max_iters)."""
+    it = iter(job.loader(endless_data(cfg, rank, world)))
+    for step in job.steps(EPOCHS * (SAMPLES // BATCH)):
+        x, y = next(it)
+        body(x, y)
+        end_of_pass(step, trainer, job, cfg)
+
+
+def while_next_loop(job: jobwrap.Session, trainer: Trainer, body: Any, cfg: dict[str, Any], rank: int,
+                    world: int) -> None:
+    """nanoGPT's shape: ``while True``, the next batch from an endless loader's iterator, step_done(), a break."""
+    it = iter(endless_data(cfg, rank, world))
+    max_iters = EPOCHS * (SAMPLES // BATCH)
+    while True:
+        x, y = next(it)
+        body(x, y)
+        step = job.step
+        if (step + 1) % (SAMPLES // BATCH) == 0:
+            trainer.end_epoch()
+        job.step_done()
+        if (step + 1) % (SAMPLES // BATCH) == 0 and cfg["save"] == "epoch_end":
+            job.save()
+        if job.step >= max_iters:
+            break
+    job.save()
+
+
+STEP_LOOPS = {"steps": steps_loop, "endless": endless_loop, "while_next": while_next_loop}
 
 
 if __name__ == "__main__":
