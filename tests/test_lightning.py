@@ -155,3 +155,19 @@ def test_example_under_jobwrap_simulate_is_bit_exact(tmp_path):
                             cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     assert "PASS" in result.stdout
+
+
+def test_term_to_the_whole_group_with_stateful_loader_workers_commits_and_resumes_bit_exact(tmp_path):
+    """TERM to every process (a plain scancel) mid-epoch, StatefulDataLoader with 2 workers: the workers live,
+    the step's checkpoint commits, and the relaunch ends with every loss and the state of an uninterrupted fit."""
+    plain, plain_run = _fit(tmp_path, "plain", "--workers", "2")
+    losses = tmp_path / "cut-losses.txt"
+    command = [sys.executable, str(JOB), "--losses", str(losses), "--workers", "2"]
+    cut = run_preempted(command, tmp_path / "cut", preempt_at=[5], signal_=signal.SIGTERM, to_group=True)
+    assert cut.signalled_at == [5]
+    assert cut.returncode == 143, cut.stderr[-3000:]  # a cancel: committed, no relaunch
+    assert "is killed by signal" not in cut.stderr
+    assert final_state(cut.directory)["lightning"]["global_step"] == 5  # nothing lost
+    run_preempted(command, tmp_path / "cut").check()  # the relaunch (Slurm's requeue, or the user's resubmit)
+    assert losses.read_text().splitlines() == plain
+    assert_same_run(plain_run.directory, cut.directory)
