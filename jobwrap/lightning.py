@@ -22,6 +22,7 @@ from typing import Any
 import pytorch_lightning as pl
 from lightning_fabric.utilities.types import _Stateful
 
+from jobwrap._loop import steps
 from jobwrap._loop.session import Session
 from jobwrap.errors import ConfigError
 
@@ -80,6 +81,8 @@ class Preemptible(pl.Callback):
         self.session.track(lightning=self._state)
         self._resuming = self._state.loaded
         _exact_distributed_samplers_on_load(trainer)
+        if self._resuming:
+            _loader_rebuild_unchecked(trainer, self.session)
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._resuming and trainer.ckpt_path:
@@ -152,6 +155,44 @@ def _exact_distributed_samplers_on_load(trainer: "pl.Trainer") -> None:
         load_states()
 
     fit_loop._load_combined_loader_states = load
+
+
+def _loader_rebuild_unchecked(trainer: "pl.Trainer", session: Session) -> None:
+    """Leave the draws of Lightning's resumed train iterator out of the check for draws before the first step.
+
+    Resumed, the fit loop creates its train loaders' iterators again (``iter(combined_loader)`` in
+    ``setup_data``, right after loading the loaders' state): they draw a shuffle seed and the
+    workers' base seed, which the loaders' loaded state overrides, and the first boundary puts
+    the streams back. No warning for those. Any other draw between ``track()`` and the first
+    step (a hook of the user's, a batch prefetched from an iterable) still warns: the resumed
+    run draws it from other streams than the uninterrupted one did. Checked with Lightning 2.6.
+    """
+    fit_loop = trainer.fit_loop
+    load_states = fit_loop._load_combined_loader_states
+
+    def load() -> None:
+        load_states()
+        combined = fit_loop._combined_loader
+        if combined is not None and session._rng_restored is not None:
+            combined.__class__ = _unchecked_first_iter(type(combined), session)
+        fit_loop._load_combined_loader_states = load_states  # once: later epochs draw as the uninterrupted run
+
+    fit_loop._load_combined_loader_states = load
+
+
+def _unchecked_first_iter(cls: type, session: Session) -> type:
+    """``cls`` whose next ``__iter__`` (only that one: it puts ``cls`` back) moves the session's RNG mark along
+    with its own draws, when nothing else drew before it."""
+    class FirstIterUnchecked(cls):  # type: ignore[misc, valid-type]
+        def __iter__(self) -> Any:
+            before = steps.rng_mark(session.device)
+            try:
+                return super().__iter__()
+            finally:
+                self.__class__ = cls
+                if before == session._rng_restored:
+                    session._rng_restored = steps.rng_mark(session.device)
+    return FirstIterUnchecked
 
 
 def _exact_distributed_sampler(loader: Any, epoch: int) -> None:

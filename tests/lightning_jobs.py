@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -55,6 +56,13 @@ class LossLog(pl.Callback):
             f.write(digest.hexdigest())
 
 
+class DrawOnTrainStart(pl.Callback):
+    """A user's hook that draws from torch's stream before the first step (resumed: not the uninterrupted draw)."""
+
+    def on_train_start(self, trainer: pl.Trainer, module: Any) -> None:
+        self.noise = torch.rand(1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--losses", required=True)
@@ -64,6 +72,7 @@ def main() -> None:
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--plain-loader", action="store_true", help="a torch DataLoader (refused)")
     parser.add_argument("--own-sampler", action="store_true", help="an OwnSampler per rank (refused under DDP)")
+    parser.add_argument("--draw-on-train-start", action="store_true", help="a callback draws in on_train_start")
     parser.add_argument("--step-seconds", type=float, default=0.0, help="sleep after each batch")
     parser.add_argument("--root", default=None, help="the Trainer's default_root_dir")
     parser.add_argument("--ckpt-path", default=None, help="trainer.fit(ckpt_path=...) (refused on a resume)")
@@ -73,7 +82,9 @@ def main() -> None:
     # LossLog before Preemptible: the step's loss is written before its boundary may stop the fit.
     trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=args.devices,
                          strategy="ddp" if args.devices > 1 else "auto",
-                         callbacks=[LossLog(args.losses, args.step_seconds), Preemptible()], accumulate_grad_batches=args.accumulate,
+                         callbacks=[*([DrawOnTrainStart()] if args.draw_on_train_start else []),
+                                    LossLog(args.losses, args.step_seconds), Preemptible()],
+                         accumulate_grad_batches=args.accumulate,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=args.root)
     loader = data(args.workers)

@@ -22,6 +22,7 @@ from jobwrap.testing import assert_same_run, final_state, run_preempted  # noqa:
 
 JOB = Path(__file__).resolve().parent / "lightning_jobs.py"
 STEPS = 24  # 2 epochs of 12 batches
+DREW = "something drew from a random stream"  # jobwrap's warning of a draw before the first resumed step
 
 
 def _fit(tmp_path: Path, name: str, *options: str, **kwargs) -> tuple[list[str], Path]:
@@ -39,6 +40,7 @@ def test_preempted_fit_matches_uninterrupted_fit_bit_for_bit(tmp_path):
     assert len(plain) == STEPS
     assert cut == plain  # no step lost or repeated, each loss identical
     assert_same_run(plain_run.directory, cut_run.directory)
+    assert "resumed from" in cut_run.stderr and DREW not in cut_run.stderr  # an exact resume: no warning
     state = final_state(cut_run.directory)
     assert state["lightning"]["global_step"] == STEPS
     assert state["lightning"]["lr_schedulers"][0]["last_epoch"] == STEPS
@@ -157,6 +159,7 @@ def test_example_under_jobwrap_simulate_is_bit_exact(tmp_path):
     assert "PASS" in result.stdout
 
 
+@pytest.mark.timeout(900)
 def test_term_to_the_whole_group_with_stateful_loader_workers_commits_and_resumes_bit_exact(tmp_path):
     """TERM to every process (a plain scancel) mid-epoch, StatefulDataLoader with 2 workers: the workers live,
     the step's checkpoint commits, and the relaunch ends with every loss and the state of an uninterrupted fit."""
@@ -168,6 +171,15 @@ def test_term_to_the_whole_group_with_stateful_loader_workers_commits_and_resume
     assert cut.returncode == 143, cut.stderr[-3000:]  # a cancel: committed, no relaunch
     assert "is killed by signal" not in cut.stderr
     assert final_state(cut.directory)["lightning"]["global_step"] == 5  # nothing lost
-    run_preempted(command, tmp_path / "cut").check()  # the relaunch (Slurm's requeue, or the user's resubmit)
+    again = run_preempted(command, tmp_path / "cut").check()
     assert losses.read_text().splitlines() == plain
     assert_same_run(plain_run.directory, cut.directory)
+    assert DREW not in again.stderr  # the workers' base seed drawn again by the resumed iterator: no false warning
+
+
+def test_draw_in_a_users_hook_before_the_first_resumed_step_still_warns(tmp_path):
+    """A user's on_train_start draws from torch's stream: resumed, that draw differs from the uninterrupted run's, and
+    jobwrap says so (the warning left out for Lightning's own loader rebuild stays for real draws)."""
+    _, cut_run = _fit(tmp_path, "cut", "--draw-on-train-start", preempt_at=[5])
+    assert cut_run.signalled_at == [5]
+    assert cut_run.stderr.count(DREW) == 1, cut_run.stderr[-3000:]  # the resumed launch only

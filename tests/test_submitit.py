@@ -108,6 +108,7 @@ def _term_to_task_and_workers(held: dict[int, int]) -> None:
         os.kill(pid, signal.SIGTERM)
 
 
+@pytest.mark.timeout(900)
 def test_term_to_task_and_loader_workers_commits_and_resubmission_resumes_bit_exact(tmp_path, job_env):
     """TERM to the task and its 2 DataLoader workers (a plain scancel) at step 5: not bypassed, the workers live,
     jobwrap commits step 5 and the job ends without requeue; the same call resubmitted ends as an uninterrupted job."""
