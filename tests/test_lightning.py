@@ -183,3 +183,23 @@ def test_draw_in_a_users_hook_before_the_first_resumed_step_still_warns(tmp_path
     _, cut_run = _fit(tmp_path, "cut", "--draw-on-train-start", preempt_at=[5])
     assert cut_run.signalled_at == [5]
     assert cut_run.stderr.count(DREW) == 1, cut_run.stderr[-3000:]  # the resumed launch only
+
+
+def test_stop_before_mid_epoch_validation_comes_after_it_and_after_model_checkpoint(tmp_path):
+    """val_check_interval=0.5 and ModelCheckpoint(every_n_train_steps=3), USR1 at step 6 (the batch that validation
+    and the step-6 save follow): both run before the stop; same validation batches, ckpt files, losses, state."""
+    plain, plain_run = _fit(tmp_path, "plain", "--validate", str(tmp_path / "ckpts"))
+    (tmp_path / "ckpts").rename(tmp_path / "ckpts-plain")  # the same dirpath for both: ModelCheckpoint saves it
+    cut, cut_run = _fit(tmp_path, "cut", "--validate", str(tmp_path / "ckpts"), preempt_at=[6])
+    assert cut_run.signalled_at == [6]
+    assert "saved step 6 (signal SIGUSR1)" in cut_run.stderr
+    plain_val = (tmp_path / "plain-losses.txt.val").read_text().splitlines()
+    assert len(plain_val) == 8  # 2 epochs x 2 validations x 2 batches
+    assert (tmp_path / "cut-losses.txt.val").read_text().splitlines() == plain_val
+    assert sorted(p.name for p in (tmp_path / "ckpts").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "ckpts-plain").iterdir())
+    assert (tmp_path / "ckpts" / "epoch=0-step=6.ckpt").exists()
+    assert cut == plain
+    assert (tmp_path / "cut-losses.txt.weights.rank0").read_text() == \
+        (tmp_path / "plain-losses.txt.weights.rank0").read_text()
+    assert_same_run(plain_run.directory, cut_run.directory)
