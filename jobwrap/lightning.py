@@ -99,6 +99,7 @@ class Preemptible(pl.Callback):
                 f"{self.session.resumed_from.path}: drop ckpt_path= from trainer.fit() (and remove hpc_ckpt_*.ckpt "
                 f"files from the trainer's default_root_dir), so that one checkpoint is restored")
         _refuse_unresumable_loaders(trainer)
+        _refuse_prefetched(trainer)
         self._stepped_at = trainer.global_step
 
     # ------------------------------------------------------------ step boundaries
@@ -127,7 +128,6 @@ class Preemptible(pl.Callback):
         if not self._boundary_due:
             return
         self._boundary_due = False
-        _refuse_prefetched(trainer)
         self.session.epoch = trainer.current_epoch
         self.session.step = trainer.global_step - 1
         self._state.before_fetch = True
@@ -199,7 +199,8 @@ def _as_lightning_restores_after_validation(trainer: "pl.Trainer", checkpoint: d
 
 
 def _refuse_prefetched(trainer: "pl.Trainer") -> None:
-    """A train loader without a length is prefetched a batch ahead: its saved place would skip that batch."""
+    """A train loader without a length is fetched a batch ahead (in ``iter``, before ``on_train_start``): its saved
+    place would be a batch past every step, and a resumed fit would skip that batch."""
     if getattr(trainer.fit_loop._data_fetcher, "batches", None):
         raise ConfigError(
             "Lightning fetches a batch ahead from a train loader without a length (an IterableDataset), so the "

@@ -20,7 +20,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
@@ -79,6 +79,16 @@ class WithValidation(Regression):
                 f.write(f"{self.trainer.global_step} {loss.item().hex()}\n")
 
 
+class Stream(IterableDataset):
+    """The example's samples as a stream without a length (Lightning fetches such a loader a batch ahead)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __iter__(self) -> Any:
+        return iter(self.dataset)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--losses", required=True)
@@ -91,6 +101,7 @@ def main() -> None:
     parser.add_argument("--draw-on-train-start", action="store_true", help="a callback draws in on_train_start")
     parser.add_argument("--validate", default=None, metavar="CKPT_DIR",
                         help="validate twice an epoch (LOSSES.val) and ModelCheckpoint every 3 steps into CKPT_DIR")
+    parser.add_argument("--iterable", action="store_true", help="a loader over a Stream (refused)")
     parser.add_argument("--step-seconds", type=float, default=0.0, help="sleep after each batch")
     parser.add_argument("--root", default=None, help="the Trainer's default_root_dir")
     parser.add_argument("--ckpt-path", default=None, help="trainer.fit(ckpt_path=...) (refused on a resume)")
@@ -111,6 +122,8 @@ def main() -> None:
     loader = data(args.workers)
     if args.plain_loader:
         loader = DataLoader(loader.dataset, batch_size=8, shuffle=True)
+    if args.iterable:
+        loader = StatefulDataLoader(Stream(loader.dataset), batch_size=8)
     if args.own_sampler:  # Lightning starts rank 1 with LOCAL_RANK set
         sampler = OwnSampler(loader.dataset, num_replicas=args.devices, rank=int(os.environ.get("LOCAL_RANK", "0")))
         loader = StatefulDataLoader(loader.dataset, batch_size=8, sampler=sampler)

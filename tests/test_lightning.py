@@ -136,6 +136,17 @@ def test_plain_dataloader_is_refused_at_start(tmp_path):
     assert not (tmp_path / "l.txt").exists()  # nothing trained
 
 
+def test_train_loader_without_a_length_is_refused_at_start(tmp_path):
+    """A StatefulDataLoader over an IterableDataset (Lightning fetches it a batch ahead, which its saved place would
+    count): refused before a step, naming the fix."""
+    env = {**os.environ, "JOBWRAP_DIR": str(tmp_path / "ck")}
+    done = subprocess.run([sys.executable, str(JOB), "--losses", str(tmp_path / "l.txt"), "--iterable"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "fetches a batch ahead" in done.stderr and "give the dataset a __len__" in done.stderr, done.stderr[-3000:]
+    assert not (tmp_path / "l.txt").exists()  # nothing trained
+
+
 def test_ddp_own_distributed_sampler_is_refused_at_start(tmp_path):
     """DDP with a DistributedSampler subclass of the user's (its place is not saved): refused on every rank before
     a step, naming the fix."""
