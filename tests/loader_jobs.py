@@ -155,6 +155,10 @@ def main() -> None:
     parser.add_argument("--worker-init", action="store_true")
     parser.add_argument("--augment", action="store_true")
     parser.add_argument("--validate", action="store_true", help="a shuffled validation loader every 3 batches")
+    parser.add_argument("--steps", type=int, default=0,
+                        help="a step-counted loop (job.steps) pulling next() from an endless job.loader")
+    parser.add_argument("--accumulate", type=int, default=1,
+                        help="optimizer.step() every k batches, keyed on the batch index (loader.enumerate())")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -166,16 +170,29 @@ def main() -> None:
     validation = DataLoader(TensorDataset(table(9)), batch_size=10, shuffle=True)
     with jobwrap.Session() as job:
         job.track(model=model, optimizer=optimizer, seen=[])
+
+        def train(batch, step: bool = True) -> None:
+            x = first(batch)
+            loss = (model(x) - x.sum(dim=1, keepdim=True)).pow(2).mean()
+            loss.backward()
+            if step:
+                optimizer.step()
+                optimizer.zero_grad()
+            job["seen"] = job["seen"] + [round(x.sum().item(), 4)]
+
+        if args.steps:  # nanoGPT's shape: while iter_num < max_iters, X, Y = get_batch()
+            def endless():
+                while True:
+                    yield from job.loader(loader)
+            batches = endless()
+            for _ in job.steps(args.steps):
+                train(next(batches))
+            return
         for epoch in job.epochs(args.epochs):
             if args.loader == "distributed":
                 loader.sampler.set_epoch(epoch)
-            for batch in job.loader(loader):
-                x = first(batch)
-                optimizer.zero_grad()
-                loss = (model(x) - x.sum(dim=1, keepdim=True)).pow(2).mean()
-                loss.backward()
-                optimizer.step()
-                job["seen"] = job["seen"] + [round(x.sum().item(), 4)]
+            for i, batch in job.loader(loader).enumerate():
+                train(batch, step=(i + 1) % args.accumulate == 0)
                 if args.validate and job.position % 3 == 0:
                     with torch.no_grad():
                         val = next(iter(validation))[0]

@@ -256,3 +256,58 @@ def test_stateful_dataloader_is_resumed_without_replay(tmp_path):
         rest = [b.flatten().tolist() for _ in job.epochs(1) for b in job.loader(loader())]
     assert len(rest) == 3 and len(fetched) == 9
     assert sorted(done_before[:3] + fetched) == list(range(12))
+
+
+# ---------------------------------------------------------------- loops that are not `for batch in job.loader()`
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_step_counted_loop_over_a_loader_resumes_bit_exact(tmp_path, workers):
+    """job.steps(n) pulling next() from job.loader(): n steps, one boundary each, resumed bit-exact across passes."""
+    from jobwrap.testing import final_state
+
+    command = [sys.executable, str(JOB), "--loader", "generator", "--augment", "--steps", "10",
+               "--workers", str(workers)]
+    plain = run_preempted(command, tmp_path / "plain").check()
+    cut = run_preempted(command, tmp_path / "cut", preempt_at=[3, STEPS_PER_EPOCH + 1]).check()
+    assert cut.signalled_at == [3, STEPS_PER_EPOCH + 1]
+    state = final_state(plain.directory)
+    assert state["step"] == 10 and len(state["seen"]) == 10  # one batch per step, no step counted twice
+    assert state["jobwrap"]["position"] == 10 - STEPS_PER_EPOCH  # the second pass's batches handed out
+    assert_same_run(plain.directory, cut.directory)
+
+
+def test_accumulation_keyed_on_the_batch_index_resumes_mid_window(tmp_path):
+    """optimizer.step() every 3 batches keyed on loader.enumerate()'s index: a stop mid-window resumes bit-exact."""
+    command = [sys.executable, str(JOB), "--epochs", "2", "--loader", "shuffle", "--augment", "--accumulate", "3"]
+    plain = run_preempted(command, tmp_path / "plain").check()
+    # Step 8 is the second epoch's batch 1: inside the window that steps at its batch 2.
+    cut = run_preempted(command, tmp_path / "cut", preempt_at=[8]).check()
+    assert cut.signalled_at == [8]
+    assert_same_run(plain.directory, cut.directory)
+
+
+def test_enumerate_goes_on_from_the_resumed_position(tmp_path):
+    """loader.enumerate() yields each batch's index in its epoch, also after a mid-epoch resume."""
+    loader = DataLoader(_table(), batch_size=2)
+    with pytest.raises(RuntimeError, match="stop"), jobwrap.Session(str(tmp_path), environ={}) as job:
+        for _ in job.epochs(1):
+            for i, _batch in job.loader(loader).enumerate():
+                if i == 2:
+                    job.save()
+                    raise RuntimeError("stop inside batch 2")
+    with jobwrap.Session(str(tmp_path), environ={}) as job:
+        pairs = [(i, int(b[0][0].item())) for _ in job.epochs(1) for i, b in job.loader(loader).enumerate()]
+    assert pairs == [(3, 6), (4, 8), (5, 10)]
+
+
+def test_wrapped_loader_reads_like_the_loader(tmp_path):
+    """job.loader(dl) passes dataset, sampler, batch_size, num_workers, drop_last and len() through, mid-loop too."""
+    dataset = _table()
+    loader = DataLoader(dataset, batch_size=5, drop_last=True)
+    with jobwrap.Session(str(tmp_path), environ={}) as job:
+        wrapped = job.loader(loader)
+        for _ in wrapped:
+            assert wrapped.dataset is dataset and wrapped.sampler is loader.sampler
+            assert (wrapped.batch_size, wrapped.num_workers, wrapped.drop_last, len(wrapped)) == (5, 0, True, 2)
+        with pytest.raises(AttributeError):
+            wrapped.no_such_attribute

@@ -47,11 +47,12 @@ class StepBoundary(Protocol):
     epoch: int
     position: int  # batches of this epoch done; the loader sets it to 0 when a fresh epoch starts
 
-    def _boundary(self) -> None:
-        """A step boundary: the previous step is done and the next batch not yet fetched."""
+    def _loader_boundary(self) -> None:
+        """A step boundary: the previous step is done and the next batch not yet fetched (unless a
+        ``job.steps()`` loop owns the boundaries: then the batches do not count as steps)."""
 
     def _batch_started(self) -> None:
-        """A batch was handed to the loop's body."""
+        """A batch was handed to the loop's body (inside a ``job.steps()`` loop: it counts in the position)."""
 
     def _batch_left(self) -> None:
         """The loop broke off with its batch (it does not count)."""
@@ -77,13 +78,27 @@ class ResumableLoader(Generic[T]):
         self._iterator: Iterator[T] | None = None  # the epoch's iterator, for a loader resumed through its state
         self._resume: dict[str, Any] | None = None
         self.ran_in_epoch: int | None = None  # another loader wrapped in that epoch would take over its steps
+        self._index = 0  # the batch in hand's index in its epoch
 
     def __len__(self) -> int:
         return len(self.iterable)  # type: ignore[arg-type]
 
+    def __getattr__(self, name: str) -> Any:
+        """The wrapped loader's attributes (``dataset``, ``sampler``, ``batch_size``...), as scripts read them."""
+        if name.startswith("__") or name == "iterable":  # copy/pickle probes; before __init__ set it
+            raise AttributeError(name)
+        return getattr(self.iterable, name)
+
+    def enumerate(self, start: int = 0) -> Iterator[tuple[int, T]]:
+        """``(index of the batch in the epoch, batch)``: after a mid-epoch resume the index goes on where the
+        stopped run was, where ``enumerate(job.loader(dl))`` would start again at 0 and shift every window keyed
+        on it (``if (i + 1) % k == 0: optimizer.step()``)."""
+        for batch in self:
+            yield start + self._index, batch
+
     def __iter__(self) -> Iterator[T]:
         session = self._session
-        session._boundary()
+        session._loader_boundary()
         iterator = self._start_epoch()
         length = _length(self.iterable)
         self.ran_in_epoch = session.epoch
@@ -92,6 +107,7 @@ class ResumableLoader(Generic[T]):
                 batch = next(iterator)
             except StopIteration:
                 return
+            self._index = session.position
             session._batch_started()
             try:
                 yield batch
@@ -102,7 +118,7 @@ class ResumableLoader(Generic[T]):
             # After the epoch's last batch the boundary is the next epoch's start (Session.epochs),
             # once the user's end-of-epoch code (scheduler.step(), validation) has run.
             if length is None or session.position < length:
-                session._boundary()
+                session._loader_boundary()
 
     def _start_epoch(self) -> Iterator[T]:
         resume, self._resume = self._resume, None
