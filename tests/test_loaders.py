@@ -311,3 +311,30 @@ def test_wrapped_loader_reads_like_the_loader(tmp_path):
             assert (wrapped.batch_size, wrapped.num_workers, wrapped.drop_last, len(wrapped)) == (5, 0, True, 2)
         with pytest.raises(AttributeError):
             wrapped.no_such_attribute
+
+
+def _save_after_break(directory: Path, shape: str) -> int:
+    """Trains 5 batches, breaks off at the 6th, then saves: the saved step."""
+    loader = DataLoader(_table(), batch_size=1)
+    with jobwrap.Session(str(directory), environ={}, save_at_end=False) as job:
+        for _ in job.epochs(1):
+            batches = job.loader(loader)
+            if shape == "held":
+                batches = iter(batches)
+            for i, _batch in enumerate(batches):
+                if i == 5:
+                    break
+                try:
+                    if i == 4:
+                        raise ValueError
+                except ValueError:
+                    job.save()  # in the body (an except clause is compiled after the loop): the batch counts
+            saved = job.save()
+            assert batches is not None  # the held iterator is alive here
+            return saved.step
+
+
+def test_save_after_leaving_a_loader_loop_records_the_batches_trained(tmp_path):
+    """job.save() after `break` records 5 steps for 5 trained batches, whether or not the iterator is still held."""
+    assert _save_after_break(tmp_path / "for", "for") == 5
+    assert _save_after_break(tmp_path / "held", "held") == 5

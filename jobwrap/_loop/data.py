@@ -17,6 +17,8 @@ Setups whose order cannot be rebuilt are refused when the loader is wrapped.
 """
 from __future__ import annotations
 
+import dis
+import functools
 import random
 import sys
 import types
@@ -79,6 +81,7 @@ class ResumableLoader(Generic[T]):
         self._resume: dict[str, Any] | None = None
         self.ran_in_epoch: int | None = None  # another loader wrapped in that epoch would take over its steps
         self._index = 0  # the batch in hand's index in its epoch
+        self._pulled_at: tuple[Any, int] | None = None  # (code, offset) of the `for` that pulled it
 
     def __len__(self) -> int:
         return len(self.iterable)  # type: ignore[arg-type]
@@ -108,6 +111,7 @@ class ResumableLoader(Generic[T]):
             except StopIteration:
                 return
             self._index = session.position
+            self._pulled_at = _pulling_loop()
             session._batch_started()
             try:
                 yield batch
@@ -119,6 +123,12 @@ class ResumableLoader(Generic[T]):
             # once the user's end-of-epoch code (scheduler.step(), validation) has run.
             if length is None or session.position < length:
                 session._loader_boundary()
+
+    def body_running(self) -> bool:
+        """Whether the loop that pulled the batch in hand is still in its body (a save there counts the batch),
+        or was left by ``break`` with its iterator kept in a variable (the batch was not trained: as when
+        the iterator is the loop's own, which ``break`` closes). A pull that is no ``for`` loop's: in the body."""
+        return self._pulled_at is None or in_loop_body(*self._pulled_at, sys._getframe(1))
 
     def _start_epoch(self) -> Iterator[T]:
         resume, self._resume = self._resume, None
@@ -200,6 +210,38 @@ class ResumableLoader(Generic[T]):
         if "epoch_rng" in state:
             state = _from_legacy(state)
         self._resume = dict(state) if "now" in state else None
+
+
+def _pulling_loop() -> tuple[Any, int] | None:
+    """(code, offset) of the ``for`` statement, outside this module, that asked for the next batch; else None."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename == __file__:  # through enumerate()
+        frame = frame.f_back
+    if frame is None or _loop_lines(frame.f_code, frame.f_lasti) is None:
+        return None
+    return frame.f_code, frame.f_lasti
+
+
+@functools.lru_cache(maxsize=64)
+def _loop_lines(code: types.CodeType, offset: int) -> tuple[int, int] | None:
+    """The source lines of the body of the ``for`` loop whose FOR_ITER is at ``offset``, or None."""
+    at = next((i for i in dis.get_instructions(code) if i.offset == offset), None)
+    if at is None or not at.opname.startswith("FOR_ITER"):
+        return None
+    # By lines, not offsets: exception handlers inside the body are compiled out of line, after it.
+    lines = [line for start, end, line in code.co_lines() if line is not None and offset < end and start < at.argval]
+    return (min(lines), max(lines)) if lines else None
+
+
+def in_loop_body(code: types.CodeType, offset: int, frame: Any) -> bool:
+    """Whether the innermost running frame of ``code`` (from ``frame`` outwards) is inside that loop's body.
+
+    No such frame (the function that looped has returned): the loop was left.
+    """
+    first, last = _loop_lines(code, offset) or (0, sys.maxsize)
+    while frame is not None and frame.f_code is not code:
+        frame = frame.f_back
+    return frame is not None and first <= frame.f_lineno <= last
 
 
 def _from_legacy(state: dict[str, Any]) -> dict[str, Any]:

@@ -587,8 +587,11 @@ class Session:
         share), and all ranks return only once the checkpoint is committed.
         """
         self.start()
-        if self._in_batch:
-            self._batch_finished()
+        if self._in_batch:  # a batch in hand counts if the loop's body is running, not once the loop is left
+            if self._loader is None or self._loader.body_running():
+                self._batch_finished()
+            else:
+                self._batch_left()
         self._collect_background()  # a save in flight commits first (or its failure is raised)
         if self._holds_step() and not self._moved_since_save():
             return self.last_checkpoint
