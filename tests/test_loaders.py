@@ -338,3 +338,37 @@ def test_save_after_leaving_a_loader_loop_records_the_batches_trained(tmp_path):
     """job.save() after `break` records 5 steps for 5 trained batches, whether or not the iterator is still held."""
     assert _save_after_break(tmp_path / "for", "for") == 5
     assert _save_after_break(tmp_path / "held", "held") == 5
+
+
+def _stop_mid_epoch(directory: Path, loader: DataLoader, at: int) -> None:
+    """Trains ``at`` batches of the first epoch, saves, and dies."""
+    with pytest.raises(RuntimeError, match="stop"), jobwrap.Session(str(directory), environ={}) as job:
+        for _ in job.epochs(1):
+            for _batch in job.loader(loader):
+                if job.position + 1 == at:
+                    job.save()
+                    raise RuntimeError("stop")
+
+
+@pytest.mark.parametrize("rebuilt, changed", [
+    (lambda: DataLoader(TensorDataset(torch.arange(40.0)), batch_size=8), "batch_size 6 -> 8"),
+    (lambda: DataLoader(TensorDataset(torch.arange(30.0)), batch_size=6), "samples 40 -> 30"),
+    (lambda: DataLoader(TensorDataset(torch.arange(40.0)), batch_size=6, shuffle=True), "RandomSampler"),
+    (lambda: DataLoader(TensorDataset(torch.arange(40.0)), batch_size=6, drop_last=True), "drop_last False -> True"),
+])
+def test_loader_rebuilt_differently_is_refused_mid_epoch(tmp_path, rebuilt, changed):
+    """A resume mid-epoch with another batch size, dataset length, sampler or drop_last is refused, naming it."""
+    _stop_mid_epoch(tmp_path, DataLoader(TensorDataset(torch.arange(40.0)), batch_size=6), at=3)
+    with jobwrap.Session(str(tmp_path), environ={}) as job:
+        with pytest.raises(jobwrap.StateMismatchError, match=changed) as refused:
+            job.loader(rebuilt())
+    assert "restart_epoch=True" in str(refused.value) and "3 batches into epoch 0" in str(refused.value)
+
+
+def test_restart_epoch_trains_the_epoch_again_with_the_new_loader(tmp_path):
+    """job.loader(new, restart_epoch=True) after a mid-epoch stop starts the epoch over from its first batch."""
+    _stop_mid_epoch(tmp_path, DataLoader(TensorDataset(torch.arange(40.0)), batch_size=6), at=3)
+    with jobwrap.Session(str(tmp_path), environ={}) as job:
+        firsts = [int(b[0][0].item()) for _ in job.epochs(1)
+                  for b in job.loader(DataLoader(TensorDataset(torch.arange(40.0)), batch_size=8), restart_epoch=True)]
+    assert firsts == [0, 8, 16, 24, 32] and job.step == 3 + 5

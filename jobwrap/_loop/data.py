@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dis
 import functools
+import logging
 import random
 import sys
 import types
@@ -26,11 +27,13 @@ from collections.abc import Iterator as IteratorABC
 from typing import Any, Generic, Iterable, Iterator, Protocol, TypeVar
 
 import torch
+from torch.utils.data.dataloader import _DatasetKind
 
 from jobwrap._loop.skipping import can_skip, open_at
 from jobwrap._storage.state import capture_rng, is_stateful, plain, restore_rng
 from jobwrap.errors import ConfigError, StateMismatchError
 
+log = logging.getLogger("jobwrap")
 T = TypeVar("T")
 _END = object()
 _WALK_DEPTH = 4
@@ -66,8 +69,9 @@ class StepBoundary(Protocol):
 class ResumableLoader(Generic[T]):
     """Wraps a DataLoader (or any re-iterable); get one from :meth:`Session.loader`."""
 
-    def __init__(self, session: StepBoundary, iterable: Iterable[T]) -> None:
+    def __init__(self, session: StepBoundary, iterable: Iterable[T], *, restart_epoch: bool = False) -> None:
         check_resumable(iterable)
+        self._restart_epoch = restart_epoch
         self._session = session
         self.iterable = iterable
         self._sources = rng_sources(iterable)
@@ -198,7 +202,7 @@ class ResumableLoader(Generic[T]):
     def state_dict(self) -> dict[str, Any]:
         if self._resume is not None:  # resumed, not yet iterated (a save at its first boundary): still that state
             return dict(self._resume)
-        state: dict[str, Any] = {"now": get_sources(self._sources)}
+        state: dict[str, Any] = {"now": get_sources(self._sources), "shape": loader_shape(self.iterable)}
         if self._epoch is not None:
             state["epoch"] = self._epoch
         if self._stateful is not None:
@@ -210,6 +214,22 @@ class ResumableLoader(Generic[T]):
         if "epoch_rng" in state:
             state = _from_legacy(state)
         self._resume = dict(state) if "now" in state else None
+        changed = shape_changes(state.get("shape"), loader_shape(self.iterable))
+        position = self._session.position
+        if not changed or position == 0:  # at an epoch's start no saved place is read with the new loader
+            return
+        if not self._restart_epoch:
+            raise StateMismatchError(
+                f"the loader is not built as in the run that saved the checkpoint ({'; '.join(changed)}): its saved "
+                f"place, {position} batches into epoch {self._session.epoch}, would stand for other samples (some "
+                f"never trained, some twice). Build the loader as that run did; or pass "
+                f"job.loader(loader, restart_epoch=True) to train this epoch again from its first batch with the "
+                f"new loader; or start a new run in a new directory")
+        log.warning("the loader changed since the checkpoint (%s): restart_epoch=True, so epoch %d starts over "
+                    "from its first batch (its %d batches trained before are trained again)",
+                    "; ".join(changed), self._session.epoch, position)
+        self._session.position = 0
+        self._resume = None
 
 
 def _pulling_loop() -> tuple[Any, int] | None:
@@ -242,6 +262,26 @@ def in_loop_body(code: types.CodeType, offset: int, frame: Any) -> bool:
     while frame is not None and frame.f_code is not code:
         frame = frame.f_back
     return frame is not None and first <= frame.f_lineno <= last
+
+
+def loader_shape(iterable: Any) -> dict[str, Any]:
+    """What decides which samples a saved position covers: batch size, lengths, sampler kind, drop_last."""
+    shape: dict[str, Any] = {"type": type(iterable).__name__, "batches": _length(iterable)}
+    if isinstance(iterable, torch.utils.data.DataLoader):
+        shape.update(batch_size=iterable.batch_size, drop_last=iterable.drop_last,
+                     samples=_length(iterable.dataset), sampler=type(iterable.sampler).__name__,
+                     batch_sampler=type(iterable.batch_sampler).__name__)
+        if iterable._dataset_kind == _DatasetKind.Iterable:  # workers split an iterable dataset between them
+            shape["num_workers"] = iterable.num_workers
+    return shape
+
+
+def shape_changes(saved: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:
+    """``"batch_size 6 -> 8"`` for each setting that differs (none for a checkpoint that kept no shape)."""
+    if saved is None:
+        return []
+    return [f"{key} {saved.get(key)} -> {now.get(key)}" for key in sorted(set(saved) | set(now))
+            if saved.get(key) != now.get(key)]
 
 
 def _from_legacy(state: dict[str, Any]) -> dict[str, Any]:
@@ -420,7 +460,7 @@ def _length(iterable: Any) -> int | None:
     """len(iterable), or None: a DataLoader over an IterableDataset has __len__ but may raise."""
     try:
         return len(iterable)
-    except TypeError:
+    except (TypeError, NotImplementedError):
         return None
 
 

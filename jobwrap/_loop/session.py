@@ -349,8 +349,13 @@ class Session:
                 f"job[{name!r}], so that a resumed run restores it (an extra set only by job[...] is not restored)")
         self.extras[name] = plain(value, name)
 
-    def loader(self, iterable: Iterable[T]) -> ResumableLoader[T]:
-        """Wrap the training loader: each batch ends at a step boundary; resumes mid-epoch exactly."""
+    def loader(self, iterable: Iterable[T], *, restart_epoch: bool = False) -> ResumableLoader[T]:
+        """Wrap the training loader: each batch ends at a step boundary; resumes mid-epoch exactly.
+
+        A loader built otherwise than in the run that saved the checkpoint (batch size, dataset length,
+        sampler, drop_last) is refused mid-epoch, where its saved place would stand for other samples;
+        ``restart_epoch=True`` trains that epoch again from its first batch with the new loader instead.
+        """
         self.start()
         if self._loader is None or self._loader.iterable is not iterable:
             if self._loader is not None and self._loader.ran_in_epoch == self.epoch:
@@ -358,7 +363,7 @@ class Session:
                     "job.loader() got another loader in the epoch in which the training loader ran: it wraps the "
                     "training loader only, whose batches are the steps. Iterate a validation loader directly "
                     "(for batch in val_loader) instead; its draws from the RNG are checkpointed with the rest.")
-            self._loader = ResumableLoader(self, iterable)
+            self._loader = ResumableLoader(self, iterable, restart_epoch=restart_epoch)
             if self._resume_data is not None:
                 self._loader.load_state_dict(self._resume_data)
                 self._resume_data = None
