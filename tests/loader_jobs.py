@@ -103,6 +103,41 @@ class StatefulStream(IterableDataset):
         self.passes, self.pos = state["passes"], state["pos"]
 
 
+class WorkerRng(Dataset):
+    """Map-style, noise from the dataset's own generator, made in each worker as PyTorch's docs show:
+    by worker_init_fn from get_worker_info().seed, or lazily by the first __getitem__ ("lazy")."""
+
+    def __init__(self, kind: str) -> None:
+        self.x, self.kind, self.rng = table(), kind, None
+
+    def __len__(self) -> int:
+        return SAMPLES
+
+    def make(self, seed: int) -> None:
+        kind = self.kind.removeprefix("lazy-")
+        if kind == "numpy":
+            self.rng = numpy.random.default_rng(seed)
+        elif kind == "torch":
+            self.rng = torch.Generator().manual_seed(seed)
+        else:
+            self.rng = random.Random(seed)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if self.rng is None:  # "lazy-...": the worker_init_fn made nothing
+            self.make(get_worker_info().seed)
+        if isinstance(self.rng, torch.Generator):
+            noise = torch.rand(1, generator=self.rng).item()
+        else:
+            noise = float(self.rng.random())
+        return self.x[i] + 0.01 * noise
+
+
+def make_worker_rng(worker_id: int) -> None:
+    info = get_worker_info()
+    if not info.dataset.kind.startswith("lazy-"):
+        info.dataset.make(info.seed)
+
+
 def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     numpy.random.seed(seed)
@@ -113,6 +148,8 @@ def make_loader(args: argparse.Namespace):
     common = dict(batch_size=BATCH, num_workers=args.workers, drop_last=args.drop_last,
                   worker_init_fn=seed_worker if args.worker_init else None)
     dataset = Augmented() if args.augment else TensorDataset(table())
+    if args.worker_rng:
+        dataset, common["worker_init_fn"] = WorkerRng(args.worker_rng), make_worker_rng
     if args.loader == "shuffle":
         return DataLoader(dataset, shuffle=True, **common)
     if args.loader == "generator":
@@ -154,6 +191,8 @@ def main() -> None:
     parser.add_argument("--drop-last", action="store_true")
     parser.add_argument("--worker-init", action="store_true")
     parser.add_argument("--augment", action="store_true")
+    parser.add_argument("--worker-rng", choices=["numpy", "torch", "python", "lazy-numpy"],
+                        help="noise from a generator the workers make (WorkerRng)")
     parser.add_argument("--validate", action="store_true", help="a shuffled validation loader every 3 batches")
     parser.add_argument("--steps", type=int, default=0,
                         help="a step-counted loop (job.steps) pulling next() from an endless job.loader")

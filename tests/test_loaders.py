@@ -372,3 +372,26 @@ def test_restart_epoch_trains_the_epoch_again_with_the_new_loader(tmp_path):
         firsts = [int(b[0][0].item()) for _ in job.epochs(1)
                   for b in job.loader(DataLoader(TensorDataset(torch.arange(40.0)), batch_size=8), restart_epoch=True)]
     assert firsts == [0, 8, 16, 24, 32] and job.step == 3 + 5
+
+
+# ---------------------------------------------------------------- generators that live only in the workers
+
+@pytest.mark.parametrize("kind", ["numpy", "torch", "python"])
+def test_generator_made_by_worker_init_fn_resumes_bit_exact(tmp_path, kind):
+    """A dataset's generator made in worker_init_fn from get_worker_info().seed (2 workers): resumed bit-exact."""
+    command = [sys.executable, str(JOB), "--epochs", "2", "--loader", "shuffle", "--workers", "2",
+               "--worker-rng", kind]
+    plain = run_preempted(command, tmp_path / "plain").check()
+    cut = run_preempted(command, tmp_path / "cut", preempt_at=[STEPS_PER_EPOCH, STEPS_PER_EPOCH + 3]).check()
+    assert cut.signalled_at == [STEPS_PER_EPOCH, STEPS_PER_EPOCH + 3]
+    assert_same_run(plain.directory, cut.directory)
+
+
+def test_generator_made_lazily_in_a_worker_is_refused_at_the_first_batch(tmp_path):
+    """A generator a worker's first __getitem__ makes is refused at the first batch, naming it and the way out."""
+    command = [sys.executable, str(JOB), "--epochs", "1", "--loader", "shuffle", "--workers", "2",
+               "--worker-rng", "lazy-numpy"]
+    run = run_preempted(command, tmp_path, supervised=False)
+    assert run.returncode != 0
+    assert "ConfigError" in run.stderr and "dataset.rng" in run.stderr and "worker_init_fn" in run.stderr
+    assert not list(tmp_path.glob("step-*.pt"))  # refused before any step was trained

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dis
 import functools
 import logging
-import random
 import sys
 import types
 from collections.abc import Iterator as IteratorABC
@@ -29,6 +28,7 @@ from typing import Any, Generic, Iterable, Iterator, Protocol, TypeVar
 import torch
 from torch.utils.data.dataloader import _DatasetKind
 
+from jobwrap._loop.rngs import rng_kind as _rng_kind
 from jobwrap._loop.skipping import can_skip, open_at
 from jobwrap._storage.state import capture_rng, is_stateful, plain, restore_rng
 from jobwrap.errors import ConfigError, StateMismatchError
@@ -363,24 +363,6 @@ def _walk(obj: Any, path: str, found: dict[str, Any], seen: set[int], depth: int
         items = getattr(obj, "__dict__", {}).items()
     for key, value in list(items):
         _walk(value, f"{path}.{key}", found, seen, depth - 1)
-
-
-def _rng_kind(obj: Any) -> str | None:
-    if isinstance(obj, torch.Generator):
-        return "torch"
-    if isinstance(obj, random.Random):
-        return "python"
-    numpy = _numpy()
-    if numpy is not None:
-        if isinstance(obj, numpy.random.RandomState):
-            return "numpy-legacy"
-        if isinstance(obj, numpy.random.Generator):
-            return "numpy"
-    return None
-
-
-def _numpy() -> Any:
-    return sys.modules.get("numpy")
 
 
 def get_sources(sources: dict[str, Any]) -> dict[str, Any]:
