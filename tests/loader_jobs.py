@@ -148,6 +148,8 @@ def make_loader(args: argparse.Namespace):
     common = dict(batch_size=BATCH, num_workers=args.workers, drop_last=args.drop_last,
                   worker_init_fn=seed_worker if args.worker_init else None)
     dataset = Augmented() if args.augment else TensorDataset(table())
+    if args.persistent:
+        common["persistent_workers"] = True
     if args.worker_rng:
         dataset, common["worker_init_fn"] = WorkerRng(args.worker_rng), make_worker_rng
     if args.loader == "shuffle":
@@ -191,6 +193,7 @@ def main() -> None:
     parser.add_argument("--drop-last", action="store_true")
     parser.add_argument("--worker-init", action="store_true")
     parser.add_argument("--augment", action="store_true")
+    parser.add_argument("--persistent", action="store_true", help="DataLoader(persistent_workers=True)")
     parser.add_argument("--worker-rng", choices=["numpy", "torch", "python", "lazy-numpy"],
                         help="noise from a generator the workers make (WorkerRng)")
     parser.add_argument("--validate", action="store_true", help="a shuffled validation loader every 3 batches")

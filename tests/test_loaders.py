@@ -53,16 +53,23 @@ def _table() -> TensorDataset:
     return TensorDataset(torch.arange(12.0).reshape(12, 1))
 
 
+class _Count(torch.utils.data.IterableDataset):
+    """An iterable dataset: its loader is replayed, not skipped."""
+
+    def __iter__(self):
+        return iter(range(12))
+
+
 @pytest.mark.parametrize("make, problem", [
     (lambda: (x for x in range(3)), "can be iterated only once"),
     (lambda: iter([1, 2, 3]), "can be iterated only once"),
-    (lambda: DataLoader(_table(), num_workers=2, persistent_workers=True), "persistent_workers=True"),
+    (lambda: DataLoader(_Count(), num_workers=2, persistent_workers=True), "persistent_workers=True"),
     (lambda: DataLoader(_table(), num_workers=2, in_order=False), "in_order=False"),
     (lambda: DataLoader(_table(), sampler=iter(range(12))), "sampler"),
     (lambda: DataLoader(_table(), batch_sampler=iter([[0, 1], [2, 3]])), "batch_sampler"),
 ])
 def test_loader_that_cannot_be_resumed_is_refused(tmp_path, make, problem):
-    """A one-shot iterator or sampler, persistent workers or out-of-order batches: refused, naming the fix."""
+    """A one-shot iterator or sampler, persistent workers of a replayed loader or out-of-order batches: refused."""
     with jobwrap.Session(str(tmp_path), environ={}) as job:
         with pytest.raises(ConfigError, match=problem) as refused:
             job.loader(make())
@@ -395,3 +402,35 @@ def test_generator_made_lazily_in_a_worker_is_refused_at_the_first_batch(tmp_pat
     assert run.returncode != 0
     assert "ConfigError" in run.stderr and "dataset.rng" in run.stderr and "worker_init_fn" in run.stderr
     assert not list(tmp_path.glob("step-*.pt"))  # refused before any step was trained
+
+
+def test_persistent_workers_resume_bit_exact_after_term_to_the_process_group(tmp_path):
+    """persistent_workers=True, 2 workers drawing noise: TERM to every process mid-epoch, relaunch, bit-exact."""
+    command = [sys.executable, str(JOB), "--epochs", "3", "--loader", "generator", "--workers", "2", "--augment",
+               "--persistent", "--worker-rng", "numpy"]
+    plain = run_preempted(command, tmp_path / "plain").check()
+    cut = run_preempted(command, tmp_path / "cut", preempt_at=[STEPS_PER_EPOCH + 3], signal_=signal.SIGTERM,
+                        to_group=True)
+    assert cut.returncode == 128 + signal.SIGTERM and "killed by signal" not in cut.stderr, cut.stderr[-2000:]
+    run_preempted(command, tmp_path / "cut").check()  # the relaunch: kept workers again from its next epoch
+    assert_same_run(plain.directory, cut.directory)
+
+
+class _PidNoise(torch.utils.data.Dataset):
+    """Each item: the worker's pid and a draw from torch's global stream."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.tensor([float(os.getpid()), torch.rand(1).item()], dtype=torch.float64)
+
+
+def test_persistent_workers_are_kept_and_draw_anew_each_epoch(tmp_path):
+    """With persistent_workers=True the same worker processes serve every epoch, and each epoch draws other noise."""
+    loader = DataLoader(_PidNoise(), batch_size=2, num_workers=2, persistent_workers=True)
+    with jobwrap.Session(str(tmp_path), environ={}) as job:
+        epochs = [torch.cat(list(job.loader(loader))) for _ in job.epochs(2)]
+    assert set(epochs[0][:, 0].tolist()) == set(epochs[1][:, 0].tolist())  # the same two workers
+    assert len(set(epochs[0][:, 0].tolist())) == 2
+    assert not set(epochs[0][:, 1].tolist()) & set(epochs[1][:, 1].tolist())  # no draw repeated

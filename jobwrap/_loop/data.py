@@ -77,6 +77,8 @@ class ResumableLoader(Generic[T]):
         self._sources = rng_sources(iterable)
         self._stateful = stateful_part(iterable)
         self._skips = self._stateful is None and can_skip(iterable, self._sources, _rng_kind)
+        if not self._skips:
+            check_kept_workers(iterable)
         get_sources(self._sources)  # a state_dict that a checkpoint cannot hold fails here, not at the signal
         if self._stateful is not None and not _is_loader(self._stateful):
             _own_state(self._stateful)  # a StatefulDataLoader's state_dict() would start its workers here
@@ -299,12 +301,6 @@ def check_resumable(iterable: Any) -> None:
                           f"run cannot replay it to find its place, and a second epoch would be empty. {_OPEN_FIX}")
     if not isinstance(iterable, torch.utils.data.DataLoader):
         return
-    if iterable.persistent_workers and iterable.num_workers > 0:
-        raise ConfigError(
-            "DataLoader(persistent_workers=True) keeps its worker processes, and the RNG state inside them, from "
-            "one epoch to the next, and draws the workers' seed only in its first epoch: a resumed run starts new "
-            "workers and can rebuild neither. Build the DataLoader with persistent_workers=False (the default) "
-            "instead.")
     if not getattr(iterable, "in_order", True) and iterable.num_workers > 0:
         raise ConfigError(
             "DataLoader(in_order=False) hands out batches in the order the workers finish them, which no run "
@@ -316,6 +312,18 @@ def check_resumable(iterable: Any) -> None:
                 f"the DataLoader's {name} is a {type(part).__name__}, which can be iterated only once: a resumed "
                 f"run cannot replay its order, and a second epoch would be empty. Pass a {name} class whose "
                 f"__iter__ starts over (torch.utils.data.Sampler) instead.")
+
+
+def check_kept_workers(iterable: Any) -> None:
+    """Refuse persistent workers where the loader is replayed: only a skipping loader seeds them per batch."""
+    if isinstance(iterable, torch.utils.data.DataLoader) and iterable.persistent_workers and iterable.num_workers > 0:
+        raise ConfigError(
+            "DataLoader(persistent_workers=True) keeps its worker processes, and the RNG state inside them, from "
+            "one epoch to the next, and draws the workers' seed only in its first epoch: this loader (an "
+            "IterableDataset, a dataset with its own RNG or state, a DataLoader subclass with its own iterator, "
+            "a StatefulDataLoader) is resumed by replaying its epoch in new workers, which can rebuild neither. "
+            "Build the DataLoader with persistent_workers=False (the default) instead; a DataLoader over a "
+            "map-style dataset supports persistent workers.")
 
 
 def stateful_part(iterable: Any) -> Any:

@@ -152,6 +152,10 @@ class _WorkerSeeding:
         self.before_first: set[str] | None = None  # the dataset's generators when the first batch was asked for
         self.checked = False
 
+    def new_epoch(self, seed: int) -> None:
+        """A kept (persistent) worker starts another epoch: its batches count from 0 under that epoch's seed."""
+        self.base_seed, self.offset = seed, 0
+
     def before_batch(self, batch: int) -> None:
         seed_batch(self.base_seed, self.offset + batch)
         rngs = own_rngs(_worker_dataset())
@@ -191,6 +195,8 @@ class _SeedEachTask:
         task = self._queue.get(*args, **kwargs)
         if isinstance(task, tuple):  # (task index, batch indices); else a control message
             self._seeding.before_batch(task[0])
+        elif type(task).__name__ == "_ResumeIteration" and isinstance(getattr(task, "seed", None), int):
+            self._seeding.new_epoch(task.seed)  # a persistent worker's next epoch (jobwrap._loop.skipping)
         return task
 
     def __getattr__(self, name: str) -> Any:

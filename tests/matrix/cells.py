@@ -119,6 +119,8 @@ class Expectation:
 
 # ---------------------------------------------------------------- constraints
 
+_REPLAYED = ("iterable", "iterable_state", "stateful")  # loaders resumed by replay or their own state, not by skip
+
 def valid(cell: Cell) -> bool:
     """Whether a combination is meaningful (combinations PyTorch itself rejects, or no-ops, are left out)."""
     python_data = cell.loader in ("python_list", "python_generator")
@@ -335,9 +337,10 @@ def expected(cell: Cell) -> Expectation:
     if cell.extras == "set_only":
         return Expectation("refused", "an extra set only through job[...] would not be restored on resume; "
                                       "refused when set, naming job.track(name=initial)", match=r"track\(")
-    if cell.loader_option == "persistent_workers" and cell.loop == "epochs":
-        return Expectation("refused", "persistent workers keep their RNG state across epochs, which a resume "
-                                      "cannot restore; refused at loader()", match=r"persistent_workers")
+    if cell.loader_option == "persistent_workers" and cell.loop == "epochs" and cell.loader in _REPLAYED:
+        return Expectation("refused", "persistent workers keep their RNG state across epochs, which a replayed "
+                                      "loader cannot rebuild (a map-style one seeds them per batch); refused at "
+                                      "loader()", match=r"persistent_workers")
     if cell.loader == "python_generator":
         return Expectation("refused", "a one-shot generator cannot be replayed to resume mid-epoch; "
                                       "refused at loader()", match=r"(?i)generator|re-?iterable")
