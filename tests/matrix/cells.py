@@ -136,10 +136,11 @@ def valid(cell: Cell) -> bool:
 
 
 def _partial_ok(values: dict[str, Any]) -> bool:
-    """Whether some valid cell, not known to be inexact, could still extend these values (for the greedy
-    cover): an inexact pair, like a refused value, would hide the pairs its cell was meant to cover."""
+    """Whether some valid cell, not known to be inexact or refused, could still extend these values (for the
+    greedy cover): an inexact or refused pair (persistent workers on an iterable loader), like a refused
+    value, would hide the pairs its cell was meant to cover."""
     cell = Cell(**{**dataclasses.asdict(Cell()), **_fill_neutral(values)})
-    return valid(cell) and expected(cell).kind != "inexact"
+    return valid(cell) and expected(cell).kind not in ("inexact", "refused")
 
 
 def _fill_neutral(values: dict[str, Any]) -> dict[str, Any]:
