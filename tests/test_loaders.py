@@ -434,3 +434,26 @@ def test_persistent_workers_are_kept_and_draw_anew_each_epoch(tmp_path):
     assert set(epochs[0][:, 0].tolist()) == set(epochs[1][:, 0].tolist())  # the same two workers
     assert len(set(epochs[0][:, 0].tolist())) == 2
     assert not set(epochs[0][:, 1].tolist()) & set(epochs[1][:, 1].tolist())  # no draw repeated
+
+
+@pytest.mark.parametrize("shape", ["enumerate", "method"])
+def test_enumerate_around_a_resumed_loader_is_warned_about(tmp_path, caplog, shape):
+    """enumerate(job.loader(dl)) after a mid-epoch resume logs a warning naming .enumerate(); the method does not."""
+    loader = DataLoader(_table(), batch_size=2)
+    with pytest.raises(RuntimeError, match="stop"), jobwrap.Session(str(tmp_path), environ={}) as job:
+        for _ in job.epochs(1):
+            for i, _batch in enumerate(job.loader(loader)):
+                if i == 2:
+                    job.save()
+                    raise RuntimeError("stop inside batch 2")
+    caplog.clear()
+    with jobwrap.Session(str(tmp_path), environ={}) as job:
+        for _ in job.epochs(1):
+            wrapped = job.loader(loader)
+            for _pair in (enumerate(wrapped) if shape == "enumerate" else wrapped.enumerate()):
+                pass
+    warned = [r.getMessage() for r in caplog.records if "counts from 0" in r.getMessage()]
+    assert warned == (["enumerate(job.loader(...)) counts from 0 after this mid-epoch resume, the run that stopped "
+                       "was at batch 3 of the epoch: anything keyed on that index (if (i + 1) % k == 0: "
+                       "optimizer.step()) shifts. Use `for i, batch in job.loader(loader).enumerate():` instead"]
+                      if shape == "enumerate" else [])

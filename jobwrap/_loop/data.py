@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import dis
 import functools
+import gc
 import logging
 import sys
 import types
+import weakref
 from collections.abc import Iterator as IteratorABC
 from typing import Any, Generic, Iterable, Iterator, Protocol, TypeVar
 
@@ -87,6 +89,7 @@ class ResumableLoader(Generic[T]):
         self._resume: dict[str, Any] | None = None
         self.ran_in_epoch: int | None = None  # another loader wrapped in that epoch would take over its steps
         self._index = 0  # the batch in hand's index in its epoch
+        self._handed: Any = lambda: None  # a weak reference to the batches iter() handed out last
         self._pulled_at: tuple[Any, int] | None = None  # (code, offset) of the `for` that pulled it
 
     def __len__(self) -> int:
@@ -106,8 +109,14 @@ class ResumableLoader(Generic[T]):
             yield start + self._index, batch
 
     def __iter__(self) -> Iterator[T]:
+        batches = self._batches()
+        self._handed = weakref.ref(batches)
+        return batches
+
+    def _batches(self) -> Iterator[T]:
         session = self._session
         session._loader_boundary()
+        resumed_at = session.position if self._resume is not None else 0
         iterator = self._start_epoch()
         length = _length(self.iterable)
         self.ran_in_epoch = session.epoch
@@ -116,6 +125,9 @@ class ResumableLoader(Generic[T]):
                 batch = next(iterator)
             except StopIteration:
                 return
+            if resumed_at:
+                warn_if_enumerated(self._handed(), resumed_at)
+                resumed_at = 0
             self._index = session.position
             self._pulled_at = _pulling_loop()
             session._batch_started()
@@ -232,6 +244,19 @@ class ResumableLoader(Generic[T]):
                     "; ".join(changed), self._session.epoch, position)
         self._session.position = 0
         self._resume = None
+
+
+def warn_if_enumerated(batches: Any, position: int) -> None:
+    """After a mid-epoch resume: an ``enumerate()`` around the batches counts from 0, not from ``position``.
+
+    Looked for once per resume (``gc.get_referrers`` walks the heap): a window keyed
+    on that index (gradient accumulation, logging every k batches) would shift.
+    """
+    if batches is not None and any(isinstance(ref, enumerate) for ref in gc.get_referrers(batches)):
+        log.warning("enumerate(job.loader(...)) counts from 0 after this mid-epoch resume, the run that stopped was "
+                    "at batch %d of the epoch: anything keyed on that index (if (i + 1) %% k == 0: "
+                    "optimizer.step()) shifts. Use `for i, batch in job.loader(loader).enumerate():` instead",
+                    position)
 
 
 def _pulling_loop() -> tuple[Any, int] | None:
