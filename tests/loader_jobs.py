@@ -103,6 +103,41 @@ class StatefulStream(IterableDataset):
         self.passes, self.pos = state["passes"], state["pos"]
 
 
+class WorkerRng(Dataset):
+    """Map-style, noise from the dataset's own generator, made in each worker as PyTorch's docs show:
+    by worker_init_fn from get_worker_info().seed, or lazily by the first __getitem__ ("lazy")."""
+
+    def __init__(self, kind: str) -> None:
+        self.x, self.kind, self.rng = table(), kind, None
+
+    def __len__(self) -> int:
+        return SAMPLES
+
+    def make(self, seed: int) -> None:
+        kind = self.kind.removeprefix("lazy-")
+        if kind == "numpy":
+            self.rng = numpy.random.default_rng(seed)
+        elif kind == "torch":
+            self.rng = torch.Generator().manual_seed(seed)
+        else:
+            self.rng = random.Random(seed)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if self.rng is None:  # "lazy-...": the worker_init_fn made nothing
+            self.make(get_worker_info().seed)
+        if isinstance(self.rng, torch.Generator):
+            noise = torch.rand(1, generator=self.rng).item()
+        else:
+            noise = float(self.rng.random())
+        return self.x[i] + 0.01 * noise
+
+
+def make_worker_rng(worker_id: int) -> None:
+    info = get_worker_info()
+    if not info.dataset.kind.startswith("lazy-"):
+        info.dataset.make(info.seed)
+
+
 def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     numpy.random.seed(seed)
@@ -113,6 +148,10 @@ def make_loader(args: argparse.Namespace):
     common = dict(batch_size=BATCH, num_workers=args.workers, drop_last=args.drop_last,
                   worker_init_fn=seed_worker if args.worker_init else None)
     dataset = Augmented() if args.augment else TensorDataset(table())
+    if args.persistent:
+        common["persistent_workers"] = True
+    if args.worker_rng:
+        dataset, common["worker_init_fn"] = WorkerRng(args.worker_rng), make_worker_rng
     if args.loader == "shuffle":
         return DataLoader(dataset, shuffle=True, **common)
     if args.loader == "generator":
@@ -154,7 +193,14 @@ def main() -> None:
     parser.add_argument("--drop-last", action="store_true")
     parser.add_argument("--worker-init", action="store_true")
     parser.add_argument("--augment", action="store_true")
+    parser.add_argument("--persistent", action="store_true", help="DataLoader(persistent_workers=True)")
+    parser.add_argument("--worker-rng", choices=["numpy", "torch", "python", "lazy-numpy"],
+                        help="noise from a generator the workers make (WorkerRng)")
     parser.add_argument("--validate", action="store_true", help="a shuffled validation loader every 3 batches")
+    parser.add_argument("--steps", type=int, default=0,
+                        help="a step-counted loop (job.steps) pulling next() from an endless job.loader")
+    parser.add_argument("--accumulate", type=int, default=1,
+                        help="optimizer.step() every k batches, keyed on the batch index (loader.enumerate())")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -166,16 +212,29 @@ def main() -> None:
     validation = DataLoader(TensorDataset(table(9)), batch_size=10, shuffle=True)
     with jobwrap.Session() as job:
         job.track(model=model, optimizer=optimizer, seen=[])
+
+        def train(batch, step: bool = True) -> None:
+            x = first(batch)
+            loss = (model(x) - x.sum(dim=1, keepdim=True)).pow(2).mean()
+            loss.backward()
+            if step:
+                optimizer.step()
+                optimizer.zero_grad()
+            job["seen"] = job["seen"] + [round(x.sum().item(), 4)]
+
+        if args.steps:  # nanoGPT's shape: while iter_num < max_iters, X, Y = get_batch()
+            def endless():
+                while True:
+                    yield from job.loader(loader)
+            batches = endless()
+            for _ in job.steps(args.steps):
+                train(next(batches))
+            return
         for epoch in job.epochs(args.epochs):
             if args.loader == "distributed":
                 loader.sampler.set_epoch(epoch)
-            for batch in job.loader(loader):
-                x = first(batch)
-                optimizer.zero_grad()
-                loss = (model(x) - x.sum(dim=1, keepdim=True)).pow(2).mean()
-                loss.backward()
-                optimizer.step()
-                job["seen"] = job["seen"] + [round(x.sum().item(), 4)]
+            for i, batch in job.loader(loader).enumerate():
+                train(batch, step=(i + 1) % args.accumulate == 0)
                 if args.validate and job.position % 3 == 0:
                     with torch.no_grad():
                         val = next(iter(validation))[0]

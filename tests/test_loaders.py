@@ -53,16 +53,23 @@ def _table() -> TensorDataset:
     return TensorDataset(torch.arange(12.0).reshape(12, 1))
 
 
+class _Count(torch.utils.data.IterableDataset):
+    """An iterable dataset: its loader is replayed, not skipped."""
+
+    def __iter__(self):
+        return iter(range(12))
+
+
 @pytest.mark.parametrize("make, problem", [
     (lambda: (x for x in range(3)), "can be iterated only once"),
     (lambda: iter([1, 2, 3]), "can be iterated only once"),
-    (lambda: DataLoader(_table(), num_workers=2, persistent_workers=True), "persistent_workers=True"),
+    (lambda: DataLoader(_Count(), num_workers=2, persistent_workers=True), "persistent_workers=True"),
     (lambda: DataLoader(_table(), num_workers=2, in_order=False), "in_order=False"),
     (lambda: DataLoader(_table(), sampler=iter(range(12))), "sampler"),
     (lambda: DataLoader(_table(), batch_sampler=iter([[0, 1], [2, 3]])), "batch_sampler"),
 ])
 def test_loader_that_cannot_be_resumed_is_refused(tmp_path, make, problem):
-    """A one-shot iterator or sampler, persistent workers or out-of-order batches: refused, naming the fix."""
+    """A one-shot iterator or sampler, persistent workers of a replayed loader or out-of-order batches: refused."""
     with jobwrap.Session(str(tmp_path), environ={}) as job:
         with pytest.raises(ConfigError, match=problem) as refused:
             job.loader(make())
@@ -256,3 +263,197 @@ def test_stateful_dataloader_is_resumed_without_replay(tmp_path):
         rest = [b.flatten().tolist() for _ in job.epochs(1) for b in job.loader(loader())]
     assert len(rest) == 3 and len(fetched) == 9
     assert sorted(done_before[:3] + fetched) == list(range(12))
+
+
+# ---------------------------------------------------------------- loops that are not `for batch in job.loader()`
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_step_counted_loop_over_a_loader_resumes_bit_exact(tmp_path, workers):
+    """job.steps(n) pulling next() from job.loader(): n steps, one boundary each, resumed bit-exact across passes."""
+    from jobwrap.testing import final_state
+
+    command = [sys.executable, str(JOB), "--loader", "generator", "--augment", "--steps", "10",
+               "--workers", str(workers)]
+    plain = run_preempted(command, tmp_path / "plain").check()
+    cut = run_preempted(command, tmp_path / "cut", preempt_at=[3, STEPS_PER_EPOCH + 1]).check()
+    assert cut.signalled_at == [3, STEPS_PER_EPOCH + 1]
+    state = final_state(plain.directory)
+    assert state["step"] == 10 and len(state["seen"]) == 10  # one batch per step, no step counted twice
+    assert state["jobwrap"]["position"] == 10 - STEPS_PER_EPOCH  # the second pass's batches handed out
+    assert_same_run(plain.directory, cut.directory)
+
+
+def test_accumulation_keyed_on_the_batch_index_resumes_mid_window(tmp_path):
+    """optimizer.step() every 3 batches keyed on loader.enumerate()'s index: a stop mid-window resumes bit-exact."""
+    command = [sys.executable, str(JOB), "--epochs", "2", "--loader", "shuffle", "--augment", "--accumulate", "3"]
+    plain = run_preempted(command, tmp_path / "plain").check()
+    # Step 8 is the second epoch's batch 1: inside the window that steps at its batch 2.
+    cut = run_preempted(command, tmp_path / "cut", preempt_at=[8]).check()
+    assert cut.signalled_at == [8]
+    assert_same_run(plain.directory, cut.directory)
+
+
+def test_enumerate_goes_on_from_the_resumed_position(tmp_path):
+    """loader.enumerate() yields each batch's index in its epoch, also after a mid-epoch resume."""
+    loader = DataLoader(_table(), batch_size=2)
+    with pytest.raises(RuntimeError, match="stop"), jobwrap.Session(str(tmp_path), environ={}) as job:
+        for _ in job.epochs(1):
+            for i, _batch in job.loader(loader).enumerate():
+                if i == 2:
+                    job.save()
+                    raise RuntimeError("stop inside batch 2")
+    with jobwrap.Session(str(tmp_path), environ={}) as job:
+        pairs = [(i, int(b[0][0].item())) for _ in job.epochs(1) for i, b in job.loader(loader).enumerate()]
+    assert pairs == [(3, 6), (4, 8), (5, 10)]
+
+
+def test_wrapped_loader_reads_like_the_loader(tmp_path):
+    """job.loader(dl) passes dataset, sampler, batch_size, num_workers, drop_last and len() through, mid-loop too."""
+    dataset = _table()
+    loader = DataLoader(dataset, batch_size=5, drop_last=True)
+    with jobwrap.Session(str(tmp_path), environ={}) as job:
+        wrapped = job.loader(loader)
+        for _ in wrapped:
+            assert wrapped.dataset is dataset and wrapped.sampler is loader.sampler
+            assert (wrapped.batch_size, wrapped.num_workers, wrapped.drop_last, len(wrapped)) == (5, 0, True, 2)
+        with pytest.raises(AttributeError):
+            wrapped.no_such_attribute
+
+
+def _save_after_break(directory: Path, shape: str) -> int:
+    """Trains 5 batches, breaks off at the 6th, then saves: the saved step."""
+    loader = DataLoader(_table(), batch_size=1)
+    with jobwrap.Session(str(directory), environ={}, save_at_end=False) as job:
+        for _ in job.epochs(1):
+            batches = job.loader(loader)
+            if shape == "held":
+                batches = iter(batches)
+            for i, _batch in enumerate(batches):
+                if i == 5:
+                    break
+                try:
+                    if i == 4:
+                        raise ValueError
+                except ValueError:
+                    job.save()  # in the body (an except clause is compiled after the loop): the batch counts
+            saved = job.save()
+            assert batches is not None  # the held iterator is alive here
+            return saved.step
+
+
+def test_save_after_leaving_a_loader_loop_records_the_batches_trained(tmp_path):
+    """job.save() after `break` records 5 steps for 5 trained batches, whether or not the iterator is still held."""
+    assert _save_after_break(tmp_path / "for", "for") == 5
+    assert _save_after_break(tmp_path / "held", "held") == 5
+
+
+def _stop_mid_epoch(directory: Path, loader: DataLoader, at: int) -> None:
+    """Trains ``at`` batches of the first epoch, saves, and dies."""
+    with pytest.raises(RuntimeError, match="stop"), jobwrap.Session(str(directory), environ={}) as job:
+        for _ in job.epochs(1):
+            for _batch in job.loader(loader):
+                if job.position + 1 == at:
+                    job.save()
+                    raise RuntimeError("stop")
+
+
+@pytest.mark.parametrize("rebuilt, changed", [
+    (lambda: DataLoader(TensorDataset(torch.arange(40.0)), batch_size=8), "batch_size 6 -> 8"),
+    (lambda: DataLoader(TensorDataset(torch.arange(30.0)), batch_size=6), "samples 40 -> 30"),
+    (lambda: DataLoader(TensorDataset(torch.arange(40.0)), batch_size=6, shuffle=True), "RandomSampler"),
+    (lambda: DataLoader(TensorDataset(torch.arange(40.0)), batch_size=6, drop_last=True), "drop_last False -> True"),
+])
+def test_loader_rebuilt_differently_is_refused_mid_epoch(tmp_path, rebuilt, changed):
+    """A resume mid-epoch with another batch size, dataset length, sampler or drop_last is refused, naming it."""
+    _stop_mid_epoch(tmp_path, DataLoader(TensorDataset(torch.arange(40.0)), batch_size=6), at=3)
+    with jobwrap.Session(str(tmp_path), environ={}) as job:
+        with pytest.raises(jobwrap.StateMismatchError, match=changed) as refused:
+            job.loader(rebuilt())
+    assert "restart_epoch=True" in str(refused.value) and "3 batches into epoch 0" in str(refused.value)
+
+
+def test_restart_epoch_trains_the_epoch_again_with_the_new_loader(tmp_path):
+    """job.loader(new, restart_epoch=True) after a mid-epoch stop starts the epoch over from its first batch."""
+    _stop_mid_epoch(tmp_path, DataLoader(TensorDataset(torch.arange(40.0)), batch_size=6), at=3)
+    with jobwrap.Session(str(tmp_path), environ={}) as job:
+        firsts = [int(b[0][0].item()) for _ in job.epochs(1)
+                  for b in job.loader(DataLoader(TensorDataset(torch.arange(40.0)), batch_size=8), restart_epoch=True)]
+    assert firsts == [0, 8, 16, 24, 32] and job.step == 3 + 5
+
+
+# ---------------------------------------------------------------- generators that live only in the workers
+
+@pytest.mark.parametrize("kind", ["numpy", "torch", "python"])
+def test_generator_made_by_worker_init_fn_resumes_bit_exact(tmp_path, kind):
+    """A dataset's generator made in worker_init_fn from get_worker_info().seed (2 workers): resumed bit-exact."""
+    command = [sys.executable, str(JOB), "--epochs", "2", "--loader", "shuffle", "--workers", "2",
+               "--worker-rng", kind]
+    plain = run_preempted(command, tmp_path / "plain").check()
+    cut = run_preempted(command, tmp_path / "cut", preempt_at=[STEPS_PER_EPOCH, STEPS_PER_EPOCH + 3]).check()
+    assert cut.signalled_at == [STEPS_PER_EPOCH, STEPS_PER_EPOCH + 3]
+    assert_same_run(plain.directory, cut.directory)
+
+
+def test_generator_made_lazily_in_a_worker_is_refused_at_the_first_batch(tmp_path):
+    """A generator a worker's first __getitem__ makes is refused at the first batch, naming it and the way out."""
+    command = [sys.executable, str(JOB), "--epochs", "1", "--loader", "shuffle", "--workers", "2",
+               "--worker-rng", "lazy-numpy"]
+    run = run_preempted(command, tmp_path, supervised=False)
+    assert run.returncode != 0
+    assert "ConfigError" in run.stderr and "dataset.rng" in run.stderr and "worker_init_fn" in run.stderr
+    assert not list(tmp_path.glob("step-*.pt"))  # refused before any step was trained
+
+
+def test_persistent_workers_resume_bit_exact_after_term_to_the_process_group(tmp_path):
+    """persistent_workers=True, 2 workers drawing noise: TERM to every process mid-epoch, relaunch, bit-exact."""
+    command = [sys.executable, str(JOB), "--epochs", "3", "--loader", "generator", "--workers", "2", "--augment",
+               "--persistent", "--worker-rng", "numpy"]
+    plain = run_preempted(command, tmp_path / "plain").check()
+    cut = run_preempted(command, tmp_path / "cut", preempt_at=[STEPS_PER_EPOCH + 3], signal_=signal.SIGTERM,
+                        to_group=True)
+    assert cut.returncode == 128 + signal.SIGTERM and "killed by signal" not in cut.stderr, cut.stderr[-2000:]
+    run_preempted(command, tmp_path / "cut").check()  # the relaunch: kept workers again from its next epoch
+    assert_same_run(plain.directory, cut.directory)
+
+
+class _PidNoise(torch.utils.data.Dataset):
+    """Each item: the worker's pid and a draw from torch's global stream."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.tensor([float(os.getpid()), torch.rand(1).item()], dtype=torch.float64)
+
+
+def test_persistent_workers_are_kept_and_draw_anew_each_epoch(tmp_path):
+    """With persistent_workers=True the same worker processes serve every epoch, and each epoch draws other noise."""
+    loader = DataLoader(_PidNoise(), batch_size=2, num_workers=2, persistent_workers=True)
+    with jobwrap.Session(str(tmp_path), environ={}) as job:
+        epochs = [torch.cat(list(job.loader(loader))) for _ in job.epochs(2)]
+    assert set(epochs[0][:, 0].tolist()) == set(epochs[1][:, 0].tolist())  # the same two workers
+    assert len(set(epochs[0][:, 0].tolist())) == 2
+    assert not set(epochs[0][:, 1].tolist()) & set(epochs[1][:, 1].tolist())  # no draw repeated
+
+
+@pytest.mark.parametrize("shape", ["enumerate", "method"])
+def test_enumerate_around_a_resumed_loader_is_warned_about(tmp_path, caplog, shape):
+    """enumerate(job.loader(dl)) after a mid-epoch resume logs a warning naming .enumerate(); the method does not."""
+    loader = DataLoader(_table(), batch_size=2)
+    with pytest.raises(RuntimeError, match="stop"), jobwrap.Session(str(tmp_path), environ={}) as job:
+        for _ in job.epochs(1):
+            for i, _batch in enumerate(job.loader(loader)):
+                if i == 2:
+                    job.save()
+                    raise RuntimeError("stop inside batch 2")
+    caplog.clear()
+    with jobwrap.Session(str(tmp_path), environ={}) as job:
+        for _ in job.epochs(1):
+            wrapped = job.loader(loader)
+            for _pair in (enumerate(wrapped) if shape == "enumerate" else wrapped.enumerate()):
+                pass
+    warned = [r.getMessage() for r in caplog.records if "counts from 0" in r.getMessage()]
+    assert warned == (["enumerate(job.loader(...)) counts from 0 after this mid-epoch resume, the run that stopped "
+                       "was at batch 3 of the epoch: anything keyed on that index (if (i + 1) % k == 0: "
+                       "optimizer.step()) shifts. Use `for i, batch in job.loader(loader).enumerate():` instead"]
+                      if shape == "enumerate" else [])

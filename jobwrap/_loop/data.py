@@ -17,18 +17,25 @@ Setups whose order cannot be rebuilt are refused when the loader is wrapped.
 """
 from __future__ import annotations
 
-import random
+import dis
+import functools
+import gc
+import logging
 import sys
 import types
+import weakref
 from collections.abc import Iterator as IteratorABC
 from typing import Any, Generic, Iterable, Iterator, Protocol, TypeVar
 
 import torch
+from torch.utils.data.dataloader import _DatasetKind
 
+from jobwrap._loop.rngs import rng_kind as _rng_kind
 from jobwrap._loop.skipping import can_skip, open_at
 from jobwrap._storage.state import capture_rng, is_stateful, plain, restore_rng
 from jobwrap.errors import ConfigError, StateMismatchError
 
+log = logging.getLogger("jobwrap")
 T = TypeVar("T")
 _END = object()
 _WALK_DEPTH = 4
@@ -47,11 +54,12 @@ class StepBoundary(Protocol):
     epoch: int
     position: int  # batches of this epoch done; the loader sets it to 0 when a fresh epoch starts
 
-    def _boundary(self) -> None:
-        """A step boundary: the previous step is done and the next batch not yet fetched."""
+    def _loader_boundary(self) -> None:
+        """A step boundary: the previous step is done and the next batch not yet fetched (unless a
+        ``job.steps()`` loop owns the boundaries: then the batches do not count as steps)."""
 
     def _batch_started(self) -> None:
-        """A batch was handed to the loop's body."""
+        """A batch was handed to the loop's body (inside a ``job.steps()`` loop: it counts in the position)."""
 
     def _batch_left(self) -> None:
         """The loop broke off with its batch (it does not count)."""
@@ -63,13 +71,16 @@ class StepBoundary(Protocol):
 class ResumableLoader(Generic[T]):
     """Wraps a DataLoader (or any re-iterable); get one from :meth:`Session.loader`."""
 
-    def __init__(self, session: StepBoundary, iterable: Iterable[T]) -> None:
+    def __init__(self, session: StepBoundary, iterable: Iterable[T], *, restart_epoch: bool = False) -> None:
         check_resumable(iterable)
+        self._restart_epoch = restart_epoch
         self._session = session
         self.iterable = iterable
         self._sources = rng_sources(iterable)
         self._stateful = stateful_part(iterable)
         self._skips = self._stateful is None and can_skip(iterable, self._sources, _rng_kind)
+        if not self._skips:
+            check_kept_workers(iterable)
         get_sources(self._sources)  # a state_dict that a checkpoint cannot hold fails here, not at the signal
         if self._stateful is not None and not _is_loader(self._stateful):
             _own_state(self._stateful)  # a StatefulDataLoader's state_dict() would start its workers here
@@ -77,13 +88,35 @@ class ResumableLoader(Generic[T]):
         self._iterator: Iterator[T] | None = None  # the epoch's iterator, for a loader resumed through its state
         self._resume: dict[str, Any] | None = None
         self.ran_in_epoch: int | None = None  # another loader wrapped in that epoch would take over its steps
+        self._index = 0  # the batch in hand's index in its epoch
+        self._handed: Any = lambda: None  # a weak reference to the batches iter() handed out last
+        self._pulled_at: tuple[Any, int] | None = None  # (code, offset) of the `for` that pulled it
 
     def __len__(self) -> int:
         return len(self.iterable)  # type: ignore[arg-type]
 
+    def __getattr__(self, name: str) -> Any:
+        """The wrapped loader's attributes (``dataset``, ``sampler``, ``batch_size``...), as scripts read them."""
+        if name.startswith("__") or name == "iterable":  # copy/pickle probes; before __init__ set it
+            raise AttributeError(name)
+        return getattr(self.iterable, name)
+
+    def enumerate(self, start: int = 0) -> Iterator[tuple[int, T]]:
+        """``(index of the batch in the epoch, batch)``: after a mid-epoch resume the index goes on where the
+        stopped run was, where ``enumerate(job.loader(dl))`` would start again at 0 and shift every window keyed
+        on it (``if (i + 1) % k == 0: optimizer.step()``)."""
+        for batch in self:
+            yield start + self._index, batch
+
     def __iter__(self) -> Iterator[T]:
+        batches = self._batches()
+        self._handed = weakref.ref(batches)
+        return batches
+
+    def _batches(self) -> Iterator[T]:
         session = self._session
-        session._boundary()
+        session._loader_boundary()
+        resumed_at = session.position if self._resume is not None else 0
         iterator = self._start_epoch()
         length = _length(self.iterable)
         self.ran_in_epoch = session.epoch
@@ -92,6 +125,11 @@ class ResumableLoader(Generic[T]):
                 batch = next(iterator)
             except StopIteration:
                 return
+            if resumed_at:
+                warn_if_enumerated(self._handed(), resumed_at)
+                resumed_at = 0
+            self._index = session.position
+            self._pulled_at = _pulling_loop()
             session._batch_started()
             try:
                 yield batch
@@ -102,7 +140,13 @@ class ResumableLoader(Generic[T]):
             # After the epoch's last batch the boundary is the next epoch's start (Session.epochs),
             # once the user's end-of-epoch code (scheduler.step(), validation) has run.
             if length is None or session.position < length:
-                session._boundary()
+                session._loader_boundary()
+
+    def body_running(self) -> bool:
+        """Whether the loop that pulled the batch in hand is still in its body (a save there counts the batch),
+        or was left by ``break`` with its iterator kept in a variable (the batch was not trained: as when
+        the iterator is the loop's own, which ``break`` closes). A pull that is no ``for`` loop's: in the body."""
+        return self._pulled_at is None or in_loop_body(*self._pulled_at, sys._getframe(1))
 
     def _start_epoch(self) -> Iterator[T]:
         resume, self._resume = self._resume, None
@@ -172,7 +216,7 @@ class ResumableLoader(Generic[T]):
     def state_dict(self) -> dict[str, Any]:
         if self._resume is not None:  # resumed, not yet iterated (a save at its first boundary): still that state
             return dict(self._resume)
-        state: dict[str, Any] = {"now": get_sources(self._sources)}
+        state: dict[str, Any] = {"now": get_sources(self._sources), "shape": loader_shape(self.iterable)}
         if self._epoch is not None:
             state["epoch"] = self._epoch
         if self._stateful is not None:
@@ -184,6 +228,87 @@ class ResumableLoader(Generic[T]):
         if "epoch_rng" in state:
             state = _from_legacy(state)
         self._resume = dict(state) if "now" in state else None
+        changed = shape_changes(state.get("shape"), loader_shape(self.iterable))
+        position = self._session.position
+        if not changed or position == 0:  # at an epoch's start no saved place is read with the new loader
+            return
+        if not self._restart_epoch:
+            raise StateMismatchError(
+                f"the loader is not built as in the run that saved the checkpoint ({'; '.join(changed)}): its saved "
+                f"place, {position} batches into epoch {self._session.epoch}, would stand for other samples (some "
+                f"never trained, some twice). Build the loader as that run did; or pass "
+                f"job.loader(loader, restart_epoch=True) to train this epoch again from its first batch with the "
+                f"new loader; or start a new run in a new directory")
+        log.warning("the loader changed since the checkpoint (%s): restart_epoch=True, so epoch %d starts over "
+                    "from its first batch (its %d batches trained before are trained again)",
+                    "; ".join(changed), self._session.epoch, position)
+        self._session.position = 0
+        self._resume = None
+
+
+def warn_if_enumerated(batches: Any, position: int) -> None:
+    """After a mid-epoch resume: an ``enumerate()`` around the batches counts from 0, not from ``position``.
+
+    Looked for once per resume (``gc.get_referrers`` walks the heap): a window keyed
+    on that index (gradient accumulation, logging every k batches) would shift.
+    """
+    if batches is not None and any(isinstance(ref, enumerate) for ref in gc.get_referrers(batches)):
+        log.warning("enumerate(job.loader(...)) counts from 0 after this mid-epoch resume, the run that stopped was "
+                    "at batch %d of the epoch: anything keyed on that index (if (i + 1) %% k == 0: "
+                    "optimizer.step()) shifts. Use `for i, batch in job.loader(loader).enumerate():` instead",
+                    position)
+
+
+def _pulling_loop() -> tuple[Any, int] | None:
+    """(code, offset) of the ``for`` statement, outside this module, that asked for the next batch; else None."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename == __file__:  # through enumerate()
+        frame = frame.f_back
+    if frame is None or _loop_lines(frame.f_code, frame.f_lasti) is None:
+        return None
+    return frame.f_code, frame.f_lasti
+
+
+@functools.lru_cache(maxsize=64)
+def _loop_lines(code: types.CodeType, offset: int) -> tuple[int, int] | None:
+    """The source lines of the body of the ``for`` loop whose FOR_ITER is at ``offset``, or None."""
+    at = next((i for i in dis.get_instructions(code) if i.offset == offset), None)
+    if at is None or not at.opname.startswith("FOR_ITER"):
+        return None
+    # By lines, not offsets: exception handlers inside the body are compiled out of line, after it.
+    lines = [line for start, end, line in code.co_lines() if line is not None and offset < end and start < at.argval]
+    return (min(lines), max(lines)) if lines else None
+
+
+def in_loop_body(code: types.CodeType, offset: int, frame: Any) -> bool:
+    """Whether the innermost running frame of ``code`` (from ``frame`` outwards) is inside that loop's body.
+
+    No such frame (the function that looped has returned): the loop was left.
+    """
+    first, last = _loop_lines(code, offset) or (0, sys.maxsize)
+    while frame is not None and frame.f_code is not code:
+        frame = frame.f_back
+    return frame is not None and first <= frame.f_lineno <= last
+
+
+def loader_shape(iterable: Any) -> dict[str, Any]:
+    """What decides which samples a saved position covers: batch size, lengths, sampler kind, drop_last."""
+    shape: dict[str, Any] = {"type": type(iterable).__name__, "batches": _length(iterable)}
+    if isinstance(iterable, torch.utils.data.DataLoader):
+        shape.update(batch_size=iterable.batch_size, drop_last=iterable.drop_last,
+                     samples=_length(iterable.dataset), sampler=type(iterable.sampler).__name__,
+                     batch_sampler=type(iterable.batch_sampler).__name__)
+        if iterable._dataset_kind == _DatasetKind.Iterable:  # workers split an iterable dataset between them
+            shape["num_workers"] = iterable.num_workers
+    return shape
+
+
+def shape_changes(saved: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:
+    """``"batch_size 6 -> 8"`` for each setting that differs (none for a checkpoint that kept no shape)."""
+    if saved is None:
+        return []
+    return [f"{key} {saved.get(key)} -> {now.get(key)}" for key in sorted(set(saved) | set(now))
+            if saved.get(key) != now.get(key)]
 
 
 def _from_legacy(state: dict[str, Any]) -> dict[str, Any]:
@@ -201,12 +326,6 @@ def check_resumable(iterable: Any) -> None:
                           f"run cannot replay it to find its place, and a second epoch would be empty. {_OPEN_FIX}")
     if not isinstance(iterable, torch.utils.data.DataLoader):
         return
-    if iterable.persistent_workers and iterable.num_workers > 0:
-        raise ConfigError(
-            "DataLoader(persistent_workers=True) keeps its worker processes, and the RNG state inside them, from "
-            "one epoch to the next, and draws the workers' seed only in its first epoch: a resumed run starts new "
-            "workers and can rebuild neither. Build the DataLoader with persistent_workers=False (the default) "
-            "instead.")
     if not getattr(iterable, "in_order", True) and iterable.num_workers > 0:
         raise ConfigError(
             "DataLoader(in_order=False) hands out batches in the order the workers finish them, which no run "
@@ -218,6 +337,18 @@ def check_resumable(iterable: Any) -> None:
                 f"the DataLoader's {name} is a {type(part).__name__}, which can be iterated only once: a resumed "
                 f"run cannot replay its order, and a second epoch would be empty. Pass a {name} class whose "
                 f"__iter__ starts over (torch.utils.data.Sampler) instead.")
+
+
+def check_kept_workers(iterable: Any) -> None:
+    """Refuse persistent workers where the loader is replayed: only a skipping loader seeds them per batch."""
+    if isinstance(iterable, torch.utils.data.DataLoader) and iterable.persistent_workers and iterable.num_workers > 0:
+        raise ConfigError(
+            "DataLoader(persistent_workers=True) keeps its worker processes, and the RNG state inside them, from "
+            "one epoch to the next, and draws the workers' seed only in its first epoch: this loader (an "
+            "IterableDataset, a dataset with its own RNG or state, a DataLoader subclass with its own iterator, "
+            "a StatefulDataLoader) is resumed by replaying its epoch in new workers, which can rebuild neither. "
+            "Build the DataLoader with persistent_workers=False (the default) instead; a DataLoader over a "
+            "map-style dataset supports persistent workers.")
 
 
 def stateful_part(iterable: Any) -> Any:
@@ -265,24 +396,6 @@ def _walk(obj: Any, path: str, found: dict[str, Any], seen: set[int], depth: int
         items = getattr(obj, "__dict__", {}).items()
     for key, value in list(items):
         _walk(value, f"{path}.{key}", found, seen, depth - 1)
-
-
-def _rng_kind(obj: Any) -> str | None:
-    if isinstance(obj, torch.Generator):
-        return "torch"
-    if isinstance(obj, random.Random):
-        return "python"
-    numpy = _numpy()
-    if numpy is not None:
-        if isinstance(obj, numpy.random.RandomState):
-            return "numpy-legacy"
-        if isinstance(obj, numpy.random.Generator):
-            return "numpy"
-    return None
-
-
-def _numpy() -> Any:
-    return sys.modules.get("numpy")
 
 
 def get_sources(sources: dict[str, Any]) -> dict[str, Any]:
@@ -362,7 +475,7 @@ def _length(iterable: Any) -> int | None:
     """len(iterable), or None: a DataLoader over an IterableDataset has __len__ but may raise."""
     try:
         return len(iterable)
-    except TypeError:
+    except (TypeError, NotImplementedError):
         return None
 
 

@@ -123,6 +123,9 @@ class Session:
         self._saved_fingerprint: Any = None  # the state last_checkpoint holds (None: unknown, save again)
         self._handed_off: tuple[int, Any] = (-1, None)  # (step, fingerprint) last given to rank 0's background save
         self._in_batch = False  # between the loader yielding a batch and the end of the loop's body
+        # Inside job.steps(), the steps own the boundaries: batches pulled with next() from job.loader()
+        # count in the position when handed out, and are no steps of their own (fed: one was pulled).
+        self._steps_loop = self._steps_fed = False
         self.run_id = ""
         self._objects: dict[str, Any] = {}
         self._sharded: list[str] = []  # tracked names saved through torch.distributed.checkpoint (FSDP)
@@ -375,8 +378,13 @@ class Session:
                 f"job[{name!r}], so that a resumed run restores it (an extra set only by job[...] is not restored)")
         self.extras[name] = plain(value, name)
 
-    def loader(self, iterable: Iterable[T]) -> ResumableLoader[T]:
-        """Wrap the training loader: each batch ends at a step boundary; resumes mid-epoch exactly."""
+    def loader(self, iterable: Iterable[T], *, restart_epoch: bool = False) -> ResumableLoader[T]:
+        """Wrap the training loader: each batch ends at a step boundary; resumes mid-epoch exactly.
+
+        A loader built otherwise than in the run that saved the checkpoint (batch size, dataset length,
+        sampler, drop_last) is refused mid-epoch, where its saved place would stand for other samples;
+        ``restart_epoch=True`` trains that epoch again from its first batch with the new loader instead.
+        """
         self.start()
         if self._loader is None or self._loader.iterable is not iterable:
             if self._loader is not None and self._loader.ran_in_epoch == self.epoch:
@@ -384,7 +392,7 @@ class Session:
                     "job.loader() got another loader in the epoch in which the training loader ran: it wraps the "
                     "training loader only, whose batches are the steps. Iterate a validation loader directly "
                     "(for batch in val_loader) instead; its draws from the RNG are checkpointed with the rest.")
-            self._loader = ResumableLoader(self, iterable)
+            self._loader = ResumableLoader(self, iterable, restart_epoch=restart_epoch)
             if self._resume_data is not None:
                 self._loader.load_state_dict(self._resume_data)
                 self._resume_data = None
@@ -394,8 +402,16 @@ class Session:
         """Step numbers from the resumed one to ``total - 1``, for hand-written loops (no :meth:`loader`):
         each step ends at a boundary, the end is tested before a step, a final checkpoint is committed."""
         self.start()
-        return steps.steps(self, total, resumed=self._resume is not None or self.resumed_from is not None,
-                           at_end=self._save_at_end)
+        return self._owning_boundaries(steps.steps(
+            self, total, resumed=self._resume is not None or self.resumed_from is not None, at_end=self._save_at_end))
+
+    def _owning_boundaries(self, numbers: Iterator[int]) -> Iterator[int]:
+        """While a steps() loop runs, it alone makes boundaries: one per step, even with a loader's next() inside."""
+        self._steps_loop = True
+        try:
+            yield from numbers
+        finally:
+            self._steps_loop = False
 
     def _save_at_end(self) -> None:
         if self.config.save_at_end:
@@ -437,14 +453,19 @@ class Session:
     # The loader's side of the boundary (jobwrap._loop.data.StepBoundary): package-internal, hence the underscores.
     def _step_done(self) -> None:
         self.step += 1
-        self.position += 1
+        if not (self._steps_loop and self._steps_fed):  # else the loader counted its batches as it handed them out
+            self.position += 1
         if self._first_step_pending:  # a resumed process's first new step: the end of its relaunch
             self._first_step_pending = False
             self.events.append("first-step", step=self.step, first_batch=self._first_batch_at)
 
     def _batch_started(self) -> None:
-        """The loader handed out a batch: the loop's body trains on it now."""
-        self._in_batch = True
+        """The loader handed out a batch: the loop's body trains on it now (in a steps() loop: the step does)."""
+        if self._steps_loop:
+            self._steps_fed = True
+            self.position += 1
+        else:
+            self._in_batch = True
         if self._first_step_pending and self._first_batch_at is None:
             self._first_batch_at = round(time.time(), 3)
 
@@ -457,6 +478,11 @@ class Session:
         if self._in_batch:
             self._in_batch = False
             self._step_done()
+
+    def _loader_boundary(self) -> None:
+        """The loader's boundary before each batch; inside a steps() loop the step's own is the one."""
+        if not self._steps_loop:
+            self._boundary()
 
     def _boundary(self) -> None:
         if self._resume is not None:
@@ -611,8 +637,11 @@ class Session:
         share), and all ranks return only once the checkpoint is committed.
         """
         self.start()
-        if self._in_batch:
-            self._batch_finished()
+        if self._in_batch:  # a batch in hand counts if the loop's body is running, not once the loop is left
+            if self._loader is None or self._loader.body_running():
+                self._batch_finished()
+            else:
+                self._batch_left()
         self._collect_background()  # a save in flight commits first (or its failure is raised)
         if self._holds_step() and not self._moved_since_save():
             return self.last_checkpoint

@@ -44,14 +44,41 @@ def _in_dataset(path: str) -> bool:
 
 
 def open_at(loader: DataLoader, position: int) -> Iterator[Any]:
-    """``loader``'s iterator for this epoch, starting at batch ``position`` without loading batches before it."""
+    """``loader``'s iterator for this epoch, starting at batch ``position`` without loading batches before it.
+
+    With ``persistent_workers`` the workers of the previous epoch are kept for a new one (``position`` 0):
+    the epoch's seed is drawn as a new iterator draws its base seed, and reaches them with the epoch's
+    start message, so that kept and new workers seed each batch alike.
+    """
+    kept = loader._iterator if _persistent(loader) else None
+    if kept is not None and position == 0:
+        kept._shared_seed = _draw_base_seed(loader)  # torch reads it only for an IterDataPipe; a worker sees it
+        kept._reset(loader)
+        return kept
+    if kept is not None:
+        kept._shutdown_workers()
+        loader._iterator = None
     view = _LoaderView(loader, _Skipping(loader._index_sampler, position))
     with seeded_workers(position):
         iterator = DataLoader._get_iterator(view)  # type: ignore[arg-type]
     # A worker loader sends its first indices while it is built; without workers the first batch is asked
     # later, after the caller has put the checkpoint's RNG state back: skip now, while the epoch's state holds.
     iterator._sampler_iter.advance()
+    if _persistent(loader):  # kept for the next epochs, which start at their first batch
+        iterator._index_sampler = loader._index_sampler
+        loader._iterator = iterator
     return iterator
+
+
+def _persistent(loader: DataLoader) -> bool:
+    return bool(loader.persistent_workers and loader.num_workers > 0)
+
+
+def _draw_base_seed(loader: DataLoader) -> int:
+    """The draw a new iterator makes for its workers' base seed (torch's _BaseDataLoaderIter)."""
+    import torch
+
+    return int(torch.empty((), dtype=torch.int64).random_(generator=loader.generator).item())
 
 
 class _LoaderView:

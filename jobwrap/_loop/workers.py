@@ -24,7 +24,6 @@ The guard replaces every one of them that is installed.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -34,6 +33,9 @@ import signal
 import sys
 import threading
 from typing import Any, Callable, Iterable, Iterator
+
+from jobwrap._loop.rngs import derived_seed, own_rngs, reseed
+from jobwrap.errors import ConfigError
 
 _torch_loop: Callable[..., Any] | None = None  # torch's worker entry point, while the guard replaces it
 
@@ -190,7 +192,7 @@ def seed_batch(base_seed: int, batch: int) -> None:
     """Seed torch, ``random`` and NumPy (if loaded) for the epoch's ``batch``-th batch, from the iterator's seed."""
     import torch
 
-    digest = hashlib.blake2b(f"{base_seed}:{batch}".encode(), digest_size=16).digest()
+    digest = derived_seed(base_seed, batch)
     seed = int.from_bytes(digest[:8], "little")
     random.seed(seed)
     torch.manual_seed(seed)
@@ -199,24 +201,81 @@ def seed_batch(base_seed: int, batch: int) -> None:
         numpy.random.seed([int.from_bytes(digest[i:i + 4], "little") for i in range(0, 16, 4)])
 
 
+class _WorkerSeeding:
+    """One worker's per-batch seeding: the global streams and the dataset's own generators, from (base seed,
+    batch); and the check, after the worker's first fetch, that the fetch made no generator of its own."""
+
+    def __init__(self, base_seed: int, offset: int) -> None:
+        self.base_seed, self.offset = base_seed, offset
+        self.before_first: set[str] | None = None  # the dataset's generators when the first batch was asked for
+        self.checked = False
+
+    def new_epoch(self, seed: int) -> None:
+        """A kept (persistent) worker starts another epoch: its batches count from 0 under that epoch's seed."""
+        self.base_seed, self.offset = seed, 0
+
+    def before_batch(self, batch: int) -> None:
+        seed_batch(self.base_seed, self.offset + batch)
+        rngs = own_rngs(_worker_dataset())
+        if self.before_first is None:
+            self.before_first = set(rngs)
+        for path, rng in rngs.items():
+            reseed(rng, derived_seed(self.base_seed, self.offset + batch, path))
+
+    def after_first_fetch(self) -> None:
+        if self.checked or self.before_first is None:
+            return
+        self.checked = True
+        made = sorted(set(own_rngs(_worker_dataset())) - self.before_first)
+        if made:
+            raise ConfigError(
+                f"the DataLoader's dataset made the random generator {', '.join(made)} in a worker while fetching "
+                f"its first batch: a resumed run that skips the batches already trained on starts it over in "
+                f"another batch, so its draws would differ from the uninterrupted run's. Make it in the "
+                f"DataLoader's worker_init_fn (from get_worker_info().seed: jobwrap then seeds it before each "
+                f"batch) or in the dataset's __init__ (it is then checkpointed and the epoch replayed)")
+
+
+def _worker_dataset() -> Any:
+    from torch.utils.data import get_worker_info
+
+    info = get_worker_info()
+    return None if info is None else info.dataset
+
+
 class _SeedEachTask:
     """A worker's index queue that seeds the worker before each batch it hands out."""
 
-    def __init__(self, queue: Any, base_seed: int, offset: int) -> None:
-        self._queue, self._base_seed, self._offset = queue, base_seed, offset
+    def __init__(self, queue: Any, seeding: _WorkerSeeding) -> None:
+        self._queue, self._seeding = queue, seeding
 
     def get(self, *args: Any, **kwargs: Any) -> Any:
         task = self._queue.get(*args, **kwargs)
         if isinstance(task, tuple):  # (task index, batch indices); else a control message
-            seed_batch(self._base_seed, self._offset + task[0])
+            self._seeding.before_batch(task[0])
+        elif type(task).__name__ == "_ResumeIteration" and isinstance(getattr(task, "seed", None), int):
+            self._seeding.new_epoch(task.seed)  # a persistent worker's next epoch (jobwrap._loop.skipping)
         return task
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._queue, name)
 
 
+class _CheckedCollate:
+    """The worker's collate_fn, then the check of what the first fetch made (raised, it reaches the loader)."""
+
+    def __init__(self, collate: Callable[..., Any], seeding: _WorkerSeeding) -> None:
+        self._collate, self._seeding = collate, seeding
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        batch = self._collate(*args, **kwargs)
+        self._seeding.after_first_fetch()
+        return batch
+
+
 class _SeededLoop:
-    """A worker entry point that seeds each batch from (base seed, its index in the epoch); picklable."""
+    """A worker entry point that seeds each batch from (base seed, its index in the epoch), the dataset's own
+    generators too; picklable."""
 
     def __init__(self, inner: Callable[..., Any], offset: int) -> None:
         self.inner: Callable[..., Any] | None = inner
@@ -232,8 +291,9 @@ class _SeededLoop:
 
         original = _torch_loop or worker._worker_loop  # a spawned worker imported torch afresh: never replaced there
         bound = inspect.signature(original).bind(*args, **kwargs)
-        bound.arguments["index_queue"] = _SeedEachTask(bound.arguments["index_queue"],
-                                                       bound.arguments["base_seed"], self.offset)
+        seeding = _WorkerSeeding(bound.arguments["base_seed"], self.offset)
+        bound.arguments["index_queue"] = _SeedEachTask(bound.arguments["index_queue"], seeding)
+        bound.arguments["collate_fn"] = _CheckedCollate(bound.arguments["collate_fn"], seeding)
         (self.inner or original)(*bound.args, **bound.kwargs)
 
 

@@ -150,6 +150,8 @@ class Expectation:
 
 # ---------------------------------------------------------------- constraints
 
+_REPLAYED = ("iterable", "iterable_state", "stateful")  # loaders resumed by replay or their own state, not by skip
+
 def valid(cell: Cell) -> bool:
     """Whether a combination is meaningful (combinations PyTorch itself rejects, or no-ops, are left out)."""
     python_data = cell.loader in ("python_list", "python_generator")
@@ -173,10 +175,11 @@ def valid(cell: Cell) -> bool:
 
 
 def _partial_ok(values: dict[str, Any]) -> bool:
-    """Whether some valid cell, not known to be inexact, could still extend these values (for the greedy
-    cover): an inexact pair, like a refused value, would hide the pairs its cell was meant to cover."""
+    """Whether some valid cell, not known to be inexact or refused, could still extend these values (for the
+    greedy cover): an inexact or refused pair (persistent workers on an iterable loader), like a refused
+    value, would hide the pairs its cell was meant to cover."""
     cell = Cell(**{**dataclasses.asdict(Cell()), **_fill_neutral(values)})
-    return valid(cell) and expected(cell).kind != "inexact"
+    return valid(cell) and expected(cell).kind not in ("inexact", "refused")
 
 
 def _fill_neutral(values: dict[str, Any]) -> dict[str, Any]:
@@ -407,9 +410,10 @@ def expected(cell: Cell) -> Expectation:
     if cell.extras == "set_only":
         return Expectation("refused", "an extra set only through job[...] would not be restored on resume; "
                                       "refused when set, naming job.track(name=initial)", match=r"track\(")
-    if cell.loader_option == "persistent_workers" and cell.loop == "epochs":
-        return Expectation("refused", "persistent workers keep their RNG state across epochs, which a resume "
-                                      "cannot restore; refused at loader()", match=r"persistent_workers")
+    if cell.loader_option == "persistent_workers" and cell.loop == "epochs" and cell.loader in _REPLAYED:
+        return Expectation("refused", "persistent workers keep their RNG state across epochs, which a replayed "
+                                      "loader cannot rebuild (a map-style one seeds them per batch); refused at "
+                                      "loader()", match=r"persistent_workers")
     if cell.loader == "python_generator":
         return Expectation("refused", "a one-shot generator cannot be replayed to resume mid-epoch; "
                                       "refused at loader()", match=r"(?i)generator|re-?iterable")
