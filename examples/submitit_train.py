@@ -20,15 +20,15 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 
-def train(job, epochs: int = 2, samples: int = 256, step_seconds: float = 0.0) -> dict:
-    """Train a small regression model; return the final step and best loss."""
+def train(job, epochs: int = 2, samples: int = 256, step_seconds: float = 0.0, workers: int = 0) -> dict:
+    """Train a small regression model (``workers`` DataLoader workers); return the final step and best loss."""
     random.seed(0)
     numpy.random.seed(0)
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(1234)
     x = torch.randn(samples, 16, generator=generator)
     y = x[:, :4].sum(dim=1, keepdim=True) + 0.1 * torch.randn(samples, 1, generator=generator)
-    loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
+    loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True, num_workers=workers)
     model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Dropout(0.2), nn.Linear(64, 1))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7)

@@ -8,8 +8,11 @@
 The callback drives a :class:`jobwrap.Session` from inside ``fit`` (after Lightning
 has started its process group, so every DDP rank joins it): the requeue cap, the
 cancel-wins rule, the ranks' agreement and the atomic, verified store are
-jobwrap's. Each optimizer step is a jobwrap step; its boundary is the end of the
-batch that stepped. The checkpoint is Lightning's own (``dump_checkpoint``: model,
+jobwrap's. Each optimizer step is a jobwrap step; its boundary is the moment
+before the train loop fetches its next batch: after every hook the stepped batch
+triggers (``on_train_batch_end`` of every callback, ``ModelCheckpoint``'s saves,
+a mid-epoch validation, the plateau schedulers), as the uninterrupted fit runs
+them, and before the next batch draws anything. The checkpoint is Lightning's own (``dump_checkpoint``: model,
 optimizers, schedulers, loops, callbacks, precision plugin, the train loaders'
 state) plus jobwrap's per-rank RNG streams, which Lightning does not save.
 """
@@ -22,6 +25,7 @@ from typing import Any
 import pytorch_lightning as pl
 from lightning_fabric.utilities.types import _Stateful
 
+from jobwrap._loop import steps
 from jobwrap._loop.session import Session
 from jobwrap.errors import ConfigError
 
@@ -42,9 +46,12 @@ class _TrainerState:
     def __init__(self, trainer: "pl.Trainer") -> None:
         self.trainer = trainer
         self.loaded = False
+        self.before_fetch = False  # inside the boundary before a fetch: the batch's hooks have all run
 
     def state_dict(self) -> dict[str, Any]:
         checkpoint = self.trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        if self.before_fetch:
+            _as_lightning_restores_after_validation(self.trainer, checkpoint)
         return {k: v for k, v in checkpoint.items() if k not in _HPARAM_KEYS}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -69,6 +76,7 @@ class Preemptible(pl.Callback):
         self._state: _TrainerState | None = None
         self._resuming = False
         self._stepped_at = 0
+        self._boundary_due = False  # the optimizer stepped: a boundary before the next fetch
 
     # ------------------------------------------------------------ start
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -80,6 +88,9 @@ class Preemptible(pl.Callback):
         self.session.track(lightning=self._state)
         self._resuming = self._state.loaded
         _exact_distributed_samplers_on_load(trainer)
+        if self._resuming:
+            _loader_rebuild_unchecked(trainer, self.session)
+        _before_each_fetch(trainer, lambda: self._before_fetch(trainer))
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._resuming and trainer.ckpt_path:
@@ -88,29 +99,42 @@ class Preemptible(pl.Callback):
                 f"{self.session.resumed_from.path}: drop ckpt_path= from trainer.fit() (and remove hpc_ckpt_*.ckpt "
                 f"files from the trainer's default_root_dir), so that one checkpoint is restored")
         _refuse_unresumable_loaders(trainer)
+        _refuse_prefetched(trainer)
         self._stepped_at = trainer.global_step
 
     # ------------------------------------------------------------ step boundaries
-    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
-                             batch_idx: int) -> None:
-        if self._resuming:
-            # The loaders' iterators are made (their draws from the RNG done): now the streams are the checkpoint's.
-            self._resuming = False
-            self.session._boundary()
-
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         if trainer.global_step == self._stepped_at:
             return  # a micro-batch of gradient accumulation: the optimizer has not stepped
         self._stepped_at = trainer.global_step
         self.session.epoch = trainer.current_epoch
-        self.session.step = trainer.global_step - 1
         if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             # Not a boundary: a fit resumed from an epoch's end draws the next epoch's order differently
             # (the loader's finished state); a signal here is honoured after the next epoch's first step.
-            self.session.step += 1
+            self.session.step = trainer.global_step
+            self._boundary_due = False
             return
-        self.session.step_done()  # a signal: the checkpoint commits here, then Preempted (SystemExit) ends fit()
+        # Not yet: validation and the callbacks after this one (ModelCheckpoint last) run for this batch first.
+        self._boundary_due = True
+
+    def _before_fetch(self, trainer: "pl.Trainer") -> None:
+        """The train loop is about to fetch a batch: everything the previous batch triggered has run."""
+        if self._resuming:
+            # The loaders' iterators are made (their draws from the RNG done): now the streams are the checkpoint's.
+            self._resuming = False
+            self.session._boundary()
+            return
+        if not self._boundary_due:
+            return
+        self._boundary_due = False
+        self.session.epoch = trainer.current_epoch
+        self.session.step = trainer.global_step - 1
+        self._state.before_fetch = True
+        try:
+            self.session.step_done()  # a signal: the checkpoint commits here, then Preempted (SystemExit) ends fit()
+        finally:
+            self._state.before_fetch = False
 
     # ------------------------------------------------------------ end
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -140,6 +164,50 @@ def _lightning_signals_off(trainer: "pl.Trainer") -> None:
     trainer._signal_connector.register_signal_handlers = lambda: None
 
 
+def _before_each_fetch(trainer: "pl.Trainer", boundary: Any) -> None:
+    """Call ``boundary()`` each time the train loop is about to fetch a batch.
+
+    The train epoch loop hands its fetcher ``_on_before_fetch`` (its profiler's start) in
+    ``on_run_start``, every epoch, and the fetcher calls it right before ``next`` on the
+    loaders: after the previous batch's ``on_advance_end`` (validation, plateau schedulers,
+    loggers), before the next batch draws anything. Checked with Lightning 2.6.
+    """
+    epoch_loop = trainer.fit_loop.epoch_loop
+    profile = epoch_loop._on_before_fetch
+
+    def before_fetch() -> None:
+        boundary()
+        profile()
+
+    epoch_loop._on_before_fetch = before_fetch
+
+
+def _as_lightning_restores_after_validation(trainer: "pl.Trainer", checkpoint: dict[str, Any]) -> None:
+    """Make a checkpoint dumped before a fetch restore the count Lightning's loggers step by.
+
+    Restored there (every batch counter equal: Lightning's "restarted on last"), the epoch
+    loop skips the validation the batch ran already, but counts the batch in
+    ``_batches_that_stepped`` once more, as for a checkpoint saved at validation's end, before
+    the count: the dump says one less, so the resumed count is the uninterrupted one.
+    """
+    epoch_loop = trainer.fit_loop.epoch_loop
+    fetcher = trainer.fit_loop._data_fetcher
+    if fetcher is None or epoch_loop._should_accumulate() or not epoch_loop._should_check_val_fx(fetcher):
+        return
+    state = checkpoint["loops"]["fit_loop"]["epoch_loop.state_dict"]
+    state["_batches_that_stepped"] -= 1
+
+
+def _refuse_prefetched(trainer: "pl.Trainer") -> None:
+    """A train loader without a length is fetched a batch ahead (in ``iter``, before ``on_train_start``): its saved
+    place would be a batch past every step, and a resumed fit would skip that batch."""
+    if getattr(trainer.fit_loop._data_fetcher, "batches", None):
+        raise ConfigError(
+            "Lightning fetches a batch ahead from a train loader without a length (an IterableDataset), so the "
+            "loader's saved place is one batch past the step and a resumed fit would skip that batch: give the "
+            "dataset a __len__, so that Lightning fetches only the batch it trains on")
+
+
 def _exact_distributed_samplers_on_load(trainer: "pl.Trainer") -> None:
     """Give each train loader a sampler whose place is saved, once Lightning has injected its distributed one and
     before the loaders' state is loaded (both happen inside the fit loop's ``setup_data``, with no hook between)."""
@@ -152,6 +220,44 @@ def _exact_distributed_samplers_on_load(trainer: "pl.Trainer") -> None:
         load_states()
 
     fit_loop._load_combined_loader_states = load
+
+
+def _loader_rebuild_unchecked(trainer: "pl.Trainer", session: Session) -> None:
+    """Leave the draws of Lightning's resumed train iterator out of the check for draws before the first step.
+
+    Resumed, the fit loop creates its train loaders' iterators again (``iter(combined_loader)`` in
+    ``setup_data``, right after loading the loaders' state): they draw a shuffle seed and the
+    workers' base seed, which the loaders' loaded state overrides, and the first boundary puts
+    the streams back. No warning for those. Any other draw between ``track()`` and the first
+    step (a hook of the user's, a batch prefetched from an iterable) still warns: the resumed
+    run draws it from other streams than the uninterrupted one did. Checked with Lightning 2.6.
+    """
+    fit_loop = trainer.fit_loop
+    load_states = fit_loop._load_combined_loader_states
+
+    def load() -> None:
+        load_states()
+        combined = fit_loop._combined_loader
+        if combined is not None and session._rng_restored is not None:
+            combined.__class__ = _unchecked_first_iter(type(combined), session)
+        fit_loop._load_combined_loader_states = load_states  # once: later epochs draw as the uninterrupted run
+
+    fit_loop._load_combined_loader_states = load
+
+
+def _unchecked_first_iter(cls: type, session: Session) -> type:
+    """``cls`` whose next ``__iter__`` (only that one: it puts ``cls`` back) moves the session's RNG mark along
+    with its own draws, when nothing else drew before it."""
+    class FirstIterUnchecked(cls):  # type: ignore[misc, valid-type]
+        def __iter__(self) -> Any:
+            before = steps.rng_mark(session.device)
+            try:
+                return super().__iter__()
+            finally:
+                self.__class__ = cls
+                if before == session._rng_restored:
+                    session._rng_restored = steps.rng_mark(session.device)
+    return FirstIterUnchecked
 
 
 def _exact_distributed_sampler(loader: Any, epoch: int) -> None:

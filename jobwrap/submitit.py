@@ -26,8 +26,15 @@ state lives in jobwrap's checkpoint), its time-out accounting
 144 under ``LocalExecutor``) and the exit. The requeued job resumes from
 jobwrap's newest verified checkpoint.
 
-SIGTERM stays submitit's (logged and ignored) unless ``exit_signals`` says
-otherwise. submitit itself is imported only by this module.
+SIGTERM (a plain ``scancel``, a preemption without a warning signal, a node
+drain: Slurm sends it to every process of the job, then SIGKILL) is jobwrap's
+exit signal here too, as everywhere: submitit's own handler would only log it
+("Bypassing signal SIGTERM") while the DataLoader workers die of it and the
+kill that follows loses every step since the last checkpoint. jobwrap commits
+at the next step boundary, shields the workers, and the job exits 143 without
+a result; Slurm's requeue (``PreemptMode=REQUEUE``) or a resubmission of the
+same call resumes from that checkpoint. ``exit_signals=()`` gives TERM back to
+submitit. submitit itself is imported only by this module.
 """
 from __future__ import annotations
 
@@ -44,7 +51,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the installation
     raise ImportError("jobwrap.submitit needs submitit: pip install 'jobwrap[submitit]'") from exc
 
-from jobwrap._config import parse_signal
+from jobwrap._config import DEFAULT_EXIT_SIGNALS, _from_env, parse_signal, parse_signals
 
 __all__ = ["Preemptible", "preemption_signal"]
 
@@ -56,6 +63,13 @@ R = TypeVar("R")
 def preemption_signal() -> signal.Signals:
     """The signal submitit sends before a time-out or preemption (USR2 unless ``SUBMITIT_PREEMPT_SIGNAL``)."""
     return parse_signal(JobEnvironment.USR_SIG)
+
+
+def _exit_signals_besides(preemption: signal.Signals) -> tuple[signal.Signals, ...]:
+    """jobwrap's exit signals (``JOBWRAP_EXIT_SIGNALS``, else TERM), less submitit's preemption signal,
+    which requeues (``SUBMITIT_PREEMPT_SIGNAL=TERM`` would otherwise make it both)."""
+    configured = _from_env(None, {"exit_signals"}).get("exit_signals", parse_signals(DEFAULT_EXIT_SIGNALS))
+    return tuple(s for s in configured if s != preemption)
 
 
 class _HandOverToSubmitit:
@@ -72,10 +86,12 @@ class Preemptible(submitit.helpers.Checkpointable, Generic[R]):
 
     ``directory`` and ``settings`` are those of :class:`jobwrap.Session`; the
     directory must be the same on every requeue (shared storage). By default
-    the session traps submitit's preemption signal as its requeue signal and
-    no exit signal, whatever ``JOBWRAP_REQUEUE_SIGNALS`` says: jobwrap must
-    catch the signal submitit is told to send. Pass ``requeue_signals`` or
-    ``exit_signals`` to choose otherwise.
+    the session traps submitit's preemption signal as its requeue signal,
+    whatever ``JOBWRAP_REQUEUE_SIGNALS`` says (jobwrap must catch the signal
+    submitit is told to send), and jobwrap's exit signals (TERM unless
+    ``JOBWRAP_EXIT_SIGNALS`` says otherwise) in place of submitit's handler,
+    which would ignore them. Pass ``requeue_signals`` or ``exit_signals`` to
+    choose otherwise.
     """
 
     def __init__(self, train: Callable[..., R], directory: str | os.PathLike | None = None,
@@ -88,7 +104,9 @@ class Preemptible(submitit.helpers.Checkpointable, Generic[R]):
         from jobwrap._loop.session import Preempted, Session
 
         sig = preemption_signal()
-        settings = {"requeue_signals": (sig,), "exit_signals": (), **self.settings}
+        settings = {"requeue_signals": (sig,), **self.settings}
+        if "exit_signals" not in settings:
+            settings["exit_signals"] = _exit_signals_besides(sig)
         submitit_handler = signal.getsignal(sig)
         under_submitit = _is_submitit_handler(submitit_handler)
         session = Session(self.directory, **settings)

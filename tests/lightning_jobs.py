@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from torch.utils.data import DataLoader, DistributedSampler
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
@@ -55,6 +57,38 @@ class LossLog(pl.Callback):
             f.write(digest.hexdigest())
 
 
+class DrawOnTrainStart(pl.Callback):
+    """A user's hook that draws from torch's stream before the first step (resumed: not the uninterrupted draw)."""
+
+    def on_train_start(self, trainer: pl.Trainer, module: Any) -> None:
+        self.noise = torch.rand(1)
+
+
+class WithValidation(Regression):
+    """The example's model with a validation step; rank 0 appends one line per validation batch to ``path``."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        if not self.trainer.sanity_checking and self.trainer.is_global_zero:
+            with open(self.path, "a") as f:
+                f.write(f"{self.trainer.global_step} {loss.item().hex()}\n")
+
+
+class Stream(IterableDataset):
+    """The example's samples as a stream without a length (Lightning fetches such a loader a batch ahead)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __iter__(self) -> Any:
+        return iter(self.dataset)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--losses", required=True)
@@ -64,6 +98,10 @@ def main() -> None:
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--plain-loader", action="store_true", help="a torch DataLoader (refused)")
     parser.add_argument("--own-sampler", action="store_true", help="an OwnSampler per rank (refused under DDP)")
+    parser.add_argument("--draw-on-train-start", action="store_true", help="a callback draws in on_train_start")
+    parser.add_argument("--validate", default=None, metavar="CKPT_DIR",
+                        help="validate twice an epoch (LOSSES.val) and ModelCheckpoint every 3 steps into CKPT_DIR")
+    parser.add_argument("--iterable", action="store_true", help="a loader over a Stream (refused)")
     parser.add_argument("--step-seconds", type=float, default=0.0, help="sleep after each batch")
     parser.add_argument("--root", default=None, help="the Trainer's default_root_dir")
     parser.add_argument("--ckpt-path", default=None, help="trainer.fit(ckpt_path=...) (refused on a resume)")
@@ -73,16 +111,27 @@ def main() -> None:
     # LossLog before Preemptible: the step's loss is written before its boundary may stop the fit.
     trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=args.devices,
                          strategy="ddp" if args.devices > 1 else "auto",
-                         callbacks=[LossLog(args.losses, args.step_seconds), Preemptible()], accumulate_grad_batches=args.accumulate,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=args.root)
+                         callbacks=[*([DrawOnTrainStart()] if args.draw_on_train_start else []),
+                                    LossLog(args.losses, args.step_seconds), Preemptible(),
+                                    *([ModelCheckpoint(dirpath=args.validate, every_n_train_steps=3, save_top_k=-1)]
+                                      if args.validate else [])],
+                         accumulate_grad_batches=args.accumulate,
+                         logger=False, enable_checkpointing=bool(args.validate), enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=args.root,
+                         val_check_interval=0.5 if args.validate else None)
     loader = data(args.workers)
     if args.plain_loader:
         loader = DataLoader(loader.dataset, batch_size=8, shuffle=True)
+    if args.iterable:
+        loader = StatefulDataLoader(Stream(loader.dataset), batch_size=8)
     if args.own_sampler:  # Lightning starts rank 1 with LOCAL_RANK set
         sampler = OwnSampler(loader.dataset, num_replicas=args.devices, rank=int(os.environ.get("LOCAL_RANK", "0")))
         loader = StatefulDataLoader(loader.dataset, batch_size=8, sampler=sampler)
-    trainer.fit(Regression(), train_dataloaders=loader, ckpt_path=args.ckpt_path)
+    model, val = Regression(), None
+    if args.validate:
+        model = WithValidation(f"{args.losses}.val")
+        val = DataLoader(data(0).dataset, batch_size=48)  # 2 batches; its iterator draws a base seed
+    trainer.fit(model, train_dataloaders=loader, val_dataloaders=val, ckpt_path=args.ckpt_path)
     if args.save_lightning:
         trainer.save_checkpoint(args.save_lightning)
 

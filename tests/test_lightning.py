@@ -22,6 +22,7 @@ from jobwrap.testing import assert_same_run, final_state, run_preempted  # noqa:
 
 JOB = Path(__file__).resolve().parent / "lightning_jobs.py"
 STEPS = 24  # 2 epochs of 12 batches
+DREW = "something drew from a random stream"  # jobwrap's warning of a draw before the first resumed step
 
 
 def _fit(tmp_path: Path, name: str, *options: str, **kwargs) -> tuple[list[str], Path]:
@@ -39,6 +40,7 @@ def test_preempted_fit_matches_uninterrupted_fit_bit_for_bit(tmp_path):
     assert len(plain) == STEPS
     assert cut == plain  # no step lost or repeated, each loss identical
     assert_same_run(plain_run.directory, cut_run.directory)
+    assert "resumed from" in cut_run.stderr and DREW not in cut_run.stderr  # an exact resume: no warning
     state = final_state(cut_run.directory)
     assert state["lightning"]["global_step"] == STEPS
     assert state["lightning"]["lr_schedulers"][0]["last_epoch"] == STEPS
@@ -134,6 +136,17 @@ def test_plain_dataloader_is_refused_at_start(tmp_path):
     assert not (tmp_path / "l.txt").exists()  # nothing trained
 
 
+def test_train_loader_without_a_length_is_refused_at_start(tmp_path):
+    """A StatefulDataLoader over an IterableDataset (Lightning fetches it a batch ahead, which its saved place would
+    count): refused before a step, naming the fix."""
+    env = {**os.environ, "JOBWRAP_DIR": str(tmp_path / "ck")}
+    done = subprocess.run([sys.executable, str(JOB), "--losses", str(tmp_path / "l.txt"), "--iterable"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "fetches a batch ahead" in done.stderr and "give the dataset a __len__" in done.stderr, done.stderr[-3000:]
+    assert not (tmp_path / "l.txt").exists()  # nothing trained
+
+
 def test_ddp_own_distributed_sampler_is_refused_at_start(tmp_path):
     """DDP with a DistributedSampler subclass of the user's (its place is not saved): refused on every rank before
     a step, naming the fix."""
@@ -155,3 +168,49 @@ def test_example_under_jobwrap_simulate_is_bit_exact(tmp_path):
                             cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     assert "PASS" in result.stdout
+
+
+@pytest.mark.timeout(900)
+def test_term_to_the_whole_group_with_stateful_loader_workers_commits_and_resumes_bit_exact(tmp_path):
+    """TERM to every process (a plain scancel) mid-epoch, StatefulDataLoader with 2 workers: the workers live,
+    the step's checkpoint commits, and the relaunch ends with every loss and the state of an uninterrupted fit."""
+    plain, plain_run = _fit(tmp_path, "plain", "--workers", "2")
+    losses = tmp_path / "cut-losses.txt"
+    command = [sys.executable, str(JOB), "--losses", str(losses), "--workers", "2"]
+    cut = run_preempted(command, tmp_path / "cut", preempt_at=[5], signal_=signal.SIGTERM, to_group=True)
+    assert cut.signalled_at == [5]
+    assert cut.returncode == 143, cut.stderr[-3000:]  # a cancel: committed, no relaunch
+    assert "is killed by signal" not in cut.stderr
+    assert final_state(cut.directory)["lightning"]["global_step"] == 5  # nothing lost
+    again = run_preempted(command, tmp_path / "cut").check()
+    assert losses.read_text().splitlines() == plain
+    assert_same_run(plain_run.directory, cut.directory)
+    assert DREW not in again.stderr  # the workers' base seed drawn again by the resumed iterator: no false warning
+
+
+def test_draw_in_a_users_hook_before_the_first_resumed_step_still_warns(tmp_path):
+    """A user's on_train_start draws from torch's stream: resumed, that draw differs from the uninterrupted run's, and
+    jobwrap says so (the warning left out for Lightning's own loader rebuild stays for real draws)."""
+    _, cut_run = _fit(tmp_path, "cut", "--draw-on-train-start", preempt_at=[5])
+    assert cut_run.signalled_at == [5]
+    assert cut_run.stderr.count(DREW) == 1, cut_run.stderr[-3000:]  # the resumed launch only
+
+
+def test_stop_before_mid_epoch_validation_comes_after_it_and_after_model_checkpoint(tmp_path):
+    """val_check_interval=0.5 and ModelCheckpoint(every_n_train_steps=3), USR1 at step 6 (the batch that validation
+    and the step-6 save follow): both run before the stop; same validation batches, ckpt files, losses, state."""
+    plain, plain_run = _fit(tmp_path, "plain", "--validate", str(tmp_path / "ckpts"))
+    (tmp_path / "ckpts").rename(tmp_path / "ckpts-plain")  # the same dirpath for both: ModelCheckpoint saves it
+    cut, cut_run = _fit(tmp_path, "cut", "--validate", str(tmp_path / "ckpts"), preempt_at=[6])
+    assert cut_run.signalled_at == [6]
+    assert "saved step 6 (signal SIGUSR1)" in cut_run.stderr
+    plain_val = (tmp_path / "plain-losses.txt.val").read_text().splitlines()
+    assert len(plain_val) == 8  # 2 epochs x 2 validations x 2 batches
+    assert (tmp_path / "cut-losses.txt.val").read_text().splitlines() == plain_val
+    assert sorted(p.name for p in (tmp_path / "ckpts").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "ckpts-plain").iterdir())
+    assert (tmp_path / "ckpts" / "epoch=0-step=6.ckpt").exists()
+    assert cut == plain
+    assert (tmp_path / "cut-losses.txt.weights.rank0").read_text() == \
+        (tmp_path / "plain-losses.txt.weights.rank0").read_text()
+    assert_same_run(plain_run.directory, cut_run.directory)

@@ -18,7 +18,7 @@ submitit = pytest.importorskip("submitit")
 
 from jobwrap._storage.events import read_events  # noqa: E402
 from jobwrap.submitit import Preemptible, preemption_signal  # noqa: E402
-from jobwrap.testing import signal_when_held  # noqa: E402
+from jobwrap.testing import assert_same_run, signal_when_held  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -95,3 +95,43 @@ def test_requeue_refused_by_jobwrap_is_a_failed_submitit_job(tmp_path, job_env):
     with pytest.raises(Exception, match="requeue cap is reached"):
         job.result()
     assert [e["event"] for e in read_events(str(tmp_path / "ck"))][-2:] == ["stop", "exit"]
+
+
+def _term_to_task_and_workers(held: dict[int, int]) -> None:
+    """TERM to the training task and every process under it (its DataLoader workers), as Slurm's job-wide TERM."""
+    pids = [held[0]]
+    for pid in pids:  # grows as children are found
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            pids += [int(c) for c in (task / "children").read_text().split()]
+    assert len(pids) >= 3, f"the task's loader workers are not running: {pids}"
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+
+
+@pytest.mark.timeout(900)
+def test_term_to_task_and_loader_workers_commits_and_resubmission_resumes_bit_exact(tmp_path, job_env):
+    """TERM to the task and its 2 DataLoader workers (a plain scancel) at step 5: not bypassed, the workers live,
+    jobwrap commits step 5 and the job ends without requeue; the same call resubmitted ends as an uninterrupted job."""
+    deadline = time.monotonic() + 3 * WAIT
+    plain = _executor(tmp_path / "logs-plain").submit(Preemptible(train, tmp_path / "plain"), epochs=2, workers=2)
+    control = tmp_path / "control"
+    control.mkdir()
+    job_env.setenv("JOBWRAP_TEST_CONTROL", str(control))
+    job_env.setenv("JOBWRAP_TEST_HOLD_AT", "5")
+    cut = _executor(tmp_path / "logs-cut").submit(Preemptible(train, tmp_path / "cut"), epochs=2, workers=2)
+    signal_when_held(control, 5, _term_to_task_and_workers, timeout=deadline - time.monotonic())
+    wait_done(cut, deadline)
+    log = cut.stderr() or ""
+    assert "Bypassing signal SIGTERM" not in log and "is killed by signal" not in log, log[-3000:]
+    assert "checkpoint committed, exiting without requeueing" in log, log[-3000:]
+    with pytest.raises(Exception):
+        cut.result()  # a cancelled job has no result
+    saves = [e for e in read_events(str(tmp_path / "cut")) if e["event"] == "save"]
+    assert [(e["step"], e["reason"]) for e in saves] == [(5, "signal SIGTERM")]
+    job_env.delenv("JOBWRAP_TEST_HOLD_AT")
+    again = _executor(tmp_path / "logs-again").submit(Preemptible(train, tmp_path / "cut"), epochs=2, workers=2)
+    wait_done(plain, deadline)
+    wait_done(again, deadline)
+    assert again.result() == plain.result()
+    assert plain.result()["step"] == 16
+    assert_same_run(tmp_path / "plain", tmp_path / "cut")

@@ -18,6 +18,8 @@ import os, sys, time
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 import jobwrap
+if sys.argv[5] == "stateful":  # torchdata's loader runs its own worker loop
+    from torchdata.stateful_dataloader import StatefulDataLoader as DataLoader
 
 KEPT = []  # alive at the interpreter's exit
 
@@ -54,14 +56,18 @@ if __name__ == "__main__":  # spawn and forkserver workers import this file
 """
 
 
-@pytest.mark.parametrize("context", ["fork", "spawn", "forkserver"])
-def test_worker_survives_term_from_others_and_obeys_its_parent(tmp_path: Path, context: str):
-    """TERM from outside leaves the workers working; a forked one's parent still ends it, also at exit."""
+@pytest.mark.parametrize("context, kind", [("fork", "torch"), ("spawn", "torch"), ("forkserver", "torch"),
+                                           ("fork", "stateful"), ("spawn", "stateful")])
+def test_worker_survives_term_from_others_and_obeys_its_parent(tmp_path: Path, context: str, kind: str):
+    """TERM from outside leaves the workers working (DataLoader's and StatefulDataLoader's); a forked one's parent
+    still ends it, also at exit."""
+    if kind == "stateful":
+        pytest.importorskip("torchdata.stateful_dataloader", reason="needs torchdata (pip install 'jobwrap[torchdata]')")
     script = tmp_path / "loader.py"
     script.write_text(SCRIPT)
     ready, sent = tmp_path / "ready", tmp_path / "sent"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JOBWRAP_", "SLURM_"))}
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "ck"), str(ready), str(sent), context],
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "ck"), str(ready), str(sent), context, kind],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120

@@ -16,11 +16,17 @@ handler does. Ignoring them instead (SIG_IGN) would hang the training process at
 exit: multiprocessing terminates daemon children there and joins them.
 SIGKILL still ends a worker, and a worker ends with its parent (torch's watchdog).
 Spawn and forkserver workers are covered less well: see :func:`_ignore_if_unshielded`.
+
+Each loader kind starts its workers with its own entry point (:data:`WORKER_LOOPS`): torch's
+``DataLoader`` with torch's ``_worker_loop``, torchdata's ``StatefulDataLoader`` with its own copy.
+The guard replaces every one of them that is installed.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
+import importlib.util
 import inspect
 import os
 import random
@@ -30,6 +36,15 @@ import threading
 from typing import Any, Callable, Iterable, Iterator
 
 _torch_loop: Callable[..., Any] | None = None  # torch's worker entry point, while the guard replaces it
+
+# Where each loader kind looks up the function it starts a worker with (module, name), read each time it
+# starts workers. torch's DataLoader: torch.utils.data._utils.worker._worker_loop (checked with torch 2.13).
+# torchdata's StatefulDataLoader runs its own loop, imported by name into its loader's module and passed as
+# the worker process's target from there (checked with torchdata 0.11); it installs torch's worker handlers.
+TORCH_LOOP = ("torch.utils.data._utils.worker", "_worker_loop")
+STATEFUL_LOOP = ("torchdata.stateful_dataloader.stateful_dataloader", "_worker_loop")
+WORKER_LOOPS = (TORCH_LOOP, STATEFUL_LOOP)
+_other_loops: dict[tuple[str, str], Callable[..., Any]] = {}  # the other originals, while the guard replaces them
 
 
 def shield(signals: Iterable[int]) -> threading.Thread | None:
@@ -86,10 +101,11 @@ def _ignore_if_unshielded(signals: tuple[int, ...], waiter: threading.Thread | N
 
 
 class _GuardedLoop:
-    """torch's DataLoader worker entry point, shielded first; picklable for spawn and forkserver workers."""
+    """A loader's worker entry point (``where``), shielded first; picklable for spawn and forkserver workers."""
 
-    def __init__(self, signals: Iterable[int]) -> None:
+    def __init__(self, signals: Iterable[int], where: tuple[str, str] = TORCH_LOOP) -> None:
         self.signals = tuple(int(s) for s in signals)
+        self.where = where
 
     def __call__(self, *args: Any, **kwargs: Any) -> None:
         waiter = shield(self.signals)
@@ -101,17 +117,41 @@ class _GuardedLoop:
             install()
             _ignore_if_unshielded(self.signals, waiter)
         signal_handling._set_worker_signal_handlers = install_then_check
-        loop = _torch_loop or worker._worker_loop  # a spawned worker imported torch afresh: never replaced there
+        # A spawned worker imported the loader's module afresh: its entry point was never replaced there.
+        if self.where == TORCH_LOOP:
+            loop = _torch_loop or worker._worker_loop
+        else:
+            loop = _other_loops.get(self.where) or getattr(importlib.import_module(self.where[0]), self.where[1])
         loop(*args, **kwargs)
 
 
 def guard_dataloader_workers(signals: Iterable[int]) -> Callable[[], None]:
-    """Make each DataLoader worker started from now on shielded from ``signals``; returns the undo.
+    """Make each loader worker started from now on shielded from ``signals``; returns the undo.
 
-    It replaces the entry point torch's loader iterator starts its workers with, so
-    it covers every loader of the process (validation loaders too), whatever its
-    multiprocessing context.
+    It replaces the entry point each installed loader kind (:data:`WORKER_LOOPS`) starts
+    its workers with, so it covers every loader of the process (validation loaders too),
+    whatever its multiprocessing context.
     """
+    undos = [_guard_torch_loop(signals)]
+    undos += [_guard_other_loop(where, signals) for where in WORKER_LOOPS[1:] if _installed(where[0])]
+
+    def undo() -> None:
+        for one in reversed(undos):
+            one()
+    return undo
+
+
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be imported (its package is installed), without importing the package."""
+    if module in sys.modules:
+        return True
+    try:
+        return importlib.util.find_spec(module.split(".")[0]) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _guard_torch_loop(signals: Iterable[int]) -> Callable[[], None]:
     global _torch_loop
     from torch.utils.data._utils import worker
 
@@ -123,6 +163,24 @@ def guard_dataloader_workers(signals: Iterable[int]) -> Callable[[], None]:
         global _torch_loop
         if worker._worker_loop is guarded and _torch_loop is not None:
             worker._worker_loop, _torch_loop = _torch_loop, None
+    return undo
+
+
+def _guard_other_loop(where: tuple[str, str], signals: Iterable[int]) -> Callable[[], None]:
+    """Replace the entry point at ``where`` (imported now: a few ms once torch is loaded) with a guarded one."""
+    try:
+        module = importlib.import_module(where[0])
+    except ImportError:  # an installed package whose import fails: its loaders cannot be used either
+        return lambda: None
+    if not callable(getattr(module, where[1], None)):
+        return lambda: None
+    _other_loops.setdefault(where, getattr(module, where[1]))
+    guarded = _GuardedLoop(signals, where)
+    setattr(module, where[1], guarded)
+
+    def undo() -> None:
+        if getattr(module, where[1]) is guarded and where in _other_loops:
+            setattr(module, where[1], _other_loops.pop(where))
     return undo
 
 
