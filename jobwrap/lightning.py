@@ -229,7 +229,7 @@ def _loader_rebuild_unchecked(trainer: "pl.Trainer", session: Session) -> None:
     ``setup_data``, right after loading the loaders' state): they draw a shuffle seed and the
     workers' base seed, which the loaders' loaded state overrides, and the first boundary puts
     the streams back. No warning for those. Any other draw between ``track()`` and the first
-    step (a hook of the user's, a batch prefetched from an iterable) still warns: the resumed
+    step (an ``on_train_start`` hook of the user's, say) still warns: the resumed
     run draws it from other streams than the uninterrupted one did. Checked with Lightning 2.6.
     """
     fit_loop = trainer.fit_loop
