@@ -248,3 +248,16 @@ def test_ddp_batchnorm_runs_under_both_layouts_and_lightning_options_are_signall
     reference = Run(directory=tmp_path / "ck", codes=[0], signalled=[], output="", problems=[])
     assert preemption_points(reference, "lightning", "val_check_interval") == [6, 13]
     assert preemption_points(reference, "lightning") == [3, 13]
+
+
+def test_submitit_cells_in_ci_and_in_the_full_matrix():
+    """CI runs exactly two submitit cells (TERM, 2 workers, a DataLoader and a StatefulDataLoader, not marked
+    as needing Slurm); the full matrix runs the submitit job under every signal."""
+    from test_matrix import _marks
+
+    default = [c for c in default_cells() if c.launch == "submitit"]
+    assert default == [Cell(workers=2, signal="term", launch="submitit"),
+                       Cell(loader="stateful", workers=2, signal="term", launch="submitit")]
+    assert not any(_marks(c) for c in default)
+    full = {c.signal for c in full_cells() if c.launch == "submitit" and c.loader == "shuffled" and c.workers == 2}
+    assert full == set(DIMENSIONS["signal"])
