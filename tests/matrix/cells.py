@@ -64,9 +64,11 @@ DIMENSIONS: dict[str, tuple[Any, ...]] = {
 MAP_STYLE = ("shuffled", "generator", "sampler", "batch_sampler", "stateful")
 LOCAL_LAUNCHES = ("plain", "run", "torchrun")
 SLURM_LAUNCHES = ("slurm_batch", "srun")
-# The loop as a submitit job (jobwrap.submitit.Preemptible) under submitit's LocalExecutor, no cluster needed
-# (tests/matrix/submitit_launch.py). Not a dimension of the cover: see submitit_cells().
-SUBMITIT_LAUNCHES = ("submitit",)
+# The loop as a submitit job (jobwrap.submitit.Preemptible, tests/matrix/submitit_launch.py): under submitit's
+# LocalExecutor, no cluster needed; submitit_slurm: its Slurm executor on the local cluster (skipped without it).
+# Not a dimension of the cover: see submitit_cells().
+SUBMITIT_LAUNCHES = ("submitit", "submitit_slurm")
+CLUSTER_LAUNCHES = (*SLURM_LAUNCHES, "submitit_slurm")  # skipped unless the local Slurm cluster is up
 MULTI_RANK_LAUNCHES = ("torchrun", "srun")
 CANCELS = ("term", "usr1_term", "sigkill")  # the job is not requeued: the test relaunches it, as a user would
 # Who runs the loop: the matrix's own script ("loop"), or a framework through jobwrap's integration
@@ -315,7 +317,7 @@ def lightning_option_cells() -> list[Cell]:
 
 
 def term_worker_cells() -> list[Cell]:
-    """scancel's TERM to the whole process group while 2 loader workers run: every launch path (the Slurm ones are
+    """scancel's TERM to the whole process group while 2 loader workers run: every launch path (those on Slurm are
     skipped without the cluster) with each loader kind it takes: a DataLoader and torchdata's
     StatefulDataLoader for the loop and Lightning, the Trainer's own loader for the Trainer."""
     loop = [Cell(loader=loader, workers=2, signal="term", launch=launch)
@@ -335,7 +337,7 @@ def submitit_cells() -> list[Cell]:
 def default_submitit_cells() -> list[Cell]:
     """The submitit cells CI runs (each a few job launches): TERM with 2 workers, a DataLoader and a
     StatefulDataLoader."""
-    return [c for c in term_worker_cells() if c.launch in SUBMITIT_LAUNCHES]
+    return [c for c in term_worker_cells() if c.launch == "submitit"]
 
 
 def ddp_batchnorm_cells() -> list[Cell]:

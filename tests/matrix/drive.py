@@ -1,9 +1,9 @@
 """Run one matrix cell for real: the uninterrupted reference, then the preempted run, and compare.
 
 The launches (plain process with a relaunch loop, ``jobwrap run``, ``jobwrap run --
-torchrun`` with 2 ranks, a submitit job under submitit's LocalExecutor, Slurm) and the signals (USR1, scancel's TERM to every
-process, USR1 then TERM, a second signal during the save, SIGKILL after periodic
-saves) are real. The training process holds at each chosen step boundary
+torchrun`` with 2 ranks, a submitit job under submitit's LocalExecutor, Slurm) and the
+signals (USR1, scancel's TERM to every process, USR1 then TERM, a second signal during
+the save, SIGKILL after periodic saves) are real. The training process holds at each chosen step boundary
 (jobwrap's JOBWRAP_TEST_HOLD_AT protocol) until the signal is there, so every
 preemption point is exact and nothing depends on timing.
 
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import psutil
-from cells import CANCELS, LIGHTNING_VALIDATES_AFTER, SUBMITIT_LAUNCHES, Cell, expected
+from cells import CANCELS, CLUSTER_LAUNCHES, LIGHTNING_VALIDATES_AFTER, SUBMITIT_LAUNCHES, Cell, expected
 
 import jobwrap.errors
 from jobwrap._config import REQUEUE_EXIT_CODE
@@ -77,7 +77,8 @@ def command(cell: Cell, loss_log: Path) -> list[str]:
     """The argv of one launch of ``cell``'s training."""
     train = [sys.executable, str(TRAIN), json.dumps(cell.training()), str(loss_log)]
     if cell.launch in SUBMITIT_LAUNCHES:
-        return [sys.executable, str(SUBMIT), json.dumps(cell.training()), str(loss_log), f"{loss_log}.submitit"]
+        return [sys.executable, str(SUBMIT), json.dumps(cell.training()), str(loss_log), f"{loss_log}.submitit",
+                *(["--slurm"] if cell.launch == "submitit_slurm" else [])]
     if cell.launch == "plain":
         return train
     if cell.launch == "torchrun":
@@ -418,7 +419,7 @@ class Matrix:
         return outcome
 
     def _run(self, cell: Cell) -> Outcome:
-        if cell.launch in ("slurm_batch", "srun"):
+        if cell.launch in CLUSTER_LAUNCHES:
             from slurm_driver import run_slurm_cell  # needs the local cluster
 
             return run_slurm_cell(self, cell)

@@ -42,6 +42,8 @@ def render(results: list[tuple[Cell, Expectation, Outcome]], *, made: str) -> st
         "listed as skipped otherwise. submitit cells run the loop as a submitit job (`jobwrap.submitit.Preemptible`)",
         "under submitit's LocalExecutor (`tests/matrix/submitit_launch.py`): a cancel's TERM reaches submitit's",
         "controller, the task and its loader workers; USR1 is the job's preemption signal and submitit requeues.",
+        "`submitit_slurm` cells submit the same job with submitit's Slurm executor, on the local cluster when",
+        "it is up.",
         "Columns other than launch and signal show only values that differ from the baseline",
         f"({_baseline()}).",
         "",

@@ -1,6 +1,6 @@
 """One launch of a matrix cell as a submitit job: what a user's submitting script does (tests/matrix).
 
-    python tests/matrix/submitit_launch.py CONFIG_JSON LOSS_LOG SUBMITIT_FOLDER
+    python tests/matrix/submitit_launch.py CONFIG_JSON LOSS_LOG SUBMITIT_FOLDER [--slurm]
 
 Submits ``train_matrix.submitit_train`` wrapped in ``jobwrap.submitit.Preemptible`` to
 submitit's ``LocalExecutor`` (real subprocesses: submitit's controller, the task, its
@@ -11,6 +11,9 @@ scancel's TERM reaches every process of the job, the controller forwards it to t
 1 otherwise. A requeue (submitit's preemption signal, ``SUBMITIT_PREEMPT_SIGNAL``) stays
 inside the job: submitit's controller restarts the task, as Slurm requeues the job.
 The checkpoint directory is ``JOBWRAP_DIR``; the matrix's driver (drive.py) sets the environment.
+
+``--slurm`` submits to the Slurm cluster instead (submitit's Slurm executor), prints the job id and
+exits: slurm_driver.py signals the job with scancel and waits for it as for its other Slurm cells.
 """
 from __future__ import annotations
 
@@ -40,6 +43,12 @@ def main() -> int:
     cfg, loss_log, folder = json.loads(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
     if cfg["framework"] != "loop":
         raise SystemExit(f"submitit cells run the matrix's own loop, not framework={cfg['framework']}")
+    if sys.argv[4:] == ["--slurm"]:
+        executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+        executor.update_parameters(timeout_min=10, slurm_signal_delay_s=60, cpus_per_task=3)  # 2 loader workers
+        job = executor.submit(Preemptible(submitit_train, os.environ["JOBWRAP_DIR"]), cfg, loss_log)
+        print(job.job_id, flush=True)
+        return 0
     signal.signal(signal.SIGTERM, _note)
     executor = submitit.LocalExecutor(folder=folder)
     executor.update_parameters(timeout_min=30)  # far away: no time-out signal of submitit's own
