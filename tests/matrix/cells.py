@@ -64,9 +64,11 @@ DIMENSIONS: dict[str, tuple[Any, ...]] = {
 MAP_STYLE = ("shuffled", "generator", "sampler", "batch_sampler", "stateful")
 LOCAL_LAUNCHES = ("plain", "run", "torchrun")
 SLURM_LAUNCHES = ("slurm_batch", "srun")
-# Launches the matrix lists but cannot run yet: a submitit job (SlurmExecutor on the cluster; a LocalExecutor driver
-# that delivers scancel's TERM to its process group is not written). Not a dimension of the cover.
-SUBMITIT_LAUNCHES = ("submitit",)
+# The loop as a submitit job (jobwrap.submitit.Preemptible, tests/matrix/submitit_launch.py): under submitit's
+# LocalExecutor, no cluster needed; submitit_slurm: its Slurm executor on the local cluster (skipped without it).
+# Not a dimension of the cover: see submitit_cells().
+SUBMITIT_LAUNCHES = ("submitit", "submitit_slurm")
+CLUSTER_LAUNCHES = (*SLURM_LAUNCHES, "submitit_slurm")  # skipped unless the local Slurm cluster is up
 MULTI_RANK_LAUNCHES = ("torchrun", "srun")
 CANCELS = ("term", "usr1_term", "sigkill")  # the job is not requeued: the test relaunches it, as a user would
 # Who runs the loop: the matrix's own script ("loop"), or a framework through jobwrap's integration
@@ -318,8 +320,8 @@ def lightning_option_cells() -> list[Cell]:
 
 
 def term_worker_cells() -> list[Cell]:
-    """scancel's TERM to the whole process group while 2 loader workers run: every launch path (the Slurm and
-    submitit ones are skipped without the cluster) with each loader kind it takes: a DataLoader and torchdata's
+    """scancel's TERM to the whole process group while 2 loader workers run: every launch path (those on Slurm are
+    skipped without the cluster) with each loader kind it takes: a DataLoader and torchdata's
     StatefulDataLoader for the loop and Lightning, the Trainer's own loader for the Trainer."""
     loop = [Cell(loader=loader, workers=2, signal="term", launch=launch)
             for launch in (*LOCAL_LAUNCHES, *SLURM_LAUNCHES, *SUBMITIT_LAUNCHES) for loader in ("shuffled", "stateful")]
@@ -327,6 +329,18 @@ def term_worker_cells() -> list[Cell]:
                  for launch in LOCAL_LAUNCHES for loader in ("stateful", "shuffled")]
     trainer = [Cell(workers=2, signal="term", launch=launch, framework="transformers") for launch in LOCAL_LAUNCHES]
     return loop + lightning + trainer
+
+
+def submitit_cells() -> list[Cell]:
+    """The loop as a submitit job with 2 loader workers under each signal: USR1 is the job's preemption signal
+    (submitit requeues it itself), TERM a cancel the user resubmits."""
+    return [Cell(workers=2, signal=s, launch=launch) for launch in SUBMITIT_LAUNCHES for s in DIMENSIONS["signal"]]
+
+
+def default_submitit_cells() -> list[Cell]:
+    """The submitit cells CI runs (each a few job launches): TERM with 2 workers, a DataLoader and a
+    StatefulDataLoader."""
+    return [c for c in term_worker_cells() if c.launch == "submitit"]
 
 
 def ddp_batchnorm_cells() -> list[Cell]:
@@ -352,13 +366,15 @@ def slurm_cells() -> list[Cell]:
 def default_cells() -> list[Cell]:
     """The fixed subset CI runs: the first cells of the pairwise cover (the greedy cover front-loads pairs),
     the striped saves' cases (see :func:`striped_twins`), each refused value once, the integrations, and DDP with
-    BatchNorm in both layouts (a striped cover cell with its twin, or else a TERM pair sharing one reference)."""
+    BatchNorm in both layouts (a striped cover cell with its twin, or else a TERM pair sharing one reference), and
+    TERM with workers in a submitit job."""
     cover = local_pairwise()[:DEFAULT_CELLS]
     stateful = [] if any(c.loader == "stateful" for c in cover) else [Cell(loader="stateful")]
     batchnorm = [] if any(c.norm == "batchnorm" and c.layout == "striped" for c in cover) else [
         Cell(norm="batchnorm", signal="term", launch="torchrun", layout=layout) for layout in DIMENSIONS["layout"]]
     return (cover + striped_twins(cover) + stateful + [c for c in refusal_cells() if c.launch == "run"]
-            + [Cell(loader="stateful", workers=2, launch="run")] + default_framework_cells() + batchnorm)
+            + [Cell(loader="stateful", workers=2, launch="run")] + default_framework_cells() + batchnorm
+            + default_submitit_cells())
 
 
 def striped_twins(cover: list[Cell]) -> list[Cell]:
@@ -372,11 +388,11 @@ def striped_twins(cover: list[Cell]) -> list[Cell]:
 
 def full_cells() -> list[Cell]:
     """Every cell of the full matrix, without repeats: pairwise (with its striped cells' twins), loader x signal,
-    the frameworks, TERM with workers under every launch, DDP with BatchNorm, Slurm."""
+    the frameworks, TERM with workers under every launch, submitit under each signal, DDP with BatchNorm, Slurm."""
     cover = local_pairwise()
     return list(dict.fromkeys(cover + striped_twins(cover) + refusal_cells() + single_value_cells()
                               + loader_by_signal() + framework_cells() + term_worker_cells()
-                              + ddp_batchnorm_cells() + slurm_cells()))
+                              + submitit_cells() + ddp_batchnorm_cells() + slurm_cells()))
 
 
 def selected_cells(environ: dict[str, str] | None = None) -> list[Cell]:

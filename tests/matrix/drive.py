@@ -1,9 +1,9 @@
 """Run one matrix cell for real: the uninterrupted reference, then the preempted run, and compare.
 
 The launches (plain process with a relaunch loop, ``jobwrap run``, ``jobwrap run --
-torchrun`` with 2 ranks, Slurm) and the signals (USR1, scancel's TERM to every
-process, USR1 then TERM, a second signal during the save, SIGKILL after periodic
-saves) are real. The training process holds at each chosen step boundary
+torchrun`` with 2 ranks, a submitit job under submitit's LocalExecutor, Slurm) and the
+signals (USR1, scancel's TERM to every process, USR1 then TERM, a second signal during
+the save, SIGKILL after periodic saves) are real. The training process holds at each chosen step boundary
 (jobwrap's JOBWRAP_TEST_HOLD_AT protocol) until the signal is there, so every
 preemption point is exact and nothing depends on timing.
 
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import psutil
-from cells import CANCELS, LIGHTNING_VALIDATES_AFTER, SUBMITIT_LAUNCHES, Cell, expected
+from cells import CANCELS, CLUSTER_LAUNCHES, LIGHTNING_VALIDATES_AFTER, SUBMITIT_LAUNCHES, Cell, expected
 
 import jobwrap.errors
 from jobwrap._config import REQUEUE_EXIT_CODE
@@ -38,6 +38,7 @@ from jobwrap.testing import assert_same_run
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 TRAIN = HERE / "train_matrix.py"
+SUBMIT = HERE / "submitit_launch.py"  # one launch of a submitit cell: submits the job and waits for it
 TIMEOUT = 240  # seconds for one run (all its launches); a hang fails with every process's stack
 PERIODIC_EVERY = 2  # JOBWRAP_SAVE_EVERY_STEPS of the sigkill cells
 _ERROR = re.compile(r"^(?:\[rank\d+\]:\s*)?(?:[\w.]+\.)?(\w*(?:Error|Exception|Interrupt)): (.+)$", re.M)
@@ -75,6 +76,9 @@ class Run:
 def command(cell: Cell, loss_log: Path) -> list[str]:
     """The argv of one launch of ``cell``'s training."""
     train = [sys.executable, str(TRAIN), json.dumps(cell.training()), str(loss_log)]
+    if cell.launch in SUBMITIT_LAUNCHES:
+        return [sys.executable, str(SUBMIT), json.dumps(cell.training()), str(loss_log), f"{loss_log}.submitit",
+                *(["--slurm"] if cell.launch == "submitit_slurm" else [])]
     if cell.launch == "plain":
         return train
     if cell.launch == "torchrun":
@@ -95,6 +99,9 @@ def environment(cell: Cell, directory: Path, control: Path | None, hold_at: list
         env["MATRIX_HOLD_SAVE"] = str(control)
     if cell.layout == "striped":
         env["JOBWRAP_STRIPE_MIN_BYTES"] = "0"  # the matrix's state is a few KB
+    if cell.launch in SUBMITIT_LAUNCHES:  # the job unpickles train_matrix.submitit_train
+        env["PYTHONPATH"] = os.pathsep.join([str(HERE), env["PYTHONPATH"]])
+        env["SUBMITIT_PREEMPT_SIGNAL"] = "USR1"  # the matrix's requeue signal is submitit's preemption signal
     return env
 
 
@@ -207,18 +214,28 @@ class Signaller(threading.Thread):
             send(signal.SIGKILL, group=True, descendants=True)  # the node died: torchrun's ranks die too
             return
         if kind in ("usr1", "usr1_term", "double"):
-            send(signal.SIGUSR1)
+            self.usr1(step)
         if kind in ("term", "usr1_term"):
             send(signal.SIGTERM, group=True)  # scancel: TERM to every process of the job
         self._wait(lambda: all((self.control / got_name(step, r)).exists() for r in self._held(step)))
         if kind == "double":
             (self.control / done_name(step)).touch()
             if self._wait(lambda: (self.control / f"saving-{step}").exists()):
-                send(signal.SIGUSR1)
+                self.usr1(step)
                 time.sleep(0.2)  # let it land while the save waits (the save must not depend on this)
             else:
                 self.problems.append(f"the signal's save at step {step} never started")
             (self.control / f"second-{step}").touch()
+
+    def usr1(self, step: int) -> None:
+        """USR1 to the launch's first process; in a submitit job to the training task (the pid it holds with),
+        as Slurm's ``--signal=USR1`` reaches the task: submitit's local controller has no handler for it."""
+        if self.launcher.cell.launch not in SUBMITIT_LAUNCHES:
+            self.launcher.send(signal.SIGUSR1)
+            return
+        for pid in self._held(step).values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)
 
     def _held(self, step: int) -> dict[int, int]:
         held = {}
@@ -402,12 +419,10 @@ class Matrix:
         return outcome
 
     def _run(self, cell: Cell) -> Outcome:
-        if cell.launch in ("slurm_batch", "srun"):
+        if cell.launch in CLUSTER_LAUNCHES:
             from slurm_driver import run_slurm_cell  # needs the local cluster
 
             return run_slurm_cell(self, cell)
-        if cell.launch in SUBMITIT_LAUNCHES:
-            return Outcome("skipped", "submitit cells need the Slurm cluster and a submitit driver (not written yet)")
         reference = self.reference(cell)
         early = expected(cell).in_first_epoch
         refused = refusal(reference, in_first_epoch=early)

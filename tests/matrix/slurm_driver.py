@@ -1,10 +1,12 @@
-"""The matrix's Slurm cells: the batch layout (one task) and srun with 2 tasks, on the local cluster.
+"""The matrix's Slurm cells: the batch layout (one task), srun with 2 tasks, and a submitit job submitted with
+submitit's Slurm executor (``submitit_slurm``), on the local cluster.
 
 The job script comes from jobwrap._scheduler.sbatch (as ``jobwrap submit`` writes it). Signals go
 the way Slurm and users send them: ``scancel --signal=USR1 --batch`` (the batch
 layout's ``--signal=B:USR1``), ``scancel --signal=USR1`` (srun's tasks), plain
 ``scancel`` (TERM to every process), ``scancel --signal=KILL --full``. After a
-cancel or a kill the test resubmits the same script, as a user would.
+cancel or a kill the test resubmits the same script (the same submitit call), as a user would. A
+submitit job's USR1 (its preemption signal here) makes submitit requeue the job itself.
 """
 from __future__ import annotations
 
@@ -15,9 +17,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 from cells import CANCELS, Cell
-from drive import TIMEOUT, TRAIN, Outcome, Run, environment, judge, preemption_points, refusal
+from drive import TIMEOUT, TRAIN, Outcome, Run, command, environment, judge, preemption_points, refusal
 from slurm_cluster import FINAL_STATES, SlurmError, cancel, cluster_available, job_info, output_tail, wait_for
 
 from jobwrap._loop.hold import done_name, got_name, held_pattern, held_rank
@@ -39,11 +42,18 @@ def run_slurm_cell(matrix, cell: Cell) -> Outcome:
     directory, control = work / "ck", work / "control"
     control.mkdir()
     points = preemption_points(reference)
-    script = _script(cell, work, directory)
     env = _job_environment(cell, directory, control, points)
+    if cell.launch == "submitit_slurm":
+        def submit() -> str:
+            return _submit_submitit(cell, directory, env)
+    else:
+        script = _script(cell, work, directory)
+
+        def submit() -> str:
+            return _submit(script, env)
     jobs: list[str] = []
     try:
-        codes, signalled, problems = _drive(cell, script, env, control, points, jobs)
+        codes, signalled, problems = _drive(cell, submit, control, points, jobs)
     finally:
         cancel(*jobs)
     output = "\n".join(output_tail(job, 200) for job in jobs)
@@ -76,18 +86,27 @@ def _submit(script: Path, env: dict[str, str]) -> str:
     return done.stdout.strip().split(";")[0]
 
 
+def _submit_submitit(cell: Cell, directory: Path, env: dict[str, str]) -> str:
+    """The cell's call submitted with submitit's Slurm executor (submitit_launch.py --slurm); the job id."""
+    done = subprocess.run(command(cell, Path(f"{directory}.loss")), env=env, capture_output=True, text=True,
+                          timeout=60)
+    if done.returncode != 0:
+        raise SlurmError(f"submitit's submission exited {done.returncode}: {done.stderr.strip()[-2000:]}")
+    return done.stdout.split()[-1]
+
+
 def _scancel(*args: str) -> None:
     subprocess.run(["scancel", *args], capture_output=True, timeout=30, check=False)
 
 
-def _drive(cell: Cell, script: Path, env: dict[str, str], control: Path, points: list[int],
+def _drive(cell: Cell, submit: Callable[[], str], control: Path, points: list[int],
            jobs: list[str]) -> tuple[list[int], list[int], list[str]]:
     """Submit, signal at each point, resubmit after a cancel; the exit codes as a plain launch would give them."""
     codes: list[int] = []
     signalled: list[int] = []
     problems: list[str] = []
     deadline = time.monotonic() + 2 * TIMEOUT
-    jobs.append(_submit(script, env))
+    jobs.append(submit())
     for step in points:
         if not _until(lambda: len(list(control.glob(held_pattern(step)))) >= cell.ranks, jobs[-1], deadline):
             problems.append(f"never held at step {step}")
@@ -98,7 +117,7 @@ def _drive(cell: Cell, script: Path, env: dict[str, str], control: Path, points:
         if cell.signal in CANCELS:
             info = wait_for(jobs[-1], FINAL_STATES, timeout=120)
             codes.append(STATE_CODES.get(info["JobState"], 1))
-            jobs.append(_submit(script, env))
+            jobs.append(submit())
     info = wait_for(jobs[-1], FINAL_STATES, timeout=max(30.0, deadline - time.monotonic()))
     codes.append(STATE_CODES.get(info["JobState"], 1))
     return codes, signalled, problems

@@ -183,8 +183,8 @@ def test_term_with_workers_runs_under_every_launch_path_and_loader_kind():
             and c == dataclasses.replace(Cell(), loader=c.loader, workers=2, signal="term", launch=c.launch,
                                          framework=c.framework)]
     loop = {(c.launch, c.loader) for c in term if c.framework == "loop"}
-    assert loop >= set(itertools.product(("plain", "run", "torchrun", "slurm_batch", "srun", "submitit"),
-                                         ("shuffled", "stateful")))
+    launches = ("plain", "run", "torchrun", "slurm_batch", "srun", "submitit", "submitit_slurm")
+    assert loop >= set(itertools.product(launches, ("shuffled", "stateful")))
     lightning = {(c.launch, c.loader) for c in term if c.framework == "lightning"}
     assert lightning == set(itertools.product(("plain", "run", "torchrun"), ("stateful", "shuffled")))
     assert {c.launch for c in term if c.framework == "transformers"} == {"plain", "run", "torchrun"}
@@ -248,3 +248,18 @@ def test_ddp_batchnorm_runs_under_both_layouts_and_lightning_options_are_signall
     reference = Run(directory=tmp_path / "ck", codes=[0], signalled=[], output="", problems=[])
     assert preemption_points(reference, "lightning", "val_check_interval") == [6, 13]
     assert preemption_points(reference, "lightning") == [3, 13]
+
+
+def test_submitit_cells_in_ci_and_in_the_full_matrix():
+    """CI runs exactly two submitit cells (TERM, 2 workers, a DataLoader and a StatefulDataLoader, not marked
+    as needing Slurm); the full matrix runs the submitit job under every signal, locally and on Slurm (marked)."""
+    from test_matrix import _marks
+
+    default = [c for c in default_cells() if c.launch == "submitit"]
+    assert default == [Cell(workers=2, signal="term", launch="submitit"),
+                       Cell(loader="stateful", workers=2, signal="term", launch="submitit")]
+    assert not any(_marks(c) for c in default)
+    full = {c.signal for c in full_cells() if c.launch == "submitit" and c.loader == "shuffled" and c.workers == 2}
+    assert full == set(DIMENSIONS["signal"])
+    on_slurm = [c for c in full_cells() if c.launch == "submitit_slurm"]
+    assert {c.signal for c in on_slurm} == set(DIMENSIONS["signal"]) and all(_marks(c) for c in on_slurm)

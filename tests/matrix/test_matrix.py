@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from cells import SLURM_LAUNCHES, SUBMITIT_LAUNCHES, Cell, expected, selected_cells
+from cells import CLUSTER_LAUNCHES, SUBMITIT_LAUNCHES, Cell, expected, selected_cells
 from drive import Matrix
 
 CELLS = selected_cells()
@@ -25,7 +25,7 @@ NEEDS = {"lightning": "pytorch_lightning", "transformers": "transformers", "stat
 
 
 def _marks(cell: Cell) -> list:
-    return [pytest.mark.slurm] if cell.launch in SLURM_LAUNCHES + SUBMITIT_LAUNCHES else []
+    return [pytest.mark.slurm] if cell.launch in CLUSTER_LAUNCHES else []
 
 
 @pytest.mark.timeout(800)  # each run is bounded (drive.TIMEOUT); a cell runs at most three
@@ -33,14 +33,14 @@ def _marks(cell: Cell) -> list:
 def test_cell(matrix, cell):
     """A cell ends bit-exact with its uninterrupted run after real signals, is refused at start naming the option,
     or (a setup documented as not exact) finishes and differs."""
-    if cell.launch in SLURM_LAUNCHES:
+    if cell.launch in CLUSTER_LAUNCHES:
         from slurm_cluster import cluster_available
 
         up, why = cluster_available()
         if not up:
             pytest.skip(why)
-    if cell.launch in SUBMITIT_LAUNCHES:
-        pytest.skip("submitit cells need the Slurm cluster and a submitit driver (not written yet)")
+    if cell.launch in SUBMITIT_LAUNCHES:  # under its LocalExecutor, no cluster needed
+        pytest.importorskip("submitit", reason=f"{cell.id} needs submitit (pip install -e '.[submitit]')")
     for needed in (NEEDS.get(cell.framework), NEEDS.get(cell.loader)):
         if needed:
             pytest.importorskip(needed, reason=f"{cell.id} needs {needed} (pip install -e '.[test]')")

@@ -319,76 +319,95 @@ def main() -> None:
 
         train_frameworks.main(cfg, loss_log)
         return
+    rank, world = seed(cfg)
+    with jobwrap.Session() as job:
+        train(job, cfg, loss_log, rank, world)
+
+
+def seed(cfg: dict[str, Any]) -> tuple[int, int]:
+    """The ranks, and every stream seeded as the script's first lines do (before track(), which restores them)."""
     rank, world = start_ranks(cfg)
     random.seed(rank)
     numpy.random.seed(rank)
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    with jobwrap.Session() as job:
-        norm = [nn.BatchNorm1d(16)] if cfg["norm"] == "batchnorm" else []
-        model = nn.Sequential(nn.Linear(8, 16), *norm, nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 1))
-        if world > 1:
-            model = nn.parallel.DistributedDataParallel(model)
-        trainer = Trainer(cfg, model, job)
-        data = training_data(cfg, rank, world)
-        val = validation_data(cfg) if cfg["validation"] != "none" else None
-        things = {**trainer.objects(), "watch": SaveWatch(job)}
-        if cfg["loader"] == "iterable_state":
-            things["stream"] = data.dataset
-        if cfg["extras"] == "allowed":
-            things.update(allowed_extras())
-        job.track(**things)
-        if cfg["extras"] == "numpy_array":
-            job["confusion"] = numpy.zeros((2, 2))
-        elif cfg["extras"] == "set_only":
-            job["seen"] = 0  # set, never tracked: the way a script starts its bookkeeping
-        log = open(f"{loss_log}.r{rank}", "a")
+    return rank, world
 
-        def body(x: torch.Tensor, y: torch.Tensor, index: int | None = None) -> None:
-            """One step; ``index``: the batch index that keys the accumulation (accumulate_by="enumerate")."""
-            loss = trainer.step(x, y, job.step if index is None else index)
-            things["watch"].count += 1
-            log.write(f"{job.step}\t{job.epoch}\t{loss!r}\n")
-            log.flush()
-            trainer.note(loss)
-            if val is not None and job.step % VALIDATE_EVERY == VALIDATE_EVERY - 1:
-                score = validate(model, val, job, cfg)
-                if cfg["extras"] == "allowed":
-                    job["stats"] = {**job["stats"], "val": score}
-            if cfg["save"] == "in_body" and job.step % SAVE_EVERY == SAVE_EVERY - 1:
+
+def submitit_train(job: jobwrap.Session, cfg: dict[str, Any], loss_log: str) -> int:
+    """The same training as a submitit job's function (``jobwrap.submitit.Preemptible`` passes the session);
+    the final step, as the job's result."""
+    rank, world = seed(cfg)
+    train(job, cfg, loss_log, rank, world)
+    return job.step
+
+
+def train(job: jobwrap.Session, cfg: dict[str, Any], loss_log: str, rank: int, world: int) -> None:
+    """The training loop of the matrix's loop cells, in ``job``."""
+    norm = [nn.BatchNorm1d(16)] if cfg["norm"] == "batchnorm" else []
+    model = nn.Sequential(nn.Linear(8, 16), *norm, nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 1))
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model)
+    trainer = Trainer(cfg, model, job)
+    data = training_data(cfg, rank, world)
+    val = validation_data(cfg) if cfg["validation"] != "none" else None
+    things = {**trainer.objects(), "watch": SaveWatch(job)}
+    if cfg["loader"] == "iterable_state":
+        things["stream"] = data.dataset
+    if cfg["extras"] == "allowed":
+        things.update(allowed_extras())
+    job.track(**things)
+    if cfg["extras"] == "numpy_array":
+        job["confusion"] = numpy.zeros((2, 2))
+    elif cfg["extras"] == "set_only":
+        job["seen"] = 0  # set, never tracked: the way a script starts its bookkeeping
+    log = open(f"{loss_log}.r{rank}", "a")
+
+    def body(x: torch.Tensor, y: torch.Tensor, index: int | None = None) -> None:
+        """One step; ``index``: the batch index that keys the accumulation (accumulate_by="enumerate")."""
+        loss = trainer.step(x, y, job.step if index is None else index)
+        things["watch"].count += 1
+        log.write(f"{job.step}\t{job.epoch}\t{loss!r}\n")
+        log.flush()
+        trainer.note(loss)
+        if val is not None and job.step % VALIDATE_EVERY == VALIDATE_EVERY - 1:
+            score = validate(model, val, job, cfg)
+            if cfg["extras"] == "allowed":
+                job["stats"] = {**job["stats"], "val": score}
+        if cfg["save"] == "in_body" and job.step % SAVE_EVERY == SAVE_EVERY - 1:
+            job.save()
+
+    if cfg["loop"] == "step_done":
+        hand_written_loop(job, trainer, data, body, cfg)
+    elif cfg["loop"] in ("steps", "endless", "while_next"):
+        STEP_LOOPS[cfg["loop"]](job, trainer, body, cfg, rank, world)
+    else:
+        second = second_data(cfg, rank, world) if cfg["composition"] != "single" else None
+        for epoch in job.epochs(EPOCHS):
+            if hasattr(getattr(data, "dataset", None), "set_epoch"):
+                data.dataset.set_epoch(epoch)
+            if cfg["composition"] == "zip":
+                for (x, y), (x2, y2) in zip(job.loader(data), job.loader(second)):
+                    body(torch.cat([x, x2]), torch.cat([y, y2]))
+            elif cfg["composition"] == "aux_unwrapped":
+                aux = iter(second)
+                for x, y in job.loader(data):
+                    try:
+                        x2, y2 = next(aux)
+                    except StopIteration:
+                        aux = iter(second)
+                        x2, y2 = next(aux)
+                    body(torch.cat([x, x2]), torch.cat([y, y2]))
+            elif cfg["accumulate_by"] == "enumerate":
+                for i, (x, y) in enumerate(job.loader(data)):
+                    body(x, y, i)
+            else:
+                for x, y in job.loader(data):
+                    body(x, y)
+            trainer.end_epoch()
+            if cfg["save"] == "epoch_end":
                 job.save()
-
-        if cfg["loop"] == "step_done":
-            hand_written_loop(job, trainer, data, body, cfg)
-        elif cfg["loop"] in ("steps", "endless", "while_next"):
-            STEP_LOOPS[cfg["loop"]](job, trainer, body, cfg, rank, world)
-        else:
-            second = second_data(cfg, rank, world) if cfg["composition"] != "single" else None
-            for epoch in job.epochs(EPOCHS):
-                if hasattr(getattr(data, "dataset", None), "set_epoch"):
-                    data.dataset.set_epoch(epoch)
-                if cfg["composition"] == "zip":
-                    for (x, y), (x2, y2) in zip(job.loader(data), job.loader(second)):
-                        body(torch.cat([x, x2]), torch.cat([y, y2]))
-                elif cfg["composition"] == "aux_unwrapped":
-                    aux = iter(second)
-                    for x, y in job.loader(data):
-                        try:
-                            x2, y2 = next(aux)
-                        except StopIteration:
-                            aux = iter(second)
-                            x2, y2 = next(aux)
-                        body(torch.cat([x, x2]), torch.cat([y, y2]))
-                elif cfg["accumulate_by"] == "enumerate":
-                    for i, (x, y) in enumerate(job.loader(data)):
-                        body(x, y, i)
-                else:
-                    for x, y in job.loader(data):
-                        body(x, y)
-                trainer.end_epoch()
-                if cfg["save"] == "epoch_end":
-                    job.save()
-        log.close()
+    log.close()
 
 
 def indexed_batch(dataset: Dataset, step: int, per_epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
