@@ -644,7 +644,16 @@ class Session:
             built = self._payload(ranks, stripes=shards, states=states) if states is not None else \
                 self._payload(ranks, shards)
             checkpoint = self.store.save(built, step=self.step, epoch=self.epoch, meta=meta, serial=serial)
-        seconds = self.clock() - started
+        try:  # committed: what follows only reports and tidies up, and must not fail the save (or its requeue)
+            self._report_save(checkpoint, reason, shards, self.clock() - started)
+        except Exception as exc:
+            log.warning("step %d is committed, but reporting the save failed (%s: %s)", self.step,
+                        type(exc).__name__, exc)
+        return checkpoint
+
+    def _report_save(self, checkpoint: Checkpoint, reason: str, shards: dict[str, Any] | None,
+                     seconds: float) -> None:
+        """After a commit: the log line, the event, and retention (which removes only older checkpoints)."""
         size = checkpoint.size + (shards["bytes"] if shards else 0)
         where = os.path.basename(checkpoint.path) + (f" + {shards['folder']}/" if shards else "")
         log.info("saved %s (%s) to %s: %s in %.2f s", self._where(), reason, where, human_size(size), seconds)
@@ -653,7 +662,6 @@ class Session:
         deleted = self.store.retain(self.config.keep_last)
         if deleted:
             log.debug("retention removed steps %s", deleted)
-        return checkpoint
 
     def _rank_state(self) -> dict[str, Any]:
         return payload.rank_state(self.device, self._loader)
@@ -703,11 +711,22 @@ class Session:
                        checkpoint: Checkpoint) -> tuple[int, bool, str]:
         """(exit code, requeued, reason), decided by rank 0 alone; it runs the one requeue."""
         progressed = checkpoint.key > (self.resumed_from.key if self.resumed_from else (-1, 0))
-        history = tuple(bool(e.get("progress")) for e in self.events.read() if e["event"] in ("requeue", "stop"))
+        history = self._progress_history()
         stop = Stop(EXIT if request == STOP_EXIT else REQUEUE, sig, restart_count=self.job.restart_count,
                     progressed=progressed, history=history)
         return carry_out(decide_stop(stop, Limits(self.config.max_requeues, self.config.max_no_progress)), stop,
                          scheduler=self.scheduler, events=self.events, step=self.step)
+
+
+    def _progress_history(self) -> tuple[bool, ...]:
+        """Whether each earlier stop of the run made progress, from its events. Read between the commit and
+        the requeue, where nothing may raise: a log that cannot be read counts as no history (logged)."""
+        try:
+            return tuple(bool(e.get("progress")) for e in self.events.read() if e["event"] in ("requeue", "stop"))
+        except Exception as exc:  # the records are validated; this guards the requeue against the unforeseen
+            log.warning("cannot read the run's stops from %s (%s: %s): deciding without them", self.events.path,
+                        type(exc).__name__, exc)
+            return ()
 
 
 def _clean(exc: BaseException | None) -> bool:

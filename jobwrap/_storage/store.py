@@ -41,7 +41,7 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import xxhash
 
-from jobwrap._storage import faults
+from jobwrap._storage import faults, records
 from jobwrap._storage.faults import crash_point
 from jobwrap.errors import CorruptCheckpointError, ForeignRunError, LoadFailedHereError, describe_oserror, storage_error
 
@@ -848,13 +848,13 @@ class CheckpointStore:
             return "not valid JSON (damaged)"
         if not isinstance(record, dict):
             return "not a manifest (JSON, but not an object)"
-        try:
-            checkpoint = self._as_checkpoint(record)
-        except (KeyError, TypeError, ValueError) as exc:
+        checked = records.manifest(record)
+        if isinstance(checked, str):
             newer = isinstance(record.get("format"), int) and record["format"] > FORMAT_VERSION
             if newer:  # a newer jobwrap's layout: not ours to judge (or to set aside)
                 return None
-            return f"a field is missing or malformed ({type(exc).__name__}: {exc})"
+            return f"a field is missing or malformed ({checked})"
+        checkpoint = self._as_checkpoint(record)
         if checkpoint.step != step:
             return f"it says step {checkpoint.step} but is the manifest of step {step}"
         if checkpoint.serial != serial:
