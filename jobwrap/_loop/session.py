@@ -27,7 +27,7 @@ import torch
 
 from jobwrap._config import Config, load_config
 from jobwrap._format import human_size
-from jobwrap._loop import adopt, at_exit, hold, payload, steps
+from jobwrap._loop import adopt, at_exit, hold, payload, steps, trackable
 from jobwrap._loop.async_save import AsyncSaver
 from jobwrap._loop.data import ResumableLoader
 from jobwrap._loop.directory import ClaimedDirectory
@@ -50,7 +50,7 @@ from jobwrap._scheduler.env import JobEnv, read_env
 from jobwrap._scheduler.schedulers import Scheduler, scheduler_for
 from jobwrap._scheduler.signals import SignalTrap
 from jobwrap._scheduler.stopping import EXIT, REQUEUE, Limits, Preempted, Stop, carry_out, decide_stop
-from jobwrap._storage import deadline, progress, sharded, striped
+from jobwrap._storage import deadline, progress, savable, sharded, striped
 from jobwrap._storage.devices import resume_device
 from jobwrap._storage.events import EventLog
 from jobwrap._storage.pids import Lifeline, created_at
@@ -145,6 +145,7 @@ class Session:
         self._init_seconds = clock() - began
         self._first_step_pending = False
         self._first_batch_at: float | None = None
+        self._proven = False  # every tracked state proven loadable after a step (the first boundary after one)
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> "Session":
@@ -305,6 +306,7 @@ class Session:
         for name, obj in things.items():
             if name in RESERVED_KEYS or name in self._objects or name in self.extras:
                 raise ConfigError(f"cannot track {name!r}: the name is reserved or already tracked; pick another")
+            trackable.check(name, obj)
             if is_stateful(obj):
                 self._objects[name] = obj
                 if isinstance(obj, torch.optim.Optimizer):
@@ -315,6 +317,7 @@ class Session:
                 value = plain(obj, name)
                 self.extras[name] = resumed.extra(name, value) if resumed is not None else value
         self._sharded = sharded.sharded_names(self._objects)
+        self._prove_savable(list(things))
         if from_folder:
             sharded.restore(self._objects, from_folder, sharded_names=self._sharded, checkpoint=resumed.checkpoint,
                             record=resumed.sharded_record, store=self.store, group=self.group, clock=self.clock)
@@ -329,6 +332,15 @@ class Session:
             # one of their own, building DDP): the first boundary, which every rank reaches, stops them all.
             self._boundary()
         return self
+
+    def _prove_savable(self, names: list[str] | None = None) -> None:
+        """Every tracked state (``names``: only those) loads back with weights_only, proven in memory on its
+        skeleton (:mod:`jobwrap._storage.savable`): a ConfigError now, not a checkpoint no resume can read."""
+        for name in self._objects if names is None else names:
+            if name in self._objects and name not in self._sharded and trackable.needs_proof(self._objects[name]):
+                savable.prove(name, trackable.state_of(name, self._objects[name]))
+            elif name in self.extras:
+                savable.prove(name, self.extras[name], what="value")
 
     def __getitem__(self, name: str) -> Any:
         return self.extras[name]
@@ -430,6 +442,9 @@ class Session:
         if self.config.test_hold_at and self.step in self.config.test_hold_at:
             hold.hold(self.config.test_control, self.step, self.group.rank, self._trap)
         after_first_step = self.step > max(self._resumed_step, 0)
+        if after_first_step and not self._proven:  # an optimizer's state exists only after its first step
+            self._proven = True
+            self._prove_savable()
         if self._sharded and after_first_step:
             self._grads.check_sharded(self._sharded, self.step)
         if self.group.world_size == 1:

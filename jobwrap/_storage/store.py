@@ -43,7 +43,14 @@ import xxhash
 
 from jobwrap._storage import faults, records
 from jobwrap._storage.faults import crash_point
-from jobwrap.errors import CorruptCheckpointError, ForeignRunError, LoadFailedHereError, describe_oserror, storage_error
+from jobwrap.errors import (
+    CorruptCheckpointError,
+    ForeignRunError,
+    LoadFailedHereError,
+    UnreadableStateError,
+    describe_oserror,
+    storage_error,
+)
 
 log = logging.getLogger("jobwrap")
 
@@ -407,6 +414,27 @@ def _is_torch_archive(path: str) -> bool:
     return len(tops) == 1 and any(name.endswith("/data.pkl") and name.count("/") == 1 for name in names)
 
 
+def _refused_by_weights_only(exc: BaseException, path: str) -> bool:
+    """An intact torch archive that ``weights_only`` refuses: a type it does not allow (a NumPy scalar in a
+    state dict), not damage. Whoever wrote it wrote the manifest too: it is what was saved."""
+    import pickle
+
+    return isinstance(exc, pickle.UnpicklingError) and _is_torch_archive(path)
+
+
+def _unreadable_error(checkpoint: "Checkpoint", exc: BaseException) -> UnreadableStateError:
+    """The error that stops a start whose checkpoint is intact but holds a type ``weights_only`` refuses."""
+    text = str(exc)
+    found = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"Unsupported (?:global|operand)[^:]*: ?([^\n]+)", text)
+    what = found.group(1).strip() if found else text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return UnreadableStateError(
+        f"cannot resume from {checkpoint.path}: it matches its checksum, but it holds a {what}, which "
+        f"torch.load(weights_only=True) refuses to load. Nothing was set aside. Make the tracked object's "
+        f"state_dict() hold plain numbers or tensors instead (float(x), int(x) or torch.tensor(x) for a NumPy "
+        f"value), then either start a new run in a new directory, or move this checkpoint and its .json manifest "
+        f"out of the directory by hand to resume from the one before it")
+
+
 def _environment_error(checkpoint: "Checkpoint", exc: BaseException) -> LoadFailedHereError:
     """The error that stops a start whose checkpoint is intact but cannot be loaded on this node."""
     cause = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
@@ -761,6 +789,8 @@ class CheckpointStore:
                 if not intact:
                     raise CorruptCheckpointError(f"{checkpoint.path}: checksum does not match manifest "
                                                  f"{checkpoint.checksum} (damaged on disk)") from None
+                if _refused_by_weights_only(exc, checkpoint.path):
+                    raise _unreadable_error(checkpoint, exc) from exc
                 if _not_a_checkpoint(exc, checkpoint.path):
                     raise
                 raise _environment_error(checkpoint, exc) from exc
@@ -780,7 +810,9 @@ class CheckpointStore:
         Only a file that fails its checksum or is not a checkpoint is bad. Any
         other failure (no usable CUDA, out of memory, an I/O error) is this
         node's, not the file's: :class:`LoadFailedHereError` stops the start and
-        nothing is moved. ``verify=False`` when ``load`` verifies as it reads
+        nothing is moved. An intact torch file that ``weights_only`` refuses (a
+        NumPy scalar saved in a state dict) is what was saved, not damage:
+        :class:`UnreadableStateError` stops the start, and nothing is moved. ``verify=False`` when ``load`` verifies as it reads
         (:meth:`read_verified`), so the file is read once. ``committed``: the directory's committed
         checkpoints when the caller has just listed them (:meth:`prepare`), else they are read here.
         """
@@ -797,11 +829,13 @@ class CheckpointStore:
                 if verify:
                     self.verify(checkpoint)
                 return checkpoint, load(checkpoint)
-            except LoadFailedHereError:
+            except (LoadFailedHereError, UnreadableStateError):
                 raise
             except CorruptCheckpointError as exc:
                 reason = str(exc)
             except Exception as exc:
+                if verify and _refused_by_weights_only(exc, checkpoint.path):  # verified above: intact
+                    raise _unreadable_error(checkpoint, exc) from exc
                 if not _not_a_checkpoint(exc, checkpoint.path):
                     raise _environment_error(checkpoint, exc) from exc
                 reason = f"{checkpoint.path}: cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0]})"
