@@ -132,6 +132,28 @@ def test_manifest_of_wrong_types_is_not_trusted(tmp_path, field, value):
     assert "Traceback" not in listed.stderr
 
 
+@pytest.mark.parametrize("field,value", [("wall_time", "yesterday"), ("reason", 5), ("save_seconds", -1.0),
+                                         ("run_id", ["a"]), ("restart_count", "2")])
+def test_manifest_description_of_wrong_types_is_dropped_not_the_checkpoint(tmp_path, field, value, caplog):
+    """A manifest whose descriptive field (time, reason, save seconds...) has the wrong type keeps its
+    checkpoint trusted, without that field, and `jobwrap status` and `jobwrap ls` print without a traceback."""
+    store = CheckpointStore(str(tmp_path))
+    store.prepare()
+    store.save({"x": 1, "jobwrap": {}}, step=3, epoch=0, meta={"run_id": "r", "wall_time": 1.0, "reason": "manual"})
+    manifest = tmp_path / "step-000000000003.json"
+    record = json.loads(manifest.read_text())
+    record[field] = value
+    manifest.write_text(json.dumps(record))
+    with caplog.at_level(logging.WARNING, logger="jobwrap"):
+        committed = store.committed()
+    assert [c.step for c in committed] == [3] and field not in committed[0].manifest
+    assert any(field in r.getMessage() for r in caplog.records)
+    for command in (["status"], ["status", "--json"], ["ls"]):
+        done = subprocess.run([sys.executable, "-m", "jobwrap", *command, str(tmp_path)], capture_output=True,
+                              text=True, timeout=60)
+        assert "Traceback" not in done.stderr, done.stderr
+
+
 def test_odd_events_do_not_stop_an_auto_run_or_its_requeue(tmp_path):
     """Under save_every="auto" a run whose events.jsonl holds odd records starts, commits at the signal and is
     requeued (relaunched by `jobwrap run`), then finishes: nothing between the commit and the requeue raises."""
@@ -144,3 +166,36 @@ def test_odd_events_do_not_stop_an_auto_run_or_its_requeue(tmp_path):
     assert [e["event"] for e in events].count("requeue") == 1
     assert sum(1 for e in events if e["event"] == "start") == 2
     assert os.path.exists(directory / EVENTS_FILE)
+
+
+PLANTED = ["events.jsonl", "lock", "lock.json", "run.json", "step-000000000001.pt", "step-000000000001.json",
+           "step-000000000001.dcp", "step-000000000002.pt", "step-000000000002.json"]
+
+
+@pytest.mark.parametrize("name", PLANTED)
+def test_symlink_planted_where_jobwrap_writes_is_never_written_through(tmp_path, name):
+    """A symlink planted at a name jobwrap writes (its log, its lock, run.json, a checkpoint, its manifest, a step
+    folder) pointing outside the directory: the run fails clearly or replaces the link, and the target outside
+    is left byte for byte as it was."""
+    import torch
+
+    import jobwrap
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "victim"
+    victim.write_bytes(b"precious")
+    directory = tmp_path / "ck"
+    directory.mkdir()
+    target = outside if name.endswith(".dcp") else victim
+    os.symlink(target, directory / name)
+    try:
+        with jobwrap.Session(str(directory), environ={}, run_id="r", async_save=False) as job:
+            job.track(model=torch.nn.Linear(2, 2))
+            for _ in range(2):
+                job.step_done()
+                job.save()
+    except jobwrap.JobwrapError as exc:  # a clear refusal is fine; writing through the link is not
+        assert str(exc)
+    assert victim.read_bytes() == b"precious"
+    assert sorted(os.listdir(outside)) == ["victim"]

@@ -32,6 +32,10 @@ LOCK_FIELDS: dict[str, tuple[type, ...]] = {
 
 #: A manifest's fields that are whole numbers >= 0.
 MANIFEST_COUNTS = ("step", "epoch", "size")
+#: ...and the fields that only describe the save (reports, the auto interval): of the wrong type, they are
+#: dropped from the record (the checkpoint stays trusted: its checksum, not its description, proves it).
+MANIFEST_AMOUNTS = ("wall_time", "save_seconds", "stage_seconds", "restart_count", "world_size")
+MANIFEST_TEXTS = ("reason", "run_id", "host", "job_id", "jobwrap_version", "torch_version")
 
 
 def is_number(value: Any) -> bool:
@@ -94,6 +98,14 @@ def manifest(record: Any) -> dict[str, Any] | str:
     if not isinstance(record.get("checksum"), str) or not record["checksum"]:
         return f"checksum={record.get('checksum')!r} is not text"
     return record
+
+
+def manifest_description(record: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A trusted manifest without its descriptive fields of the wrong type: (the record, the fields dropped)."""
+    bad = [key for key in MANIFEST_AMOUNTS if record.get(key) is not None
+           and not (is_number(record[key]) and record[key] >= 0)]
+    bad += [key for key in MANIFEST_TEXTS if record.get(key) is not None and not isinstance(record[key], str)]
+    return ({k: v for k, v in record.items() if k not in bad} if bad else record), bad
 
 
 def payload_meta(loaded: Any) -> str | None:

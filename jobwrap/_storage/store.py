@@ -888,6 +888,10 @@ class CheckpointStore:
             if newer:  # a newer jobwrap's layout: not ours to judge (or to set aside)
                 return None
             return f"a field is missing or malformed ({checked})"
+        record, dropped = records.manifest_description(record)
+        if dropped:
+            log.warning("manifest %s: ignored the field(s) %s, of the wrong type (they only describe the save)",
+                        manifest_name(step, serial), dropped)
         checkpoint = self._as_checkpoint(record)
         if checkpoint.step != step:
             return f"it says step {checkpoint.step} but is the manifest of step {step}"
