@@ -150,6 +150,19 @@ def test_numpy_scalar_after_the_first_step_is_refused_at_the_first_boundary(tmp_
     assert not CheckpointStore(str(tmp_path)).committed()
 
 
+def test_numpy_scalar_after_a_step_is_refused_by_a_save_before_any_boundary(tmp_path):
+    """A loop body that calls job.save() after its first step, before the next boundary, is refused there too:
+    no checkpoint that no resume could read is committed."""
+    counter = Counter(numpy_after=1)
+    with pytest.raises(ConfigError, match=r"counter\['ema'\]"):
+        with _session(tmp_path, async_save=False) as job:
+            job.track(counter=counter)
+            for _ in job.loader([0, 1, 2]):
+                counter.step()
+                job.save()  # the batch counts as trained: step 1
+    assert not CheckpointStore(str(tmp_path)).committed()
+
+
 def test_optimizer_and_model_states_prove_loadable():
     """What jobwrap tracks every day (a model, Adam after a step, StepLR, GradScaler) passes the proof."""
     model = nn.Linear(4, 2)

@@ -342,6 +342,13 @@ class Session:
             elif name in self.extras:
                 savable.prove(name, self.extras[name], what="value")
 
+    def _prove_after_first_step(self) -> None:
+        """Once, at the first boundary or save after a step: every tracked state proven loadable again (an
+        optimizer's state exists only after its first step), before any checkpoint of it is written."""
+        if not self._proven and self.step > max(self._resumed_step, 0):
+            self._proven = True
+            self._prove_savable()
+
     def __getitem__(self, name: str) -> Any:
         return self.extras[name]
 
@@ -442,9 +449,7 @@ class Session:
         if self.config.test_hold_at and self.step in self.config.test_hold_at:
             hold.hold(self.config.test_control, self.step, self.group.rank, self._trap)
         after_first_step = self.step > max(self._resumed_step, 0)
-        if after_first_step and not self._proven:  # an optimizer's state exists only after its first step
-            self._proven = True
-            self._prove_savable()
+        self._prove_after_first_step()
         if self._sharded and after_first_step:
             self._grads.check_sharded(self._sharded, self.step)
         if self.group.world_size == 1:
@@ -583,6 +588,7 @@ class Session:
         self.start()
         if self._in_batch:
             self._batch_finished()
+        self._prove_after_first_step()
         self._collect_background()  # a save in flight commits first (or its failure is raised)
         if self._holds_step() and not self._moved_since_save():
             return self.last_checkpoint
