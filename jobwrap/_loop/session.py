@@ -738,7 +738,6 @@ class Session:
         return carry_out(decide_stop(stop, Limits(self.config.max_requeues, self.config.max_no_progress)), stop,
                          scheduler=self.scheduler, events=self.events, step=self.step)
 
-
     def _progress_history(self) -> tuple[bool, ...]:
         """Whether each earlier stop of the run made progress, from its events. Read between the commit and
         the requeue, where nothing may raise: a log that cannot be read counts as no history (logged)."""
