@@ -222,7 +222,12 @@ class Session:
         the loop) by rank 0, which alone decides when a save is due (its vote reaches every rank)."""
         if self.config.save_every != "auto" or self.group.rank != 0:
             return None
-        return AutoInterval(self.events.read(), log)
+        try:
+            return AutoInterval(self.events.read(), log)
+        except Exception as exc:  # the records are validated; a history that still fails must not stop the start
+            log.warning("save_every=auto: the run's history in %s cannot be used (%s: %s); choosing from the "
+                        "prior alone", self.events.path, type(exc).__name__, exc)
+            return AutoInterval([], log)
 
     def _startup_fields(self, session_started: float) -> dict[str, Any]:
         """The start event's record of how this process got there (jobwrap._report.relaunch reads it)."""
