@@ -343,7 +343,13 @@ class Session:
         skeleton (:mod:`jobwrap._storage.savable`): a ConfigError now, not a checkpoint no resume can read."""
         for name in self._objects if names is None else names:
             if name in self._objects and name not in self._sharded and trackable.needs_proof(self._objects[name]):
-                savable.prove(name, trackable.state_of(name, self._objects[name]))
+                try:
+                    state = trackable.state_of(name, self._objects[name])
+                except ConfigError:
+                    if self.group.world_size > 1:  # raised on one rank, it would leave the others in a collective:
+                        continue                   # the save reports a failing state_dict() to every rank instead
+                    raise
+                savable.prove(name, state)
             elif name in self.extras:
                 savable.prove(name, self.extras[name], what="value")
 
