@@ -6,6 +6,7 @@ default. ``jobwrap run`` flags reach the training process as variables.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import signal
 from typing import Any, Mapping
@@ -39,8 +40,17 @@ def parse_signal(name: str | int | signal.Signals) -> signal.Signals:
 
 
 def parse_signals(value: str | tuple | list) -> tuple[signal.Signals, ...]:
+    """``"USR1,USR2"``, a list or tuple of names or numbers, or one signal, to a tuple of signals."""
     if isinstance(value, str):
         value = [part for part in value.replace(" ", ",").split(",") if part]
+    elif isinstance(value, signal.Signals):
+        value = [value]
+    elif not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{value!r} (of type {type(value).__name__}) is not a list of signals; "
+                          f"use names such as ('USR1',) or 'USR1,USR2'")
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, (str, int)):
+            raise ConfigError(f"{v!r} (of type {type(v).__name__}) is not a signal; use a name such as USR1")
     return tuple(parse_signal(v) for v in value)
 
 
@@ -94,9 +104,13 @@ class Config:
     def __post_init__(self) -> None:
         if not self.directory:
             raise ConfigError("no checkpoint directory: pass directory=... or set JOBWRAP_DIR")
+        self._check_types()
         self.directory = os.fspath(self.directory)
-        self.requeue_signals = parse_signals(self.requeue_signals)
-        self.exit_signals = parse_signals(self.exit_signals)
+        for field in ("requeue_signals", "exit_signals"):
+            try:
+                setattr(self, field, parse_signals(getattr(self, field)))
+            except ConfigError as exc:
+                raise ConfigError(f"{field}: {exc} (or set {ENV_VARS[field]})") from None
         both = set(self.requeue_signals) & set(self.exit_signals)
         if both:
             names = ", ".join(s.name for s in both)
@@ -131,6 +145,32 @@ class Config:
             raise ConfigError(f"init_epoch={self.init_epoch!r} (JOBWRAP_INIT_EPOCH): use 'done' where init_from's "
                               f"epoch is the epoch finished, 'next' where it is the next epoch to run")
 
+    def _check_types(self) -> None:
+        """Every setting of its type, at construction: a value of the wrong type (grace_seconds="120" from an
+        environment read by the script) would be accepted here and fail hours later, at the signal's save."""
+        for field, (kind, optional) in _TYPES.items():
+            value = getattr(self, field)
+            if value is None and optional:
+                continue
+            if kind is _seconds:
+                if _is_number(value) and math.isfinite(value):
+                    setattr(self, field, float(value))
+                    continue
+            elif kind is _signals or _is_a(value, kind):
+                continue
+            if kind is _steps and isinstance(value, (list, tuple)) and all(_is_a(v, _count) for v in value):
+                setattr(self, field, tuple(value))
+                continue
+            raise ConfigError(_type_error(field, value, kind, optional))
+        if self.file_mode & ~0o777:
+            raise ConfigError(f"file_mode={oct(self.file_mode)} is not a file mode: use permission bits such as "
+                              f"0o600 or 0o640 (JOBWRAP_FILE_MODE=640)")
+        if self.grace_seconds is not None and self.grace_seconds <= 0:
+            raise ConfigError(f"grace_seconds={self.grace_seconds}: the signal's lead time is a positive number "
+                              f"of seconds (JOBWRAP_GRACE_SECONDS=120 for --signal=B:USR1@120), or None")
+        if any(step < 0 for step in self.test_hold_at):
+            raise ConfigError(f"test_hold_at={self.test_hold_at}: steps are 0 or more")
+
     def _check_save_every(self) -> None:
         if self.save_every is None:
             return
@@ -142,6 +182,60 @@ class Config:
             raise ConfigError("save_every='auto' chooses the interval itself: unset save_every_steps and "
                               "save_every_seconds (JOBWRAP_SAVE_EVERY_STEPS, JOBWRAP_SAVE_EVERY_SECONDS, "
                               "--save-every-steps, --save-every-seconds), or drop save_every")
+
+
+class _Kind:
+    """An expected type in words, for the error that names it."""
+
+    def __init__(self, words: str, *types: type) -> None:
+        self.words = words
+        self.types = types
+
+
+_text = _Kind("text (a str)", str)
+_path = _Kind("a path (a str or os.PathLike)", str, os.PathLike)
+_flag_kind = _Kind("True or False (a bool)", bool)
+_count = _Kind("a whole number (an int)", int)
+_seconds = _Kind("a finite number of seconds (an int or float)", int, float)
+_signals = _Kind("signal names")  # parse_signals() checks these and names the bad one
+_steps = _Kind("a tuple of step numbers (ints)", tuple)
+
+# Each field's expected type, and whether None is allowed (docs/guide.md, "Settings", lists them).
+_TYPES: dict[str, tuple[_Kind, bool]] = {
+    "directory": (_path, False), "run_id": (_text, True), "adopt": (_flag_kind, False),
+    "init_from": (_path, True), "requeue_signals": (_signals, False), "exit_signals": (_signals, False),
+    "requeue_on_exit_signals": (_flag_kind, False), "keep_last": (_count, False),
+    "save_every_steps": (_count, True), "save_every_seconds": (_seconds, True), "save_every": (_text, True),
+    "save_at_end": (_flag_kind, False), "max_requeues": (_count, False), "max_no_progress": (_count, False),
+    "grace_seconds": (_seconds, True), "file_mode": (_count, False), "device": (_text, True),
+    "on_save_error": (_text, False), "allow_world_size_change": (_flag_kind, False),
+    "sync_every_steps": (_count, False), "stripe_min_bytes": (_count, False), "async_save": (_flag_kind, False),
+    "lazy_copy": (_flag_kind, False), "lock_timeout": (_seconds, False), "break_lock": (_flag_kind, False),
+    "test_hold_at": (_steps, False), "test_control": (_path, True),
+}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_a(value: Any, kind: _Kind) -> bool:
+    """``value`` is of ``kind`` (a bool is no number: ``keep_last=True`` is a mistake, not 1)."""
+    if isinstance(value, bool) and bool not in kind.types:
+        return False
+    return isinstance(value, kind.types)
+
+
+def _type_error(field: str, value: Any, kind: _Kind, optional: bool) -> str:
+    """The message for a setting of the wrong type: the setting, what it got, what it takes, where it is set."""
+    variable = ENV_VARS.get(field)
+    hint = ""
+    if isinstance(value, str) and (kind is _count or kind is _seconds):
+        hint = f"; convert it where you read it, e.g. {field}={'int' if kind is _count else 'float'}({value!r})"
+    elif kind is _text and type(value).__name__ == "device":  # a torch.device
+        hint = f"; pass {field}={str(value)!r}"
+    return (f"{field}={value!r} (of type {type(value).__name__}): expected {kind.words}"
+            f"{' or None' if optional else ''}{hint}" + (f" (or set {variable})" if variable else ""))
 
 
 def _check_run_id(run_id: str) -> None:

@@ -25,6 +25,11 @@ class LoadFailedHereError(CheckpointError):
     """An intact checkpoint cannot be loaded on this node (no usable CUDA, out of memory, I/O): nothing is set aside."""
 
 
+class UnreadableStateError(CheckpointError):
+    """An intact checkpoint holds a value ``torch.load(weights_only=True)`` refuses: the start stops, nothing is
+    set aside (the file is what was saved; the fix is in the state that was saved)."""
+
+
 class ForeignRunError(CheckpointError):
     """The checkpoint directory belongs to another run."""
 

@@ -34,13 +34,15 @@ def test_usr1_then_term_at_a_held_step_ends_as_a_cancel(tmp_path):
 
 
 class _TermDuringSave:
-    """A tracked object whose state_dict() (read while a checkpoint is written) sends this process a real TERM."""
+    """A tracked object whose state_dict() (read while a checkpoint is written) sends this process a real TERM,
+    once ``armed`` (track() and the first boundary read it too, to prove it loadable)."""
 
     def __init__(self) -> None:
         self.sent = False
+        self.armed = False
 
     def state_dict(self) -> dict:
-        if not self.sent:
+        if self.armed and not self.sent:
             self.sent = True
             os.kill(os.getpid(), signal.SIGTERM)
         return {"x": torch.zeros(1)}
@@ -54,8 +56,10 @@ def test_term_during_the_requeue_save_makes_it_a_cancel(tmp_path):
     model = nn.Linear(2, 1)
     with pytest.raises(jobwrap.Preempted) as stopped:
         with jobwrap.Session(str(tmp_path), environ={}, save_at_end=False) as job:
-            job.track(model=model, probe=_TermDuringSave())
+            probe = _TermDuringSave()
+            job.track(model=model, probe=probe)
             job.step_done()
+            probe.armed = True
             os.kill(os.getpid(), signal.SIGUSR1)
             job.step_done()
     assert stopped.value.code == CANCEL and not stopped.value.requeued, stopped.value.reason
@@ -74,8 +78,11 @@ RANKS_SCRIPT = textwrap.dedent('''
     pid_file = sys.argv[1]
 
     class TermToRank1:
-        def state_dict(self):  # only rank 0 writes, so only rank 0 calls this, inside the save
-            os.kill(int(open(pid_file).read()), signal.SIGTERM)
+        armed = False  # track() and the first boundary read the state too, to prove it loadable
+
+        def state_dict(self):  # only rank 0 writes, so only rank 0 calls this armed, inside the save
+            if self.armed:
+                os.kill(int(open(pid_file).read()), signal.SIGTERM)
             return {"x": torch.zeros(1)}
 
         def load_state_dict(self, state):
@@ -87,9 +94,11 @@ RANKS_SCRIPT = textwrap.dedent('''
             f.write(str(os.getpid()))
     dist.barrier()
     with jobwrap.Session(save_at_end=False) as job:
-        job.track(probe=TermToRank1())
+        probe = TermToRank1()
+        job.track(probe=probe)
         for _ in range(20):
             if job.step == 3 and dist.get_rank() == 0:
+                probe.armed = True
                 os.kill(os.getpid(), signal.SIGUSR1)
             job.step_done()
     dist.destroy_process_group()

@@ -19,7 +19,7 @@ import torch
 
 from jobwrap import __version__
 from jobwrap._scheduler.env import JobEnv
-from jobwrap._storage import sharded, striped
+from jobwrap._storage import records, sharded, striped
 from jobwrap._storage.state import capture_rng, plain
 from jobwrap._storage.store import STRIPED_FORMAT, Checkpoint, CheckpointStore, folder_name
 from jobwrap.errors import CorruptCheckpointError
@@ -84,8 +84,9 @@ def load(store: CheckpointStore, checkpoint: Checkpoint, device: torch.device) -
     """
     began = time.monotonic()
     payload = store.read_verified(checkpoint, lambda f: torch.load(f, map_location=device, weights_only=True))
-    if not isinstance(payload, dict) or not isinstance(payload.get("jobwrap"), dict):
-        raise CorruptCheckpointError(f"{checkpoint.path} is a torch file but not a jobwrap checkpoint")
+    wrong = records.payload_meta(payload)
+    if wrong is not None:
+        raise CorruptCheckpointError(f"{checkpoint.path} {wrong}")
     striped.fill(store, checkpoint, payload, device)
     payload["jobwrap"]["read_seconds"] = round(time.monotonic() - began, 4)
     return payload

@@ -28,7 +28,7 @@ import torch
 
 from jobwrap._config import Config, load_config
 from jobwrap._format import human_size
-from jobwrap._loop import adopt, at_exit, hold, payload, steps
+from jobwrap._loop import adopt, at_exit, hold, payload, steps, trackable
 from jobwrap._loop.async_save import AsyncSaver
 from jobwrap._loop.data import ResumableLoader
 from jobwrap._loop.directory import ClaimedDirectory
@@ -61,7 +61,7 @@ from jobwrap._scheduler.stopping import (
     decide_stop,
     interrupted_exit,
 )
-from jobwrap._storage import deadline, progress, sharded, striped
+from jobwrap._storage import deadline, progress, savable, sharded, striped
 from jobwrap._storage.devices import resume_device
 from jobwrap._storage.events import EventLog
 from jobwrap._storage.pids import Lifeline, created_at
@@ -162,6 +162,7 @@ class Session:
         self._init_seconds = clock() - began
         self._first_step_pending = False
         self._first_batch_at: float | None = None
+        self._proven = False  # every tracked state proven loadable after a step (the first boundary after one)
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> "Session":
@@ -247,7 +248,12 @@ class Session:
         the loop) by rank 0, which alone decides when a save is due (its vote reaches every rank)."""
         if self.config.save_every != "auto" or self.group.rank != 0:
             return None
-        return AutoInterval(self.events.read(), log)
+        try:
+            return AutoInterval(self.events.read(), log)
+        except Exception as exc:  # the records are validated; a history that still fails must not stop the start
+            log.warning("save_every=auto: the run's history in %s cannot be used (%s: %s); choosing from the "
+                        "prior alone", self.events.path, type(exc).__name__, exc)
+            return AutoInterval([], log)
 
     def _startup_fields(self, session_started: float) -> dict[str, Any]:
         """The start event's record of how this process got there (jobwrap._report.relaunch reads it)."""
@@ -337,6 +343,7 @@ class Session:
         for name, obj in things.items():
             if name in RESERVED_KEYS or name in self._objects or name in self.extras:
                 raise ConfigError(f"cannot track {name!r}: the name is reserved or already tracked; pick another")
+            trackable.check(name, obj)
             if is_stateful(obj):
                 self._objects[name] = obj
                 if isinstance(obj, torch.optim.Optimizer):
@@ -347,6 +354,7 @@ class Session:
                 value = plain(obj, name)
                 self.extras[name] = resumed.extra(name, value) if resumed is not None else value
         self._sharded = sharded.sharded_names(self._objects)
+        self._prove_savable(list(things))
         if from_folder:
             sharded.restore(self._objects, from_folder, sharded_names=self._sharded, checkpoint=resumed.checkpoint,
                             record=resumed.sharded_record, store=self.store, group=self.group, clock=self.clock)
@@ -361,6 +369,28 @@ class Session:
             # one of their own, building DDP): the first boundary, which every rank reaches, stops them all.
             self._boundary()
         return self
+
+    def _prove_savable(self, names: list[str] | None = None) -> None:
+        """Every tracked state (``names``: only those) loads back with weights_only, proven in memory on its
+        skeleton (:mod:`jobwrap._storage.savable`): a ConfigError now, not a checkpoint no resume can read."""
+        for name in self._objects if names is None else names:
+            if name in self._objects and name not in self._sharded and trackable.needs_proof(self._objects[name]):
+                try:
+                    state = trackable.state_of(name, self._objects[name])
+                except ConfigError:
+                    if self.group.world_size > 1:  # raised on one rank, it would leave the others in a collective:
+                        continue                   # the save reports a failing state_dict() to every rank instead
+                    raise
+                savable.prove(name, state)
+            elif name in self.extras:
+                savable.prove(name, self.extras[name], what="value")
+
+    def _prove_after_first_step(self) -> None:
+        """Once, at the first boundary or save after a step: every tracked state proven loadable again (an
+        optimizer's state exists only after its first step), before any checkpoint of it is written."""
+        if not self._proven and self.step > max(self._resumed_step, 0):
+            self._proven = True
+            self._prove_savable()
 
     def __getitem__(self, name: str) -> Any:
         return self.extras[name]
@@ -493,6 +523,7 @@ class Session:
         if self.config.test_hold_at and self.step in self.config.test_hold_at:
             hold.hold(self.config.test_control, self.step, self.group.rank, self._trap)
         after_first_step = self.step > max(self._resumed_step, 0)
+        self._prove_after_first_step()
         if self._sharded and after_first_step:
             self._grads.check_sharded(self._sharded, self.step)
         if self.group.world_size == 1:
@@ -642,6 +673,7 @@ class Session:
                 self._batch_finished()
             else:
                 self._batch_left()
+        self._prove_after_first_step()
         self._collect_background()  # a save in flight commits first (or its failure is raised)
         if self._holds_step() and not self._moved_since_save():
             return self.last_checkpoint
@@ -718,7 +750,16 @@ class Session:
             built = self._payload(ranks, stripes=shards, states=states) if states is not None else \
                 self._payload(ranks, shards)
             checkpoint = self.store.save(built, step=self.step, epoch=self.epoch, meta=meta, serial=serial)
-        seconds = self.clock() - started
+        try:  # committed: what follows only reports and tidies up, and must not fail the save (or its requeue)
+            self._report_save(checkpoint, reason, shards, self.clock() - started)
+        except Exception as exc:
+            log.warning("step %d is committed, but reporting the save failed (%s: %s)", self.step,
+                        type(exc).__name__, exc)
+        return checkpoint
+
+    def _report_save(self, checkpoint: Checkpoint, reason: str, shards: dict[str, Any] | None,
+                     seconds: float) -> None:
+        """After a commit: the log line, the event, and retention (which removes only older checkpoints)."""
         size = checkpoint.size + (shards["bytes"] if shards else 0)
         where = os.path.basename(checkpoint.path) + (f" + {shards['folder']}/" if shards else "")
         log.info("saved %s (%s) to %s: %s in %.2f s", self._where(), reason, where, human_size(size), seconds)
@@ -727,7 +768,6 @@ class Session:
         deleted = self.store.retain(self.config.keep_last)
         if deleted:
             log.debug("retention removed steps %s", deleted)
-        return checkpoint
 
     def _rank_state(self) -> dict[str, Any]:
         return payload.rank_state(self.device, self._loader)
@@ -777,11 +817,21 @@ class Session:
                        checkpoint: Checkpoint) -> tuple[int, bool, str]:
         """(exit code, requeued, reason), decided by rank 0 alone; it runs the one requeue."""
         progressed = checkpoint.key > (self.resumed_from.key if self.resumed_from else (-1, 0))
-        history = tuple(bool(e.get("progress")) for e in self.events.read() if e["event"] in ("requeue", "stop"))
+        history = self._progress_history()
         stop = Stop(EXIT if request == STOP_EXIT else REQUEUE, sig, restart_count=self.job.restart_count,
                     progressed=progressed, history=history)
         return carry_out(decide_stop(stop, Limits(self.config.max_requeues, self.config.max_no_progress)), stop,
                          scheduler=self.scheduler, events=self.events, step=self.step)
+
+    def _progress_history(self) -> tuple[bool, ...]:
+        """Whether each earlier stop of the run made progress, from its events. Read between the commit and
+        the requeue, where nothing may raise: a log that cannot be read counts as no history (logged)."""
+        try:
+            return tuple(bool(e.get("progress")) for e in self.events.read() if e["event"] in ("requeue", "stop"))
+        except Exception as exc:  # the records are validated; this guards the requeue against the unforeseen
+            log.warning("cannot read the run's stops from %s (%s: %s): deciding without them", self.events.path,
+                        type(exc).__name__, exc)
+            return ()
 
 
 def _clean(exc: BaseException | None) -> bool:

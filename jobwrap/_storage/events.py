@@ -7,6 +7,8 @@ import os
 import time
 from typing import Any
 
+from jobwrap._storage import records
+
 log = logging.getLogger("jobwrap")
 
 EVENTS_FILE = "events.jsonl"
@@ -41,16 +43,15 @@ class EventLog:
 
 
 def read_events(directory: str) -> list[dict[str, Any]]:
-    """All events of a run directory; a torn last line (a kill mid-write) is skipped."""
+    """All trusted events of a run directory (:func:`jobwrap._storage.records.event`): a torn last line (a kill
+    mid-write) and any record of the wrong shape are skipped, the latter with one warning per read."""
+    path = os.path.join(directory, EVENTS_FILE)
     try:
-        with open(os.path.join(directory, EVENTS_FILE)) as f:
+        with open(path, errors="replace") as f:
             lines = f.readlines()
     except FileNotFoundError:
         return []
-    events = []
-    for line in lines:
-        try:
-            events.append(json.loads(line))
-        except ValueError:
-            continue
-    return events
+    except OSError as exc:
+        log.warning("cannot read %s (%s): its history is left out", path, exc.strerror)
+        return []
+    return records.valid_events(lines, path, log)

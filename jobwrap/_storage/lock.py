@@ -35,6 +35,7 @@ import time
 import uuid
 from typing import Any, Callable
 
+from jobwrap._storage import records
 from jobwrap._storage.pids import alive, start_time
 from jobwrap.errors import DirectoryHeldError, storage_error
 
@@ -271,12 +272,16 @@ class DirectoryLock:
 
     # ------------------------------------------------------------ the record
     def _read(self) -> Holder | None:
+        path = os.path.join(self.directory, HOLDER_FILE)
         try:
-            with open(os.path.join(self.directory, HOLDER_FILE)) as f:
-                record = json.load(f)
-            return Holder(**{field.name: record[field.name] for field in dataclasses.fields(Holder)})
-        except (OSError, ValueError, KeyError, TypeError):
+            with open(path) as f:
+                record = records.lock_holder(json.load(f))
+        except (OSError, ValueError):
             return None  # none, or unreadable: nothing it says can be trusted
+        if isinstance(record, str):  # wrong types would crash the comparisons of refusal()
+            log.warning("%s: skipped 1 record(s) that cannot be trusted (first: %s)", path, record)
+            return None
+        return Holder(**{field.name: record[field.name] for field in dataclasses.fields(Holder)})
 
     def _write(self, **changes: Any) -> None:
         self.me = dataclasses.replace(self.me, **changes)

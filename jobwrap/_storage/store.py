@@ -41,9 +41,16 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import xxhash
 
-from jobwrap._storage import faults
+from jobwrap._storage import faults, records
 from jobwrap._storage.faults import crash_point
-from jobwrap.errors import CorruptCheckpointError, ForeignRunError, LoadFailedHereError, describe_oserror, storage_error
+from jobwrap.errors import (
+    CorruptCheckpointError,
+    ForeignRunError,
+    LoadFailedHereError,
+    UnreadableStateError,
+    describe_oserror,
+    storage_error,
+)
 
 log = logging.getLogger("jobwrap")
 
@@ -407,6 +414,27 @@ def _is_torch_archive(path: str) -> bool:
     return len(tops) == 1 and any(name.endswith("/data.pkl") and name.count("/") == 1 for name in names)
 
 
+def _refused_by_weights_only(exc: BaseException, path: str) -> bool:
+    """An intact torch archive that ``weights_only`` refuses: a type it does not allow (a NumPy scalar in a
+    state dict), not damage. Whoever wrote it wrote the manifest too: it is what was saved."""
+    import pickle
+
+    return isinstance(exc, pickle.UnpicklingError) and _is_torch_archive(path)
+
+
+def _unreadable_error(checkpoint: "Checkpoint", exc: BaseException) -> UnreadableStateError:
+    """The error that stops a start whose checkpoint is intact but holds a type ``weights_only`` refuses."""
+    text = str(exc)
+    found = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"Unsupported (?:global|operand)[^:]*: ?([^\n]+)", text)
+    what = found.group(1).strip() if found else text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return UnreadableStateError(
+        f"cannot resume from {checkpoint.path}: it matches its checksum, but it holds a {what}, which "
+        f"torch.load(weights_only=True) refuses to load. Nothing was set aside. Make the tracked object's "
+        f"state_dict() hold plain numbers or tensors instead (float(x), int(x) or torch.tensor(x) for a NumPy "
+        f"value), then either start a new run in a new directory, or move this checkpoint and its .json manifest "
+        f"out of the directory by hand to resume from the one before it")
+
+
 def _environment_error(checkpoint: "Checkpoint", exc: BaseException) -> LoadFailedHereError:
     """The error that stops a start whose checkpoint is intact but cannot be loaded on this node."""
     cause = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
@@ -761,6 +789,8 @@ class CheckpointStore:
                 if not intact:
                     raise CorruptCheckpointError(f"{checkpoint.path}: checksum does not match manifest "
                                                  f"{checkpoint.checksum} (damaged on disk)") from None
+                if _refused_by_weights_only(exc, checkpoint.path):
+                    raise _unreadable_error(checkpoint, exc) from exc
                 if _not_a_checkpoint(exc, checkpoint.path):
                     raise
                 raise _environment_error(checkpoint, exc) from exc
@@ -780,7 +810,9 @@ class CheckpointStore:
         Only a file that fails its checksum or is not a checkpoint is bad. Any
         other failure (no usable CUDA, out of memory, an I/O error) is this
         node's, not the file's: :class:`LoadFailedHereError` stops the start and
-        nothing is moved. ``verify=False`` when ``load`` verifies as it reads
+        nothing is moved. An intact torch file that ``weights_only`` refuses (a
+        NumPy scalar saved in a state dict) is what was saved, not damage:
+        :class:`UnreadableStateError` stops the start, and nothing is moved. ``verify=False`` when ``load`` verifies as it reads
         (:meth:`read_verified`), so the file is read once. ``committed``: the directory's committed
         checkpoints when the caller has just listed them (:meth:`prepare`), else they are read here.
         """
@@ -797,11 +829,13 @@ class CheckpointStore:
                 if verify:
                     self.verify(checkpoint)
                 return checkpoint, load(checkpoint)
-            except LoadFailedHereError:
+            except (LoadFailedHereError, UnreadableStateError):
                 raise
             except CorruptCheckpointError as exc:
                 reason = str(exc)
             except Exception as exc:
+                if verify and _refused_by_weights_only(exc, checkpoint.path):  # verified above: intact
+                    raise _unreadable_error(checkpoint, exc) from exc
                 if not _not_a_checkpoint(exc, checkpoint.path):
                     raise _environment_error(checkpoint, exc) from exc
                 reason = f"{checkpoint.path}: cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0]})"
@@ -848,13 +882,17 @@ class CheckpointStore:
             return "not valid JSON (damaged)"
         if not isinstance(record, dict):
             return "not a manifest (JSON, but not an object)"
-        try:
-            checkpoint = self._as_checkpoint(record)
-        except (KeyError, TypeError, ValueError) as exc:
+        checked = records.manifest(record)
+        if isinstance(checked, str):
             newer = isinstance(record.get("format"), int) and record["format"] > FORMAT_VERSION
             if newer:  # a newer jobwrap's layout: not ours to judge (or to set aside)
                 return None
-            return f"a field is missing or malformed ({type(exc).__name__}: {exc})"
+            return f"a field is missing or malformed ({checked})"
+        record, dropped = records.manifest_description(record)
+        if dropped:
+            log.warning("manifest %s: ignored the field(s) %s, of the wrong type (they only describe the save)",
+                        manifest_name(step, serial), dropped)
+        checkpoint = self._as_checkpoint(record)
         if checkpoint.step != step:
             return f"it says step {checkpoint.step} but is the manifest of step {step}"
         if checkpoint.serial != serial:

@@ -66,6 +66,12 @@ def check_malicious_pickle(base: str, workdir: str, kind: str) -> Outcome:
     with environment(**forced), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's note about the pickle protocol
         outcome = resume(directory)
+    if kind.startswith("torch zip"):
+        # An intact torch file (its manifest agrees) that weights_only refuses is what was saved, not damage:
+        # the start stops naming it, and nothing is set aside (issue 21, item 9).
+        kept = os.path.exists(data_path(directory, 2)) and not any(".corrupt-" in n for n in os.listdir(directory))
+        ok = not os.path.exists(marker) and "UnreadableStateError" in outcome.error and kept
+        return ok, _ran(marker) + short(f"start stopped, nothing set aside: {outcome.error or outcome}")
     about = [w for w in outcome.warnings if "step-000000000002" in w]
     ok = not os.path.exists(marker) and outcome.step == 1 and outcome.content_ok and len(about) == 1
     return ok, _ran(marker) + (short(f"refused by weights_only, step 1 used: {about[0]}") if about else f"{outcome}")
@@ -278,8 +284,10 @@ def section(c: Campaign) -> None:
     print("hostile files", flush=True)
     base = base_run(c.workdir)
     for kind in ("torch zip", "plain pickle", "torch zip, with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 set"):
+        expected = ("refused, nothing runs, start stopped, nothing set aside" if kind.startswith("torch zip")
+                    else "refused, nothing runs, previous used")
         c.run(Fault("hostile", f"malicious pickle ({kind}) as the newest checkpoint, manifest consistent, "
-                    "loaded through Session resume", "refused, nothing runs, previous used",
+                    "loaded through Session resume", expected,
                     functools.partial(check_malicious_pickle, base), (kind,)))
     for where in ("own folder", "'../' path", "absolute path"):
         c.run(Fault("hostile", f"a plain model's checkpoint naming a sharded folder ({where}) whose DCP .metadata "

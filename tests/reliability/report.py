@@ -151,7 +151,8 @@ HOW = """\
   the resume must use the named step with the exact saved content and log exactly one line naming the bad
   file.
 - **Hostile files**: real malicious pickles (`os.system` in `__reduce__`), in torch's zip format and as a
-  plain pickle, with manifests that match them, so only `weights_only=True` stands in the way; a plain
+  plain pickle, with manifests that match them, so only `weights_only=True` stands in the way (the torch
+  file, intact, stops the start with nothing set aside; the plain pickle is no checkpoint and is set aside); a plain
   model's checkpoint rewritten to name a sharded (DCP) folder, in its own step folder, through `../` and by an
   absolute path, whose `.metadata` is such a pickle and whose checksums all match; an AST scan of
   every `torch.load` in `jobwrap/` (and of any `Unpickler`, which must decide every global itself); hostile run ids, job ids and manifest fields; umask 000 in a forked child
@@ -205,7 +206,17 @@ above and a test in `tests/test_reliability.py`.
    to the last directory only) **and the requeue file 0666**. Fix: parents 0755 less the umask; the
    requeue file 0600.
 10. **`events.jsonl` (and the requeue file) were opened through symlinks**: a symlink planted in the
-    directory made the job append to a file outside it. Fix: `O_NOFOLLOW`."""
+    directory made the job append to a file outside it. Fix: `O_NOFOLLOW`.
+11. **An intact checkpoint that `weights_only` refuses was set aside as corrupt** (issue 21): a state
+    dict holding a NumPy scalar committed at every save, and every relaunch renamed every checkpoint
+    `*.corrupt-*` and started at step 0. Fix: a torch file that matches its checksum is never set aside;
+    the start stops with `UnreadableStateError` naming the type and the way out, and `track()` (then the
+    first boundary after a step) proves every tracked state loads back with `weights_only`. The malicious
+    pickle in torch's format above now stops the start the same way (nothing runs, nothing is moved).
+12. **Odd records in `events.jsonl` crashed the start, the stop after its commit, and `jobwrap status`**
+    (a negative duration, a line that is not an object, a string for a number, `{}`). Fix: one schema per
+    file jobwrap reads (`jobwrap/_storage/records.py`); an untrustworthy record is skipped with one
+    warning per read, and the reporting after a commit can no longer fail the requeue."""
 
 LIMITS = """\
 ## What is not covered, and why
