@@ -24,6 +24,7 @@ from jobwrap.errors import ConfigError
 
 _original_next: Callable[[Any], Any] | None = None  # torch's __next__, while the watch replaces it
 _watching: list["Steps"] = []  # the running sessions, innermost last
+_UNSEEN = object()
 _wrapped = 0  # >0 while job.loader() asks its own iterator for a batch: that iterator resumes
 
 
@@ -67,15 +68,16 @@ class wrapped_pull:
 
 def _watched_next(self: Any) -> Any:
     batch = _original_next(self)  # type: ignore[misc]
-    if _watching:
-        step = _watching[-1].step
+    if _watching:  # per batch, an attribute read and a comparison: the loop's hot path
         if _wrapped:
             self._jobwrap_step = None  # job.loader()'s: never refused
-        elif self._num_yielded == 1 or "_jobwrap_step" not in self.__dict__:  # new, or reset by a new epoch
-            self._jobwrap_step = step
-        else:
-            last = self._jobwrap_step
-            if last is not None and last != step:
+            return batch
+        step = _watching[-1].step
+        last = getattr(self, "_jobwrap_step", _UNSEEN)
+        if last != step and last is not None:
+            if last is _UNSEEN or self._num_yielded == 1:  # new, or reset by a new epoch (persistent workers)
+                self._jobwrap_step = step
+            else:
                 _refuse(self, last, step)
     return batch
 
