@@ -84,6 +84,7 @@ class Preemptible(pl.Callback):
             return
         _lightning_signals_off(trainer)
         self.session = Session(self._directory, **self._settings).start()
+        self.session._data_resumed_elsewhere = True  # fit() iterates and resumes its loaders itself
         self._state = _TrainerState(trainer)
         self.session.track(lightning=self._state)
         self._resuming = self._state.loaded

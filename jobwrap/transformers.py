@@ -170,6 +170,7 @@ class JobwrapCallback(TrainerCallback):
 
     def __init__(self, job: Session, checkpoint: TrainerCheckpoint) -> None:
         self.job = job
+        job._data_resumed_elsewhere = True  # the Trainer iterates its loader and skips the trained batches itself
         self.checkpoint = checkpoint
         self._epoch_ended = False
         self._uncommitted_save = False  # the Trainer saved at an epoch's last step, before the epoch's end

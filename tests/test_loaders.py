@@ -325,10 +325,10 @@ def _save_after_break(directory: Path, shape: str) -> int:
     loader = DataLoader(_table(), batch_size=1)
     with jobwrap.Session(str(directory), environ={}, save_at_end=False) as job:
         for _ in job.epochs(1):
-            batches = job.loader(loader)
+            batches = job.loader(loader).enumerate()
             if shape == "held":
                 batches = iter(batches)
-            for i, _batch in enumerate(batches):
+            for i, _batch in batches:
                 if i == 5:
                     break
                 try:
@@ -436,24 +436,123 @@ def test_persistent_workers_are_kept_and_draw_anew_each_epoch(tmp_path):
     assert not set(epochs[0][:, 1].tolist()) & set(epochs[1][:, 1].tolist())  # no draw repeated
 
 
-@pytest.mark.parametrize("shape", ["enumerate", "method"])
-def test_enumerate_around_a_resumed_loader_is_warned_about(tmp_path, caplog, shape):
-    """enumerate(job.loader(dl)) after a mid-epoch resume logs a warning naming .enumerate(); the method does not."""
-    loader = DataLoader(_table(), batch_size=2)
-    with pytest.raises(RuntimeError, match="stop"), jobwrap.Session(str(tmp_path), environ={}) as job:
+def _stop_in_batch_2(directory: Path, loader: DataLoader) -> None:
+    """Trains batches 0 and 1 of the first epoch through loader.enumerate(), saves inside batch 2, then fails."""
+    with pytest.raises(RuntimeError, match="stop"), jobwrap.Session(str(directory), environ={}) as job:
         for _ in job.epochs(1):
-            for i, _batch in enumerate(job.loader(loader)):
+            for i, _batch in job.loader(loader).enumerate():
                 if i == 2:
                     job.save()
                     raise RuntimeError("stop inside batch 2")
-    caplog.clear()
+
+
+@pytest.mark.parametrize("launch", ["fresh", "resumed"])
+def test_enumerate_around_a_wrapped_loader_is_refused_at_its_first_batch(tmp_path, launch):
+    """enumerate(job.loader(dl)) is refused at the first batch of a fresh launch and of a resumed one, before
+    any step trains, with the message naming loader.enumerate(); a resumed run's position is left as saved."""
+    loader = DataLoader(_table(), batch_size=2)
+    if launch == "resumed":
+        _stop_in_batch_2(tmp_path, loader)
+    bodies = 0
+    with pytest.raises(ConfigError, match=r"enumerate\(job\.loader\(\.\.\.\)\) restarts at 0 .*"
+                                          r"job\.loader\(dl\)\.enumerate\(\)"):
+        with jobwrap.Session(str(tmp_path), environ={}) as job:
+            for _ in job.epochs(1):
+                for _pair in enumerate(job.loader(loader)):
+                    bodies += 1
+    assert bodies == 0 and job.step == (3 if launch == "resumed" else 0)
+
+
+def test_loader_enumerate_method_is_not_refused_and_resumes(tmp_path):
+    """loader.enumerate() (unlike the builtin around the loader) runs on a resumed launch, from the saved index."""
+    loader = DataLoader(_table(), batch_size=2)
+    _stop_in_batch_2(tmp_path, loader)
     with jobwrap.Session(str(tmp_path), environ={}) as job:
+        indices = [i for _ in job.epochs(1) for i, _batch in job.loader(loader).enumerate()]
+    assert indices == [3, 4, 5]
+
+
+def test_zipped_wrapped_loaders_are_refused_at_the_second_ones_first_batch(tmp_path):
+    """zip(job.loader(a), job.loader(b)) is refused when b's iterator asks for its first batch, before a step."""
+    a, b = DataLoader(_table(), batch_size=2), DataLoader(_table(), batch_size=2, shuffle=True)
+    bodies = 0
+    with pytest.raises(ConfigError, match=r"job\.loader\(\): a second job\.loader\(\) iterator .*StackDataset"):
+        with jobwrap.Session(str(tmp_path), environ={}) as job:
+            for _ in job.epochs(1):
+                for _pair in zip(job.loader(a), job.loader(b)):
+                    bodies += 1
+    assert bodies == 0 and job.step == 0
+
+
+def test_wrapped_loaders_one_after_the_other_are_not_refused(tmp_path):
+    """A wrapped iterator left by break (and dropped) leaves the next epoch's new job.loader() iterator free."""
+    with jobwrap.Session(str(tmp_path), environ={}) as job:
+        for epoch in job.epochs(3):
+            for _batch in job.loader(DataLoader(_table(), batch_size=2 + epoch)):
+                if job.position == 2:
+                    break
+    assert job.step == 3 * 2
+
+
+def _hand_out_across_steps(directory: Path, shape: str, workers: int) -> list[int]:
+    """Trains with a second, unwrapped DataLoader's iterator in the shape asked; the steps its batches came at."""
+    aux_loader = DataLoader(_table(), batch_size=2, shuffle=True, num_workers=workers)
+    at: list[int] = []
+    with jobwrap.Session(str(directory), environ={}) as job:
+        if shape == "while_next":  # nanoGPT: it = iter(train_loader); while True: next(it) ...; job.step_done()
+            it = iter(aux_loader)
+            while job.step < 4:
+                next(it)
+                at.append(job.step)
+                job.step_done()
+            return at
         for _ in job.epochs(1):
-            wrapped = job.loader(loader)
-            for _pair in (enumerate(wrapped) if shape == "enumerate" else wrapped.enumerate()):
-                pass
-    warned = [r.getMessage() for r in caplog.records if "counts from 0" in r.getMessage()]
-    assert warned == (["enumerate(job.loader(...)) counts from 0 after this mid-epoch resume, the run that stopped "
-                       "was at batch 3 of the epoch: anything keyed on that index (if (i + 1) % k == 0: "
-                       "optimizer.step()) shifts. Use `for i, batch in job.loader(loader).enumerate():` instead"]
-                      if shape == "enumerate" else [])
+            aux = iter(aux_loader)
+            for _batch in job.loader(DataLoader(_table(), batch_size=4)):
+                next(aux)
+                at.append(job.step)
+    return at
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("shape", ["while_next", "aux"])
+def test_unwrapped_iterator_spanning_a_step_boundary_is_refused(tmp_path, shape, workers):
+    """A DataLoader iterator not from job.loader() that hands out batches at two steps is refused at the second,
+    naming its dataset and iter(job.loader(dl)); the batch of the first step was trained."""
+    at: list[int] = []
+    with pytest.raises(ConfigError, match=r"DataLoader over TensorDataset handed out batches at step 0 and again "
+                                          r"at step 1 .*iter\(job\.loader\(dl\)\)"):
+        at = _hand_out_across_steps(tmp_path, shape, workers)
+    assert at == []  # raised in the second step's next(), before its body
+    events = (tmp_path / ".jobwrap" / "events.jsonl")
+    assert not events.exists() or "ConfigError" in events.read_text()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_unwrapped_loaders_used_within_one_step_are_not_refused(tmp_path, workers):
+    """Validation loaders iterated within one step (whole, left by break, or with persistent workers whose iterator
+    a new pass resets), and an iterator re-created each step, train every step to the end."""
+    val = DataLoader(_table(), batch_size=3, num_workers=workers, persistent_workers=bool(workers))
+    with jobwrap.Session(str(tmp_path), environ={}) as job:
+        for _ in job.epochs(2):
+            for _batch in job.loader(DataLoader(_table(), batch_size=4)):
+                assert len(list(val)) == 4
+                for _val_batch in val:
+                    break
+                held = iter(DataLoader(_table(), batch_size=5))
+                next(held)
+    assert job.step == 2 * 3
+
+
+def test_iterator_watch_ends_with_the_session(tmp_path):
+    """After the session closes, torch's DataLoader iterators are torch's own again and span steps freely."""
+    from torch.utils.data.dataloader import _BaseDataLoaderIter
+    original = _BaseDataLoaderIter.__next__
+    loader = DataLoader(_table(), batch_size=2)
+    with jobwrap.Session(str(tmp_path), environ={}) as job:
+        assert _BaseDataLoaderIter.__next__ is not original
+        it = iter(loader)
+        next(it)
+        job.step_done()
+    assert _BaseDataLoaderIter.__next__ is original
+    next(it)  # a later step of a script that goes on without jobwrap

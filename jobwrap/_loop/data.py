@@ -30,6 +30,7 @@ from typing import Any, Generic, Iterable, Iterator, Protocol, TypeVar
 import torch
 from torch.utils.data.dataloader import _DatasetKind
 
+from jobwrap._loop.iterators import wrapped_pull
 from jobwrap._loop.rngs import rng_kind as _rng_kind
 from jobwrap._loop.skipping import can_skip, open_at
 from jobwrap._storage.state import capture_rng, is_stateful, plain, restore_rng
@@ -67,6 +68,12 @@ class StepBoundary(Protocol):
     def _batch_finished(self) -> None:
         """The body is done with its batch: it counts, unless a save() in the body counted it."""
 
+    def _loader_batches_begin(self, loader: Any) -> None:
+        """A wrapped loader's iterator asks for its first batch (another one mid-epoch is refused)."""
+
+    def _loader_batches_end(self, loader: Any) -> None:
+        """That iterator ended: exhausted, left by ``break``, or dropped."""
+
 
 class ResumableLoader(Generic[T]):
     """Wraps a DataLoader (or any re-iterable); get one from :meth:`Session.loader`."""
@@ -91,6 +98,7 @@ class ResumableLoader(Generic[T]):
         self._index = 0  # the batch in hand's index in its epoch
         self._handed: Any = lambda: None  # a weak reference to the batches iter() handed out last
         self._pulled_at: tuple[Any, int] | None = None  # (code, offset) of the `for` that pulled it
+        self._checked = False  # whether this launch looked for an enumerate() around the batches
 
     def __len__(self) -> int:
         return len(self.iterable)  # type: ignore[arg-type]
@@ -115,19 +123,26 @@ class ResumableLoader(Generic[T]):
 
     def _batches(self) -> Iterator[T]:
         session = self._session
+        if not self._checked:  # once per launch, fresh ones too: the script learns it at once, not at a resume
+            self._checked = True
+            refuse_if_enumerated(self._handed())
+        session._loader_batches_begin(self)
+        try:
+            yield from self._epoch_batches(session)
+        finally:
+            session._loader_batches_end(self)
+
+    def _epoch_batches(self, session: StepBoundary) -> Iterator[T]:
         session._loader_boundary()
-        resumed_at = session.position if self._resume is not None else 0
         iterator = self._start_epoch()
         length = _length(self.iterable)
         self.ran_in_epoch = session.epoch
         while True:
             try:
-                batch = next(iterator)
+                with wrapped_pull():
+                    batch = next(iterator)
             except StopIteration:
                 return
-            if resumed_at:
-                warn_if_enumerated(self._handed(), resumed_at)
-                resumed_at = 0
             self._index = session.position
             self._pulled_at = _pulling_loop()
             session._batch_started()
@@ -246,17 +261,18 @@ class ResumableLoader(Generic[T]):
         self._resume = None
 
 
-def warn_if_enumerated(batches: Any, position: int) -> None:
-    """After a mid-epoch resume: an ``enumerate()`` around the batches counts from 0, not from ``position``.
+def refuse_if_enumerated(batches: Any) -> None:
+    """Refuse an ``enumerate()`` around the batches: after a mid-epoch resume it counts from 0, not from the
+    stopped run's place, and a window keyed on that index (gradient accumulation, a schedule) shifts.
 
-    Looked for once per resume (``gc.get_referrers`` walks the heap): a window keyed
-    on that index (gradient accumulation, logging every k batches) would shift.
+    Looked for at the first batch of every launch, a fresh one too, so the script fails at its start rather
+    than at the first resume hours later; once per launch because ``gc.get_referrers`` walks the heap.
     """
     if batches is not None and any(isinstance(ref, enumerate) for ref in gc.get_referrers(batches)):
-        log.warning("enumerate(job.loader(...)) counts from 0 after this mid-epoch resume, the run that stopped was "
-                    "at batch %d of the epoch: anything keyed on that index (if (i + 1) %% k == 0: "
-                    "optimizer.step()) shifts. Use `for i, batch in job.loader(loader).enumerate():` instead",
-                    position)
+        raise ConfigError(
+            "enumerate(job.loader(...)) restarts at 0 after a mid-epoch resume, shifting anything keyed on the "
+            "batch index (accumulation, schedules): write `for i, batch in job.loader(dl).enumerate():` instead, "
+            "whose index goes on where the stopped run was")
 
 
 def _pulling_loop() -> tuple[Any, int] | None:

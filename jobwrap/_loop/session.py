@@ -46,6 +46,7 @@ from jobwrap._loop.distributed import (
 from jobwrap._loop.grads import PendingGrads
 from jobwrap._loop.interval import AutoInterval
 from jobwrap._loop.resume import Resumed
+from jobwrap._loop.iterators import watch_iterators
 from jobwrap._loop.workers import guard_dataloader_workers
 from jobwrap._scheduler.env import JobEnv, read_env
 from jobwrap._scheduler.schedulers import Scheduler, scheduler_for
@@ -130,6 +131,7 @@ class Session:
         self._objects: dict[str, Any] = {}
         self._sharded: list[str] = []  # tracked names saved through torch.distributed.checkpoint (FSDP)
         self._loader: ResumableLoader | None = None
+        self._loader_running: ResumableLoader | None = None  # whose iterator is mid-epoch (handing out batches)
         self._trap = SignalTrap(self.config.requeue_signals + self.config.exit_signals,
                                 registry=self.job.trainers_dir, clock=clock)
         self._interrupts = InterruptWatch(clock)  # a Ctrl-C the script catches must not end as "finished"
@@ -152,6 +154,8 @@ class Session:
         self._lifeline = Lifeline(None, clock)  # the `jobwrap run` not to outlive
         self._orphaned = False
         self._unguard_workers: Callable[[], None] = lambda: None
+        self._unwatch_iterators: Callable[[], None] = lambda: None
+        self._data_resumed_elsewhere = False  # a framework's loop resumes its own loader (jobwrap._loop.iterators)
         self._scoped = False  # inside `with`: the block closes it; else the process's exit does (at_exit)
         self._rng_restored: Any = None  # the streams as track() put them back, until the first boundary
         self._epochs_used = False  # log lines name the epoch only in loops that have them
@@ -178,6 +182,7 @@ class Session:
             self._interrupts.install()
         self._lifeline = Lifeline(self.job.supervisor, self.clock)
         self._unguard_workers = guard_dataloader_workers(self._trap.signals)
+        self._unwatch_iterators = watch_iterators(self)
         try:
             self.group = join()
             opened = self.clock()
@@ -191,6 +196,7 @@ class Session:
             self._interrupts.restore()
             self._directory.release()
             self._unguard_workers()
+            self._unwatch_iterators()
             self._started = False
             raise
         if not self._scoped:
@@ -278,6 +284,7 @@ class Session:
         self._trap.restore()
         self._interrupts.restore()
         self._unguard_workers()
+        self._unwatch_iterators()
         # Every rank leaves together after a finished run or a Preempted; after an error some may not come.
         self.group.close(clean=_clean(exc))
         self._started = False
@@ -508,6 +515,24 @@ class Session:
         if self._in_batch:
             self._in_batch = False
             self._step_done()
+
+    def _loader_batches_begin(self, loader: ResumableLoader) -> None:
+        """A wrapped loader's iterator asks for its first batch: refused while another one is mid-epoch."""
+        if self._loader_running is not None:
+            raise ConfigError(
+                "job.loader(): a second job.loader() iterator asked for its first batch while another one is "
+                "mid-epoch (zip(job.loader(a), job.loader(b)), or nested loops): each would count the steps and "
+                "save its position over the other's. Wrap only the training loader, and take the other batches "
+                "from it: one DataLoader over both datasets (torch.utils.data.StackDataset(a, b)) in job.loader(), "
+                "or `for i, batch in job.loader(a).enumerate():` with the other batch picked from b's dataset by "
+                "the index i, which resumes with it; a second DataLoader iterated directly is exact only within "
+                "one step (a validation pass)")
+        self._loader_running = loader
+
+    def _loader_batches_end(self, loader: ResumableLoader) -> None:
+        """That iterator ended: exhausted, left by ``break``, or dropped."""
+        if self._loader_running is loader:
+            self._loader_running = None
 
     def _loader_boundary(self) -> None:
         """The loader's boundary before each batch; inside a steps() loop the step's own is the one."""

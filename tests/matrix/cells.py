@@ -35,8 +35,9 @@ DIMENSIONS: dict[str, tuple[Any, ...]] = {
     "loop": ("epochs", "step_done", "steps", "endless", "while_next"),
     "accumulate": (1, 2),
     # Which count decides the optimizer step under accumulation: job.step, or the batch index of
-    # `for i, (x, y) in enumerate(job.loader(dl))` (`if (i + 1) % k == 0`), which restarts at 0 in a resumed epoch.
-    "accumulate_by": ("step", "enumerate"),
+    # `for i, (x, y) in enumerate(job.loader(dl))` (`if (i + 1) % k == 0`), which restarts at 0 in a resumed epoch;
+    # loader_enumerate: the index of `for i, (x, y) in job.loader(dl).enumerate()`, which goes on after a resume.
+    "accumulate_by": ("step", "enumerate", "loader_enumerate"),
     # single: one training loader; zip: `zip(job.loader(a), job.loader(b))`; aux_unwrapped: a second DataLoader,
     # not wrapped, drawn from with next() at every step of the epoch (`aux = iter(b)` at the epoch's start).
     "composition": ("single", "zip", "aux_unwrapped"),
@@ -164,8 +165,10 @@ def valid(cell: Cell) -> bool:
     if cell.loop != "epochs" and (cell.loader != "shuffled" or cell.validation == "wrapped"
                                   or cell.composition != "single"):
         return False  # the step loops build their own data (indexed, or an endless loader) from the shuffled one's
-    if cell.accumulate_by == "enumerate" and (cell.accumulate == 1 or cell.loop != "epochs"):
-        return False  # no accumulation, or no enumerate(job.loader(...)) to key it on
+    if cell.accumulate_by != "step" and (cell.accumulate == 1 or cell.loop != "epochs"):
+        return False  # no accumulation, or no enumerate(job.loader(...)) / loader.enumerate() to key it on
+    if cell.accumulate_by == "loader_enumerate" and cell.composition != "single":
+        return False  # the composed loops iterate the loaders themselves
     if cell.worker_rng != "global" and cell.loader not in MAP_STYLE:
         return False  # the generator lives in the map-style dataset's __getitem__
     if cell.worker_rng == "worker_init_gen" and (not cell.workers or cell.loader_option == "worker_init_fn"
@@ -190,7 +193,7 @@ def _fill_neutral(values: dict[str, Any]) -> dict[str, Any]:
     if "workers" not in filled:
         filled["workers"] = 2 if (filled.get("loader_option") == "persistent_workers"
                                   or filled.get("worker_rng") == "worker_init_gen") else 0
-    if "accumulate" not in filled and filled.get("accumulate_by") == "enumerate":
+    if "accumulate" not in filled and filled.get("accumulate_by", "step") != "step":
         filled["accumulate"] = 2
     if "loader" not in filled:
         filled["loader"] = "shuffled"
@@ -463,8 +466,9 @@ def expected(cell: Cell) -> Expectation:
 
 def _expected_index_accumulation() -> Expectation:
     """``if (i + 1) % k == 0: optimizer.step()`` over ``enumerate(job.loader(dl))``: a resumed epoch's enumerate
-    starts at 0, so the accumulation windows shift; jobwrap cannot make the plain enumerate exact, so it must refuse
-    it (issue 21 adds a loader API for the batch index after a resume: flip to "exact" when the cell uses it)."""
+    starts at 0, so the accumulation windows shift; jobwrap cannot make the plain enumerate exact, so it refuses it
+    at the first batch of every launch (``accumulate_by=loader_enumerate``, ``job.loader(dl).enumerate()``, is
+    exact)."""
     return Expectation("refused", "enumerate() restarts at 0 in a resumed epoch, shifting the optimizer steps "
                                   "keyed on the batch index; refused in the first epoch, naming the loader's batch "
                                   "index", match=r"(?i)enumerate|index", in_first_epoch=True)

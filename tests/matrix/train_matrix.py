@@ -364,7 +364,8 @@ def train(job: jobwrap.Session, cfg: dict[str, Any], loss_log: str, rank: int, w
     log = open(f"{loss_log}.r{rank}", "a")
 
     def body(x: torch.Tensor, y: torch.Tensor, index: int | None = None) -> None:
-        """One step; ``index``: the batch index that keys the accumulation (accumulate_by="enumerate")."""
+        """One step; ``index``: the batch index that keys the accumulation (accumulate_by="enumerate",
+        "loader_enumerate")."""
         loss = trainer.step(x, y, job.step if index is None else index)
         things["watch"].count += 1
         log.write(f"{job.step}\t{job.epoch}\t{loss!r}\n")
@@ -400,6 +401,9 @@ def train(job: jobwrap.Session, cfg: dict[str, Any], loss_log: str, rank: int, w
                     body(torch.cat([x, x2]), torch.cat([y, y2]))
             elif cfg["accumulate_by"] == "enumerate":
                 for i, (x, y) in enumerate(job.loader(data)):
+                    body(x, y, i)
+            elif cfg["accumulate_by"] == "loader_enumerate":
+                for i, (x, y) in job.loader(data).enumerate():
                     body(x, y, i)
             else:
                 for x, y in job.loader(data):
