@@ -235,6 +235,22 @@ def test_stateful_dataloader_resumes_through_its_state_bit_exact(tmp_path, optio
     assert_same_run(plain.directory, cut.directory)
 
 
+@pytest.mark.parametrize("signals, to_group", [
+    (signal.SIGUSR1, False),         # to the supervisor, which forwards it to the training process
+    (signal.SIGTERM, True),          # to every process of the run, its loader workers too (a plain scancel)
+], ids=["usr1", "term-group"])
+def test_stateful_dataloader_workers_drawing_random_numbers_resume_bit_exact(tmp_path, signals, to_group):
+    """StatefulDataLoader, 2 workers whose __getitem__ draws from torch/random/NumPy: stopped mid-epoch, bit-exact."""
+    pytest.importorskip("torchdata.stateful_dataloader", reason="needs torchdata (pip install 'jobwrap[torchdata]')")
+    command = [sys.executable, str(JOB), "--epochs", "2", "--loader", "stateful-dataloader", "--workers", "2",
+               "--augment"]
+    plain = run_preempted(command, tmp_path / "plain").check()
+    cut = run_preempted(command, tmp_path / "cut", preempt_at=[3, STEPS_PER_EPOCH + 3], signal_=signals,
+                        to_group=to_group).check()
+    assert cut.signalled_at == [3, STEPS_PER_EPOCH + 3]
+    assert_same_run(plain.directory, cut.directory)
+
+
 def test_stateful_dataloader_is_resumed_without_replay(tmp_path):
     """A StatefulDataLoader resumed mid-epoch loads its own state: the batches before the stop are not fetched again."""
     pytest.importorskip("torchdata.stateful_dataloader", reason="needs torchdata (pip install 'jobwrap[torchdata]')")
