@@ -20,7 +20,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
-from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
@@ -55,6 +55,22 @@ class LossLog(pl.Callback):
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         with open(f"{self.path}.weights.rank{trainer.global_rank}", "w") as f:
             f.write(digest.hexdigest())
+
+
+class Augmented(Dataset):
+    """The example's samples with noise from torch's and NumPy's global streams drawn in __getitem__ (in the workers)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Any:
+        import numpy
+
+        x, y = self.dataset[i]
+        return x + 0.01 * (torch.rand(x.shape) + float(numpy.random.rand())), y
 
 
 class DrawOnTrainStart(pl.Callback):
@@ -96,6 +112,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--accumulate", type=int, default=1)
+    parser.add_argument("--augment", action="store_true", help="noise drawn in __getitem__ (Augmented)")
     parser.add_argument("--plain-loader", action="store_true", help="a torch DataLoader (refused)")
     parser.add_argument("--own-sampler", action="store_true", help="an OwnSampler per rank (refused under DDP)")
     parser.add_argument("--draw-on-train-start", action="store_true", help="a callback draws in on_train_start")
@@ -120,6 +137,8 @@ def main() -> None:
                          enable_model_summary=False, default_root_dir=args.root,
                          val_check_interval=0.5 if args.validate else None)
     loader = data(args.workers)
+    if args.augment:
+        loader = StatefulDataLoader(Augmented(loader.dataset), batch_size=8, shuffle=True, num_workers=args.workers)
     if args.plain_loader:
         loader = DataLoader(loader.dataset, batch_size=8, shuffle=True)
     if args.iterable:

@@ -188,6 +188,16 @@ def test_term_to_the_whole_group_with_stateful_loader_workers_commits_and_resume
     assert DREW not in again.stderr  # the workers' base seed drawn again by the resumed iterator: no false warning
 
 
+@pytest.mark.timeout(900)
+def test_workers_drawing_augmentation_noise_resume_bit_exact(tmp_path):
+    """StatefulDataLoader, 2 workers drawing noise from torch and NumPy in __getitem__, USR1 mid-epoch: bit-exact."""
+    plain, plain_run = _fit(tmp_path, "plain", "--workers", "2", "--augment")
+    cut, cut_run = _fit(tmp_path, "cut", "--workers", "2", "--augment", preempt_at=[5])
+    assert cut_run.signalled_at == [5]
+    assert cut == plain  # every step's loss
+    assert_same_run(plain_run.directory, cut_run.directory)
+
+
 def test_draw_in_a_users_hook_before_the_first_resumed_step_still_warns(tmp_path):
     """A user's on_train_start draws from torch's stream: resumed, that draw differs from the uninterrupted run's, and
     jobwrap says so (the warning left out for Lightning's own loader rebuild stays for real draws)."""

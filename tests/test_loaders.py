@@ -235,6 +235,45 @@ def test_stateful_dataloader_resumes_through_its_state_bit_exact(tmp_path, optio
     assert_same_run(plain.directory, cut.directory)
 
 
+_AUGMENTED_STATEFUL = [sys.executable, str(JOB), "--epochs", "2", "--loader", "stateful-dataloader", "--workers", "2",
+                       "--augment"]
+
+
+def test_stateful_dataloader_workers_drawing_random_numbers_resume_bit_exact(tmp_path):
+    """StatefulDataLoader, 2 workers whose __getitem__ draws from torch/random/NumPy: USR1 mid-epoch twice, bit-exact."""
+    pytest.importorskip("torchdata.stateful_dataloader", reason="needs torchdata (pip install 'jobwrap[torchdata]')")
+    plain = run_preempted(_AUGMENTED_STATEFUL, tmp_path / "plain").check()
+    cut = run_preempted(_AUGMENTED_STATEFUL, tmp_path / "cut", preempt_at=[3, STEPS_PER_EPOCH + 3]).check()
+    assert cut.signalled_at == [3, STEPS_PER_EPOCH + 3]
+    assert_same_run(plain.directory, cut.directory)
+
+
+def test_stateful_dataloader_workers_drawing_random_numbers_resume_bit_exact_after_term_to_the_group(tmp_path):
+    """The same loader, TERM to every process (workers too) mid-epoch, then a relaunch: the uninterrupted run."""
+    pytest.importorskip("torchdata.stateful_dataloader", reason="needs torchdata (pip install 'jobwrap[torchdata]')")
+    plain = run_preempted(_AUGMENTED_STATEFUL, tmp_path / "plain").check()
+    cut = run_preempted(_AUGMENTED_STATEFUL, tmp_path / "cut", preempt_at=[STEPS_PER_EPOCH + 3],
+                        signal_=signal.SIGTERM, to_group=True)
+    assert cut.returncode == 128 + signal.SIGTERM and "killed by signal" not in cut.stderr, cut.stderr[-2000:]
+    run_preempted(_AUGMENTED_STATEFUL, tmp_path / "cut", resume=True).check()
+    assert_same_run(plain.directory, cut.directory)
+
+
+def test_stateful_dataloader_workers_refused_where_torchdata_lacks_the_internals(tmp_path, monkeypatch):
+    """A torchdata whose loader internals are not 0.11's: a StatefulDataLoader with workers is refused at iter()."""
+    sdl = pytest.importorskip("torchdata.stateful_dataloader.stateful_dataloader")
+    loop = sdl._worker_loop
+    monkeypatch.setattr(sdl, "_worker_loop", lambda *args: loop(*args))  # its parameters unnamed, as elsewhere
+    loader = sdl.StatefulDataLoader(_table(), batch_size=3, num_workers=2)
+    with jobwrap.Session(str(tmp_path), environ={}) as job:
+        with pytest.raises(ConfigError, match=r"torchdata .*num_workers=0") as refused:
+            for _ in job.loader(loader):
+                pass
+        assert "StatefulDataLoader(num_workers=2)" in str(refused.value)
+        assert list(sdl.StatefulDataLoader(_table(), batch_size=3))  # without workers: nothing to seed
+    assert list(loader)  # the session's end puts torchdata's loader back
+
+
 def test_stateful_dataloader_is_resumed_without_replay(tmp_path):
     """A StatefulDataLoader resumed mid-epoch loads its own state: the batches before the stop are not fetched again."""
     pytest.importorskip("torchdata.stateful_dataloader", reason="needs torchdata (pip install 'jobwrap[torchdata]')")

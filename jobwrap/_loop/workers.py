@@ -136,6 +136,8 @@ def guard_dataloader_workers(signals: Iterable[int]) -> Callable[[], None]:
     """
     undos = [_guard_torch_loop(signals)]
     undos += [_guard_other_loop(where, signals) for where in WORKER_LOOPS[1:] if _installed(where[0])]
+    if _installed(STATEFUL_LOOP[0]):
+        undos.append(seed_stateful_batches())
 
     def undo() -> None:
         for one in reversed(undos):
@@ -277,19 +279,24 @@ class _SeededLoop:
     """A worker entry point that seeds each batch from (base seed, its index in the epoch), the dataset's own
     generators too; picklable."""
 
-    def __init__(self, inner: Callable[..., Any], offset: int) -> None:
+    def __init__(self, inner: Callable[..., Any], offset: int, where: tuple[str, str] = TORCH_LOOP) -> None:
         self.inner: Callable[..., Any] | None = inner
         self.offset = offset
+        self.where = where
 
     def __getstate__(self) -> dict[str, Any]:
         # torch's own function cannot be pickled by name while it is replaced; a spawned worker imports it afresh.
         inner = self.inner if isinstance(self.inner, _GuardedLoop) else None
-        return {"inner": inner, "offset": self.offset}
+        return {"inner": inner, "offset": self.offset, "where": self.where}
 
     def __call__(self, *args: Any, **kwargs: Any) -> None:
         from torch.utils.data._utils import worker
 
-        original = _torch_loop or worker._worker_loop  # a spawned worker imported torch afresh: never replaced there
+        # A spawned worker imported the loader's module afresh: its entry point was never replaced there.
+        if self.where == TORCH_LOOP:
+            original = _torch_loop or worker._worker_loop
+        else:
+            original = _other_loops.get(self.where) or getattr(importlib.import_module(self.where[0]), self.where[1])
         bound = inspect.signature(original).bind(*args, **kwargs)
         seeding = _WorkerSeeding(bound.arguments["base_seed"], self.offset)
         bound.arguments["index_queue"] = _SeedEachTask(bound.arguments["index_queue"], seeding)
@@ -318,3 +325,88 @@ def seeded_workers(offset: int) -> Iterator[None]:
     finally:
         worker._worker_loop = current
         _torch_loop = saved
+
+
+# ---------------------------------------------------------------- the same for torchdata's StatefulDataLoader
+
+def seed_stateful_batches() -> Callable[[], None]:
+    """Make each StatefulDataLoader with workers seed every batch from its base seed and the batch's index
+    in the epoch; returns the undo. Where torchdata is not the version this was checked with, refuse instead.
+
+    torchdata restores a worker's place in the sampler and its dataset's ``state_dict``, not the random
+    streams inside the worker process: the draws of a dataset's ``__getitem__`` (random augmentation from
+    torch, ``random``, NumPy) would differ after a resume. Checked with torchdata 0.11 (and torch 2.13):
+    an iterator's workers get its ``_base_seed`` (restored from the state's main snapshot on a resume) and
+    tasks ``(send index, (indices, snapshot))``, whose send index starts at 0 in every iterator, a resumed
+    one too, whose first batch is the epoch's ``state["_snapshot"]["_snapshot_step"]``-th (it then loads
+    the batches since that snapshot again). Seeding batch ``offset + send index`` from the base seed gives
+    the uninterrupted run's draws. Persistent workers are refused for it (data.check_kept_workers).
+    """
+    import torchdata
+    from torchdata.stateful_dataloader import stateful_dataloader as module
+
+    loader_cls = getattr(module, "StatefulDataLoader", None)
+    if loader_cls is None:
+        return lambda: None
+    version = getattr(torchdata, "__version__", "unknown")
+    original_get = loader_cls.__dict__.get("_get_iterator")
+    if original_get is None or not _stateful_internals_known(module):
+        return _refuse_stateful_workers(loader_cls, version)
+
+    def _get_iterator(loader: Any) -> Any:
+        if loader.num_workers == 0:
+            return original_get(loader)
+        state = loader.next_iter_state
+        offset = 0
+        if state is not None and not state.get("_iterator_finished", False):
+            offset = int(state["_snapshot"]["_snapshot_step"])
+        current = getattr(module, STATEFUL_LOOP[1])
+        setattr(module, STATEFUL_LOOP[1], _SeededLoop(current, offset, STATEFUL_LOOP))
+        try:
+            return original_get(loader)
+        finally:
+            setattr(module, STATEFUL_LOOP[1], current)
+
+    loader_cls._get_iterator = _get_iterator
+
+    def undo() -> None:
+        if loader_cls.__dict__.get("_get_iterator") is _get_iterator:
+            loader_cls._get_iterator = original_get
+    return undo
+
+
+def _stateful_internals_known(module: Any) -> bool:
+    """Whether torchdata's loader module has what :func:`seed_stateful_batches` relies on (torchdata 0.11)."""
+    it = getattr(module, "_StatefulMultiProcessingDataLoaderIter", None)
+    loop = _other_loops.get(STATEFUL_LOOP) or getattr(module, STATEFUL_LOOP[1], None)
+    if it is None or loop is None or isinstance(loop, (_GuardedLoop, _SeededLoop)):
+        return False
+    if getattr(it, "_SNAPSHOT", None) != "_snapshot" or getattr(it, "_SNAPSHOT_STEP", None) != "_snapshot_step":
+        return False
+    try:
+        params = inspect.signature(loop).parameters
+    except (TypeError, ValueError):
+        return False
+    return {"index_queue", "collate_fn", "base_seed"} <= set(params)
+
+
+def _refuse_stateful_workers(loader_cls: type, version: str) -> Callable[[], None]:
+    """Make iterating a StatefulDataLoader with workers raise: its workers' draws cannot be made exact."""
+    original_iter = loader_cls.__dict__["__iter__"]
+
+    def __iter__(loader: Any) -> Any:
+        if loader.num_workers > 0:
+            raise ConfigError(
+                f"StatefulDataLoader(num_workers={loader.num_workers}) with torchdata {version}: jobwrap seeds "
+                f"each batch's random numbers in the workers of torchdata 0.11 only (it relies on its internals), "
+                f"and torchdata restores the loader's place but not the random streams inside its workers, so a "
+                f"dataset that draws random numbers in __getitem__ would draw others after a resume. Install "
+                f"torchdata 0.11, or use num_workers=0, or torch's DataLoader over a map-style dataset")
+        return original_iter(loader)
+
+    loader_cls.__iter__ = __iter__
+
+    def undo() -> None:
+        if loader_cls.__dict__.get("__iter__") is __iter__:
+            loader_cls.__iter__ = original_iter
+    return undo

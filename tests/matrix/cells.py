@@ -456,11 +456,6 @@ def expected(cell: Cell) -> Expectation:
                                       "time validation runs", match=r"(?i)loader", in_first_epoch=True)
     if cell.worker_rng != "global":
         return _expected_worker_rng(cell)
-    if cell.loader == "stateful" and cell.workers:
-        return Expectation("inexact", "StatefulDataLoader restores each worker's place in the sampler, not the RNG "
-                                      "streams inside the worker processes, and the matrix's dataset draws noise in "
-                                      "__getitem__; jobwrap cannot see such draws (docs/integrations.md, torchdata)",
-                           match=r"loss|final state")
     return Expectation("exact")
 
 
