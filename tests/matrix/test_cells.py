@@ -61,14 +61,12 @@ def test_expected_is_exact_or_refused_with_a_pattern():
             assert want.reason and want.match
 
 
-def test_inexact_pairs_are_kept_out_of_the_pairwise_cover():
-    """StatefulDataLoader with workers drawing noise from the global streams is documented as not exact: no
-    pairwise cell holds it (with a generator of the dataset's own, the pair is expected exact and covered)."""
-    assert expected(Cell(loader="stateful", workers=2)).kind == "inexact"
-    assert expected(Cell(loader="stateful")).kind == "exact"
-    cover = local_pairwise()
-    assert not any(expected(c).kind == "inexact" for c in cover)
-    assert not any(c.loader == "stateful" and c.workers and c.worker_rng == "global" for c in cover)
+def test_no_cell_is_expected_inexact():
+    """Exact or refused, nothing between: no cell of the full matrix is expected to finish and diverge, and
+    StatefulDataLoader with workers drawing from the global streams (seeded per batch) is exact and covered."""
+    assert not [c for c in full_cells() if expected(c).kind == "inexact"]
+    assert expected(Cell(loader="stateful", workers=2)).kind == "exact"
+    assert any(c.loader == "stateful" and c.workers for c in local_pairwise())
 
 
 def test_each_integration_has_rows_in_the_default_and_full_matrix():
