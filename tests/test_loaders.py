@@ -454,10 +454,12 @@ def test_generator_made_in_init_with_no_workers_resumes_bit_exact(tmp_path):
     assert_same_run(plain.directory, cut.directory)
 
 
-def test_generator_made_lazily_with_no_workers_is_refused_at_the_first_batch(tmp_path):
-    """num_workers=0, a generator the first __getitem__ makes from torch.initial_seed(): refused at the first
-    batch with the worker-side message, naming it and the way out."""
-    command = [sys.executable, str(JOB), "--epochs", "1", "--loader", "shuffle", "--workers", "0",
+@pytest.mark.parametrize("loader", ["shuffle", "stateful-dataloader"])
+def test_generator_made_lazily_with_no_workers_is_refused_at_the_first_batch(tmp_path, loader):
+    """num_workers=0 (a DataLoader skipped on resume, torchdata's StatefulDataLoader resumed through its state),
+    a generator the first __getitem__ makes from torch.initial_seed(): refused at the first batch with the
+    worker-side message, naming it and the way out."""
+    command = [sys.executable, str(JOB), "--epochs", "1", "--loader", loader, "--workers", "0",
                "--worker-rng", "lazy-numpy"]
     run = run_preempted(command, tmp_path, supervised=False)
     assert run.returncode != 0

@@ -242,18 +242,22 @@ class BatchSeeding:
         if self.checked or self.before_first is None:
             return
         self.checked = True
-        made = sorted(set(own_rngs(self._dataset())) - self.before_first)
-        if made:
-            where = "in a worker" if self._in_worker else "in the main process (num_workers=0)"
-            make_it = ("in the DataLoader's worker_init_fn (from get_worker_info().seed: jobwrap then seeds it "
-                       "before each batch) or in the dataset's __init__ (it is then checkpointed and the epoch "
-                       "replayed)") if self._in_worker else (
-                       "in the dataset's __init__ (jobwrap then seeds it before each batch from the loader's seed "
-                       "and the batch's index)")
-            raise ConfigError(
-                f"the DataLoader's dataset made the random generator {', '.join(made)} {where} while fetching "
-                f"its first batch: a resumed run that skips the batches already trained on starts it over in "
-                f"another batch, so its draws would differ from the uninterrupted run's. Make it {make_it}")
+        refuse_made_in_fetch(self.before_first, self._dataset(), in_worker=self._in_worker)
+
+
+def refuse_made_in_fetch(before: set[str], dataset: Any, *, in_worker: bool) -> None:
+    """Raise if ``dataset`` holds generators beyond ``before`` (their paths), i.e. its first fetch made one."""
+    made = sorted(set(own_rngs(dataset)) - before)
+    if not made:
+        return
+    where = "in a worker" if in_worker else "in the main process (num_workers=0)"
+    make_it = ("in the DataLoader's worker_init_fn (from get_worker_info().seed: jobwrap then seeds it before "
+               "each batch) or in the dataset's __init__ (it is then checkpointed and the epoch replayed)"
+               ) if in_worker else "in the dataset's __init__ (jobwrap then checkpoints it and seeds it per batch)"
+    raise ConfigError(
+        f"the DataLoader's dataset made the random generator {', '.join(made)} {where} while fetching "
+        f"its first batch: a resumed run that skips the batches already trained on starts it over in "
+        f"another batch, so its draws would differ from the uninterrupted run's. Make it {make_it}")
 
 
 def _worker_dataset() -> Any:
