@@ -368,7 +368,8 @@ def slurm_cells() -> list[Cell]:
 
 def default_cells() -> list[Cell]:
     """The fixed subset CI runs: the first cells of the pairwise cover (the greedy cover front-loads pairs),
-    the striped saves' cases (see :func:`striped_twins`), each refused value once, the integrations, and DDP with
+    the striped saves' cases (see :func:`striped_twins`), each refused value once (a lazily made generator also
+    with workers, where the workers' own check refuses it), the integrations, and DDP with
     BatchNorm in both layouts (a striped cover cell with its twin, or else a TERM pair sharing one reference), and
     TERM with workers in a submitit job."""
     cover = local_pairwise()[:DEFAULT_CELLS]
@@ -376,7 +377,8 @@ def default_cells() -> list[Cell]:
     batchnorm = [] if any(c.norm == "batchnorm" and c.layout == "striped" for c in cover) else [
         Cell(norm="batchnorm", signal="term", launch="torchrun", layout=layout) for layout in DIMENSIONS["layout"]]
     return (cover + striped_twins(cover) + stateful + [c for c in refusal_cells() if c.launch == "run"]
-            + [Cell(loader="stateful", workers=2, launch="run")] + default_framework_cells() + batchnorm
+            + [Cell(loader="stateful", workers=2, launch="run"), Cell(worker_rng="lazy", workers=2, launch="run")]
+            + default_framework_cells() + batchnorm
             + default_submitit_cells())
 
 
@@ -470,9 +472,14 @@ def _expected_index_accumulation() -> Expectation:
 
 
 def _expected_worker_rng(cell: Cell) -> Expectation:
-    """A dataset with its own generator (worker_init_fn from get_worker_info().seed, or made lazily in
-    __getitem__ from torch.initial_seed()): expected exact for now (issue 21); when jobwrap refuses one of
-    these instead, this is the one place to say so."""
+    """A dataset with its own generator. Made by worker_init_fn from get_worker_info().seed: exact (each worker
+    seeds it before every batch). Made lazily in __getitem__ from torch.initial_seed(), in a worker or with
+    num_workers=0 (a DataLoader that skips on resume, a StatefulDataLoader): refused at the first batch,
+    naming the generator (issue 21)."""
+    if cell.worker_rng == "lazy":
+        return Expectation("refused", "a generator the dataset makes in its first fetch would start over in another "
+                                      "batch on a resume; refused at the first batch, naming it",
+                           match=r"made the random generator dataset\.rng")
     return Expectation("exact")
 
 
