@@ -270,9 +270,11 @@ def local_pairwise() -> list[Cell]:
 
 
 def refusal_cells() -> list[Cell]:
-    """Each refused value alone, under each local launch: the refusal must come at start, whatever the launch."""
-    return [Cell(**_fill_neutral({name: value}), launch=launch)
-            for name, values in refused_values().items() for value in values for launch in LOCAL_LAUNCHES]
+    """Each refused value alone, under each local launch: the refusal must come at start, whatever the launch.
+    A lazily made dataset generator also with workers (a check in the workers refuses it, not the one here)."""
+    alone = [_fill_neutral({name: value}) for name, values in refused_values().items() for value in values]
+    alone += [_fill_neutral({"worker_rng": "lazy", "workers": 2})]
+    return [Cell(**values, launch=launch) for values in alone for launch in LOCAL_LAUNCHES]
 
 
 def _accepted(dimensions: dict[str, tuple[Any, ...]]) -> dict[str, tuple[Any, ...]]:
@@ -368,8 +370,7 @@ def slurm_cells() -> list[Cell]:
 
 def default_cells() -> list[Cell]:
     """The fixed subset CI runs: the first cells of the pairwise cover (the greedy cover front-loads pairs),
-    the striped saves' cases (see :func:`striped_twins`), each refused value once (a lazily made generator also
-    with workers, where the workers' own check refuses it), the integrations, and DDP with
+    the striped saves' cases (see :func:`striped_twins`), each refused value once, the integrations, and DDP with
     BatchNorm in both layouts (a striped cover cell with its twin, or else a TERM pair sharing one reference), and
     TERM with workers in a submitit job."""
     cover = local_pairwise()[:DEFAULT_CELLS]
@@ -377,8 +378,7 @@ def default_cells() -> list[Cell]:
     batchnorm = [] if any(c.norm == "batchnorm" and c.layout == "striped" for c in cover) else [
         Cell(norm="batchnorm", signal="term", launch="torchrun", layout=layout) for layout in DIMENSIONS["layout"]]
     return (cover + striped_twins(cover) + stateful + [c for c in refusal_cells() if c.launch == "run"]
-            + [Cell(loader="stateful", workers=2, launch="run"), Cell(worker_rng="lazy", workers=2, launch="run")]
-            + default_framework_cells() + batchnorm
+            + [Cell(loader="stateful", workers=2, launch="run")] + default_framework_cells() + batchnorm
             + default_submitit_cells())
 
 
