@@ -168,7 +168,7 @@ class ResumableLoader(Generic[T]):
         reads it here: one that fetch makes (lazily) is state the loader's ``state_dict`` leaves out, so a
         resumed run would make it anew. (A skipping loader checks its own fetches; a replay is exact.)"""
         loader = self.iterable
-        if (self._stateful is None or not _is_loader(self._stateful) or not isinstance(loader, torch.utils.data.DataLoader)
+        if (self._stateful is None or not _is_loader(self._stateful) or not _is_loader(loader)
                 or loader.num_workers > 0 or loader._dataset_kind != _DatasetKind.Map):
             return None
         return set(own_rngs(loader.dataset))

@@ -253,7 +253,7 @@ def refuse_made_in_fetch(before: set[str], dataset: Any, *, in_worker: bool) -> 
     where = "in a worker" if in_worker else "in the main process (num_workers=0)"
     make_it = ("in the DataLoader's worker_init_fn (from get_worker_info().seed: jobwrap then seeds it before "
                "each batch) or in the dataset's __init__ (it is then checkpointed and the epoch replayed)"
-               ) if in_worker else "in the dataset's __init__ (jobwrap then checkpoints it and seeds it per batch)"
+               ) if in_worker else "in the dataset's __init__ (jobwrap then restores it on a resume)"
     raise ConfigError(
         f"the DataLoader's dataset made the random generator {', '.join(made)} {where} while fetching "
         f"its first batch: a resumed run that skips the batches already trained on starts it over in "
