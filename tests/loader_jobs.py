@@ -105,16 +105,19 @@ class StatefulStream(IterableDataset):
 
 class WorkerRng(Dataset):
     """Map-style, noise from the dataset's own generator, made in each worker as PyTorch's docs show:
-    by worker_init_fn from get_worker_info().seed, or lazily by the first __getitem__ ("lazy")."""
+    by worker_init_fn from get_worker_info().seed, or lazily by the first __getitem__ ("lazy", from the worker's
+    seed, or torch.initial_seed() with num_workers=0), or in __init__ ("init", kept by every worker's copy)."""
 
     def __init__(self, kind: str) -> None:
         self.x, self.kind, self.rng = table(), kind, None
+        if kind.startswith("init-"):
+            self.make(1234)
 
     def __len__(self) -> int:
         return SAMPLES
 
     def make(self, seed: int) -> None:
-        kind = self.kind.removeprefix("lazy-")
+        kind = self.kind.removeprefix("lazy-").removeprefix("init-")
         if kind == "numpy":
             self.rng = numpy.random.default_rng(seed)
         elif kind == "torch":
@@ -124,7 +127,8 @@ class WorkerRng(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         if self.rng is None:  # "lazy-...": the worker_init_fn made nothing
-            self.make(get_worker_info().seed)
+            info = get_worker_info()
+            self.make(info.seed if info is not None else torch.initial_seed())
         if isinstance(self.rng, torch.Generator):
             noise = torch.rand(1, generator=self.rng).item()
         else:
@@ -134,7 +138,7 @@ class WorkerRng(Dataset):
 
 def make_worker_rng(worker_id: int) -> None:
     info = get_worker_info()
-    if not info.dataset.kind.startswith("lazy-"):
+    if not info.dataset.kind.startswith(("lazy-", "init-")):
         info.dataset.make(info.seed)
 
 
@@ -194,7 +198,7 @@ def main() -> None:
     parser.add_argument("--worker-init", action="store_true")
     parser.add_argument("--augment", action="store_true")
     parser.add_argument("--persistent", action="store_true", help="DataLoader(persistent_workers=True)")
-    parser.add_argument("--worker-rng", choices=["numpy", "torch", "python", "lazy-numpy"],
+    parser.add_argument("--worker-rng", choices=["numpy", "torch", "python", "lazy-numpy", "init-numpy"],
                         help="noise from a generator the workers make (WorkerRng)")
     parser.add_argument("--validate", action="store_true", help="a shuffled validation loader every 3 batches")
     parser.add_argument("--steps", type=int, default=0,

@@ -443,6 +443,31 @@ def test_generator_made_lazily_in_a_worker_is_refused_at_the_first_batch(tmp_pat
     assert not list(tmp_path.glob("step-*.pt"))  # refused before any step was trained
 
 
+def test_generator_made_in_init_with_no_workers_resumes_bit_exact(tmp_path):
+    """num_workers=0, a NumPy Generator made in the dataset's __init__ drawing in __getitem__: preempted mid-epoch
+    with a real signal, the resumed run equals the uninterrupted one bit for bit."""
+    command = [sys.executable, str(JOB), "--epochs", "2", "--loader", "shuffle", "--workers", "0",
+               "--worker-rng", "init-numpy"]
+    plain = run_preempted(command, tmp_path / "plain").check()
+    cut = run_preempted(command, tmp_path / "cut", preempt_at=[3, STEPS_PER_EPOCH + 2]).check()
+    assert cut.signalled_at == [3, STEPS_PER_EPOCH + 2]
+    assert_same_run(plain.directory, cut.directory)
+
+
+@pytest.mark.parametrize("loader", ["shuffle", "stateful-dataloader"])
+def test_generator_made_lazily_with_no_workers_is_refused_at_the_first_batch(tmp_path, loader):
+    """num_workers=0 (a DataLoader skipped on resume, torchdata's StatefulDataLoader resumed through its state),
+    a generator the first __getitem__ makes from torch.initial_seed(): refused at the first batch with the
+    worker-side message, naming it and the way out."""
+    command = [sys.executable, str(JOB), "--epochs", "1", "--loader", loader, "--workers", "0",
+               "--worker-rng", "lazy-numpy"]
+    run = run_preempted(command, tmp_path, supervised=False)
+    assert run.returncode != 0
+    assert "ConfigError" in run.stderr and "made the random generator dataset.rng" in run.stderr, run.stderr[-2000:]
+    assert "num_workers=0" in run.stderr and "__init__" in run.stderr
+    assert not list(tmp_path.glob("step-*.pt"))  # refused before any step was trained
+
+
 def test_persistent_workers_resume_bit_exact_after_term_to_the_process_group(tmp_path):
     """persistent_workers=True, 2 workers drawing noise: TERM to every process mid-epoch, relaunch, bit-exact."""
     command = [sys.executable, str(JOB), "--epochs", "3", "--loader", "generator", "--workers", "2", "--augment",

@@ -31,8 +31,10 @@ import torch
 from torch.utils.data.dataloader import _DatasetKind
 
 from jobwrap._loop.iterators import wrapped_pull
+from jobwrap._loop.rngs import own_rngs
 from jobwrap._loop.rngs import rng_kind as _rng_kind
 from jobwrap._loop.skipping import can_skip, open_at
+from jobwrap._loop.workers import refuse_made_in_fetch
 from jobwrap._storage.state import capture_rng, is_stateful, plain, restore_rng
 from jobwrap.errors import ConfigError, StateMismatchError
 
@@ -137,12 +139,16 @@ class ResumableLoader(Generic[T]):
         iterator = self._start_epoch()
         length = _length(self.iterable)
         self.ran_in_epoch = session.epoch
+        watched = self._watch_first_fetch()
         while True:
             try:
                 with wrapped_pull():
                     batch = next(iterator)
             except StopIteration:
                 return
+            if watched is not None:
+                refuse_made_in_fetch(watched, self.iterable.dataset, in_worker=False)
+                watched = None
             self._index = session.position
             self._pulled_at = _pulling_loop()
             session._batch_started()
@@ -156,6 +162,16 @@ class ResumableLoader(Generic[T]):
             # once the user's end-of-epoch code (scheduler.step(), validation) has run.
             if length is None or session.position < length:
                 session._loader_boundary()
+
+    def _watch_first_fetch(self) -> set[str] | None:
+        """The dataset's generators before the epoch's first fetch, where a StatefulDataLoader without workers
+        reads it here: one that fetch makes (lazily) is state the loader's ``state_dict`` leaves out, so a
+        resumed run would make it anew. (A skipping loader checks its own fetches; a replay is exact.)"""
+        loader = self.iterable
+        if (self._stateful is None or not _is_loader(self._stateful) or not _is_loader(loader)
+                or loader.num_workers > 0 or loader._dataset_kind != _DatasetKind.Map):
+            return None
+        return set(own_rngs(loader.dataset))
 
     def body_running(self) -> bool:
         """Whether the loop that pulled the batch in hand is still in its body (a save there counts the batch),

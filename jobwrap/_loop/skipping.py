@@ -10,7 +10,10 @@ stood; so every batch's worker draws start from a seed made of the iterator's ba
 seed and the batch's index in the epoch (:func:`jobwrap._loop.workers.seed_batch`), in
 the uninterrupted run as in the resumed one. With ``num_workers=0`` the dataset
 draws from this process's streams, which the resume puts back to the checkpoint's
-state after the skip, as after a replay.
+state after the skip, as after a replay; the generators the dataset holds itself are
+seeded before each batch from the same seed, the batch's index and their attribute
+path, as in a worker, and one the dataset makes lazily in a fetch is refused at the
+first batch (:class:`jobwrap._loop.workers.BatchSeeding`).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from typing import Any, Callable, Iterator
 from torch.utils.data import DataLoader
 from torch.utils.data.dataloader import _DatasetKind
 
-from jobwrap._loop.workers import seeded_workers
+from jobwrap._loop.workers import BatchSeeding, SeededFetcher, seeded_workers
 
 _END = object()
 
@@ -64,6 +67,10 @@ def open_at(loader: DataLoader, position: int) -> Iterator[Any]:
     # A worker loader sends its first indices while it is built; without workers the first batch is asked
     # later, after the caller has put the checkpoint's RNG state back: skip now, while the epoch's state holds.
     iterator._sampler_iter.advance()
+    if loader.num_workers == 0:  # the dataset lives here: its own generators are seeded per batch as in a worker
+        dataset = loader.dataset
+        seeding = BatchSeeding(iterator._base_seed, position, lambda: dataset, in_worker=False)
+        iterator._dataset_fetcher = SeededFetcher(iterator._dataset_fetcher, seeding)
     if _persistent(loader):  # kept for the next epochs, which start at their first batch
         iterator._index_sampler = loader._index_sampler
         loader._iterator = iterator

@@ -203,13 +203,22 @@ def seed_batch(base_seed: int, batch: int) -> None:
         numpy.random.seed([int.from_bytes(digest[i:i + 4], "little") for i in range(0, 16, 4)])
 
 
-class _WorkerSeeding:
-    """One worker's per-batch seeding: the global streams and the dataset's own generators, from (base seed,
-    batch); and the check, after the worker's first fetch, that the fetch made no generator of its own."""
+class BatchSeeding:
+    """Per-batch seeding of a loader's batch fetches from (base seed, batch): in a worker, the global streams and
+    the dataset's own generators; in the main process (``num_workers=0``), the dataset's own generators only
+    (the global streams there are checkpointed and flow on as in the uninterrupted run). And the check, after
+    the first fetch, that the fetch made no generator of its own (lazily): that one would start over on a
+    resume in another batch.
 
-    def __init__(self, base_seed: int, offset: int) -> None:
+    ``dataset()`` gives the dataset the fetches read. In a worker it is scanned before every batch (a worker_init_fn
+    may keep replacing generators); in the main process once per iterator, and once more after its first fetch.
+    """
+
+    def __init__(self, base_seed: int, offset: int, dataset: Callable[[], Any], *, in_worker: bool = True) -> None:
         self.base_seed, self.offset = base_seed, offset
+        self._dataset, self._in_worker = dataset, in_worker
         self.before_first: set[str] | None = None  # the dataset's generators when the first batch was asked for
+        self._rngs: dict[str, Any] | None = None  # those generators, kept in the main process (scanned once)
         self.checked = False
 
     def new_epoch(self, seed: int) -> None:
@@ -217,8 +226,13 @@ class _WorkerSeeding:
         self.base_seed, self.offset = seed, 0
 
     def before_batch(self, batch: int) -> None:
-        seed_batch(self.base_seed, self.offset + batch)
-        rngs = own_rngs(_worker_dataset())
+        if self._in_worker:
+            seed_batch(self.base_seed, self.offset + batch)
+            rngs = own_rngs(self._dataset())
+        else:
+            if self._rngs is None:
+                self._rngs = own_rngs(self._dataset())
+            rngs = self._rngs
         if self.before_first is None:
             self.before_first = set(rngs)
         for path, rng in rngs.items():
@@ -228,14 +242,22 @@ class _WorkerSeeding:
         if self.checked or self.before_first is None:
             return
         self.checked = True
-        made = sorted(set(own_rngs(_worker_dataset())) - self.before_first)
-        if made:
-            raise ConfigError(
-                f"the DataLoader's dataset made the random generator {', '.join(made)} in a worker while fetching "
-                f"its first batch: a resumed run that skips the batches already trained on starts it over in "
-                f"another batch, so its draws would differ from the uninterrupted run's. Make it in the "
-                f"DataLoader's worker_init_fn (from get_worker_info().seed: jobwrap then seeds it before each "
-                f"batch) or in the dataset's __init__ (it is then checkpointed and the epoch replayed)")
+        refuse_made_in_fetch(self.before_first, self._dataset(), in_worker=self._in_worker)
+
+
+def refuse_made_in_fetch(before: set[str], dataset: Any, *, in_worker: bool) -> None:
+    """Raise if ``dataset`` holds generators beyond ``before`` (their paths), i.e. its first fetch made one."""
+    made = sorted(set(own_rngs(dataset)) - before)
+    if not made:
+        return
+    where = "in a worker" if in_worker else "in the main process (num_workers=0)"
+    make_it = ("in the DataLoader's worker_init_fn (from get_worker_info().seed: jobwrap then seeds it before "
+               "each batch) or in the dataset's __init__ (it is then checkpointed and the epoch replayed)"
+               ) if in_worker else "in the dataset's __init__ (jobwrap then restores it on a resume)"
+    raise ConfigError(
+        f"the DataLoader's dataset made the random generator {', '.join(made)} {where} while fetching "
+        f"its first batch: a resumed run that skips the batches already trained on starts it over in "
+        f"another batch, so its draws would differ from the uninterrupted run's. Make it {make_it}")
 
 
 def _worker_dataset() -> Any:
@@ -245,10 +267,29 @@ def _worker_dataset() -> Any:
     return None if info is None else info.dataset
 
 
+class SeededFetcher:
+    """A single-process iterator's dataset fetcher (``num_workers=0``) that seeds the dataset's own generators
+    before each batch it fetches, and checks what the first fetch made (:class:`BatchSeeding`)."""
+
+    def __init__(self, fetcher: Any, seeding: BatchSeeding) -> None:
+        self._fetcher, self._seeding = fetcher, seeding
+        self._batch = 0
+
+    def fetch(self, *args: Any, **kwargs: Any) -> Any:
+        self._seeding.before_batch(self._batch)
+        self._batch += 1
+        data = self._fetcher.fetch(*args, **kwargs)
+        self._seeding.after_first_fetch()
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fetcher, name)
+
+
 class _SeedEachTask:
     """A worker's index queue that seeds the worker before each batch it hands out."""
 
-    def __init__(self, queue: Any, seeding: _WorkerSeeding) -> None:
+    def __init__(self, queue: Any, seeding: BatchSeeding) -> None:
         self._queue, self._seeding = queue, seeding
 
     def get(self, *args: Any, **kwargs: Any) -> Any:
@@ -266,7 +307,7 @@ class _SeedEachTask:
 class _CheckedCollate:
     """The worker's collate_fn, then the check of what the first fetch made (raised, it reaches the loader)."""
 
-    def __init__(self, collate: Callable[..., Any], seeding: _WorkerSeeding) -> None:
+    def __init__(self, collate: Callable[..., Any], seeding: BatchSeeding) -> None:
         self._collate, self._seeding = collate, seeding
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -298,7 +339,7 @@ class _SeededLoop:
         else:
             original = _other_loops.get(self.where) or getattr(importlib.import_module(self.where[0]), self.where[1])
         bound = inspect.signature(original).bind(*args, **kwargs)
-        seeding = _WorkerSeeding(bound.arguments["base_seed"], self.offset)
+        seeding = BatchSeeding(bound.arguments["base_seed"], self.offset, _worker_dataset)
         bound.arguments["index_queue"] = _SeedEachTask(bound.arguments["index_queue"], seeding)
         bound.arguments["collate_fn"] = _CheckedCollate(bound.arguments["collate_fn"], seeding)
         (self.inner or original)(*bound.args, **bound.kwargs)

@@ -270,9 +270,11 @@ def local_pairwise() -> list[Cell]:
 
 
 def refusal_cells() -> list[Cell]:
-    """Each refused value alone, under each local launch: the refusal must come at start, whatever the launch."""
-    return [Cell(**_fill_neutral({name: value}), launch=launch)
-            for name, values in refused_values().items() for value in values for launch in LOCAL_LAUNCHES]
+    """Each refused value alone, under each local launch: the refusal must come at start, whatever the launch.
+    A lazily made dataset generator also with workers (a check in the workers refuses it, not the one here)."""
+    alone = [_fill_neutral({name: value}) for name, values in refused_values().items() for value in values]
+    alone += [_fill_neutral({"worker_rng": "lazy", "workers": 2})]
+    return [Cell(**values, launch=launch) for values in alone for launch in LOCAL_LAUNCHES]
 
 
 def _accepted(dimensions: dict[str, tuple[Any, ...]]) -> dict[str, tuple[Any, ...]]:
@@ -470,9 +472,14 @@ def _expected_index_accumulation() -> Expectation:
 
 
 def _expected_worker_rng(cell: Cell) -> Expectation:
-    """A dataset with its own generator (worker_init_fn from get_worker_info().seed, or made lazily in
-    __getitem__ from torch.initial_seed()): expected exact for now (issue 21); when jobwrap refuses one of
-    these instead, this is the one place to say so."""
+    """A dataset with its own generator. Made by worker_init_fn from get_worker_info().seed: exact (each worker
+    seeds it before every batch). Made lazily in __getitem__ from torch.initial_seed(), in a worker or with
+    num_workers=0 (a DataLoader that skips on resume, a StatefulDataLoader): refused at the first batch,
+    naming the generator (issue 21)."""
+    if cell.worker_rng == "lazy":
+        return Expectation("refused", "a generator the dataset makes in its first fetch would start over in another "
+                                      "batch on a resume; refused at the first batch, naming it",
+                           match=r"made the random generator dataset\.rng")
     return Expectation("exact")
 
 

@@ -14,6 +14,7 @@ from cells import (
     loader_by_signal,
     local_pairwise,
     pair_coverage,
+    refusal_cells,
     refused_values,
     valid,
 )
@@ -193,18 +194,22 @@ def test_term_with_workers_runs_under_every_launch_path_and_loader_kind():
 
 
 def test_worker_rng_kinds_are_expected_from_one_place():
-    """Each dataset generator kind meets loaders, workers and launches in the cover, and its expectation comes
-    from _expected_worker_rng alone (exact for now), whatever else the cell has."""
+    """A generator made by worker_init_fn meets loaders, workers and launches in the cover; one made lazily is
+    refused, so it is kept out of the cover and refused alone under each launch, with and without workers; each
+    expectation comes from _expected_worker_rng alone, whatever else the cell has."""
     from cells import _expected_worker_rng
 
     cover = local_pairwise()
-    for kind in ("worker_init_gen", "lazy"):
-        cells = [c for c in cover if c.worker_rng == kind]
-        assert {c.launch for c in cells} == {"plain", "run", "torchrun"}
-        assert all(expected(c) == _expected_worker_rng(c) for c in cells)
+    made = [c for c in cover if c.worker_rng == "worker_init_gen"]
+    assert {c.launch for c in made} == {"plain", "run", "torchrun"}
+    assert all(expected(c) == _expected_worker_rng(c) for c in made)
+    assert not any(c.worker_rng == "lazy" for c in cover)
+    lazy = [c for c in refusal_cells() if c.worker_rng == "lazy"]
+    assert {(c.launch, c.workers) for c in lazy} == {(l, w) for l in ("plain", "run", "torchrun") for w in (0, 2)}
+    assert all(expected(c) == _expected_worker_rng(c) and expected(c).kind == "refused" for c in lazy)
     assert not valid(Cell(worker_rng="worker_init_gen"))  # worker_init_fn never runs without workers
     assert not valid(Cell(worker_rng="lazy", loader="iterable"))  # no __getitem__ to hold it
-    assert expected(Cell(worker_rng="lazy", loader="stateful", workers=2)).kind == "exact"
+    assert expected(Cell(worker_rng="lazy", loader="stateful", workers=2)).kind == "refused"
 
 
 def test_loop_shapes_accumulation_and_composition_have_cells():
