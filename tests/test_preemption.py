@@ -209,3 +209,32 @@ def test_fresh_never_deletes_a_directory_with_other_files(tmp_path):
     with pytest.raises(ConfigError, match=r"will not delete .*notes\.txt"):
         run_preempted(["true"], tmp_path / "ck", fresh=True)
     assert (tmp_path / "ck" / "notes.txt").read_text() == "mine"
+
+
+def _epoch_end_cmd(loss_log, *extra):
+    from conftest import REPO
+    return [sys.executable, str(REPO / "tests" / "scripts" / "epoch_end_save.py"), "--loss-log", str(loss_log), *extra]
+
+
+def test_sigkill_after_epoch_end_save_resumes_at_the_next_epoch(tmp_path):
+    """SIGKILL right after job.save() at an epoch's end: the relaunch starts the next epoch, bit-exact (it used to
+    re-enter the ended epoch and run its scheduler.step() twice)."""
+    plain = run_preempted(_epoch_end_cmd(tmp_path / "plain-loss"), tmp_path / "plain", supervised=False).check()
+    killed = run_preempted(_epoch_end_cmd(tmp_path / "loss", "--kill-after-save", "0"), tmp_path / "ck",
+                           supervised=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    resumed = run_preempted(_epoch_end_cmd(tmp_path / "loss"), tmp_path / "ck", supervised=False).check()
+    assert "resumed from step-000000000007.pt: step 7, epoch 1" in resumed.stderr
+    assert_same_run(plain.directory, tmp_path / "ck")
+    assert (tmp_path / "loss").read_text().splitlines() == (tmp_path / "plain-loss").read_text().splitlines()
+
+
+def test_state_changed_after_epoch_end_save_is_refused_in_the_first_epoch(tmp_path):
+    """Code after an epoch-end job.save() that changes the state (an RNG draw) is refused at the end of epoch 0:
+    a resume from that save would skip it."""
+    run = run_preempted(_epoch_end_cmd(tmp_path / "loss", "--after-save", "draw"), tmp_path / "ck",
+                        supervised=False)
+    assert run.returncode != 0
+    assert "ConfigError: epoch 0: job.save() after the epoch's job.loader() loop" in run.stderr
+    assert "Make job.save() the last statement of the epoch's body" in run.stderr
+    assert [line.split("\t")[1] for line in (tmp_path / "loss").read_text().splitlines()] == ["0"] * 7
