@@ -121,6 +121,7 @@ class Session:
         # The epoch's job.loader() loop ran out (its end-of-epoch code runs now): a save here resumes at the
         # next epoch, since a resume into this one would run that code a second time (design.md).
         self._epoch_loop_done = False
+        self._loop_end_state: Any = None  # the fingerprint when it ran out: a save before anything moved re-enters
         self._epoch_end_saved = False  # the last save was one of those, made by this process
         self.extras: dict[str, Any] = {}
         self.resumed_from: Checkpoint | None = None
@@ -492,9 +493,21 @@ class Session:
                 f"Make job.save() the last statement of the epoch's body (after scheduler.step() and validation), "
                 f"or drop it: the epoch boundary is a step boundary, where signals and periodic saves checkpoint")
 
+    def _after_end_of_epoch_code(self, state: Any) -> bool:
+        """A save after the epoch's job.loader() loop, once end-of-epoch code changed the state: it resumes at
+        the next epoch. Before anything changed (job.save() first after the loop), a resume re-enters the
+        ended epoch and runs all its end-of-epoch code, once, as the uninterrupted run did."""
+        if not self._epoch_loop_done or self._in_batch:
+            return False
+        changed = state != self._loop_end_state
+        if self.group.world_size > 1:  # every rank decides alike (the check at the epoch's end is collective)
+            changed = self.group.agree(NO_STOP, changed)[1]
+        return changed
+
     def _loader_exhausted(self) -> None:
         """The epoch's job.loader() loop ran out of batches: what follows is end-of-epoch code."""
         self._epoch_loop_done = bool(self._epochs_used)
+        self._loop_end_state = self._fingerprint() if self._epoch_loop_done else None
 
     # ------------------------------------------------------------ step boundary
     def step_done(self) -> None:
@@ -727,7 +740,7 @@ class Session:
         state = self._fingerprint()
         ranks = self.group.gather(self._saved_rank_state())
         started = self.clock()
-        self._epoch_end_saved = self._epoch_loop_done and not self._in_batch
+        self._epoch_end_saved = self._after_end_of_epoch_code(state)
         on_rank0 = functools.partial(save_on_rank0, self.group)
         outcome = None
         if self._sharded:

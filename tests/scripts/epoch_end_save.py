@@ -3,7 +3,8 @@ many scripts do. Each trained step appends "step epoch loss" to --loss-log.
 
 --kill-after-save EPOCH: the process SIGKILLs itself right after that epoch's job.save() (a node lost before
 the next boundary): the next launch resumes from that save. --after-save: what the epoch's body does after
-its job.save() ("nothing", or "draw": a draw from torch's global stream, which a resume would skip)."""
+its job.save() ("nothing", or "draw": a draw from torch's global stream, which a resume would skip).
+--save-first: job.save() right after the loader's loop, before scheduler.step()."""
 from __future__ import annotations
 
 import argparse
@@ -25,6 +26,7 @@ def main() -> None:
     parser.add_argument("--loss-log", required=True)
     parser.add_argument("--kill-after-save", type=int, default=-1)
     parser.add_argument("--after-save", choices=["nothing", "draw"], default="nothing")
+    parser.add_argument("--save-first", action="store_true")
     args = parser.parse_args()
     random.seed(0)  # unseeded, these streams differ between any two runs, preempted or not
     np.random.seed(0)
@@ -46,10 +48,13 @@ def main() -> None:
                     optimizer.zero_grad()
                     log.write(f"{job.step}\t{epoch}\t{loss.item()!r}\n")
                     log.flush()
-                scheduler.step()
+                if not args.save_first:
+                    scheduler.step()
                 job.save()
                 if epoch == args.kill_after_save:
                     os.kill(os.getpid(), signal.SIGKILL)
+                if args.save_first:
+                    scheduler.step()
                 if args.after_save == "draw":
                     torch.rand(1)
 
