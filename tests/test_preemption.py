@@ -209,3 +209,37 @@ def test_fresh_never_deletes_a_directory_with_other_files(tmp_path):
     with pytest.raises(ConfigError, match=r"will not delete .*notes\.txt"):
         run_preempted(["true"], tmp_path / "ck", fresh=True)
     assert (tmp_path / "ck" / "notes.txt").read_text() == "mine"
+
+
+def _epoch_end_cmd(loss_log, *extra):
+    from conftest import REPO
+    return [sys.executable, str(REPO / "tests" / "scripts" / "epoch_end_save.py"), "--loss-log", str(loss_log), *extra]
+
+
+@pytest.mark.parametrize("order,resumed_at", [([], "step 7, epoch 1"), (["--save-first"], "step 7, run")],
+                         ids=["scheduler-then-save", "save-then-scheduler"])
+def test_sigkill_after_epoch_end_save_resumes_bit_exact(tmp_path, order, resumed_at):
+    """SIGKILL right after job.save() at an epoch's end: after end-of-epoch code (scheduler.step()) the relaunch
+    starts the next epoch (it used to re-enter the ended epoch and step the scheduler twice); a save before it
+    re-enters the ended epoch and runs that code once. Both bit-exact."""
+    plain = run_preempted(_epoch_end_cmd(tmp_path / "plain-loss", *order), tmp_path / "plain",
+                          supervised=False).check()
+    killed = run_preempted(_epoch_end_cmd(tmp_path / "loss", "--kill-after-save", "0", *order), tmp_path / "ck",
+                           supervised=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    resumed = run_preempted(_epoch_end_cmd(tmp_path / "loss", *order), tmp_path / "ck", supervised=False).check()
+    assert f"resumed from step-000000000007.pt: {resumed_at}" in resumed.stderr
+    assert_same_run(plain.directory, tmp_path / "ck")
+    assert (tmp_path / "loss").read_text().splitlines() == (tmp_path / "plain-loss").read_text().splitlines()
+
+
+def test_state_changed_after_epoch_end_save_is_refused_in_the_first_epoch(tmp_path):
+    # scheduler.step() before the save, a draw after it: neither a resume into epoch 0 nor one at epoch 1 is exact
+    """Code after an epoch-end job.save() that changes the state (an RNG draw) is refused at the end of epoch 0:
+    a resume from that save would skip it."""
+    run = run_preempted(_epoch_end_cmd(tmp_path / "loss", "--after-save", "draw"), tmp_path / "ck",
+                        supervised=False)
+    assert run.returncode != 0
+    assert "ConfigError: epoch 0: job.save() after the epoch's job.loader() loop" in run.stderr
+    assert "Make job.save() the last statement of the epoch's body" in run.stderr
+    assert [line.split("\t")[1] for line in (tmp_path / "loss").read_text().splitlines()] == ["0"] * 7

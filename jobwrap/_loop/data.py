@@ -76,6 +76,9 @@ class StepBoundary(Protocol):
     def _loader_batches_end(self, loader: Any) -> None:
         """That iterator ended: exhausted, left by ``break``, or dropped."""
 
+    def _loader_exhausted(self) -> None:
+        """The epoch's batches ran out: the code that follows is the epoch's end."""
+
 
 class ResumableLoader(Generic[T]):
     """Wraps a DataLoader (or any re-iterable); get one from :meth:`Session.loader`."""
@@ -145,6 +148,7 @@ class ResumableLoader(Generic[T]):
                 with wrapped_pull():
                     batch = next(iterator)
             except StopIteration:
+                session._loader_exhausted()
                 return
             if watched is not None:
                 refuse_made_in_fetch(watched, self.iterable.dataset, in_worker=False)

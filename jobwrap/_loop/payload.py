@@ -33,8 +33,9 @@ def states(objects: Mapping[str, Any], sharded_names: list[str]) -> dict[str, An
 def build(objects: Mapping[str, Any], extras: Mapping[str, Any], *, sharded_names: list[str], epoch: int,
           step: int, position: int, ranks: list[dict[str, Any]], run_id: str,
           shards: dict[str, Any] | None = None, stripes: dict[str, Any] | None = None,
-          object_states: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The payload of a save; ``shards``: the record of its sealed sharded folder; ``stripes``: of its striped
+          object_states: dict[str, Any] | None = None, epoch_done: bool = False) -> dict[str, Any]:
+    """The payload of a save; ``epoch_done``: saved after the epoch's loader loop ran out (a resume starts at the
+    next epoch); ``shards``: the record of its sealed sharded folder; ``stripes``: of its striped
     parts, with ``object_states`` the states without the striped tensors."""
     payload: dict[str, Any] = dict(object_states if object_states is not None else states(objects, sharded_names))
     payload.update({name: plain(value, name) for name, value in extras.items()})
@@ -49,6 +50,8 @@ def build(objects: Mapping[str, Any], extras: Mapping[str, Any], *, sharded_name
         "extras": list(extras),
         "run_id": run_id,
     }
+    if epoch_done:
+        payload["jobwrap"]["epoch_done"] = True
     if shards is not None:
         payload["jobwrap"]["dcp"] = shards
     if stripes is not None:

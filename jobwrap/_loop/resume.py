@@ -68,6 +68,8 @@ class Resumed:
         self.payload = loaded
         self.epoch, self.step = int(loaded["epoch"]), int(loaded["step"])
         self.position = int(loaded["jobwrap"].get("position", 0))
+        if loaded["jobwrap"].get("epoch_done"):  # saved after the epoch's loader loop and end-of-epoch code
+            self.epoch, self.position = self.epoch + 1, 0
         self.read_seconds = float(loaded["jobwrap"].pop("read_seconds", 0.0))  # set by payload.load
         mine = rank_entry(loaded, checkpoint, rank=rank, world_size=world_size,
                           allow_world_size_change=allow_world_size_change)

@@ -118,6 +118,11 @@ class Session:
         self.epoch = 0
         self.step = 0
         self.position = 0
+        # The epoch's job.loader() loop ran out (its end-of-epoch code runs now): a save here resumes at the
+        # next epoch, since a resume into this one would run that code a second time (design.md).
+        self._epoch_loop_done = False
+        self._loop_end_state: Any = None  # the fingerprint when it ran out: a save before anything moved re-enters
+        self._epoch_end_saved = False  # the last save was one of those, made by this process
         self.extras: dict[str, Any] = {}
         self.resumed_from: Checkpoint | None = None
         self.last_checkpoint: Checkpoint | None = None
@@ -469,10 +474,40 @@ class Session:
         while self.epoch < total:
             self._boundary()
             yield self.epoch
+            self._refuse_moved_after_epoch_end_save()
             self.epoch += 1
             self.position = 0
+            self._epoch_loop_done = self._epoch_end_saved = False
         self._boundary()
         self._save_at_end()
+
+    def _refuse_moved_after_epoch_end_save(self) -> None:
+        """At the end of an epoch's body: a save after its job.loader() loop resumes at the next epoch, so the
+        code after that save must not change the state (a resume from it would skip that code)."""
+        if self._epoch_end_saved and self._holds_step() and self._moved_since_save():
+            raise ConfigError(
+                f"epoch {self.epoch}: job.save() after the epoch's job.loader() loop was followed by code that "
+                f"changed the state (a tracked object, an extra or the RNG) before the epoch ended. A resume "
+                f"from that checkpoint starts at epoch {self.epoch + 1}, without that code, and would diverge; "
+                f"one that re-entered epoch {self.epoch} would run the end-of-epoch code before the save twice. "
+                f"Make job.save() the last statement of the epoch's body (after scheduler.step() and validation), "
+                f"or drop it: the epoch boundary is a step boundary, where signals and periodic saves checkpoint")
+
+    def _after_end_of_epoch_code(self, state: Any) -> bool:
+        """A save after the epoch's job.loader() loop, once end-of-epoch code changed the state: it resumes at
+        the next epoch. Before anything changed (job.save() first after the loop), a resume re-enters the
+        ended epoch and runs all its end-of-epoch code, once, as the uninterrupted run did."""
+        if not self._epoch_loop_done or self._in_batch:
+            return False
+        changed = state != self._loop_end_state
+        if self.group.world_size > 1:  # every rank decides alike (the check at the epoch's end is collective)
+            changed = self.group.agree(NO_STOP, changed)[1]
+        return changed
+
+    def _loader_exhausted(self) -> None:
+        """The epoch's job.loader() loop ran out of batches: what follows is end-of-epoch code."""
+        self._epoch_loop_done = bool(self._epochs_used)
+        self._loop_end_state = self._fingerprint() if self._epoch_loop_done else None
 
     # ------------------------------------------------------------ step boundary
     def step_done(self) -> None:
@@ -705,6 +740,7 @@ class Session:
         state = self._fingerprint()
         ranks = self.group.gather(self._saved_rank_state())
         started = self.clock()
+        self._epoch_end_saved = self._after_end_of_epoch_code(state)
         on_rank0 = functools.partial(save_on_rank0, self.group)
         outcome = None
         if self._sharded:
@@ -807,7 +843,7 @@ class Session:
                  stripes: dict[str, Any] | None = None, states: dict[str, Any] | None = None) -> dict[str, Any]:
         return payload.build(self._objects, self.extras, sharded_names=self._sharded, epoch=self.epoch,
                              step=self.step, position=self.position, ranks=ranks, run_id=self.run_id, shards=shards,
-                             stripes=stripes, object_states=states)
+                             stripes=stripes, object_states=states, epoch_done=self._epoch_end_saved)
 
     def _meta(self, reason: str) -> dict[str, Any]:
         return payload.meta(reason, run_id=self.run_id, job=self.job)
