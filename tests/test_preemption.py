@@ -233,13 +233,13 @@ def test_sigkill_after_epoch_end_save_resumes_bit_exact(tmp_path, order, resumed
     assert (tmp_path / "loss").read_text().splitlines() == (tmp_path / "plain-loss").read_text().splitlines()
 
 
-def test_state_changed_after_epoch_end_save_is_refused_in_the_first_epoch(tmp_path):
-    # scheduler.step() before the save, a draw after it: neither a resume into epoch 0 nor one at epoch 1 is exact
-    """Code after an epoch-end job.save() that changes the state (an RNG draw) is refused at the end of epoch 0:
-    a resume from that save would skip it."""
+def test_state_changed_after_epoch_end_save_is_warned_in_the_first_epoch(tmp_path):
+    # scheduler.step() before the save, a draw after it: a kill in between resumes without the draw
+    """Code after an epoch-end job.save() that changes the state (an RNG draw) is warned about once, at the end
+    of epoch 0, naming the fix: a kill between the save and the epoch's end would resume without it."""
     run = run_preempted(_epoch_end_cmd(tmp_path / "loss", "--after-save", "draw"), tmp_path / "ck",
                         supervised=False)
-    assert run.returncode != 0
-    assert "ConfigError: epoch 0: job.save() after the epoch's job.loader() loop" in run.stderr
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.count("epoch 0: job.save() after the epoch's job.loader() loop") == 1
     assert "Make job.save() the last statement of the epoch's body" in run.stderr
-    assert [line.split("\t")[1] for line in (tmp_path / "loss").read_text().splitlines()] == ["0"] * 7
+    assert "epoch 1: job.save() after" not in run.stderr

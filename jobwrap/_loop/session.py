@@ -165,6 +165,7 @@ class Session:
         self._rng_restored: Any = None  # the streams as track() put them back, until the first boundary
         self._epochs_used = False  # log lines name the epoch only in loops that have them
         self._preempted: Preempted | None = None
+        self._epoch_end_save_warned = False  # code after an epoch-end save changed the state: warned once
         self._adopted_path: str | None = None  # the init_from file this run started from
         self._interrupts_told = 0  # the Ctrl-Cs already warned of at a boundary
         # The relaunch's timeline (jobwrap status): jobwrap's own start-up, and the first batch and step.
@@ -474,24 +475,30 @@ class Session:
         while self.epoch < total:
             self._boundary()
             yield self.epoch
-            self._refuse_moved_after_epoch_end_save()
+            self._warn_moved_after_epoch_end_save()
             self.epoch += 1
             self.position = 0
             self._epoch_loop_done = self._epoch_end_saved = False
         self._boundary()
         self._save_at_end()
 
-    def _refuse_moved_after_epoch_end_save(self) -> None:
-        """At the end of an epoch's body: a save after its job.loader() loop resumes at the next epoch, so the
-        code after that save must not change the state (a resume from it would skip that code)."""
-        if self._epoch_end_saved and self._holds_step() and self._moved_since_save():
-            raise ConfigError(
-                f"epoch {self.epoch}: job.save() after the epoch's job.loader() loop was followed by code that "
-                f"changed the state (a tracked object, an extra or the RNG) before the epoch ended. A resume "
-                f"from that checkpoint starts at epoch {self.epoch + 1}, without that code, and would diverge; "
-                f"one that re-entered epoch {self.epoch} would run the end-of-epoch code before the save twice. "
-                f"Make job.save() the last statement of the epoch's body (after scheduler.step() and validation), "
-                f"or drop it: the epoch boundary is a step boundary, where signals and periodic saves checkpoint")
+    def _warn_moved_after_epoch_end_save(self) -> None:
+        """At the end of an epoch's body: a save after its job.loader() loop resumes at the next epoch, so code
+        after that save which changes the state is skipped by a resume from it. Signals stop at the next
+        boundary, after that code, so only a kill in between (SIGKILL, a lost node) can land there: warned
+        once, in the first epoch it happens, not refused (save-then-validate is exact under every signal)."""
+        if self._epoch_end_save_warned or not (self._epoch_end_saved and self._holds_step()
+                                               and self._moved_since_save()):
+            return
+        self._epoch_end_save_warned = True
+        if self.group.rank == 0:
+            log.warning(
+                "epoch %d: job.save() after the epoch's job.loader() loop was followed by code that changed the "
+                "state (a tracked object, an extra or the RNG) before the epoch ended. Signals are honoured after "
+                "that code, but a process killed between the save and the epoch's end (SIGKILL, a lost node) "
+                "resumes from that save at epoch %d without it, and diverges. Make job.save() the last statement "
+                "of the epoch's body (after scheduler.step() and validation), or drop it: the epoch boundary is a "
+                "step boundary, where signals and periodic saves checkpoint", self.epoch, self.epoch + 1)
 
     def _after_end_of_epoch_code(self, state: Any) -> bool:
         """A save after the epoch's job.loader() loop, once end-of-epoch code changed the state: it resumes at
