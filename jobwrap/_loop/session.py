@@ -209,7 +209,7 @@ class Session:
             at_exit.close_at_exit(self)
         if found is not None:
             self._start_resumed(*found, load_seconds=load_seconds, session_started=session_started)
-        interrupted = after_interrupt(self.events.read(), self.step) if self.group.rank == 0 else None
+        interrupted = after_interrupt(self.events.read_tail(), self.step) if self.group.rank == 0 else None
         if interrupted:
             log.warning("%s", interrupted)
         self._auto = self._auto_interval()

@@ -41,14 +41,24 @@ class EventLog:
     def read(self) -> list[dict[str, Any]]:
         return read_events(os.path.dirname(self.path))
 
+    def read_tail(self, nbytes: int = 1 << 16) -> list[dict[str, Any]]:
+        """The trusted events of the file's last ``nbytes`` (whole lines only): what a start needs of the
+        previous launch, without reading a long history."""
+        return read_events(os.path.dirname(self.path), tail=nbytes)
 
-def read_events(directory: str) -> list[dict[str, Any]]:
+
+def read_events(directory: str, *, tail: int | None = None) -> list[dict[str, Any]]:
     """All trusted events of a run directory (:func:`jobwrap._storage.records.event`): a torn last line (a kill
     mid-write) and any record of the wrong shape are skipped, the latter with one warning per read."""
     path = os.path.join(directory, EVENTS_FILE)
     try:
-        with open(path, errors="replace") as f:
-            lines = f.readlines()
+        with open(path, "rb") as f:
+            if tail is not None and f.seek(0, os.SEEK_END) > tail:
+                f.seek(-tail, os.SEEK_END)
+                f.readline()  # the first line is cut: drop it
+            else:
+                f.seek(0)
+            lines = [line.decode(errors="replace") for line in f.readlines()]
     except FileNotFoundError:
         return []
     except OSError as exc:
