@@ -8,6 +8,7 @@ import os
 import random
 import shutil
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -51,6 +52,7 @@ class SyntheticImages(Dataset):
 def main():
     args = parser.parse_args()
     random.seed(args.seed)
+    np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     main_worker(args)
 

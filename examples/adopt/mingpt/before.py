@@ -6,9 +6,11 @@ replacement and 10**10 samples), stops at max_iters, and calls the callbacks reg
 enough to run in seconds on a CPU.
 """
 import argparse
+import random
 import time
 from collections import defaultdict
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -109,6 +111,12 @@ class TinyLM(nn.Module):
         return idx
 
 
+def set_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def main():
     parser = argparse.ArgumentParser(description="minGPT-style trainer (random text)")
     parser.add_argument("--max-iters", type=int, default=24)
@@ -116,7 +124,7 @@ def main():
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=3407)
     args = parser.parse_args()
-    torch.manual_seed(args.seed)
+    set_seed(args.seed)
 
     vocab, block_size = 20, 8
     model = TinyLM(vocab)

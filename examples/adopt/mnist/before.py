@@ -4,7 +4,9 @@ main() builds everything; train(args, model, device, train_loader, optimizer, ep
 called once per epoch; a StepLR steps at each epoch's end. Small enough to run in seconds on a CPU.
 """
 import argparse
+import random
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -72,6 +74,8 @@ def main():
     parser.add_argument("--save-model", action="store_true")
     args = parser.parse_args()
 
+    random.seed(args.seed)
+    np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = torch.device("cpu")
     train_loader = DataLoader(synthetic_digits(96, 1), batch_size=args.batch_size, shuffle=True,

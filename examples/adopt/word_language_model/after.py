@@ -6,8 +6,10 @@ improving, the best model saved, Ctrl-C caught. Small enough to run in seconds o
 """
 import argparse
 import math
+import random
 import time
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -24,6 +26,8 @@ parser.add_argument("--log-interval", type=int, default=4)
 parser.add_argument("--save", type=str, default="model.pt")
 args = parser.parse_args()
 
+random.seed(args.seed)
+np.random.seed(args.seed)
 torch.manual_seed(args.seed)
 
 ntokens = 24
