@@ -84,7 +84,7 @@ def _resumed_at(run: PreemptedRun, step: int) -> bool:
 def _losses(output: str) -> list[str]:
     """The lines a script prints about training, without the times in them."""
     lines = [line for line in output.splitlines() if re.search(r"[Ll]oss", line)]
-    return [re.sub(r"(ms/batch|time:|iter_dt)\s*[\d.]+m?s[;|]?", "", line) for line in lines]
+    return [re.sub(r"(ms/batch|time:|iter_dt)\s*[\d.]+(ms|s)?[;|]?", "", line) for line in lines]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -147,7 +147,7 @@ def test_imagenet_own_resume_meets_jobwraps_checkpoint_and_jobwrap_says_which_wi
                             cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert seeded.returncode == 0, seeded.stderr[-3000:]
     shutil.move(tmp_path / "checkpoint.pth.tar", tmp_path / "seed.pth.tar")  # 'epoch': 1, the next to run
-    args = ("--epochs", "3", "--resume", str(tmp_path / "seed.pth.tar"))
+    args = ("--epochs", "3", "-j", "0", "--resume", str(tmp_path / "seed.pth.tar"))  # workers: tested above
     plain = _run("imagenet", tmp_path / "plain", args).check()
     cut = _run("imagenet", tmp_path / "cut", args, preempt_at=[8]).check()  # 6 batches an epoch: epoch 2
     for run in (plain, cut):
