@@ -235,10 +235,13 @@ def test_nanogpt_style_checkpoint_needs_no_epoch_convention(tmp_path, caplog):
     assert "from " + str(tmp_path / "ckpt.pt") + " at step 2000 (iter_num 2000 is the steps done)" in caplog.text
 
 
-def test_the_scripts_own_start_epoch_begins_a_fresh_directory_and_jobwraps_checkpoint_wins_after(tmp_path, caplog):
+def test_the_scripts_own_start_epoch_begins_a_fresh_directory_and_jobwraps_checkpoint_wins_after(
+        tmp_path, caplog, monkeypatch):
     """job.epochs(n, start=args.start_epoch): in a directory without a jobwrap checkpoint the script's own resume
-    stands (epochs 1..); once jobwrap saved, its checkpoint wins and a warning names both epochs."""
+    stands (epochs 1..); once jobwrap saved, its checkpoint wins and, with --resume on the command line, a warning
+    names both epochs; without --resume (a loop counted from 1) the same is an info line, not a warning."""
     caplog.set_level("INFO", logger="jobwrap")
+    monkeypatch.setattr(sys, "argv", ["main.py", "--resume", "checkpoint.pth.tar"])
     with jobwrap.Session(tmp_path / "run") as job:
         job.track(model=torch.nn.Linear(2, 2))
         assert list(job.epochs(2, start=1)) == [1]
@@ -246,8 +249,17 @@ def test_the_scripts_own_start_epoch_begins_a_fresh_directory_and_jobwraps_check
     with jobwrap.Session(tmp_path / "run") as job:
         job.track(model=torch.nn.Linear(2, 2))
         assert list(job.epochs(4, start=1)) == [2, 3]
-    assert "job.epochs(start=1), the script's own resume, is not where jobwrap goes on: step-" in caplog.text
-    assert "training goes on with epoch 2" in caplog.text
+    [warned] = [r for r in caplog.records if r.levelname == "WARNING" and "job.epochs(start=1)" in r.getMessage()]
+    assert ("job.epochs(start=1), the script's own resume (--resume checkpoint.pth.tar), is not where jobwrap goes "
+            "on: step-") in warned.getMessage()
+    assert "training goes on with epoch 2" in warned.getMessage()
+    caplog.clear()
+    monkeypatch.setattr(sys, "argv", ["main.py"])
+    with jobwrap.Session(tmp_path / "run") as job:
+        job.track(model=torch.nn.Linear(2, 2))
+        assert list(job.epochs(5, start=1)) == [4]
+    assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.text
+    assert "job.epochs(start=1) is the first epoch of a fresh run; resumed from step-" in caplog.text
     with jobwrap.Session(tmp_path / "other") as job, pytest.raises(jobwrap.ConfigError, match="start=-1"):
         list(job.epochs(2, start=-1))
 

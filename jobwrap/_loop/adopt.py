@@ -110,24 +110,30 @@ def start_epoch(start: int | None, *, epoch: int, source: str | None, argv: Sequ
     ``source`` is what jobwrap's own ``epoch`` came from (its checkpoint, the
     init_from file), None in a directory it has not saved in yet. jobwrap's
     wins: ``track()`` has put its state back over whatever the script loaded
-    itself. Without a source the script's ``start`` (its own resume) stands.
+    itself; that is a warning only where the command line has ``--resume``,
+    since a constant ``start=1`` (a loop counted from 1) differs from every
+    resumed epoch without any second resume at work. Without a source the
+    script's ``start`` (its own resume, or the loop's first epoch) stands.
     Without either, a ``--resume`` on the command line is named: the script
     may have loaded a checkpoint that jobwrap's epoch 0 would train again.
     """
     if start is not None and (isinstance(start, bool) or not isinstance(start, int) or start < 0):
         raise ConfigError(f"job.epochs(start={start!r}): give the first epoch to run, a whole number from 0, "
                           f"or None")
+    flag = resume_flag(argv)
     if source is not None:
-        if start is not None and start != epoch:
-            log.warning("job.epochs(start=%d), the script's own resume, is not where jobwrap goes on: %s wins, "
-                        "training goes on with epoch %d (job.track() put its state back over what the script "
-                        "loaded)", start, source, epoch)
+        if start is not None and start != epoch and flag is not None:
+            log.warning("job.epochs(start=%d), the script's own resume (--resume %s), is not where jobwrap goes "
+                        "on: %s wins, training goes on with epoch %d (job.track() put its state back over what the "
+                        "script loaded)", start, flag, source, epoch)
+        elif start is not None and start != epoch:  # a loop counted from 1 (range(1, n + 1)) is no resume of its own
+            log.info("job.epochs(start=%d) is the first epoch of a fresh run; resumed from %s, training goes on "
+                     "with epoch %d", start, source, epoch)
         return epoch
     if start is not None:
         if start != epoch:
             log.info("no jobwrap checkpoint yet: beginning at epoch %d, the script's own (job.epochs(start=))", start)
         return start
-    flag = resume_flag(argv)
     if flag is not None and epoch == 0:
         log.warning("the command line asks for --resume %s, but job.epochs() was given no start= and jobwrap has "
                     "no checkpoint here yet: training begins at epoch 0. Pass job.epochs(total, "
