@@ -16,6 +16,7 @@ part), :mod:`jobwrap._loop.grads` (gradients between optimizer steps), :mod:`job
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -523,6 +524,47 @@ class Session:
             self._finish_resume(after_step=True)
         self._step_done()
         self._boundary()
+
+    # ------------------------------------------------------------ the seam for a framework's own loop
+    # jobwrap.lightning and jobwrap.transformers drive a Session through these alone (tests/test_layout.py):
+    # the framework iterates its loaders and counts its steps; jobwrap follows its counters.
+    def hand_data_to_framework(self) -> None:
+        """The framework's loop iterates and resumes its own loaders (Lightning's fit, the Trainer): its
+        DataLoader iterators outside :meth:`loader` are not refused (:mod:`jobwrap._loop.iterators`)."""
+        self._data_resumed_elsewhere = True
+
+    def framework_step(self, *, step: int, epoch: int) -> None:
+        """The framework's optimizer step ``step`` (its global step count after it) of ``epoch`` is complete,
+        with everything it triggers: jobwrap's step boundary. A signal commits the checkpoint here and
+        raises :class:`Preempted`."""
+        self.epoch, self.step = epoch, step - 1
+        self.step_done()
+
+    def framework_counts(self, *, epoch: int, step: int | None = None) -> None:
+        """Follow the framework's counters without a boundary: at a point no resume could start from
+        exactly (Lightning's epoch's last batch), or the epoch before the final save."""
+        self.epoch = epoch
+        if step is not None:
+            self.step = step
+
+    def framework_ready(self) -> None:
+        """The framework's loop is set up (resumed: its loaders rebuilt) and about to fetch its first batch:
+        the boundary before the first step, where the RNG streams are put back and a signal that came
+        while resuming is honoured. No step is counted."""
+        self._boundary()
+
+    @contextlib.contextmanager
+    def framework_draws(self) -> Iterator[None]:
+        """Draws from the random streams inside are the framework's rebuild of resumed state (its loaders'
+        iterators, which the loaded state overrides): not warned of at the first boundary, provided nothing
+        else drew between :meth:`track` and them."""
+        restored = self._rng_restored
+        before = steps.rng_mark(self.device) if restored is not None else None
+        try:
+            yield
+        finally:
+            if before is not None and before == self._rng_restored:
+                self._rng_restored = steps.rng_mark(self.device)
 
     @property
     def should_stop(self) -> bool:
