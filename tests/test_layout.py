@@ -103,8 +103,8 @@ def test_design_map_names_every_private_module():
 
 # Names a Session goes by in the modules that drive one (integrations, testing, commands).
 _SESSION_NAMES = {"session", "sess", "job", "_session", "_job"}
-# The counters a framework reports through Session.framework_step/framework_counts, never assigns.
-_COUNTERS = {"step", "epoch", "position"}
+# Set through a Session's methods only (framework_step/framework_counts, requeue_through), never assigned.
+_COUNTERS = {"step", "epoch", "position", "scheduler"}
 
 
 def _is_session(node: ast.expr) -> bool:
@@ -115,7 +115,8 @@ def _is_session(node: ast.expr) -> bool:
 
 
 def seam_breaches(path: Path) -> list[str]:
-    """Each place in ``path`` that reads or sets a Session's private member, or assigns its step/epoch/position."""
+    """Each place in ``path`` that reads or sets a Session's private member, or assigns its step, epoch, position or
+    scheduler."""
     tree = ast.parse(path.read_text())
     found = []
     stored = {id(target) for node in ast.walk(tree) if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign))
