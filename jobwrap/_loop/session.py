@@ -1,14 +1,14 @@
 """The orchestrator a training loop talks to: resume, step boundaries, saves, requeue, exit.
 
-The flow, top to bottom (docs/design.md draws it; the phases are :mod:`jobwrap._loop.phases`)::
+The flow, top to bottom, with the phase it moves to (:mod:`jobwrap._loop.phases`; docs/design.md)::
 
-    start()      trap signals, claim the directory, load the newest verified checkpoint   STARTING -> RESUMING
+    start()      trap signals, claim the directory, load the newest verified checkpoint    -> RESUMING (or TRAINING)
     track()      register models/optimizers/... and extras; each is restored at once
     epochs()     yields epoch numbers from where the run stopped
     loader()     yields batches from where the run stopped; each batch ends at a step boundary
-    boundary     the loaded checkpoint freed (RNG put back); a signal? -> save,  RESUMING -> TRAINING -> STOPPING
-                 requeue (or not), raise Preempted                                 -> PREEMPTED
-    close()      restore the handlers, record the exit, release the directory                    -> CLOSED
+    boundary     first one: the RNG put back, the checkpoint freed                          -> TRAINING
+                 a signal? -> save, requeue (or not), raise Preempted                        -> STOPPING -> PREEMPTED
+    close()      restore the handlers, record the exit, release the directory               -> CLOSED
 
 This module holds the public methods and the lifecycle; each job has its own module, mixed into
 :class:`Session`: :mod:`~jobwrap._loop.starting` (resumed or fresh), :mod:`~jobwrap._loop.boundary` (the
