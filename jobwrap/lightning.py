@@ -25,7 +25,6 @@ from typing import Any
 import pytorch_lightning as pl
 from lightning_fabric.utilities.types import _Stateful
 
-from jobwrap._loop import steps
 from jobwrap._loop.session import Session
 from jobwrap.errors import ConfigError
 
@@ -84,7 +83,7 @@ class Preemptible(pl.Callback):
             return
         _lightning_signals_off(trainer)
         self.session = Session(self._directory, **self._settings).start()
-        self.session._data_resumed_elsewhere = True  # fit() iterates and resumes its loaders itself
+        self.session.hand_data_to_framework()  # fit() iterates and resumes its loaders itself
         self._state = _TrainerState(trainer)
         self.session.track(lightning=self._state)
         self._resuming = self._state.loaded
@@ -109,13 +108,13 @@ class Preemptible(pl.Callback):
         if trainer.global_step == self._stepped_at:
             return  # a micro-batch of gradient accumulation: the optimizer has not stepped
         self._stepped_at = trainer.global_step
-        self.session.epoch = trainer.current_epoch
         if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             # Not a boundary: a fit resumed from an epoch's end draws the next epoch's order differently
             # (the loader's finished state); a signal here is honoured after the next epoch's first step.
-            self.session.step = trainer.global_step
+            self.session.framework_counts(step=trainer.global_step, epoch=trainer.current_epoch)
             self._boundary_due = False
             return
+        self.session.framework_counts(epoch=trainer.current_epoch)
         # Not yet: validation and the callbacks after this one (ModelCheckpoint last) run for this batch first.
         self._boundary_due = True
 
@@ -124,22 +123,20 @@ class Preemptible(pl.Callback):
         if self._resuming:
             # The loaders' iterators are made (their draws from the RNG done): now the streams are the checkpoint's.
             self._resuming = False
-            self.session._boundary()
+            self.session.framework_ready()
             return
         if not self._boundary_due:
             return
         self._boundary_due = False
-        self.session.epoch = trainer.current_epoch
-        self.session.step = trainer.global_step - 1
         self._state.before_fetch = True
-        try:
-            self.session.step_done()  # a signal: the checkpoint commits here, then Preempted (SystemExit) ends fit()
+        try:  # a signal: the checkpoint commits here, then Preempted (SystemExit) ends fit()
+            self.session.framework_step(step=trainer.global_step, epoch=trainer.current_epoch)
         finally:
             self._state.before_fetch = False
 
     # ------------------------------------------------------------ end
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self.session.epoch = trainer.current_epoch
+        self.session.framework_counts(epoch=trainer.current_epoch)
         if self.session.config.save_at_end:
             self.session.save(reason="end of training")
 
@@ -239,7 +236,7 @@ def _loader_rebuild_unchecked(trainer: "pl.Trainer", session: Session) -> None:
     def load() -> None:
         load_states()
         combined = fit_loop._combined_loader
-        if combined is not None and session._rng_restored is not None:
+        if combined is not None:
             combined.__class__ = _unchecked_first_iter(type(combined), session)
         fit_loop._load_combined_loader_states = load_states  # once: later epochs draw as the uninterrupted run
 
@@ -247,17 +244,15 @@ def _loader_rebuild_unchecked(trainer: "pl.Trainer", session: Session) -> None:
 
 
 def _unchecked_first_iter(cls: type, session: Session) -> type:
-    """``cls`` whose next ``__iter__`` (only that one: it puts ``cls`` back) moves the session's RNG mark along
-    with its own draws, when nothing else drew before it."""
+    """``cls`` whose next ``__iter__`` (only that one: it puts ``cls`` back) draws as the framework's own rebuild
+    (:meth:`Session.framework_draws`), unwarned when nothing else drew before it."""
     class FirstIterUnchecked(cls):  # type: ignore[misc, valid-type]
         def __iter__(self) -> Any:
-            before = steps.rng_mark(session.device)
             try:
-                return super().__iter__()
+                with session.framework_draws():
+                    return super().__iter__()
             finally:
                 self.__class__ = cls
-                if before == session._rng_restored:
-                    session._rng_restored = steps.rng_mark(session.device)
     return FirstIterUnchecked
 
 

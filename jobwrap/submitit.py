@@ -111,7 +111,7 @@ class Preemptible(submitit.helpers.Checkpointable, Generic[R]):
         under_submitit = _is_submitit_handler(submitit_handler)
         session = Session(self.directory, **settings)
         if under_submitit:
-            session.scheduler = _HandOverToSubmitit()
+            session.requeue_through(_HandOverToSubmitit())
             with _expected_takeover():
                 session.start()
             log.info("%s: jobwrap commits a checkpoint at the next step boundary, then submitit's handler "

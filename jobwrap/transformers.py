@@ -170,7 +170,7 @@ class JobwrapCallback(TrainerCallback):
 
     def __init__(self, job: Session, checkpoint: TrainerCheckpoint) -> None:
         self.job = job
-        job._data_resumed_elsewhere = True  # the Trainer iterates its loader and skips the trained batches itself
+        job.hand_data_to_framework()  # the Trainer iterates its loader and skips the trained batches itself
         self.checkpoint = checkpoint
         self._epoch_ended = False
         self._uncommitted_save = False  # the Trainer saved at an epoch's last step, before the epoch's end
@@ -224,6 +224,5 @@ class JobwrapCallback(TrainerCallback):
                 f"jobwrap is at step {self.job.step} and the Trainer at global step {state.global_step}: "
                 f"attach() counts the Trainer's steps itself; do not call job.step_done() or job.loader() in a "
                 f"Trainer run, and resume the Trainer only from the folder attach() returns")
-        self.job.epoch = int(state.epoch or 0)
-        self.job.step_done()
+        self.job.framework_step(step=state.global_step, epoch=int(state.epoch or 0))
         self.checkpoint.release()

@@ -99,3 +99,55 @@ def test_design_map_names_every_private_module():
     missing = [name for name in _modules() if _layer(name) is not None and name.count(".") == 2
                and f"  {name.rsplit('.', 1)[1]}.py" not in text]
     assert not missing, f"modules missing from the map in docs/design.md: {missing}"
+
+
+# Names a Session goes by in the modules that drive one (integrations, testing, commands).
+_SESSION_NAMES = {"session", "sess", "job", "_session", "_job"}
+# Set through a Session's methods only (framework_step/framework_counts, requeue_through), never assigned.
+_COUNTERS = {"step", "epoch", "position", "scheduler"}
+
+
+def _is_session(node: ast.expr) -> bool:
+    """``session``, ``job``, ``self.session``, ``self._job``...: an expression that names a Session."""
+    if isinstance(node, ast.Name):
+        return node.id in _SESSION_NAMES
+    return isinstance(node, ast.Attribute) and node.attr in _SESSION_NAMES
+
+
+def seam_breaches(path: Path) -> list[str]:
+    """Each place in ``path`` that reads or sets a Session's private member, or assigns its step, epoch, position or
+    scheduler."""
+    tree = ast.parse(path.read_text())
+    found = []
+    stored = {id(target) for node in ast.walk(tree) if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign))
+              for target in (node.targets if isinstance(node, ast.Assign) else [node.target])}
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Attribute) and _is_session(node.value)):
+            continue
+        private = node.attr.startswith("_") and not node.attr.startswith("__")
+        if private or (id(node) in stored and node.attr in _COUNTERS):
+            found.append((node.lineno, f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: .{node.attr}"))
+    return [text for _, text in sorted(found)]
+
+
+def test_only_the_loop_touches_a_sessions_private_members():
+    """Outside jobwrap/_loop, integrations drive a Session through its documented methods only."""
+    breaches = [b for path in sorted(PACKAGE.rglob("*.py")) if "_loop" not in path.relative_to(PACKAGE).parts
+                for b in seam_breaches(path)]
+    assert not breaches, ("Session's private members (or its counters, assigned) used outside jobwrap/_loop; use "
+                          "the integration seam (Session.framework_step, ...) instead:\n" + "\n".join(breaches))
+
+
+def test_the_seam_check_finds_a_private_access_and_an_assigned_counter(tmp_path):
+    """The check above names a private read, a private write and an assigned step, and passes public calls."""
+    module = tmp_path / "jobwrap" / "fake.py"
+    module.parent.mkdir()
+    module.write_text("def f(session, self):\n    session._boundary()\n    self.session._resume = 1\n"
+                      "    self.job.step = 3\n    session.save()\n    os._exit(1)\n    n = session.step\n")
+    global PACKAGE
+    real, PACKAGE = PACKAGE, module.parent
+    try:
+        assert seam_breaches(module) == ["jobwrap/fake.py:2: ._boundary", "jobwrap/fake.py:3: ._resume",
+                                         "jobwrap/fake.py:4: .step"]
+    finally:
+        PACKAGE = real
