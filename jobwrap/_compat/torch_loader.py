@@ -233,8 +233,8 @@ def skip_unrecognised(loader: DataLoader) -> str | None:
 
     A probe, not a version check: a throwaway iterator over a two-item list is built through
     :func:`iterator_over` (no workers, its own generator: no global draw) and must hand out
-    the marked sampler's batch, keep that sampler's iterator, and draw its base seed as
-    :func:`draw_base_seed` does. A release that read the sampler from elsewhere (the
+    the marked sampler's batch, keep that sampler's iterator and a dataset fetcher, and draw
+    its base seed as :func:`draw_base_seed` does. A release that read the sampler from elsewhere (the
     ``batch_sampler`` attribute, say) would otherwise skip nothing, silently. With workers,
     the worker loop must take the arguments per-batch seeding rewires; with persistent
     workers, the kept iterator's restart must be torch 2.13's.
@@ -247,11 +247,12 @@ def skip_unrecognised(loader: DataLoader) -> str | None:
         probe = DataLoader([10, 11], batch_size=1, generator=torch.Generator().manual_seed(3))
         iterator = iterator_over(probe, _Marked())
         marked = sampler_iterator(iterator)
+        fetch = iterator._dataset_fetcher.fetch
         first = next(iterator)
         seed = base_seed(iterator)
     except (AttributeError, TypeError) as exc:
         return _changed("_BaseDataLoaderIter", f"a probe iterator failed: {exc}")
-    if first.tolist() != [11] or not isinstance(marked, type(iter([[1]]))):
+    if first.tolist() != [11] or not isinstance(marked, type(iter([[1]]))) or not callable(fetch):
         return _changed("DataLoader._index_sampler", "an iterator no longer takes its indices from it")
     if seed != draw_base_seed(DataLoader([0], generator=torch.Generator().manual_seed(3))):
         return _changed("_BaseDataLoaderIter._base_seed", "it is drawn otherwise")
