@@ -119,6 +119,20 @@ def test_canary_torch_single_process_fetcher():
                                                    "batches are fetched otherwise")
 
 
+def test_canary_torch_iterable_fetcher_end():
+    """A single-process iterator over an IterableDataset says it hit the dataset's end in `_dataset_fetcher.ended`."""
+    class Five(IterableDataset):
+        def __iter__(self):
+            return iter(range(5))
+
+    iterator = iter(DataLoader(Five(), batch_size=3))
+    next(iterator)
+    assert not torch_loader.fetcher_ended(iterator)
+    next(iterator)  # the short last batch: the dataset ran out inside it
+    assert torch_loader.fetcher_ended(iterator), _torch_changed("_IterableDatasetFetcher.ended",
+                                                                "the end is kept elsewhere")
+
+
 def test_canary_torch_kept_iterator():
     """Persistent workers: the loader keeps its iterator in `_iterator`; `_reset` and `_shutdown_workers` as 2.13."""
     loader = DataLoader(_table(), num_workers=2, persistent_workers=True)

@@ -185,6 +185,12 @@ def wrap_fetcher(iterator: Any, wrap: Callable[[Any], Any]) -> None:
     iterator._dataset_fetcher = wrap(iterator._dataset_fetcher)
 
 
+def fetcher_ended(iterator: Any) -> bool:
+    """Whether a single-process iterator over an IterableDataset has hit its end (its fetcher's ``ended``, set when
+    the dataset ran out inside a batch); False for any other iterator."""
+    return bool(getattr(getattr(iterator, "_dataset_fetcher", None), "ended", False))
+
+
 def draw_base_seed(loader: DataLoader) -> int:
     """The draw ``_BaseDataLoaderIter.__init__`` makes for its workers' base seed (the same generator, the same
     operation), so that persistent workers get the seed a new iterator would have drawn."""

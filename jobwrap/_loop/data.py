@@ -29,7 +29,7 @@ from typing import Any, Generic, Iterable, Iterator, Protocol, TypeVar
 
 import torch
 
-from jobwrap._compat.torch_loader import is_map_style
+from jobwrap._compat.torch_loader import fetcher_ended, is_map_style
 from jobwrap._loop.iterators import wrapped_pull
 from jobwrap._loop.rngs import own_rngs
 from jobwrap._loop.rngs import rng_kind as _rng_kind
@@ -256,7 +256,7 @@ class ResumableLoader(Generic[T]):
             state["epoch"] = self._epoch
         if self._stateful is not None:
             state["own"] = _own_state(self._stateful)
-            state["ended"] = _fetcher_ended(self._iterator)
+            state["ended"] = fetcher_ended(self._iterator)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -515,7 +515,3 @@ def _length(iterable: Any) -> int | None:
         return None
 
 
-def _fetcher_ended(iterator: Any) -> bool:
-    """Whether a single-process DataLoader iterator has hit the end of its IterableDataset (its last batch short)."""
-    fetcher = getattr(iterator, "_dataset_fetcher", None)
-    return bool(getattr(fetcher, "ended", False))
