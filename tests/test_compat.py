@@ -38,7 +38,7 @@ def _table() -> TensorDataset:
 # ---------------------------------------------------------------- canaries: torch's DataLoader
 
 def test_canary_torch_worker_entry_point():
-    """torch starts each worker with `_utils.worker._worker_loop`, read at start, taking the arguments jobwrap rewires."""
+    """torch starts each worker with `_utils.worker._worker_loop`, read then, taking the arguments jobwrap rewires."""
     from torch.utils.data import dataloader
 
     assert torch_loader.WORKER_LOOP.unrecognised() is None, _torch_changed(
@@ -225,11 +225,19 @@ def _trainer():
                       enable_model_summary=False, max_epochs=1)
 
 
-def test_canary_lightning_trainer_internals():
-    """The trainer has every internal Preemptible reaches (checkpoint connector, signal connector, fit loop parts)."""
+_LIGHTNING_ADAPTERS = ["dump_checkpoint/load_checkpoint", "cluster_environment", "no_signal_handlers",
+                       "before_each_fetch", "data_fetcher", "validates_after_batch", "uncount_batch",
+                       "loader_states_load", "combined_loader", "stateful_protocol"]
+
+
+@pytest.mark.parametrize("adapter", _LIGHTNING_ADAPTERS)
+def test_canary_lightning_trainer_internal(adapter):
+    """The trainer has the internal this adapter of jobwrap/_compat/lightning.py reaches, as Lightning 2.6.6 has it."""
+    _trainer()
     from jobwrap._compat import lightning
 
-    difference = lightning.unrecognised(_trainer())
+    assert set(lightning.CHECKS) == set(_LIGHTNING_ADAPTERS)
+    difference = lightning.CHECKS[adapter](_trainer())
     assert difference is None, difference
 
 
@@ -259,7 +267,7 @@ def test_canary_lightning_distributed_sampler_wrapper():
 
 def test_canary_transformers_save_checkpoint():
     """The Trainer writes its checkpoint folder with `_save_checkpoint(model, trial)`."""
-    transformers = pytest.importorskip("transformers", reason="needs transformers (pip install 'jobwrap[transformers]')")
+    transformers = pytest.importorskip("transformers", reason="needs the transformers extra")
     from jobwrap._compat import transformers as internals
 
     difference = internals.unrecognised(transformers.Trainer.__new__(transformers.Trainer))
@@ -291,7 +299,7 @@ _READS_PUBLIC_SAMPLERS = """
 
 
 def test_torch_that_no_longer_reads_the_index_sampler_is_replayed_bit_exact(tmp_path):
-    """A torch whose iterator ignores `_index_sampler`: the probe sees it, one warning, the epoch replayed, bit-exact."""
+    """A torch whose iterator ignores `_index_sampler`: seen by the probe, one warning, replayed, bit-exact."""
     env = _future_torch(tmp_path, _READS_PUBLIC_SAMPLERS)
     command = [sys.executable, str(JOB), "--epochs", "2", "--loader", "generator", "--augment"]
     plain = run_preempted(command, tmp_path / "plain", env=env).check()
@@ -338,7 +346,7 @@ def test_persistent_workers_refused_where_torch_restarts_kept_workers_otherwise(
 
 
 def test_lightning_without_the_fetch_hook_is_refused_at_setup(tmp_path, monkeypatch):
-    """A Lightning whose epoch loop lost `_on_before_fetch`: trainer.fit refuses at the callback's setup, before a step."""
+    """A Lightning whose epoch loop lost `_on_before_fetch`: trainer.fit refused at the callback's setup, no step run."""
     pl = pytest.importorskip("pytorch_lightning", reason="needs pytorch-lightning (pip install 'jobwrap[lightning]')")
     from pytorch_lightning.loops.training_epoch_loop import _TrainingEpochLoop
 
@@ -364,7 +372,7 @@ def test_lightning_without_the_fetch_hook_is_refused_at_setup(tmp_path, monkeypa
 
 def test_transformers_without_save_checkpoint_is_refused_at_attach(tmp_path, monkeypatch):
     """A Trainer without `_save_checkpoint` is refused when attached, naming transformers' version, not at a signal."""
-    transformers = pytest.importorskip("transformers", reason="needs transformers (pip install 'jobwrap[transformers]')")
+    transformers = pytest.importorskip("transformers", reason="needs the transformers extra")
     import jobwrap.transformers
 
     monkeypatch.delattr(transformers.Trainer, "_save_checkpoint")

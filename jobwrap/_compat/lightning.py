@@ -113,8 +113,62 @@ def stateful_protocol() -> type:
 
 # ---------------------------------------------------------------- is this Lightning the one these were checked on
 
-def _missing(obj: Any, names: tuple[str, ...]) -> str | None:
-    return next((name for name in names if not hasattr(obj, name)), None)
+def _has(owner: Any, path: str, *names: str) -> str | None:
+    """None where ``owner.<path>`` has every attribute in ``names``; else what is gone."""
+    part = owner
+    for step in path.split(".") if path else []:
+        part = getattr(part, step, None)
+        if part is None:
+            return _changed(f"{type(owner).__name__}.{path}", "it is gone")
+    missing = next((name for name in names if not hasattr(part, name)), None)
+    return None if missing is None else _changed(f"{type(part).__name__}.{missing}", "it is gone")
+
+
+def _dump_takes_weights_only(trainer: Any) -> str | None:
+    found = _has(trainer, "_checkpoint_connector", "dump_checkpoint", "_loaded_checkpoint")
+    dump = getattr(getattr(trainer, "_checkpoint_connector", None), "dump_checkpoint", None)
+    if found is None and "weights_only" not in inspect.signature(dump).parameters:
+        return _changed("_CheckpointConnector.dump_checkpoint", "it takes no weights_only")
+    return found
+
+
+def _loop_counts_stepped_batches(trainer: Any) -> str | None:
+    if "_batches_that_stepped" not in trainer.fit_loop.state_dict().get("epoch_loop.state_dict", {}):
+        return _changed("_TrainingEpochLoop._batches_that_stepped", "the fit loop's state no longer holds it")
+    return None
+
+
+def _fetcher_calls_hook(trainer: Any) -> str | None:
+    from pytorch_lightning.loops.fetchers import _DataFetcher
+
+    if "_start_profiler" not in vars(_DataFetcher()):
+        return _changed("_DataFetcher._start_profiler", "the fetcher calls no hook before a fetch")
+    return _has(trainer, "fit_loop.epoch_loop", "_on_before_fetch")
+
+
+def _stateful_importable(trainer: Any) -> str | None:
+    try:
+        stateful_protocol()
+    except ImportError:
+        return changed("lightning-fabric", "lightning_fabric.utilities.types._Stateful", ADAPTER, "it is gone",
+                       CHECKED)
+    return None
+
+
+# What each adapter above needs of a trainer: checked all at once when Preemptible starts (one canary each).
+CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "dump_checkpoint/load_checkpoint": _dump_takes_weights_only,
+    "cluster_environment": lambda trainer: _has(trainer, "_accelerator_connector", "cluster_environment"),
+    "no_signal_handlers": lambda trainer: _has(trainer, "_signal_connector", "register_signal_handlers"),
+    "before_each_fetch": _fetcher_calls_hook,
+    "data_fetcher": lambda trainer: _has(trainer, "fit_loop", "_data_fetcher"),
+    "validates_after_batch": lambda trainer: _has(trainer, "fit_loop.epoch_loop", "_should_accumulate",
+                                                  "_should_check_val_fx"),
+    "uncount_batch": _loop_counts_stepped_batches,
+    "loader_states_load": lambda trainer: _has(trainer, "fit_loop", "_load_combined_loader_states"),
+    "combined_loader": lambda trainer: _has(trainer, "fit_loop", "_combined_loader"),
+    "stateful_protocol": _stateful_importable,
+}
 
 
 def unrecognised(trainer: Any) -> str | None:
@@ -124,35 +178,7 @@ def unrecognised(trainer: Any) -> str | None:
     Lightning release that renamed one is refused before the first step instead of failing
     (or, for the fetch hook, skipping every boundary) at the signal.
     """
-    for owner, attribute, names in (
-            (trainer, "_checkpoint_connector", ("dump_checkpoint", "_loaded_checkpoint")),
-            (trainer, "_accelerator_connector", ("cluster_environment",)),
-            (trainer, "_signal_connector", ("register_signal_handlers",)),
-            (trainer.fit_loop, "epoch_loop", ("_on_before_fetch", "_should_accumulate", "_should_check_val_fx")),
-    ):
-        part = getattr(owner, attribute, None)
-        if part is None:
-            return _changed(f"{type(owner).__name__}.{attribute}", "it is gone")
-        name = _missing(part, names)
-        if name is not None:
-            return _changed(f"{type(part).__name__}.{name}", "it is gone")
-    if "weights_only" not in inspect.signature(trainer._checkpoint_connector.dump_checkpoint).parameters:
-        return _changed("_CheckpointConnector.dump_checkpoint", "it takes no weights_only")
-    name = _missing(trainer.fit_loop, ("_data_fetcher", "_combined_loader", "_load_combined_loader_states"))
-    if name is not None:
-        return _changed(f"_FitLoop.{name}", "it is gone")
-    if "_batches_that_stepped" not in trainer.fit_loop.state_dict().get("epoch_loop.state_dict", {}):
-        return _changed("_TrainingEpochLoop._batches_that_stepped", "the fit loop's state no longer holds it")
-    from pytorch_lightning.loops.fetchers import _DataFetcher
-
-    if "_start_profiler" not in vars(_DataFetcher()):
-        return _changed("_DataFetcher._start_profiler", "the fetcher calls no hook before a fetch")
-    try:
-        stateful_protocol()
-    except ImportError:
-        return changed("lightning-fabric", "lightning_fabric.utilities.types._Stateful", ADAPTER, "it is gone",
-                       CHECKED)
-    return None
+    return next((found for found in (check(trainer) for check in CHECKS.values()) if found is not None), None)
 
 
 def hands_fetch_hook_to_fetcher() -> bool:
