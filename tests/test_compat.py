@@ -136,8 +136,13 @@ def test_canary_torch_iterable_fetcher_end():
 def test_canary_torch_kept_iterator():
     """Persistent workers: the loader keeps its iterator in `_iterator`; `_reset` and `_shutdown_workers` as 2.13."""
     loader = DataLoader(_table(), num_workers=2, persistent_workers=True)
+    from torch.utils.data import dataloader
+
     assert torch_loader.kept_unrecognised(loader) is None, torch_loader.kept_unrecognised(loader)
     assert torch_loader.kept_iterator(loader) is None
+    reset = inspect.getsource(dataloader._BaseDataLoaderIter._reset)
+    assert "self._sampler_iter = iter(self._index_sampler)" in reset, _torch_changed(
+        "_BaseDataLoaderIter._index_sampler", "a kept iterator's next epoch takes its indices from elsewhere")
 
 
 def test_canary_torch_map_style_and_own_iterator():
@@ -182,6 +187,8 @@ def test_canary_torchdata_stateful_loader():
     assert torchdata.has_loader()
     difference = torchdata.unrecognised()
     assert difference is None, difference
+    assert callable(torchdata.loader_module().StatefulDataLoader.__dict__.get("__iter__")), changed(
+        "torchdata", "StatefulDataLoader.__iter__", "torchdata.py", "the class does not define it", torchdata.CHECKED)
 
 
 def test_canary_torchdata_snapshot_step():
@@ -346,7 +353,7 @@ def test_persistent_workers_refused_where_torch_restarts_kept_workers_otherwise(
 
 
 def test_lightning_without_the_fetch_hook_is_refused_at_setup(tmp_path, monkeypatch):
-    """A Lightning whose epoch loop lost `_on_before_fetch`: trainer.fit refused at the callback's setup, no step run."""
+    """A Lightning whose epoch loop lost `_on_before_fetch`: refused at the callback's setup, no step run."""
     pl = pytest.importorskip("pytorch_lightning", reason="needs pytorch-lightning (pip install 'jobwrap[lightning]')")
     from pytorch_lightning.loops.training_epoch_loop import _TrainingEpochLoop
 
