@@ -297,11 +297,17 @@ def kept_unrecognised(loader: DataLoader) -> str | None:
 
 # ---------------------------------------------------------------- the iterators watched outside job.loader()
 
-def iterator_class() -> type:
-    """``_BaseDataLoaderIter``: every DataLoader iterator's class, whose ``__next__`` the watch wraps."""
-    from torch.utils.data.dataloader import _BaseDataLoaderIter
+def iterator_class() -> type | None:
+    """``_BaseDataLoaderIter``: every DataLoader iterator's class, whose ``__next__`` the watch wraps (None where
+    torch has no such class with its own ``__next__``)."""
+    from torch.utils.data import dataloader
 
-    return _BaseDataLoaderIter
+    found = getattr(dataloader, "_BaseDataLoaderIter", None)
+    return found if isinstance(found, type) and "__next__" in vars(found) else None
+
+
+def iterator_class_missing() -> str:
+    return _changed("torch.utils.data.dataloader._BaseDataLoaderIter", "it is gone, or has no __next__ of its own")
 
 
 def yielded(iterator: Any) -> int | None:

@@ -12,13 +12,15 @@ the first epoch. A validation pass (a loader iterated within one step, or left
 early and dropped) is never refused; neither is the iterator inside
 ``job.loader()``, which resumes, nor one a new epoch reset (persistent workers).
 torchdata's StatefulDataLoader has its own iterator, left alone: its state can be
-tracked.
+tracked. Under a torch whose iterator class is not 2.13's
+(:func:`jobwrap._compat.torch_loader.iterator_class`), nothing is watched and one warning says so.
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Protocol
 
 from jobwrap._compat import torch_loader
+from jobwrap._compat.notice import fall_back
 from jobwrap.errors import ConfigError
 
 _original_next: Callable[[Any], Any] | None = None  # torch's __next__, while the watch replaces it
@@ -38,6 +40,10 @@ def watch_iterators(session: Steps) -> Callable[[], None]:
     """Watch DataLoader iterators while ``session`` runs; returns the undo."""
     global _original_next
     iterators = torch_loader.iterator_class()
+    if iterators is None:  # a torch whose iterators jobwrap does not know: unwatched, and said so once
+        fall_back(torch_loader.iterator_class_missing(),
+                  "does not check DataLoader iterators used outside job.loader() across steps")
+        return lambda: None
     if _original_next is None:
         _original_next = iterators.__next__
         iterators.__next__ = _watched_next  # type: ignore[method-assign]
