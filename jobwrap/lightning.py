@@ -23,8 +23,8 @@ import os
 from typing import Any
 
 import pytorch_lightning as pl
-from lightning_fabric.utilities.types import _Stateful
-
+from jobwrap._compat import lightning as internals
+from jobwrap._compat import torchdata as torchdata_internals
 from jobwrap._loop.session import Session
 from jobwrap.errors import ConfigError
 
@@ -48,7 +48,7 @@ class _TrainerState:
         self.before_fetch = False  # inside the boundary before a fetch: the batch's hooks have all run
 
     def state_dict(self) -> dict[str, Any]:
-        checkpoint = self.trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        checkpoint = internals.dump_checkpoint(self.trainer)
         if self.before_fetch:
             _as_lightning_restores_after_validation(self.trainer, checkpoint)
         return {k: v for k, v in checkpoint.items() if k not in _HPARAM_KEYS}
@@ -56,7 +56,7 @@ class _TrainerState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # fit() restores model, datamodule, callbacks, then (after the strategy's setup) precision, loops,
         # optimizers and schedulers from this dict; its ckpt_path stays None, so it keeps this one.
-        self.trainer._checkpoint_connector._loaded_checkpoint = dict(state)
+        internals.load_checkpoint(self.trainer, state)
         self.loaded = True
 
 
@@ -81,6 +81,7 @@ class Preemptible(pl.Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
+        _refuse_unrecognised(trainer)
         _lightning_signals_off(trainer)
         self.session = Session(self._directory, **self._settings).start()
         self.session.hand_data_to_framework()  # fit() iterates and resumes its loaders itself
@@ -90,7 +91,7 @@ class Preemptible(pl.Callback):
         _exact_distributed_samplers_on_load(trainer)
         if self._resuming:
             _loader_rebuild_unchecked(trainer, self.session)
-        _before_each_fetch(trainer, lambda: self._before_fetch(trainer))
+        internals.before_each_fetch(trainer, lambda: self._before_fetch(trainer))
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._resuming and trainer.ckpt_path:
@@ -155,29 +156,22 @@ class Preemptible(pl.Callback):
 def _lightning_signals_off(trainer: "pl.Trainer") -> None:
     """Lightning's SLURM auto-requeue saves inside the signal handler and its SIGTERM handler runs a collective
     there; jobwrap owns the signals for this fit, so Lightning installs none."""
-    environment = trainer._accelerator_connector.cluster_environment
+    environment = internals.cluster_environment(trainer)
     if getattr(environment, "auto_requeue", False):
         log.info("Lightning's SLURM auto-requeue is off: jobwrap checkpoints and requeues this fit")
         environment.auto_requeue = False
-    trainer._signal_connector.register_signal_handlers = lambda: None
+    internals.no_signal_handlers(trainer)
 
 
-def _before_each_fetch(trainer: "pl.Trainer", boundary: Any) -> None:
-    """Call ``boundary()`` each time the train loop is about to fetch a batch.
-
-    The train epoch loop hands its fetcher ``_on_before_fetch`` (its profiler's start) in
-    ``on_run_start``, every epoch, and the fetcher calls it right before ``next`` on the
-    loaders: after the previous batch's ``on_advance_end`` (validation, plateau schedulers,
-    loggers), before the next batch draws anything. Checked with Lightning 2.6.
-    """
-    epoch_loop = trainer.fit_loop.epoch_loop
-    profile = epoch_loop._on_before_fetch
-
-    def before_fetch() -> None:
-        boundary()
-        profile()
-
-    epoch_loop._on_before_fetch = before_fetch
+def _refuse_unrecognised(trainer: "pl.Trainer") -> None:
+    """A Lightning whose internals are not those jobwrap.lightning was checked on: refused before the first step."""
+    difference = internals.unrecognised(trainer)
+    if difference is not None:
+        raise ConfigError(
+            f"{difference}. jobwrap.lightning.Preemptible reaches into Lightning where it has no public seam (the "
+            f"trainer's checkpoint without a file, its signal handlers, the moment before each fetch), and has no "
+            f"exact way without that internal. Install pytorch-lightning {internals.CHECKED}, or drive a "
+            f"jobwrap.Session from a loop of your own")
 
 
 def _as_lightning_restores_after_validation(trainer: "pl.Trainer", checkpoint: dict[str, Any]) -> None:
@@ -188,18 +182,16 @@ def _as_lightning_restores_after_validation(trainer: "pl.Trainer", checkpoint: d
     ``_batches_that_stepped`` once more, as for a checkpoint saved at validation's end, before
     the count: the dump says one less, so the resumed count is the uninterrupted one.
     """
-    epoch_loop = trainer.fit_loop.epoch_loop
-    fetcher = trainer.fit_loop._data_fetcher
-    if fetcher is None or epoch_loop._should_accumulate() or not epoch_loop._should_check_val_fx(fetcher):
+    fetcher = internals.data_fetcher(trainer)
+    if fetcher is None or not internals.validates_after_batch(trainer, fetcher):
         return
-    state = checkpoint["loops"]["fit_loop"]["epoch_loop.state_dict"]
-    state["_batches_that_stepped"] -= 1
+    internals.uncount_batch(checkpoint)
 
 
 def _refuse_prefetched(trainer: "pl.Trainer") -> None:
     """A train loader without a length is fetched a batch ahead (in ``iter``, before ``on_train_start``): its saved
     place would be a batch past every step, and a resumed fit would skip that batch."""
-    if getattr(trainer.fit_loop._data_fetcher, "batches", None):
+    if getattr(internals.data_fetcher(trainer), "batches", None):
         raise ConfigError(
             "Lightning fetches a batch ahead from a train loader without a length (an IterableDataset), so the "
             "loader's saved place is one batch past the step and a resumed fit would skip that batch: give the "
@@ -209,15 +201,14 @@ def _refuse_prefetched(trainer: "pl.Trainer") -> None:
 def _exact_distributed_samplers_on_load(trainer: "pl.Trainer") -> None:
     """Give each train loader a sampler whose place is saved, once Lightning has injected its distributed one and
     before the loaders' state is loaded (both happen inside the fit loop's ``setup_data``, with no hook between)."""
-    fit_loop = trainer.fit_loop
-    load_states = fit_loop._load_combined_loader_states
+    load_states = internals.loader_states_load(trainer)
 
     def load() -> None:
-        for loader in fit_loop._combined_loader.flattened:
-            _exact_distributed_sampler(loader, epoch=fit_loop.epoch_progress.current.processed)
+        for loader in internals.combined_loader(trainer).flattened:
+            _exact_distributed_sampler(loader, epoch=trainer.fit_loop.epoch_progress.current.processed)
         load_states()
 
-    fit_loop._load_combined_loader_states = load
+    internals.set_loader_states_load(trainer, load)
 
 
 def _loader_rebuild_unchecked(trainer: "pl.Trainer", session: Session) -> None:
@@ -230,17 +221,16 @@ def _loader_rebuild_unchecked(trainer: "pl.Trainer", session: Session) -> None:
     step (an ``on_train_start`` hook of the user's, say) still warns: the resumed
     run draws it from other streams than the uninterrupted one did. Checked with Lightning 2.6.
     """
-    fit_loop = trainer.fit_loop
-    load_states = fit_loop._load_combined_loader_states
+    load_states = internals.loader_states_load(trainer)
 
     def load() -> None:
         load_states()
-        combined = fit_loop._combined_loader
+        combined = internals.combined_loader(trainer)
         if combined is not None:
             combined.__class__ = _unchecked_first_iter(type(combined), session)
-        fit_loop._load_combined_loader_states = load_states  # once: later epochs draw as the uninterrupted run
+        internals.set_loader_states_load(trainer, load_states)  # once: later epochs draw as the uninterrupted run
 
-    fit_loop._load_combined_loader_states = load
+    internals.set_loader_states_load(trainer, load)
 
 
 def _unchecked_first_iter(cls: type, session: Session) -> type:
@@ -267,7 +257,7 @@ def _exact_distributed_sampler(loader: Any, epoch: int) -> None:
     """
     from lightning_fabric.utilities.distributed import DistributedSamplerWrapper
     from torch.utils.data import DistributedSampler
-    from torchdata.stateful_dataloader.sampler import RandomSampler, StatefulDistributedSampler
+    from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
     sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
     if not isinstance(sampler, DistributedSampler) or isinstance(sampler, StatefulDistributedSampler):
@@ -279,8 +269,8 @@ def _exact_distributed_sampler(loader: Any, epoch: int) -> None:
             f"torchdata.stateful_dataloader.sampler.StatefulDistributedSampler instead")
     shuffle = sampler.shuffle
     if isinstance(sampler, DistributedSamplerWrapper):
-        inner = sampler.dataset._sampler
-        if not (isinstance(inner, RandomSampler) and not inner.replacement and inner._num_samples is None):
+        inner = internals.wrapped_sampler(sampler)
+        if not torchdata_internals.plain_shuffle(inner):
             raise ConfigError(
                 f"Lightning wraps the train loader's sampler ({type(inner).__name__}) for its ranks, and where each "
                 f"rank stopped in that wrapper's order cannot be saved, so a resumed fit would shard other batches: "
@@ -296,9 +286,10 @@ def _exact_distributed_sampler(loader: Any, epoch: int) -> None:
 
 def _refuse_unresumable_loaders(trainer: "pl.Trainer") -> None:
     """Lightning restarts an epoch from its first batch when a train loader has no state: not exact, refused."""
-    loader = trainer.fit_loop._combined_loader
+    loader = internals.combined_loader(trainer)
     flat = loader.flattened if loader is not None else []
-    plain = [type(part).__name__ for part in flat if not isinstance(part, _Stateful)]
+    stateful = internals.stateful_protocol()
+    plain = [type(part).__name__ for part in flat if not isinstance(part, stateful)]
     if plain:
         raise ConfigError(
             f"the train loader ({', '.join(plain)}) cannot tell Lightning where an epoch stopped, so a resumed fit "

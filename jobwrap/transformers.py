@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
+from jobwrap._compat import transformers as internals
 from jobwrap._loop.session import Session
 from jobwrap.errors import ConfigError, CorruptCheckpointError, JobwrapError
 
@@ -56,6 +57,12 @@ def attach(trainer: Trainer, job: Session) -> str | None:
 
 def _refuse_inexact(trainer: Trainer) -> None:
     """Settings under which the Trainer's resume cannot be exact: refused now, not found out after a requeue."""
+    difference = internals.unrecognised(trainer)
+    if difference is not None:
+        raise ConfigError(f"{difference}. jobwrap.transformers has the Trainer write its checkpoint folder at the "
+                          f"step a signal stops at through that method, and has no exact way without it. Install "
+                          f"transformers {internals.CHECKED}, or save and stop from a loop of your own with "
+                          f"jobwrap.Session")
     args = trainer.args
     if args.save_only_model:
         raise ConfigError("TrainingArguments(save_only_model=True) leaves the optimizer, scheduler and RNG "
@@ -138,7 +145,7 @@ class TrainerCheckpoint:
             # The end's timing metrics differ in every run: they are no part of the state.
             trainer.state.log_history = [entry for entry in history if "train_runtime" not in entry]
             try:
-                trainer._save_checkpoint(trainer.model_wrapped, trial=None)
+                internals.save_checkpoint(trainer)
             finally:
                 trainer.state.log_history = history
             self.saved_by_trainer = step

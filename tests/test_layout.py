@@ -6,7 +6,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "jobwrap"
 # Lower layers first: a module may import its own layer or one below it, never one above.
-LAYERS = ["_storage", "_scheduler", "_report", "_loop"]
+LAYERS = ["_compat", "_storage", "_scheduler", "_report", "_loop"]
 BASE = {"jobwrap.errors", "jobwrap._config", "jobwrap._format"}
 PUBLIC = {"jobwrap", "jobwrap.errors", "jobwrap.testing", "jobwrap.submitit", "jobwrap.lightning",
           "jobwrap.transformers", "jobwrap.cli", "jobwrap.__main__", "jobwrap.commands"}
@@ -69,7 +69,7 @@ def test_no_module_imports_in_a_circle():
 
 
 def test_private_layers_import_downwards_only():
-    """_storage <- _scheduler <- _report <- _loop: no private module imports a layer above its own,
+    """_compat <- _storage <- _scheduler <- _report <- _loop: no private module imports a layer above its own,
     and none imports the public modules but the base ones (errors, config, format) and the version."""
     upward = []
     for module, targets in _graph().items():

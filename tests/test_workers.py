@@ -85,3 +85,25 @@ def test_worker_survives_term_from_others_and_obeys_its_parent(tmp_path: Path, c
     assert proc.returncode == 0, err[-3000:]
     expected = ["sum", str(sum(range(64)))] + (["terminated", "0"] if context == "fork" else [])
     assert out.split() == expected, err[-3000:]
+
+
+def test_worker_entry_point_is_hooked_once_whatever_the_order_of_the_undos():
+    """The shield and the per-batch seeding share one hook of torch's worker entry point; a seeding that ends while
+    the session's shield holds leaves the shield in place, and the last undo puts torch's own function back."""
+    from torch.utils.data._utils import worker
+
+    from jobwrap._compat.torch_loader import WORKER_LOOP
+    from jobwrap._loop.workers import _current_steps, guard_dataloader_workers, seeded_workers
+
+    original = worker._worker_loop
+    seeding = seeded_workers(3)
+    seeding.__enter__()  # a loader's iterator starts its workers...
+    hook = worker._worker_loop
+    unguard = guard_dataloader_workers([signal.SIGUSR1])  # ...while a session starts
+    assert worker._worker_loop is hook
+    assert [type(step).__name__ for step in _current_steps(WORKER_LOOP)] == ["_SeedBatches", "_Shield"]
+    seeding.__exit__(None, None, None)  # the seeding ends first: the shield stays
+    assert worker._worker_loop is hook
+    assert [type(step).__name__ for step in _current_steps(WORKER_LOOP)] == ["_Shield"]
+    unguard()
+    assert worker._worker_loop is original and WORKER_LOOP.original() is original

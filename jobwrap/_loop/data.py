@@ -28,8 +28,8 @@ from collections.abc import Iterator as IteratorABC
 from typing import Any, Generic, Iterable, Iterator, Protocol, TypeVar
 
 import torch
-from torch.utils.data.dataloader import _DatasetKind
 
+from jobwrap._compat.torch_loader import fetcher_ended, is_map_style
 from jobwrap._loop.iterators import wrapped_pull
 from jobwrap._loop.rngs import own_rngs
 from jobwrap._loop.rngs import rng_kind as _rng_kind
@@ -173,7 +173,7 @@ class ResumableLoader(Generic[T]):
         resumed run would make it anew. (A skipping loader checks its own fetches; a replay is exact.)"""
         loader = self.iterable
         if (self._stateful is None or not _is_loader(self._stateful) or not _is_loader(loader)
-                or loader.num_workers > 0 or loader._dataset_kind != _DatasetKind.Map):
+                or loader.num_workers > 0 or not is_map_style(loader)):
             return None
         return set(own_rngs(loader.dataset))
 
@@ -256,7 +256,7 @@ class ResumableLoader(Generic[T]):
             state["epoch"] = self._epoch
         if self._stateful is not None:
             state["own"] = _own_state(self._stateful)
-            state["ended"] = _fetcher_ended(self._iterator)
+            state["ended"] = fetcher_ended(self._iterator)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -334,7 +334,7 @@ def loader_shape(iterable: Any) -> dict[str, Any]:
         shape.update(batch_size=iterable.batch_size, drop_last=iterable.drop_last,
                      samples=_length(iterable.dataset), sampler=type(iterable.sampler).__name__,
                      batch_sampler=type(iterable.batch_sampler).__name__)
-        if iterable._dataset_kind == _DatasetKind.Iterable:  # workers split an iterable dataset between them
+        if not is_map_style(iterable):  # workers split an iterable dataset between them
             shape["num_workers"] = iterable.num_workers
     return shape
 
@@ -515,7 +515,3 @@ def _length(iterable: Any) -> int | None:
         return None
 
 
-def _fetcher_ended(iterator: Any) -> bool:
-    """Whether a single-process DataLoader iterator has hit the end of its IterableDataset (its last batch short)."""
-    fetcher = getattr(iterator, "_dataset_fetcher", None)
-    return bool(getattr(fetcher, "ended", False))

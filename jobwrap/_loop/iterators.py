@@ -12,14 +12,15 @@ the first epoch. A validation pass (a loader iterated within one step, or left
 early and dropped) is never refused; neither is the iterator inside
 ``job.loader()``, which resumes, nor one a new epoch reset (persistent workers).
 torchdata's StatefulDataLoader has its own iterator, left alone: its state can be
-tracked.
+tracked. Under a torch whose iterator class is not 2.13's
+(:func:`jobwrap._compat.torch_loader.iterator_class`), nothing is watched and one warning says so.
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Protocol
 
-from torch.utils.data.dataloader import _BaseDataLoaderIter
-
+from jobwrap._compat import torch_loader
+from jobwrap._compat.notice import fall_back
 from jobwrap.errors import ConfigError
 
 _original_next: Callable[[Any], Any] | None = None  # torch's __next__, while the watch replaces it
@@ -38,9 +39,14 @@ class Steps(Protocol):
 def watch_iterators(session: Steps) -> Callable[[], None]:
     """Watch DataLoader iterators while ``session`` runs; returns the undo."""
     global _original_next
+    iterators = torch_loader.iterator_class()
+    if iterators is None:  # a torch whose iterators jobwrap does not know: unwatched, and said so once
+        fall_back(torch_loader.iterator_class_missing(),
+                  "does not check DataLoader iterators used outside job.loader() across steps")
+        return lambda: None
     if _original_next is None:
-        _original_next = _BaseDataLoaderIter.__next__
-        _BaseDataLoaderIter.__next__ = _watched_next  # type: ignore[method-assign]
+        _original_next = iterators.__next__
+        iterators.__next__ = _watched_next  # type: ignore[method-assign]
     _watching.append(session)
 
     def undo() -> None:
@@ -48,7 +54,7 @@ def watch_iterators(session: Steps) -> Callable[[], None]:
         if session in _watching:
             _watching.remove(session)
         if not _watching and _original_next is not None:
-            _BaseDataLoaderIter.__next__ = _original_next  # type: ignore[method-assign]
+            iterators.__next__ = _original_next  # type: ignore[method-assign]
             _original_next = None
 
     return undo
@@ -75,7 +81,7 @@ def _watched_next(self: Any) -> Any:
         step = _watching[-1].step
         last = getattr(self, "_jobwrap_step", _UNSEEN)
         if last != step and last is not None:
-            if last is _UNSEEN or self._num_yielded == 1:  # new, or reset by a new epoch (persistent workers)
+            if last is _UNSEEN or torch_loader.yielded(self) == 1:  # new, or reset by a new epoch (persistent workers)
                 self._jobwrap_step = step
             else:
                 _refuse(self, last, step)
@@ -86,7 +92,7 @@ def _refuse(iterator: Any, last: int, step: int) -> None:
     if _watching[-1]._data_resumed_elsewhere:  # a Trainer drives the loop and resumes its own loader
         iterator._jobwrap_step = None
         return
-    dataset = type(getattr(iterator, "_dataset", None)).__name__
+    dataset = type(torch_loader.iterator_dataset(iterator)).__name__
     raise ConfigError(
         f"a DataLoader over {dataset} handed out batches at step {last} and again at step {step} through the same "
         f"iterator, which jobwrap does not resume: a resumed run would start it again from its first batch and "

@@ -20,9 +20,11 @@ from __future__ import annotations
 from typing import Any, Callable, Iterator
 
 from torch.utils.data import DataLoader
-from torch.utils.data.dataloader import _DatasetKind
 
+from jobwrap._compat import torch_loader
+from jobwrap._compat.notice import fall_back
 from jobwrap._loop.workers import BatchSeeding, SeededFetcher, seeded_workers
+from jobwrap.errors import ConfigError
 
 _END = object()
 
@@ -33,13 +35,25 @@ def can_skip(loader: Any, sources: dict[str, Any], rng_kind: Callable[[Any], str
     ``sources`` are the loader's RNGs and stateful parts by path, ``rng_kind(obj)`` names an RNG (None otherwise).
     A subclass that builds its own iterator, or a dataset that holds state a fetch
     advances (its own RNG in a worker's copy, or a ``state_dict``), needs the replay.
+    So does a torch whose DataLoader internals are not those the skip was checked on
+    (:func:`jobwrap._compat.torch_loader.skip_unrecognised`): one warning names the internal;
+    persistent workers, which only the skip makes exact, are then refused.
     """
-    if not isinstance(loader, DataLoader) or loader._dataset_kind != _DatasetKind.Map:
+    if not torch_loader.is_map_style(loader) or torch_loader.builds_own_iterator(loader):
         return False
-    if type(loader).__iter__ is not DataLoader.__iter__ or type(loader)._get_iterator is not DataLoader._get_iterator:
+    if any(_in_dataset(path) and (loader.num_workers > 0 or rng_kind(obj) is None) for path, obj in sources.items()):
         return False
-    return not any(_in_dataset(path) and (loader.num_workers > 0 or rng_kind(obj) is None)
-                   for path, obj in sources.items())
+    difference = torch_loader.skip_unrecognised(loader)
+    if difference is None:
+        return True
+    if loader.persistent_workers and loader.num_workers > 0:
+        raise ConfigError(
+            f"{difference}. DataLoader(persistent_workers=True) keeps the RNG state inside its workers from one "
+            f"epoch to the next, which only jobwrap's skip of the done batches can make exact, and the skip relies "
+            f"on that internal. Build the DataLoader with persistent_workers=False, or install torch "
+            f"{torch_loader.CHECKED}")
+    fall_back(difference, "replays a mid-epoch resume's done batches instead of skipping them (exact, slower)")
+    return False
 
 
 def _in_dataset(path: str) -> bool:
@@ -53,50 +67,27 @@ def open_at(loader: DataLoader, position: int) -> Iterator[Any]:
     the epoch's seed is drawn as a new iterator draws its base seed, and reaches them with the epoch's
     start message, so that kept and new workers seed each batch alike.
     """
-    kept = loader._iterator if _persistent(loader) else None
+    kept = torch_loader.kept_iterator(loader) if _persistent(loader) else None
     if kept is not None and position == 0:
-        kept._shared_seed = _draw_base_seed(loader)  # torch reads it only for an IterDataPipe; a worker sees it
-        kept._reset(loader)
-        return kept
+        return torch_loader.restart_kept(loader, torch_loader.draw_base_seed(loader))
     if kept is not None:
-        kept._shutdown_workers()
-        loader._iterator = None
-    view = _LoaderView(loader, _Skipping(loader._index_sampler, position))
+        torch_loader.drop_kept(loader)
     with seeded_workers(position):
-        iterator = DataLoader._get_iterator(view)  # type: ignore[arg-type]
+        iterator = torch_loader.iterator_over(loader, _Skipping(torch_loader.index_sampler(loader), position))
     # A worker loader sends its first indices while it is built; without workers the first batch is asked
     # later, after the caller has put the checkpoint's RNG state back: skip now, while the epoch's state holds.
-    iterator._sampler_iter.advance()
+    torch_loader.sampler_iterator(iterator).advance()
     if loader.num_workers == 0:  # the dataset lives here: its own generators are seeded per batch as in a worker
         dataset = loader.dataset
-        seeding = BatchSeeding(iterator._base_seed, position, lambda: dataset, in_worker=False)
-        iterator._dataset_fetcher = SeededFetcher(iterator._dataset_fetcher, seeding)
+        seeding = BatchSeeding(torch_loader.base_seed(iterator), position, lambda: dataset, in_worker=False)
+        torch_loader.wrap_fetcher(iterator, lambda fetcher: SeededFetcher(fetcher, seeding))
     if _persistent(loader):  # kept for the next epochs, which start at their first batch
-        iterator._index_sampler = loader._index_sampler
-        loader._iterator = iterator
+        torch_loader.keep(loader, iterator)
     return iterator
 
 
 def _persistent(loader: DataLoader) -> bool:
     return bool(loader.persistent_workers and loader.num_workers > 0)
-
-
-def _draw_base_seed(loader: DataLoader) -> int:
-    """The draw a new iterator makes for its workers' base seed (torch's _BaseDataLoaderIter)."""
-    import torch
-
-    return int(torch.empty((), dtype=torch.int64).random_(generator=loader.generator).item())
-
-
-class _LoaderView:
-    """``loader`` as a DataLoader iterator reads it, with another index sampler (DataLoader forbids setting it)."""
-
-    def __init__(self, loader: DataLoader, index_sampler: Any) -> None:
-        self._loader = loader
-        self._index_sampler = index_sampler
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._loader, name)
 
 
 class _Skipping:

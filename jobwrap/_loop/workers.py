@@ -17,14 +17,15 @@ exit: multiprocessing terminates daemon children there and joins them.
 SIGKILL still ends a worker, and a worker ends with its parent (torch's watchdog).
 Spawn and forkserver workers are covered less well: see :func:`_ignore_if_unshielded`.
 
-Each loader kind starts its workers with its own entry point (:data:`WORKER_LOOPS`): torch's
-``DataLoader`` with torch's ``_worker_loop``, torchdata's ``StatefulDataLoader`` with its own copy.
-The guard replaces every one of them that is installed.
+Each loader kind starts its workers with its own entry point (a :class:`jobwrap._compat.torch_loader.EntryPoint`):
+torch's ``DataLoader`` with torch's ``_worker_loop``, torchdata's ``StatefulDataLoader`` with its own copy.
+Each is replaced once, by one hook (:func:`add_step`), that runs a chain of per-worker steps before the
+original loop: the shield for the session's life, the per-batch seeding for the iterators built while it
+is registered. The hook is put back when its last step is undone, in whatever order.
 """
 from __future__ import annotations
 
 import contextlib
-import importlib
 import importlib.util
 import inspect
 import os
@@ -32,22 +33,19 @@ import random
 import signal
 import sys
 import threading
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
+from jobwrap._compat import torch_loader, torchdata
+from jobwrap._compat.notice import changed, fall_back
+from jobwrap._compat.torch_loader import (
+    WORKER_LOOP,
+    EntryPoint,
+    after_worker_signal_handlers,
+    batch_task_index,
+    resume_seed,
+)
 from jobwrap._loop.rngs import derived_seed, own_rngs, reseed
 from jobwrap.errors import ConfigError
-
-_torch_loop: Callable[..., Any] | None = None  # torch's worker entry point, while the guard replaces it
-
-# Where each loader kind looks up the function it starts a worker with (module, name), read each time it
-# starts workers. torch's DataLoader: torch.utils.data._utils.worker._worker_loop (checked with torch 2.13).
-# torchdata's StatefulDataLoader runs its own loop, imported by name into its loader's module and passed as
-# the worker process's target from there (checked with torchdata 0.11); it installs torch's worker handlers.
-TORCH_LOOP = ("torch.utils.data._utils.worker", "_worker_loop")
-STATEFUL_LOOP = ("torchdata.stateful_dataloader.stateful_dataloader", "_worker_loop")
-WORKER_LOOPS = (TORCH_LOOP, STATEFUL_LOOP)
-_other_loops: dict[tuple[str, str], Callable[..., Any]] = {}  # the other originals, while the guard replaces them
-
 
 def shield(signals: Iterable[int]) -> threading.Thread | None:
     """In a helper process: drop ``signals`` unless its parent sends them, which ends it (status 0)."""
@@ -102,41 +100,97 @@ def _ignore_if_unshielded(signals: tuple[int, ...], waiter: threading.Thread | N
             signal.signal(sig, signal.SIG_IGN)
 
 
-class _GuardedLoop:
-    """A loader's worker entry point (``where``), shielded first; picklable for spawn and forkserver workers."""
+class _Shield:
+    """A worker step: the session's signals shielded first thing, checked again once torch's handlers are in."""
 
-    def __init__(self, signals: Iterable[int], where: tuple[str, str] = TORCH_LOOP) -> None:
+    def __init__(self, signals: Iterable[int]) -> None:
         self.signals = tuple(int(s) for s in signals)
-        self.where = where
+
+    def __call__(self, arguments: dict[str, Any]) -> None:
+        waiter = shield(self.signals)
+
+        def check() -> None:
+            _ignore_if_unshielded(self.signals, waiter)
+        if not after_worker_signal_handlers(check):
+            fall_back(changed("torch", "torch.utils.data._utils.signal_handling._set_worker_signal_handlers",
+                              "torch_loader.py", "it is gone", torch_loader.CHECKED),
+                      "checks the worker's threads before torch's loop starts (spawn workers less shielded)")
+            check()
+
+
+class _WorkerHook:
+    """The one replacement of a loader kind's worker entry point (``entry``): it runs the steps registered for
+    that entry (:func:`add_step`), then the original loop with the arguments they rewired. Picklable for spawn
+    and forkserver workers, whose steps are those registered when the worker was started."""
+
+    def __init__(self, entry: EntryPoint) -> None:
+        self.entry = entry
+        self.steps: tuple[WorkerStep, ...] | None = None  # set in a spawned worker; a forked one reads the registry
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"entry": self.entry, "steps": _current_steps(self.entry)}
 
     def __call__(self, *args: Any, **kwargs: Any) -> None:
-        waiter = shield(self.signals)
-        from torch.utils.data._utils import signal_handling, worker
+        steps = self.steps if self.steps is not None else _current_steps(self.entry)
+        original = self.entry.original()
+        bound = inspect.signature(original).bind(*args, **kwargs)
+        for step in steps:
+            step(bound.arguments)
+        original(*bound.args, **bound.kwargs)
 
-        install = signal_handling._set_worker_signal_handlers
 
-        def install_then_check() -> None:  # torch's loop installs its handlers first thing
-            install()
-            _ignore_if_unshielded(self.signals, waiter)
-        signal_handling._set_worker_signal_handlers = install_then_check
-        # A spawned worker imported the loader's module afresh: its entry point was never replaced there.
-        if self.where == TORCH_LOOP:
-            loop = _torch_loop or worker._worker_loop
-        else:
-            loop = _other_loops.get(self.where) or getattr(importlib.import_module(self.where[0]), self.where[1])
-        loop(*args, **kwargs)
+class WorkerStep(Protocol):
+    """Set-up run in each worker before its loop, in registration order; it may rewire the loop's ``arguments``
+    (bound by name: ``index_queue``, ``collate_fn``, ``base_seed``...)."""
+
+    def __call__(self, arguments: dict[str, Any]) -> None: ...
+
+
+_hooks: dict[EntryPoint, _WorkerHook] = {}  # the installed hook of each entry point, while a step is registered
+_steps: dict[EntryPoint, list[tuple[object, str, WorkerStep]]] = {}  # (token, kind, step), oldest first
+
+
+def _current_steps(entry: EntryPoint) -> tuple[WorkerStep, ...]:
+    """The newest step of each kind (a nested session's shield replaces the outer one's), kinds oldest first."""
+    newest: dict[str, WorkerStep] = {}
+    for _, kind, step in _steps.get(entry, []):
+        newest[kind] = step
+    return tuple(newest.values())
+
+
+def add_step(entry: EntryPoint, kind: str, step: WorkerStep) -> Callable[[], None]:
+    """Run ``step`` in every worker started through ``entry`` from now on; returns the undo.
+
+    The entry point is replaced once, by one hook, while any step is registered, and put
+    back when the last one is undone, whatever the order of the undos.
+    """
+    if entry not in _hooks:
+        hook = _WorkerHook(entry)
+        entry.replace(hook)
+        _hooks[entry] = hook
+    token = object()
+    _steps.setdefault(entry, []).append((token, kind, step))
+
+    def undo() -> None:
+        left = [item for item in _steps.get(entry, []) if item[0] is not token]
+        _steps[entry] = left
+        if not left and entry in _hooks:
+            entry.restore(_hooks.pop(entry))
+    return undo
 
 
 def guard_dataloader_workers(signals: Iterable[int]) -> Callable[[], None]:
     """Make each loader worker started from now on shielded from ``signals``; returns the undo.
 
-    It replaces the entry point each installed loader kind (:data:`WORKER_LOOPS`) starts
-    its workers with, so it covers every loader of the process (validation loaders too),
+    It hooks the entry point each installed loader kind starts its workers with (torch's
+    and torchdata's), so it covers every loader of the process (validation loaders too),
     whatever its multiprocessing context.
     """
-    undos = [_guard_torch_loop(signals)]
-    undos += [_guard_other_loop(where, signals) for where in WORKER_LOOPS[1:] if _installed(where[0])]
-    if _installed(STATEFUL_LOOP[0]):
+    entries = [WORKER_LOOP]
+    if _installed(torchdata.LOADER_MODULE) and torchdata.has_loader():
+        entries.append(torchdata.WORKER_LOOP)
+    undos = [add_step(entry, "shield", _Shield(signals)) for entry in entries if entry.original() is not None]
+    if len(entries) > 1:
         undos.append(seed_stateful_batches())
 
     def undo() -> None:
@@ -153,39 +207,6 @@ def _installed(module: str) -> bool:
         return importlib.util.find_spec(module.split(".")[0]) is not None
     except (ImportError, ValueError):
         return False
-
-
-def _guard_torch_loop(signals: Iterable[int]) -> Callable[[], None]:
-    global _torch_loop
-    from torch.utils.data._utils import worker
-
-    if _torch_loop is None:
-        _torch_loop = worker._worker_loop
-    guarded = worker._worker_loop = _GuardedLoop(signals)
-
-    def undo() -> None:
-        global _torch_loop
-        if worker._worker_loop is guarded and _torch_loop is not None:
-            worker._worker_loop, _torch_loop = _torch_loop, None
-    return undo
-
-
-def _guard_other_loop(where: tuple[str, str], signals: Iterable[int]) -> Callable[[], None]:
-    """Replace the entry point at ``where`` (imported now: a few ms once torch is loaded) with a guarded one."""
-    try:
-        module = importlib.import_module(where[0])
-    except ImportError:  # an installed package whose import fails: its loaders cannot be used either
-        return lambda: None
-    if not callable(getattr(module, where[1], None)):
-        return lambda: None
-    _other_loops.setdefault(where, getattr(module, where[1]))
-    guarded = _GuardedLoop(signals, where)
-    setattr(module, where[1], guarded)
-
-    def undo() -> None:
-        if getattr(module, where[1]) is guarded and where in _other_loops:
-            setattr(module, where[1], _other_loops.pop(where))
-    return undo
 
 
 # ---------------------------------------------------------------- per-batch random numbers in workers
@@ -294,10 +315,13 @@ class _SeedEachTask:
 
     def get(self, *args: Any, **kwargs: Any) -> Any:
         task = self._queue.get(*args, **kwargs)
-        if isinstance(task, tuple):  # (task index, batch indices); else a control message
-            self._seeding.before_batch(task[0])
-        elif type(task).__name__ == "_ResumeIteration" and isinstance(getattr(task, "seed", None), int):
-            self._seeding.new_epoch(task.seed)  # a persistent worker's next epoch (jobwrap._loop.skipping)
+        index = batch_task_index(task)  # None: a control message
+        if index is not None:
+            self._seeding.before_batch(index)
+        else:
+            seed = resume_seed(task)
+            if seed is not None:
+                self._seeding.new_epoch(seed)  # a persistent worker's next epoch (jobwrap._loop.skipping)
         return task
 
     def __getattr__(self, name: str) -> Any:
@@ -316,56 +340,33 @@ class _CheckedCollate:
         return batch
 
 
-class _SeededLoop:
-    """A worker entry point that seeds each batch from (base seed, its index in the epoch), the dataset's own
-    generators too; picklable."""
+class _SeedBatches:
+    """A worker step: each batch seeded from (the loader's base seed, ``offset`` + its index among the batches
+    the iterator asks for), the dataset's own generators too; picklable."""
 
-    def __init__(self, inner: Callable[..., Any], offset: int, where: tuple[str, str] = TORCH_LOOP) -> None:
-        self.inner: Callable[..., Any] | None = inner
+    def __init__(self, offset: int) -> None:
         self.offset = offset
-        self.where = where
 
-    def __getstate__(self) -> dict[str, Any]:
-        # torch's own function cannot be pickled by name while it is replaced; a spawned worker imports it afresh.
-        inner = self.inner if isinstance(self.inner, _GuardedLoop) else None
-        return {"inner": inner, "offset": self.offset, "where": self.where}
-
-    def __call__(self, *args: Any, **kwargs: Any) -> None:
-        from torch.utils.data._utils import worker
-
-        # A spawned worker imported the loader's module afresh: its entry point was never replaced there.
-        if self.where == TORCH_LOOP:
-            original = _torch_loop or worker._worker_loop
-        else:
-            original = _other_loops.get(self.where) or getattr(importlib.import_module(self.where[0]), self.where[1])
-        bound = inspect.signature(original).bind(*args, **kwargs)
-        seeding = BatchSeeding(bound.arguments["base_seed"], self.offset, _worker_dataset)
-        bound.arguments["index_queue"] = _SeedEachTask(bound.arguments["index_queue"], seeding)
-        bound.arguments["collate_fn"] = _CheckedCollate(bound.arguments["collate_fn"], seeding)
-        (self.inner or original)(*bound.args, **bound.kwargs)
+    def __call__(self, arguments: dict[str, Any]) -> None:
+        seeding = BatchSeeding(arguments["base_seed"], self.offset, _worker_dataset)
+        arguments["index_queue"] = _SeedEachTask(arguments["index_queue"], seeding)
+        arguments["collate_fn"] = _CheckedCollate(arguments["collate_fn"], seeding)
 
 
 @contextlib.contextmanager
-def seeded_workers(offset: int) -> Iterator[None]:
+def seeded_workers(offset: int, entry: EntryPoint = WORKER_LOOP) -> Iterator[None]:
     """Workers started inside seed each batch ``k`` (counted from ``offset``) from the loader's base seed and k.
 
     The random numbers a worker draws for a batch then depend on nothing that came
     before it in the epoch, so a resumed loader that skips batches without loading
-    them draws the numbers of the run that was never stopped.
+    them draws the numbers of the run that was never stopped. The caller has checked
+    that the entry point takes the arguments this rewires (``EntryPoint.unrecognised``).
     """
-    global _torch_loop
-    from torch.utils.data._utils import worker
-
-    current = worker._worker_loop
-    saved = _torch_loop
-    if _torch_loop is None:
-        _torch_loop = current
-    worker._worker_loop = _SeededLoop(current, offset)
+    undo = add_step(entry, "seed", _SeedBatches(offset))
     try:
         yield
     finally:
-        worker._worker_loop = current
-        _torch_loop = saved
+        undo()
 
 
 # ---------------------------------------------------------------- the same for torchdata's StatefulDataLoader
@@ -377,77 +378,33 @@ def seed_stateful_batches() -> Callable[[], None]:
     torchdata restores a worker's place in the sampler and its dataset's ``state_dict``, not the random
     streams inside the worker process: the draws of a dataset's ``__getitem__`` (random augmentation from
     torch, ``random``, NumPy) would differ after a resume. Checked with torchdata 0.11 (and torch 2.13):
-    an iterator's workers get its ``_base_seed`` (restored from the state's main snapshot on a resume) and
+    an iterator's workers get its base seed (restored from the state's main snapshot on a resume) and
     tasks ``(send index, (indices, snapshot))``, whose send index starts at 0 in every iterator, a resumed
-    one too, whose first batch is the epoch's ``state["_snapshot"]["_snapshot_step"]``-th (it then loads
-    the batches since that snapshot again). Seeding batch ``offset + send index`` from the base seed gives
-    the uninterrupted run's draws. Persistent workers are refused for it (data.check_kept_workers).
+    one too, whose first batch is the epoch's snapshot step (:func:`jobwrap._compat.torchdata.resumed_offset`;
+    it then loads the batches since that snapshot again). Seeding batch ``offset + send index`` from the base
+    seed gives the uninterrupted run's draws. Persistent workers are refused for it (data.check_kept_workers).
     """
-    import torchdata
-    from torchdata.stateful_dataloader import stateful_dataloader as module
-
-    loader_cls = getattr(module, "StatefulDataLoader", None)
-    if loader_cls is None:
+    if not torchdata.has_loader():
         return lambda: None
-    version = getattr(torchdata, "__version__", "unknown")
-    original_get = loader_cls.__dict__.get("_get_iterator")
-    if original_get is None or not _stateful_internals_known(module):
-        return _refuse_stateful_workers(loader_cls, version)
+    difference = torchdata.unrecognised()
+    if difference is not None:
+        return torchdata.before_iter(lambda loader: _refuse_stateful_workers(loader, difference))
 
-    def _get_iterator(loader: Any) -> Any:
+    def seeded(loader: Any, make: Callable[[], Any]) -> Any:
         if loader.num_workers == 0:
-            return original_get(loader)
-        state = loader.next_iter_state
-        offset = 0
-        if state is not None and not state.get("_iterator_finished", False):
-            offset = int(state["_snapshot"]["_snapshot_step"])
-        current = getattr(module, STATEFUL_LOOP[1])
-        setattr(module, STATEFUL_LOOP[1], _SeededLoop(current, offset, STATEFUL_LOOP))
-        try:
-            return original_get(loader)
-        finally:
-            setattr(module, STATEFUL_LOOP[1], current)
-
-    loader_cls._get_iterator = _get_iterator
-
-    def undo() -> None:
-        if loader_cls.__dict__.get("_get_iterator") is _get_iterator:
-            loader_cls._get_iterator = original_get
-    return undo
+            return make()
+        with seeded_workers(torchdata.resumed_offset(loader), torchdata.WORKER_LOOP):
+            return make()
+    return torchdata.around_get_iterator(seeded)
 
 
-def _stateful_internals_known(module: Any) -> bool:
-    """Whether torchdata's loader module has what :func:`seed_stateful_batches` relies on (torchdata 0.11)."""
-    it = getattr(module, "_StatefulMultiProcessingDataLoaderIter", None)
-    loop = _other_loops.get(STATEFUL_LOOP) or getattr(module, STATEFUL_LOOP[1], None)
-    if it is None or loop is None or isinstance(loop, (_GuardedLoop, _SeededLoop)):
-        return False
-    if getattr(it, "_SNAPSHOT", None) != "_snapshot" or getattr(it, "_SNAPSHOT_STEP", None) != "_snapshot_step":
-        return False
-    try:
-        params = inspect.signature(loop).parameters
-    except (TypeError, ValueError):
-        return False
-    return {"index_queue", "collate_fn", "base_seed"} <= set(params)
-
-
-def _refuse_stateful_workers(loader_cls: type, version: str) -> Callable[[], None]:
-    """Make iterating a StatefulDataLoader with workers raise: its workers' draws cannot be made exact."""
-    original_iter = loader_cls.__dict__["__iter__"]
-
-    def __iter__(loader: Any) -> Any:
-        if loader.num_workers > 0:
-            raise ConfigError(
-                f"StatefulDataLoader(num_workers={loader.num_workers}) with torchdata {version}: jobwrap seeds "
-                f"each batch's random numbers in the workers of torchdata 0.11 only (it relies on its internals), "
-                f"and torchdata restores the loader's place but not the random streams inside its workers, so a "
-                f"dataset that draws random numbers in __getitem__ would draw others after a resume. Install "
-                f"torchdata 0.11, or use num_workers=0, or torch's DataLoader over a map-style dataset")
-        return original_iter(loader)
-
-    loader_cls.__iter__ = __iter__
-
-    def undo() -> None:
-        if loader_cls.__dict__.get("__iter__") is __iter__:
-            loader_cls.__iter__ = original_iter
-    return undo
+def _refuse_stateful_workers(loader: Any, difference: str) -> None:
+    """Iterating a StatefulDataLoader with workers: refused where its workers' draws cannot be made exact."""
+    if loader.num_workers > 0:
+        raise ConfigError(
+            f"StatefulDataLoader(num_workers={loader.num_workers}) with torchdata {torchdata.version()}: {difference}. "
+            f"jobwrap seeds each batch's random numbers in the workers of torchdata {torchdata.CHECKED} only (it "
+            f"relies on its internals), and torchdata restores the loader's place but not the random streams inside "
+            f"its workers, so a dataset that draws random numbers in __getitem__ would draw others after a resume. "
+            f"Install torchdata {torchdata.CHECKED}, or use num_workers=0, or torch's DataLoader over a map-style "
+            f"dataset")
