@@ -7,6 +7,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from jobwrap._compat.versions import warn_untested
 from jobwrap._config import REQUEUE_EXIT_CODE, Config
 from jobwrap.errors import (
     CheckpointError,
@@ -18,6 +19,9 @@ from jobwrap.errors import (
     StateMismatchError,
     StorageError,
 )
+
+# From the installed metadata, without importing torch: a warning beside a release CI has not run.
+warn_untested("torch", "torchdata")
 
 # Session and friends import torch; load them on first use so that the CLI starts fast.
 _LAZY = {"Preempted": "jobwrap._loop.session", "Session": "jobwrap._loop.session", "preemptible": "jobwrap._loop.session"}

@@ -25,9 +25,12 @@ from typing import Any
 import pytorch_lightning as pl
 from lightning_fabric.utilities.types import _Stateful
 
+from jobwrap._compat.versions import warn_untested
 from jobwrap._loop import steps
 from jobwrap._loop.session import Session
 from jobwrap.errors import ConfigError
+
+warn_untested("pytorch-lightning")
 
 log = logging.getLogger("jobwrap")
 

@@ -31,8 +31,11 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
+from jobwrap._compat.versions import warn_untested
 from jobwrap._loop.session import Session
 from jobwrap.errors import ConfigError, CorruptCheckpointError, JobwrapError
+
+warn_untested("transformers")
 
 __all__ = ["JobwrapCallback", "TrainerCheckpoint", "attach"]
 
