@@ -98,7 +98,7 @@ def test_importing_jobwrap_beside_an_untested_torch_warns_once(tmp_path):
     assert run.returncode == 0, run.stderr
     assert run.stderr.count(WARNING) == 1, run.stderr
     assert "torch 2.99.0 is installed" in run.stderr and "2.13.0 to 2.14.x" in run.stderr
-    assert "jobwrap simulate" in run.stderr
+    assert "jobwrap simulate" in run.stderr and "pip install 'torch>=2.13.0,<2.15'" in run.stderr
 
 
 def test_the_untested_warning_is_silenced_by_its_variable(tmp_path):

@@ -41,9 +41,15 @@ class Tested:
         return release is not None and _release(self.oldest) <= release and release[:2] <= _release(self.newest)[:2]
 
     def describe(self) -> str:
+        """'2.13.0 to 2.14.x': the tested range in words."""
         if self.oldest == self.newest:
             return self.oldest
         return f"{self.oldest} to {'.'.join(map(str, _release(self.newest)[:2]))}.x"
+
+    def requirement(self) -> str:
+        """The pip requirement of the tested range: '>=2.13.0,<2.15'."""
+        major, minor = _release(self.newest)[:2]
+        return f"{self.distribution}>={self.oldest},<{major}.{minor + 1}"
 
 
 #: What CI runs (scripts/setup-env pins these): update a row only with the CI run that tested it.
@@ -88,9 +94,10 @@ def untested(installed: Mapping[str, str]) -> list[str]:
             continue
         messages.append(
             f"{name} {version} is installed, but jobwrap is tested with {name} {row.describe()}: a resume may "
-            f"not be bit-exact with an untested release. Install a tested one (pip install '{name}>={row.oldest},"
-            f"<={row.newest}'), or check yours first: run `jobwrap simulate` on a small config of your job, "
-            f"which preempts and resumes it and compares with an uninterrupted run. {SILENCE_VAR}=1 silences this.")
+            f"not be bit-exact with an untested release. Install a tested one (pip install '{row.requirement()}'), "
+            f"or check yours first: `jobwrap simulate --dir DIR --random 3 -- <your command>` on a small config "
+            f"preempts and resumes your job and compares it with an uninterrupted run, bit for bit. "
+            f"{SILENCE_VAR}=1 silences this.")
     return messages
 
 

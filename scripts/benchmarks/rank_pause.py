@@ -137,7 +137,7 @@ def targets(result: dict[str, Any]) -> list[tuple[str, float, float]]:
 def report_lines(result: dict[str, Any], plot_name: str | None) -> list[str]:
     """scripts/bench's section on docs/benchmarks.md."""
     lines = ["## Periodic saves with several ranks", "",
-             f"{result['ranks']} ranks on this machine (gloo over loopback; `scripts/bench_rank_pause.py`), each with "
+             f"{result['ranks']} ranks on this machine (gloo over loopback; `scripts/benchmarks/rank_pause.py`), each with "
              f"{result['state bytes'] / 1e6:.0f} MB of replicated state, trained in step; the pause of a periodic "
              "save is the time `step_done()` blocks plus the next `optimizer.step()`'s wait for the copy on rank 0's "
              "writer thread, the maximum over the ranks (in a DDP job every rank waits for the slowest at the next "

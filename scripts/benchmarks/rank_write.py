@@ -126,7 +126,7 @@ def report_lines(result: dict[str, Any], plot_name: str | None) -> list[str]:
     throttled, unthrottled = _by_ranks(result, "throttled"), _by_ranks(result, "unthrottled")
     lines = ["## Emergency save against ranks, with throttled writers", "",
              f"The signal's save of {result['state_bytes'] / 1e6:.0f} MB of replicated (DDP) state "
-             "(`scripts/bench_rank_write.py`): N real processes (gloo), rank 0 gets a real SIGUSR1, every rank "
+             "(`scripts/benchmarks/rank_write.py`): N real processes (gloo), rank 0 gets a real SIGUSR1, every rank "
              "stops at the next boundary; the time is rank 0's, from the signal to the commit. One rank writes one "
              "file; N ranks stripe (`stripe_min_bytes=0`), each writing about 1/N of the bytes, rank 0 committing "
              f"one manifest over the parts. *throttled*: every process's writes limited to "

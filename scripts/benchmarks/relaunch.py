@@ -306,7 +306,7 @@ def relaunch_lines(relaunch: dict) -> list[str]:
         f"A small trainer ({relaunch['checkpoint_bytes'] / 1e6:.0f} MB checkpoint: two Linear(1024, 1024) and Adam) "
         "runs under `jobwrap run`; a real `SIGUSR1` to `jobwrap run` is passed on, the trainer saves and asks for a "
         "requeue, `jobwrap run` relaunches it, and the clock stops at the end of the relaunched trainer's first "
-        f"new step. Medians of {reps} relaunches (`scripts/bench_relaunch.py`), from the run's events and the "
+        f"new step. Medians of {reps} relaunches (`scripts/benchmarks/relaunch.py`), from the run's events and the "
         "trainer's timestamps:",
         "",
         "| part | seconds, median (min-max) | jobwrap's |",

@@ -284,7 +284,7 @@ def write_markdown(summaries: list[dict], step: dict, plots: list[str], gpu: dic
         "loader in a new process pays: the pages must be mapped); `torch.load` then `load_state_dict` of model "
         "and optimizer; jobwrap's `Session` start plus `track(model, optimizer)`, which also verifies the "
         "checksum of every byte. The model exists already, the optimizer has no state yet, as in a new process.",
-        "- **DCP** (`torch.distributed.checkpoint`, `scripts/bench_peers.py`), as its documentation shows it, "
+        "- **DCP** (`torch.distributed.checkpoint`, `scripts/benchmarks/peers.py`), as its documentation shows it, "
         "in a one-rank gloo process group: `get_state_dict(model, optimizer)` then `save` (its file writer "
         "fsyncs each file); `async_save` with the thread and with the process checkpointer (torch's default "
         "staging: a blocking copy to CPU memory, no pinned or shared memory on a CPU machine), timed until the "

@@ -138,7 +138,7 @@ def report_lines(result: dict, plot_name: str | None) -> list[str]:
     """scripts/bench's section: the table, the plot, the target."""
     fresh = statistics.median(result["fresh"])
     lines = ["## Resume against position in the epoch", "",
-             f"From `job.loader()` to the first new batch (`scripts/bench_resume_position.py`): a map-style "
+             f"From `job.loader()` to the first new batch (`scripts/benchmarks/resume_position.py`): a map-style "
              f"dataset at {SAMPLE_S * 1000:g} ms per sample (it also draws from torch's RNG, as augmentation does), "
              f"batch {BATCH}, {WORKERS} workers, {result['batches']} batches per epoch; each point a real checkpoint "
              f"taken by a SIGUSR1 mid-epoch, resumed by a new Session. *skip*: jobwrap's resume (the trained "
