@@ -7,7 +7,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from jobwrap._compat.versions import warn_untested
 from jobwrap._config import REQUEUE_EXIT_CODE, Config
 from jobwrap.errors import (
     CheckpointError,
@@ -20,9 +19,6 @@ from jobwrap.errors import (
     StorageError,
 )
 
-# From the installed metadata, without importing torch: a warning beside a release CI has not run.
-warn_untested("torch", "torchdata")
-
 # Session and friends import torch; load them on first use so that the CLI starts fast.
 _LAZY = {"Preempted": "jobwrap._loop.session", "Session": "jobwrap._loop.session", "preemptible": "jobwrap._loop.session"}
 
@@ -31,6 +27,10 @@ def __getattr__(name: str) -> object:
     if name in _LAZY:
         import importlib
 
+        from jobwrap._compat.versions import warn_untested
+
+        # Where torch comes in, not at `import jobwrap`: the CLI starts without reading any package's metadata.
+        warn_untested("torch", "torchdata")
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'jobwrap' has no attribute {name!r}")
 

@@ -30,7 +30,7 @@ from jobwrap._loop import steps
 from jobwrap._loop.session import Session
 from jobwrap.errors import ConfigError
 
-warn_untested("pytorch-lightning")
+warn_untested("torch", "torchdata", "pytorch-lightning")
 
 log = logging.getLogger("jobwrap")
 

@@ -35,7 +35,7 @@ from jobwrap._compat.versions import warn_untested
 from jobwrap._loop.session import Session
 from jobwrap.errors import ConfigError, CorruptCheckpointError, JobwrapError
 
-warn_untested("transformers")
+warn_untested("torch", "transformers")
 
 __all__ = ["JobwrapCallback", "TrainerCheckpoint", "attach"]
 

@@ -86,14 +86,15 @@ def _import_jobwrap(extra_path: Path | None, **env: str) -> subprocess.Completed
     environ = {k: v for k, v in os.environ.items() if not k.startswith("JOBWRAP_")}
     if extra_path is not None:
         environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(extra_path), environ.get("PYTHONPATH")]))
-    code = ("import jobwrap\nfrom jobwrap._compat.versions import warn_untested\n"
-            "warn_untested('torch')\nprint(jobwrap.Config.__name__)")
+    code = ("import jobwrap\nfrom jobwrap import Session, preemptible\n"
+            "from jobwrap._compat.versions import warn_untested\nwarn_untested('torch')\nprint(Session.__name__)")
     return subprocess.run([sys.executable, "-c", code], env={**environ, **env}, capture_output=True, text=True,
                           timeout=120)
 
 
-def test_importing_jobwrap_beside_an_untested_torch_warns_once(tmp_path):
-    """`import jobwrap` beside torch 2.99.0 logs one warning naming that release, the tested range and simulate."""
+def test_importing_the_session_beside_an_untested_torch_warns_once(tmp_path):
+    """`from jobwrap import Session` beside torch 2.99.0 logs one warning naming that release, the tested range
+    and how to check it with jobwrap simulate; importing more of jobwrap does not repeat it."""
     run = _import_jobwrap(_fake_release(tmp_path, "torch", "2.99.0"))
     assert run.returncode == 0, run.stderr
     assert run.stderr.count(WARNING) == 1, run.stderr
@@ -102,7 +103,7 @@ def test_importing_jobwrap_beside_an_untested_torch_warns_once(tmp_path):
 
 
 def test_the_untested_warning_is_silenced_by_its_variable(tmp_path):
-    """JOBWRAP_UNTESTED_VERSIONS_OK=1 imports jobwrap beside an untested torch without the warning."""
+    """JOBWRAP_UNTESTED_VERSIONS_OK=1 imports the Session beside an untested torch without the warning."""
     run = _import_jobwrap(_fake_release(tmp_path, "torch", "2.99.0"), **{SILENCE_VAR: "1"})
     assert run.returncode == 0 and WARNING not in run.stderr, run.stderr
 
@@ -116,8 +117,16 @@ def test_this_venv_holds_the_releases_the_table_names():
         assert installed.split("+")[0] in (row.oldest, row.newest), (
             f"{row.distribution} {installed} is installed; the table of tested releases names {row.oldest} and "
             f"{row.newest} (scripts/setup-env installs them)")
-    code = "import jobwrap, jobwrap.lightning, jobwrap.transformers"
+    code = "import jobwrap, jobwrap.lightning, jobwrap.transformers\nfrom jobwrap import Session"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env={k: v for k, v in os.environ.items() if k != SILENCE_VAR})
     assert run.returncode == 0, run.stderr
     assert WARNING not in run.stderr, run.stderr
+
+
+def test_the_cli_reads_no_package_metadata():
+    """`jobwrap --help` starts without the version check (importlib.metadata is not imported), as it starts
+    without torch."""
+    code = "import sys, jobwrap.cli; jobwrap.cli.build_parser(); print('importlib.metadata' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "False", run.stdout + run.stderr

@@ -7,9 +7,10 @@ below is the single source of what is tested: pyproject.toml's declared ranges s
 with the newest extras; ``.venv-edge``: the newest torch with the oldest extras) and scripts/test runs the
 tests on both. A release between the two ends counts as tested, and so does a later patch of a tested minor.
 
-No jobwrap or torch import here: ``import jobwrap`` checks versions from the installed metadata only, and
-scripts/setup-env runs this file as a script (``python jobwrap/_compat/versions.py pins edge``) before
-jobwrap is installed.
+The check runs where torch comes in (the first ``jobwrap.Session``, ``jobwrap.lightning``,
+``jobwrap.transformers``), from the installed metadata, so the CLI starts without it. No jobwrap or
+torch import here: scripts/setup-env runs this file as a script (``python jobwrap/_compat/versions.py
+pins edge``) before jobwrap is installed.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from collections.abc import Mapping
 logger = logging.getLogger("jobwrap")
 
 #: Set (to anything but empty or 0) to silence the warning about an untested release. Read here, not in
-#: jobwrap._config: the check runs at import, before any Config exists.
+#: jobwrap._config: the check runs when the Session is imported, before any Config exists.
 SILENCE_VAR = "JOBWRAP_UNTESTED_VERSIONS_OK"
 
 
