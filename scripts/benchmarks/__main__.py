@@ -82,6 +82,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.report_only:
         out = Path(args.out) if args.out else Path(args.report_only).resolve().parent
+        out.mkdir(parents=True, exist_ok=True)
         results = json.loads(Path(args.report_only).read_text())
         common.RECORDED.update({k: results[k] for k in ("machine", "software") if k in results})
         relaunch = results.get("relaunch")
