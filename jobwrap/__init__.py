@@ -27,6 +27,10 @@ def __getattr__(name: str) -> object:
     if name in _LAZY:
         import importlib
 
+        from jobwrap._compat.versions import warn_untested
+
+        # Where torch comes in, not at `import jobwrap`: the CLI starts without reading any package's metadata.
+        warn_untested("torch", "torchdata")
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'jobwrap' has no attribute {name!r}")
 

@@ -25,8 +25,11 @@ from typing import Any
 import pytorch_lightning as pl
 from jobwrap._compat import lightning as internals
 from jobwrap._compat import torchdata as torchdata_internals
+from jobwrap._compat.versions import warn_untested
 from jobwrap._loop.session import Session
 from jobwrap.errors import ConfigError
+
+warn_untested("torch", "torchdata", "pytorch-lightning")
 
 log = logging.getLogger("jobwrap")
 

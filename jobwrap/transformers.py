@@ -32,8 +32,11 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from jobwrap._compat import transformers as internals
+from jobwrap._compat.versions import warn_untested
 from jobwrap._loop.session import Session
 from jobwrap.errors import ConfigError, CorruptCheckpointError, JobwrapError
+
+warn_untested("torch", "transformers")
 
 __all__ = ["JobwrapCallback", "TrainerCheckpoint", "attach"]
 

@@ -13,7 +13,7 @@ of CUDA and small sizes (the test suite runs it, so the script stays ready).
   resume    a checkpoint written from GPU memory, resumed onto the GPU and onto the CPU
   ratios    the pause of a periodic save of a multi-GB GPU state against a blocking torch.save; the
             emergency save against a raw write of the same bytes; a resume onto the GPU against a
-            raw read plus a host-to-device copy (medians of the same run, via scripts/bench.py)
+            raw read plus a host-to-device copy (medians of the same run, via scripts/benchmarks)
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # noqa: E402  (scripts/bench.py: the measuring helpers)
+from benchmarks import common, pause, report, save  # noqa: E402  (scripts/benchmarks: the measuring helpers)
 
 import jobwrap  # noqa: E402
 from jobwrap.testing import assert_same_run, final_state, run_preempted  # noqa: E402
@@ -78,7 +78,7 @@ def check_demo(out: Path, device: str) -> dict[str, Any]:
 
 def check_resume(out: Path, device: str) -> dict[str, Any]:
     """Saved from ``device`` memory; resumed with JOBWRAP_DEVICE on the device and on the CPU: same tensors."""
-    model, optimizer = bench.build(8 << 20, device)
+    model, optimizer = common.build(8 << 20, device)
     directory = out / "resume-check"
     shutil.rmtree(directory, ignore_errors=True)  # an earlier check's checkpoint would be resumed into `model`
     with jobwrap.Session(str(directory), environ={}, run_id="gpu-check", save_at_end=False, device=device) as job:
@@ -86,7 +86,7 @@ def check_resume(out: Path, device: str) -> dict[str, Any]:
         path = job.save().path
     result: dict[str, Any] = {"saved_locations": sorted(_locations(path))}
     for key, target in (("onto the device", device), ("onto cpu", "cpu")):
-        other, other_opt = bench.build_like(model)
+        other, other_opt = common.build_like(model)
         other.to(target)
         with jobwrap.Session(str(directory), environ={}, run_id="gpu-check", save_at_end=False,
                              device=target) as job:
@@ -111,21 +111,21 @@ def _locations(path: str) -> set[str]:
 
 def check_ratios(device: str, nbytes: int, reps: int) -> dict[str, Any]:
     """Medians of the same run; each ratio against its plain-torch or raw baseline."""
-    model, optimizer = bench.build(nbytes, device)
-    size = bench.state_bytes(model, optimizer)
+    model, optimizer = common.build(nbytes, device)
+    size = common.state_bytes(model, optimizer)
     log(f"ratios: {size / 1e9:.2f} GB of state on {device}, {reps} repetitions")
-    pause = bench.bench_pause(model, optimizer, reps, {}, batch=8)
-    seconds: dict[str, list[float]] = {"jobwrap periodic pause": pause["jobwrap periodic pause (lazy)"],
+    paused = pause.bench_pause(model, optimizer, reps, {}, batch=8)
+    seconds: dict[str, list[float]] = {"jobwrap periodic pause": paused["jobwrap periodic pause (lazy)"],
                                        "torch.save + fsync": [], "raw write + fsync": [],
                                        "jobwrap signal -> committed": []}
     for rep in range(reps):
-        seconds["torch.save + fsync"].append(bench.torch_save(model, optimizer, bench.WORK / "torch.pt"))
-        seconds["raw write + fsync"].append(bench.raw_write(model, optimizer, bench.WORK / "raw.bin"))
+        seconds["torch.save + fsync"].append(common.torch_save(model, optimizer, common.WORK / "torch.pt"))
+        seconds["raw write + fsync"].append(save.raw_write(model, optimizer, common.WORK / "raw.bin"))
         seconds["jobwrap signal -> committed"].append(
-            bench.jobwrap_signal_save(model, optimizer, bench.fresh_dir(f"signal-{rep}")))
-        bench.cleanup()
+            save.jobwrap_signal_save(model, optimizer, common.fresh_dir(f"signal-{rep}")))
+        common.cleanup()
     seconds.update(resume_onto_device(model, optimizer, device, reps))
-    med = {k: bench.median(v) for k, v in seconds.items()}
+    med = {k: common.median(v) for k, v in seconds.items()}
     ratios = {
         "periodic pause / blocking torch.save (GPU state)": med["jobwrap periodic pause"] / med["torch.save + fsync"],
         "emergency save / raw write (GPU state)": med["jobwrap signal -> committed"] / med["raw write + fsync"],
@@ -138,16 +138,16 @@ def check_ratios(device: str, nbytes: int, reps: int) -> dict[str, Any]:
 def resume_onto_device(model, optimizer, device: str, reps: int) -> dict[str, list[float]]:
     """Cold page cache each time: jobwrap's verified resume onto ``device`` against the file read raw
     into new host memory and copied to the device."""
-    directory = bench.fresh_dir("resume")
-    with bench.session(directory) as job:
+    directory = common.fresh_dir("resume")
+    with common.session(directory) as job:
         job.track(model=model, optimizer=optimizer)
         path = Path(job.save().path)
     size = path.stat().st_size
-    target, target_opt = bench.build_like(model)
+    target, target_opt = common.build_like(model)
     times: dict[str, list[float]] = {"jobwrap resume onto the device": [], "raw read + host-to-device copy": []}
 
     def jobwrap_resume() -> None:
-        with bench.session(directory, device=device) as again:
+        with common.session(directory, device=device) as again:
             again.track(model=target, optimizer=target_opt)
             _sync(device)
 
@@ -165,12 +165,12 @@ def resume_onto_device(model, optimizer, device: str, reps: int) -> dict[str, li
         for name, method in (("jobwrap resume onto the device", jobwrap_resume),
                              ("raw read + host-to-device copy", raw_resume))[::1 if rep % 2 == 0 else -1]:
             target_opt.state.clear()
-            bench.release_free_memory()
-            bench.drop_cache(path)
+            common.release_free_memory()
+            common.drop_cache(path)
             started = time.perf_counter()
             method()
             times[name].append(time.perf_counter() - started)
-    bench.cleanup()
+    common.cleanup()
     return times
 
 
@@ -219,7 +219,7 @@ def device_words(device: str) -> str:
 def report_only(directory: Path, page: Path) -> None:
     results = json.loads((directory / "results.json").read_text())
     text = page.read_text()
-    page.write_text(bench.with_gpu_block(text, markdown(results)))
+    page.write_text(report.with_gpu_block(text, markdown(results)))
     log(f"wrote the GPU section of {page} from {directory / 'results.json'}")
 
 
@@ -259,12 +259,12 @@ def main() -> int:
     nbytes = 20 * 10**6 if args.cpu_dry_run else int(args.gb * 1e9)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    bench.WORK = out / "work"
-    bench.WORK.mkdir(exist_ok=True)
+    common.WORK = out / "work"
+    common.WORK.mkdir(exist_ok=True)
     started = time.monotonic()
-    log(f"{bench.machine()}; {bench.software()}; device {device}")
-    results: dict[str, Any] = {"dry_run": args.cpu_dry_run, "machine": bench.machine(),
-                               "software": bench.software(),
+    log(f"{common.machine()}; {common.software()}; device {device}")
+    results: dict[str, Any] = {"dry_run": args.cpu_dry_run, "machine": common.machine(),
+                               "software": common.software(),
                                "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")}
     phases: dict[str, float] = results.setdefault("phase_seconds", {})
     results["demo"] = check_demo(out, device)
@@ -276,7 +276,7 @@ def main() -> int:
     phases["resume"] = round(time.monotonic() - started - sum(phases.values()), 1)
     results["ratios"] = check_ratios(device, nbytes, 2 if args.cpu_dry_run else 3)
     phases["ratios"] = round(time.monotonic() - started - sum(phases.values()), 1)
-    shutil.rmtree(bench.WORK, ignore_errors=True)
+    shutil.rmtree(common.WORK, ignore_errors=True)
     for name, value in results["ratios"]["ratios"].items():
         log(f"{name}: {value:.3f} (target <= {GPU_TARGETS[name]:g})")
     results["seconds"] = round(time.monotonic() - started, 1)

@@ -9,7 +9,7 @@ import sys
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "scripts"))
-import bench  # noqa: E402
+from benchmarks import report as bench  # noqa: E402
 import gpu_check  # noqa: E402
 
 SCRIPT = REPO / "scripts" / "gpu-check"

@@ -151,3 +151,25 @@ def test_the_seam_check_finds_a_private_access_and_an_assigned_counter(tmp_path)
                                          "jobwrap/fake.py:4: .step"]
     finally:
         PACKAGE = real
+
+
+BENCHMARKS = PACKAGE.parent / "scripts" / "benchmarks"
+
+
+def _benchmark_graph() -> dict[str, set[str]]:
+    modules = {"benchmarks" if path.stem == "__init__" else f"benchmarks.{path.stem}": path
+               for path in BENCHMARKS.glob("*.py")}
+    return {name: _imports(name, path, modules) for name, path in modules.items()}
+
+
+def test_benchmark_modules_import_in_no_circle():
+    """scripts/benchmarks: a measurement imports only common.py, which imports none of them; report.py imports
+    measurements, __main__.py imports report.py, and nothing imports them back: no import circle can form."""
+    graph = _benchmark_graph()
+    assert {"benchmarks.common", "benchmarks.report", "benchmarks.__main__", "benchmarks.save"} <= set(graph)
+    assert not graph["benchmarks.common"], f"common.py imports {graph['benchmarks.common']}"
+    allowed = {"benchmarks.__main__": set(graph), "benchmarks.report": set(graph) - {"benchmarks.__main__"}}
+    wrong = [f"{name} -> {target}" for name, targets in graph.items() for target in targets - {"benchmarks", name}
+             if target not in allowed.get(name, {"benchmarks.common"}) or target == "benchmarks.report" and
+             name != "benchmarks.__main__"]
+    assert not wrong, "imports against scripts/benchmarks' layout: " + "; ".join(sorted(wrong))

@@ -382,6 +382,13 @@ def default_cells() -> list[Cell]:
             + default_submitit_cells())
 
 
+def edge_cells() -> list[Cell]:
+    """The cells scripts/test runs again in .venv-edge (the newest tested torch with the oldest tested Lightning
+    and transformers): the integrations, torchdata's loader with workers, and DDP with BatchNorm under torchrun."""
+    return default_framework_cells() + [Cell(loader="stateful", workers=2, launch="run"),
+                                        Cell(norm="batchnorm", signal="term", launch="torchrun", layout="striped")]
+
+
 def striped_twins(cover: list[Cell]) -> list[Cell]:
     """For the cover's striped cells: each one-file (the multi-rank runs the cover had before striping), and
     the first under SIGKILL (periodic background saves with 2 ranks, striped manual and final saves). A twin
@@ -401,9 +408,10 @@ def full_cells() -> list[Cell]:
 
 
 def selected_cells(environ: dict[str, str] | None = None) -> list[Cell]:
-    """``JOBWRAP_MATRIX=full``: the full matrix; otherwise the default subset."""
+    """``JOBWRAP_MATRIX=full``: the full matrix; ``edge``: the few cells of the edge venv; otherwise the default subset."""
     environ = os.environ if environ is None else environ
-    return full_cells() if environ.get("JOBWRAP_MATRIX", "").strip().lower() == "full" else default_cells()
+    choice = environ.get("JOBWRAP_MATRIX", "").strip().lower()
+    return full_cells() if choice == "full" else edge_cells() if choice == "edge" else default_cells()
 
 
 def pair_coverage(cells: Iterable[Cell], dimensions: dict[str, tuple[Any, ...]] | None = None) -> float:

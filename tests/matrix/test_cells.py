@@ -9,6 +9,7 @@ from cells import (
     FRAMEWORK_SIGNALS,
     Cell,
     default_cells,
+    edge_cells,
     expected,
     full_cells,
     loader_by_signal,
@@ -16,6 +17,7 @@ from cells import (
     pair_coverage,
     refusal_cells,
     refused_values,
+    selected_cells,
     valid,
 )
 
@@ -51,6 +53,16 @@ def test_default_subset_is_part_of_the_full_matrix():
     """The CI subset is a prefix of the cover plus the refusal cells, all in the full matrix."""
     full = set(full_cells())
     assert set(default_cells()) <= full
+
+
+def test_edge_subset_runs_each_integration_and_several_ranks():
+    """JOBWRAP_MATRIX=edge (scripts/test's second venv) picks valid cells of the full matrix: Lightning, the Trainer,
+    torchdata's loader with workers and a torchrun launch, where the other torch and extras releases matter."""
+    edge = selected_cells({"JOBWRAP_MATRIX": "edge"})
+    assert edge == edge_cells() and set(edge) <= set(full_cells()) and all(valid(c) for c in edge)
+    assert {"lightning", "transformers"} <= {c.framework for c in edge}
+    assert any(c.loader == "stateful" and c.workers for c in edge) and any(c.launch == "torchrun" for c in edge)
+    assert selected_cells({}) == default_cells()
 
 
 def test_expected_is_exact_or_refused_with_a_pattern():

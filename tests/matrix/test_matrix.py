@@ -1,7 +1,8 @@
 """The configuration matrix (tests/matrix/cells.py): each cell is bit-exact after real preemptions, or refused at start.
 
 The default run takes a fixed pairwise subset; ``JOBWRAP_MATRIX=full`` runs every cell
-(``scripts/matrix`` does, and writes docs/compatibility.md).
+(``scripts/matrix`` does, and writes docs/compatibility.md); ``JOBWRAP_MATRIX=edge`` the few that scripts/test
+runs again on the other end of the tested releases (.venv-edge).
 """
 from __future__ import annotations
 

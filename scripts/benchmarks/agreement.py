@@ -1,6 +1,6 @@
 """Per-step cost of the stop agreement between ranks (a 3-int all-reduce on a gloo side group).
 
-    .venv/bin/python scripts/bench_agreement.py [--ranks 2] [--steps 3000]
+    scripts/bench agreement [--ranks 2] [--steps 3000]
 
 Spawns the ranks on this machine (gloo over loopback), times RankGroup.agree
 per call, and prints the median and 99th percentile in microseconds.

@@ -1,6 +1,6 @@
 """Time from job.loader() to the first new batch, fresh and resumed at 10, 50 and 90 % of an epoch.
 
-    .venv/bin/python scripts/bench_resume_position.py [--quick]
+    scripts/bench resume_position [--quick]
 
 A map-style dataset that takes 2 ms per sample, batch 8, 2 workers. Each resumed
 point is a real checkpoint taken mid-epoch (a SIGUSR1 to this process), resumed
@@ -20,13 +20,13 @@ import statistics
 import time
 from pathlib import Path
 
-import bench_plot
 import torch
+from benchmarks.common import axes, save_figure
 from torch.utils.data import DataLoader, Dataset
 
 import jobwrap
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 WORK = REPO / "run" / "bench-resume-position"
 TARGET = 1.2
 BATCH, WORKERS, SAMPLE_S = 8, 2, 0.002
@@ -138,7 +138,7 @@ def report_lines(result: dict, plot_name: str | None) -> list[str]:
     """scripts/bench's section: the table, the plot, the target."""
     fresh = statistics.median(result["fresh"])
     lines = ["## Resume against position in the epoch", "",
-             f"From `job.loader()` to the first new batch (`scripts/bench_resume_position.py`): a map-style "
+             f"From `job.loader()` to the first new batch (`scripts/benchmarks/resume_position.py`): a map-style "
              f"dataset at {SAMPLE_S * 1000:g} ms per sample (it also draws from torch's RNG, as augmentation does), "
              f"batch {BATCH}, {WORKERS} workers, {result['batches']} batches per epoch; each point a real checkpoint "
              f"taken by a SIGUSR1 mid-epoch, resumed by a new Session. *skip*: jobwrap's resume (the trained "
@@ -162,7 +162,7 @@ def plot(result: dict, out: Path, title_suffix: str = "") -> str:
     """Seconds to the first batch against the position resumed at: skip and replay, the fresh start, the target."""
     percents = [int(p) for p in result["points"]]
     fresh = statistics.median(result["fresh"])
-    fig, ax = bench_plot.axes(7, 4)
+    fig, ax = axes(7, 4)
     for kind, color in (("skip", "#1f77b4"), ("replay", "#bbbbbb")):
         ax.plot(percents, [statistics.median(result["points"][str(p)][kind]) for p in percents], "o-",
                 color=color, label=f"resumed ({kind})")
@@ -173,7 +173,7 @@ def plot(result: dict, out: Path, title_suffix: str = "") -> str:
     ax.set_yscale("log")
     ax.legend(fontsize=8)
     ax.set_title(f"resume time against position in the epoch{title_suffix}", fontsize=10)
-    return bench_plot.save(fig, out, "bench-resume-position.png")
+    return save_figure(fig, out, "bench-resume-position.png")
 
 
 def main() -> None:

@@ -1,9 +1,9 @@
 """The pause of a periodic save with several ranks: in the background (rank 0 writes) against blocking.
 
-    .venv/bin/python scripts/bench_rank_pause.py [--quick] [--mb 400] [--ranks 2] [--reps 5]
+    scripts/bench rank_pause [--quick] [--mb 400] [--ranks 2] [--reps 5]
 
 Spawns the ranks on this machine (gloo over loopback, one torch thread each), each
-with the state of ``scripts/bench.py``'s ``build()`` (square layers and Adam's moments),
+with the state of ``benchmarks.common``'s ``build()`` (square layers and Adam's moments),
 and trains them in step. At each even step a periodic save is due; a barrier lines
 the ranks up just before that boundary, so a rank's pause is what the save costs
 it: the time ``step_done()`` blocks, plus the time the next ``optimizer.step()``
@@ -13,34 +13,26 @@ the slowest at the next all-reduce); medians over the repetitions. Blocking: the
 same loop with ``async_save=False`` (every rank waits while rank 0 writes).
 Target: the background pause at most 0.1x the blocking one.
 
-``bench_rank_pause(reps, work_dir, ...)`` returns the numbers, for ``scripts/bench.py``.
+``bench_rank_pause(reps, work_dir, ...)`` returns the numbers, for ``scripts/bench``.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import shutil
-import socket
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import bench_plot
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from benchmarks.common import axes, build, free_port, save_figure
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TARGET = 0.10  # background pause / blocking pause
 MODES = {"background": True, "blocking": False}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor) -> None:
@@ -51,8 +43,6 @@ def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: tor
 
 def _measure(rank: int, directory: Path, background: bool, reps: int, nbytes: int, batch: int) -> list[float]:
     """This rank's pause at each periodic save: step_done() at the save, plus the next step's wait for the copy."""
-    from bench import build  # here, not at the top: bench.py imports this module
-
     import jobwrap
 
     model, optimizer = build(nbytes, "cpu")
@@ -109,11 +99,8 @@ def bench_rank_pause(reps: int, work_dir: Path, *, nbytes: int = 100 << 20, rank
     and are deleted afterwards."""
     work = Path(work_dir) / "rank-pause"
     queue = mp.get_context("spawn").SimpleQueue()
-    scripts = str(Path(__file__).resolve().parent)
-    if scripts not in sys.path:
-        sys.path.insert(0, scripts)  # the ranks import bench.py's build()
     try:
-        mp.spawn(_rank, args=(ranks, _free_port(), str(work), reps, nbytes, batch, queue), nprocs=ranks)
+        mp.spawn(_rank, args=(ranks, free_port(), str(work), reps, nbytes, batch, queue), nprocs=ranks)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     per_rank: dict[str, dict[int, list[float]]] = {mode: {} for mode in MODES}
@@ -150,7 +137,7 @@ def targets(result: dict[str, Any]) -> list[tuple[str, float, float]]:
 def report_lines(result: dict[str, Any], plot_name: str | None) -> list[str]:
     """scripts/bench's section on docs/benchmarks.md."""
     lines = ["## Periodic saves with several ranks", "",
-             f"{result['ranks']} ranks on this machine (gloo over loopback; `scripts/bench_rank_pause.py`), each with "
+             f"{result['ranks']} ranks on this machine (gloo over loopback; `scripts/benchmarks/rank_pause.py`), each with "
              f"{result['state bytes'] / 1e6:.0f} MB of replicated state, trained in step; the pause of a periodic "
              "save is the time `step_done()` blocks plus the next `optimizer.step()`'s wait for the copy on rank 0's "
              "writer thread, the maximum over the ranks (in a DDP job every rank waits for the slowest at the next "
@@ -170,7 +157,7 @@ def report_lines(result: dict[str, Any], plot_name: str | None) -> list[str]:
 
 def plot(result: dict[str, Any], out: Path, title_suffix: str = "") -> str:
     """Each rank's pause, background against blocking (log scale)."""
-    fig, ax = bench_plot.axes(7, 3.6)
+    fig, ax = axes(7, 3.6)
     ranks = list(result["blocking pause by rank"])
     width = 0.38
     for i, (mode, color) in enumerate((("blocking", "#bbbbbb"), ("background", "#1f77b4"))):
@@ -185,7 +172,7 @@ def plot(result: dict[str, Any], out: Path, title_suffix: str = "") -> str:
     ax.legend(fontsize=8)
     ax.set_title(f"periodic save pause, {result['ranks']} ranks, {result['state bytes'] / 1e6:.0f} MB"
                  f"{title_suffix}", fontsize=10)
-    return bench_plot.save(fig, out, "bench-rank-pause.png")
+    return save_figure(fig, out, "bench-rank-pause.png")
 
 
 def main() -> None:

@@ -1,8 +1,8 @@
 """Cost of checking, before a striped save, that the ranks' tensors are equal (xxh3 per tensor + one gather).
 
-    .venv/bin/python scripts/bench_stripe_check.py [--ranks 2] [--mb 400] [--repeats 5]
+    scripts/bench stripe_check [--ranks 2] [--mb 400] [--repeats 5]
 
-Spawns the ranks on this machine (gloo over loopback); each builds scripts/bench.py's
+Spawns the ranks on this machine (gloo over loopback); each builds benchmarks.common's
 state (a stack of linear layers with Adam's moments) and times what
 ``jobwrap._storage.striped.commit`` adds per save: hashing every stripable tensor and
 rank 0 gathering the digests, then broadcasting the tensors it keeps. Prints the
@@ -13,20 +13,17 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def worker(rank: int, world: int, nbytes: int, repeats: int, port: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from bench import build
+    from benchmarks.common import build
 
     from jobwrap._loop.distributed import RankGroup
     from jobwrap._storage.striped import digest, layout, stripable, unproven

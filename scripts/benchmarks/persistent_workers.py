@@ -1,6 +1,6 @@
 """Worker start-up that persistent_workers=True saves per epoch, under job.loader().
 
-    .venv/bin/python scripts/bench_persistent_workers.py [--epochs 8] [--workers 2]
+    scripts/bench persistent_workers [--epochs 8] [--workers 2]
 
 A map-style dataset whose workers import what a typical dataset imports (NumPy,
 already loaded by torch) and draw augmentation noise, batch 8, a few short

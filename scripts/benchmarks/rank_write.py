@@ -1,9 +1,9 @@
 """The signal's save of replicated (DDP) state with 1, 2 and 4 ranks: one writer against striped parts.
 
-    .venv/bin/python scripts/bench_rank_write.py --bytes 256M --dir /dev/shm/jobwrap-bench
+    scripts/bench rank_write --bytes 256M --dir /dev/shm/jobwrap-bench
 
 Each configuration is N real processes (gloo on the CPU) holding the same state as
-``scripts/bench.py``'s ``build()`` (square layers and Adam's two moments). Rank 0
+``benchmarks.common``'s ``build()`` (square layers and Adam's two moments). Rank 0
 gets a real SIGUSR1; at the next step boundary every rank stops and the save is
 committed: with 1 rank, one file written by one process; with N ranks, striped
 (``stripe_min_bytes=0``), each rank writing about 1/N of the bytes. The time is rank
@@ -26,25 +26,18 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import bench_plot
+from benchmarks.common import axes, free_port, module_command, save_figure, with_scripts_path
 
-REPO = Path(__file__).resolve().parent.parent
+
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DIR = REPO / "run" / "bench" / "rank-write"
 TARGETS = {2: 1.7, 4: 3.0}  # throttled speedup over one writer, by ranks
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _one_save(nbytes: int, ranks: int, bps: float | None, directory: Path, timeout: float) -> float:
@@ -53,12 +46,13 @@ def _one_save(nbytes: int, ranks: int, bps: float | None, directory: Path, timeo
     directory.mkdir(parents=True)
     result = directory.parent / f"{directory.name}.result.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("JOBWRAP_")}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(ranks),
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(ranks),
                JOBWRAP_NO_SLURM="1", OMP_NUM_THREADS="1")
     if bps:
         env["JOBWRAP_TEST_WRITE_BPS"] = str(int(bps))
-    procs = [subprocess.Popen([sys.executable, __file__, "--worker", "--bytes", str(nbytes), "--dir", str(directory),
-                               "--result", str(result)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+    procs = [subprocess.Popen(module_command("rank_write", "--worker", "--bytes", str(nbytes), "--dir", str(directory),
+                                              "--result", str(result)),
+                              env=with_scripts_path({**env, "RANK": str(r), "LOCAL_RANK": str(r)}))
              for r in range(ranks)]
     try:
         for proc in procs:
@@ -132,7 +126,7 @@ def report_lines(result: dict[str, Any], plot_name: str | None) -> list[str]:
     throttled, unthrottled = _by_ranks(result, "throttled"), _by_ranks(result, "unthrottled")
     lines = ["## Emergency save against ranks, with throttled writers", "",
              f"The signal's save of {result['state_bytes'] / 1e6:.0f} MB of replicated (DDP) state "
-             "(`scripts/bench_rank_write.py`): N real processes (gloo), rank 0 gets a real SIGUSR1, every rank "
+             "(`scripts/benchmarks/rank_write.py`): N real processes (gloo), rank 0 gets a real SIGUSR1, every rank "
              "stops at the next boundary; the time is rank 0's, from the signal to the commit. One rank writes one "
              "file; N ranks stripe (`stripe_min_bytes=0`), each writing about 1/N of the bytes, rank 0 committing "
              f"one manifest over the parts. *throttled*: every process's writes limited to "
@@ -160,7 +154,7 @@ def _by_ranks(result: dict[str, Any], mode: str) -> dict[int, float]:
 
 def plot(result: dict[str, Any], out: Path, title_suffix: str = "") -> str:
     """Save time against ranks, throttled and not, with the ideal 1/N of one writer."""
-    fig, ax = bench_plot.axes(7, 4)
+    fig, ax = axes(7, 4)
     for mode, color in (("throttled", "#1f77b4"), ("unthrottled", "#6baed6")):
         by_ranks = _by_ranks(result, mode)
         ranks = sorted(by_ranks)
@@ -175,14 +169,14 @@ def plot(result: dict[str, Any], out: Path, title_suffix: str = "") -> str:
     ax.legend(fontsize=8)
     ax.set_title(f"emergency save of {result['state_bytes'] / 1e6:.0f} MB against ranks"
                  f"{title_suffix}", fontsize=10)
-    return bench_plot.save(fig, out, "bench-rank-write.png")
+    return save_figure(fig, out, "bench-rank-write.png")
 
 
 # ---------------------------------------------------------------- one rank of one save
 
 def _worker(nbytes: int, directory: str, result: str) -> None:
     import torch.distributed as dist
-    from bench import build, session
+    from benchmarks.common import build, session
 
     import jobwrap
 

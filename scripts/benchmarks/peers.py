@@ -1,4 +1,4 @@
-"""The checkpointing a user would otherwise pick, on the state scripts/bench.py measures jobwrap with.
+"""The checkpointing a user would otherwise pick, on the state scripts/bench measures jobwrap with.
 
 ``torch.distributed.checkpoint`` (DCP) as its documentation shows it: ``get_state_dict`` of model and
 optimizer, then ``save`` (blocking), ``async_save`` with the thread and with the process checkpointer
@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -24,13 +23,9 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
+from benchmarks.common import free_port
+
 PEER_KEYS = ["DCP save", "DCP async_save blocking (thread)", "DCP async_save blocking (process)", "DCP load"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -38,7 +33,7 @@ def one_rank_group() -> Iterator[None]:
     """A one-rank gloo process group for DCP, torn down afterwards (DCP's checkpoint daemon lives on)."""
     before = os.environ.get("MASTER_ADDR")
     os.environ["MASTER_ADDR"] = "127.0.0.1"  # where the process checkpointer's daemon sets up its own group
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         yield
     finally:
