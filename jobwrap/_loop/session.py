@@ -28,7 +28,7 @@ import torch
 
 from jobwrap._config import Config, load_config
 from jobwrap._format import human_size
-from jobwrap._loop import adopt, at_exit, hold, payload, steps, trackable
+from jobwrap._loop import adopt, at_exit, hold, payload, steps, trace, trackable
 from jobwrap._loop.async_save import AsyncSaver
 from jobwrap._loop.data import ResumableLoader
 from jobwrap._loop.directory import ClaimedDirectory
@@ -587,6 +587,8 @@ class Session:
         if len(self._interrupts.received) > self._interrupts_told:
             self._went_on_after_interrupt()
         self._orphaned = self._orphaned or self._lifeline.cut()  # then it stops as on a cancel
+        if self.config.test_trace:  # jobwrap simulate: the state's digest, before a hold's signal stops here
+            trace.record(self)
         if self.config.test_hold_at and self.step in self.config.test_hold_at:
             hold.hold(self.config.test_control, self.step, self.group.rank, self._trap)
         after_first_step = self.step > max(self._resumed_step, 0)
