@@ -49,7 +49,9 @@ class _Recorder:
         resumed = session.resumed_from is not None
         self.resumed_mid_epoch = resumed and session.position > 0
         self.loader_told = False
-        _append(self.path, {"launch": os.getpid(), "resumed_from": session.step if resumed else None,
+        # Made at the first boundary: in a step_done() loop that comes after the resumed launch's first step.
+        _append(self.path, {"launch": os.getpid(),
+                            "resumed_from": session.resumed_from.step if resumed else None,
                             "position": session.position})
 
 

@@ -54,6 +54,7 @@ class Divergence:
     losses: dict[str, tuple[Any, Any]]  # an extra named like a loss -> (uninterrupted, preempted)
     loader_kind: str | None  # how that launch's loader found its place mid-epoch
     unseeded: list[str] = dataclasses.field(default_factory=list)  # streams that differed from the start, set aside
+    batch_seen: bool = False  # both runs recorded the step's batch (a job.loader() loop)
 
     @property
     def steps_after(self) -> int:
@@ -118,7 +119,8 @@ def _first_divergence(plain: Sequence[dict[str, Any]], cut: Sequence[dict[str, A
                 when = "first" if first_new else "later"
             return Divergence(step=rec["step"], epoch=rec["epoch"], position=rec.get("position", -1),
                               launch=number, resumed_from=launch.resumed_from, when=when, losses=_losses(other, rec),
-                              loader_kind=launch.loader, **found)
+                              loader_kind=launch.loader, batch_seen=bool(other.get("batch") and rec.get("batch")),
+                              **found)
     return None
 
 
@@ -229,7 +231,7 @@ def cause(d: Divergence) -> tuple[str, str]:
     if d.when == "first":
         return ("carried state not tracked", (
             f"step {step}, the first after the resume from step {since}, trains differently although the tracked "
-            f"state was put back as saved and its batch is the same: the step depends on something carried over "
+            f"state was put back as saved{' and its batch is the same' if d.batch_seen else ''}: the step depends on something carried over "
             f"from the previous step that the checkpoint does not hold: a hidden state (an RNN's, repackaged from "
             f"batch to batch), a running average or EMA kept in a plain variable, a batch prefetched in the "
             f"previous step, an optimizer or scheduler not tracked. Track it: job.track(hidden=...) and "

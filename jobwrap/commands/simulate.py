@@ -26,7 +26,7 @@ NAME = "simulate"
 _EXAMPLES = """\
 examples:
   jobwrap simulate --dir /tmp/sim --at 5,17 -- python train.py --epochs 2
-  jobwrap simulate --dir /tmp/sim --quick -- python train.py --epochs 2 --tiny
+  jobwrap simulate --dir /tmp/sim --quick -- python train.py --epochs 1 --samples 256
   jobwrap simulate --dir /tmp/sim --random 3 --seed 7 --signal TERM -- python train.py
 
 simulate points the command's checkpoint directory at DIR/plain, then at
