@@ -108,6 +108,10 @@ def read(directory: str | os.PathLike) -> list[dict[str, Any]] | None:
 def _object_digests(session: Any, name: str, obj: Any) -> dict[str, Any]:
     if name in session._sharded:  # an FSDP state_dict() is a collective only rank 0 would enter here
         return {}
+    if type(obj).__module__.split(".")[0] == "jobwrap":
+        # An integration's whole-trainer state (jobwrap.transformers, jobwrap.lightning): its state_dict()
+        # writes the Trainer's checkpoint folder or runs Lightning's save hooks, which a trace must not do.
+        return {}
     try:
         return flat_digests(obj.state_dict())
     except Exception as exc:  # the save reports a failing state_dict(); the trace only loses that object
