@@ -74,7 +74,7 @@ def record(session: Any) -> None:
         "objects": {name: _object_digests(session, name, obj) for name, obj in session._objects.items()},
         "extras": {name: _extra(value) for name, value in session.extras.items()},
         "rng": {stream: digest(state) for stream, state in capture_rng(session.device).items()},
-        "loader": flat_digests(loader.state_dict()) if loader is not None else None,
+        "loader": _loader_digests(loader),
         "batch": recorder.batch,
     })
     recorder.batch = None
@@ -116,6 +116,14 @@ def _object_digests(session: Any, name: str, obj: Any) -> dict[str, Any]:
         return flat_digests(obj.state_dict())
     except Exception as exc:  # the save reports a failing state_dict(); the trace only loses that object
         return {"?": f"state_dict() failed: {type(exc).__name__}"}
+
+
+def _loader_digests(loader: Any) -> dict[str, Any] | None:
+    """The loader's place and generators; not a loader with its own state (a StatefulDataLoader's state_dict()
+    before iter() makes its iterator and starts its workers, which the run itself would not do there)."""
+    if loader is None or loader.resume_kind() == "state":
+        return None
+    return flat_digests(loader.state_dict())
 
 
 def _extra(value: Any) -> Any:
