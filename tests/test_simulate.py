@@ -258,3 +258,33 @@ def test_quick_step_is_inside_an_epoch_near_the_middle():
               [{"objects": {}, "epoch": 1, "step": s, "position": s - 8} for s in range(8, 17)]
     assert quick_step(records, 16) == 9
     assert quick_step(None, 16) == 8 and quick_step([], 1) == 1
+
+
+def test_trace_is_off_unless_asked_and_records_each_boundary_once(tmp_path):
+    """JOBWRAP_TEST_TRACE off: no trace file. On: one record per (epoch, step), with each tracked object's keys,
+    the streams, the extras by value and the batch trained in that step."""
+    import torch
+
+    import jobwrap
+    from jobwrap._loop.trace import TRACE_FILE, read
+
+    for on in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(2, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        with jobwrap.Session(tmp_path / str(on), environ={"JOBWRAP_TEST_TRACE": "1"} if on else {}) as job:
+            job.track(model=model, optimizer=optimizer, loss=0.0)
+            for epoch in job.epochs(2):
+                for x in job.loader([torch.full((2,), float(i)) for i in range(3)]):
+                    optimizer.zero_grad()
+                    loss = model(x).pow(2).sum()
+                    loss.backward()
+                    optimizer.step()
+                    job["loss"] = loss.item()
+        assert (tmp_path / str(on) / TRACE_FILE).exists() == on
+    records = [r for r in read(tmp_path / "True") if "objects" in r]
+    assert [(r["epoch"], r["step"]) for r in records] == [(0, 0), (0, 1), (0, 2), (1, 3), (1, 4), (1, 5), (2, 6)]
+    assert set(records[1]["objects"]["model"]) == {"weight", "bias"} and "torch" in records[1]["rng"]
+    assert records[0]["extras"]["loss"] == 0.0 and records[1]["extras"]["loss"] > 0  # the value set in step 1
+    assert records[0]["batch"] is None and all(r["batch"] for r in records[1:])
+    assert records[1]["batch"] == records[4]["batch"] != records[2]["batch"]  # each epoch: the same 3 batches
