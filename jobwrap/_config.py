@@ -100,6 +100,8 @@ class Config:
     # Test hooks (jobwrap.testing): hold at these steps until a signal arrives.
     test_hold_at: tuple[int, ...] = ()
     test_control: str | None = None
+    # ...and record a digest of the state at every step boundary (jobwrap simulate's step trace).
+    test_trace: bool = False
 
     def __post_init__(self) -> None:
         if not self.directory:
@@ -212,6 +214,7 @@ _TYPES: dict[str, tuple[_Kind, bool]] = {
     "sync_every_steps": (_count, False), "stripe_min_bytes": (_count, False), "async_save": (_flag_kind, False),
     "lazy_copy": (_flag_kind, False), "lock_timeout": (_seconds, False), "break_lock": (_flag_kind, False),
     "test_hold_at": (_steps, False), "test_control": (_path, True),
+    "test_trace": (_flag_kind, False),
 }
 
 
@@ -274,6 +277,7 @@ _ENV_FIELDS: dict[str, tuple[str, Any]] = {
     "JOBWRAP_BREAK_LOCK": ("break_lock", _flag),
     "JOBWRAP_TEST_HOLD_AT": ("test_hold_at", lambda v: tuple(int(x) for x in v.split(",") if x)),
     "JOBWRAP_TEST_CONTROL": ("test_control", str),
+    "JOBWRAP_TEST_TRACE": ("test_trace", _flag),
 }
 
 

@@ -32,7 +32,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from jobwrap._config import DIR_OVERRIDE, ENV_VARS
+from jobwrap._loop import trace as step_trace
 from jobwrap._loop.hold import done_name, got_name, held_pattern, held_rank
+from jobwrap._loop.trace import TRACE_FILE
+from jobwrap._report.divergence import Divergence, explain, where
 from jobwrap._report.history import summarize
 from jobwrap._storage.events import EVENTS_FILE, read_events
 from jobwrap._storage.lock import HOLDER_FILE, LOCK_FILE
@@ -40,7 +43,7 @@ from jobwrap._storage.store import RUN_FILE, CheckpointStore
 from jobwrap.errors import ConfigError
 
 __all__ = ["PreemptedRun", "run_preempted", "signal_when_held", "final_state", "assert_same_run",
-           "assert_same_state"]
+           "assert_same_state", "step_diagnosis"]
 
 
 @dataclasses.dataclass
@@ -80,7 +83,7 @@ def run_preempted(command: Sequence[str], directory: str | os.PathLike, *,
                   env: Mapping[str, str] | None = None, run_args: Sequence[str] = (),
                   ranks: int = 1, target_ranks: Sequence[int] | None = None,
                   to_group: bool = False, supervised: bool = True, fresh: bool = False,
-                  resume: bool = False, timeout: float = 300) -> PreemptedRun:
+                  resume: bool = False, trace: bool = False, timeout: float = 300) -> PreemptedRun:
     """Run ``command`` under ``jobwrap run`` and send ``signal_`` when it reaches each step in ``preempt_at``.
 
     By default the signal goes to the supervisor, which forwards it to the
@@ -99,6 +102,10 @@ def run_preempted(command: Sequence[str], directory: str | os.PathLike, *,
     signals: the command would resume it (a finished run trains nothing), never
     reach the steps, and the test could not fail. ``fresh=True`` deletes that run
     first (a jobwrap directory only); ``resume=True`` continues it on purpose.
+
+    ``trace=True`` records a digest of the state at every step boundary in the
+    directory (``JOBWRAP_TEST_TRACE``): :func:`assert_same_run` then names the first
+    step that differs and the likely cause.
     """
     directory = Path(directory)
     pending = sorted(set(preempt_at))
@@ -107,7 +114,8 @@ def run_preempted(command: Sequence[str], directory: str | os.PathLike, *,
     control = Path(tempfile.mkdtemp(prefix="jobwrap-control-"))
     run_env = {**os.environ, **(env or {}), "JOBWRAP_DIR": str(directory),
                "JOBWRAP_TEST_CONTROL": str(control), "PYTHONFAULTHANDLER": "1",
-               "JOBWRAP_TEST_HOLD_AT": ",".join(str(s) for s in pending)}
+               "JOBWRAP_TEST_HOLD_AT": ",".join(str(s) for s in pending),
+               **({"JOBWRAP_TEST_TRACE": "1"} if trace else {})}
     argv = [sys.executable, "-m", "jobwrap", "run", *run_args, "--", *command] if supervised else list(command)
     out_path, err_path = control / "stdout", control / "stderr"
     signalled: list[int] = []
@@ -182,7 +190,7 @@ def _held_run(directory: Path) -> str | None:
 
 def _jobwrap_entry(name: str) -> bool:
     """A name jobwrap writes in a checkpoint directory (checkpoints, manifests, folders, events, lock, temporaries)."""
-    return name.startswith(("step-", ".tmp-")) or name in (EVENTS_FILE, RUN_FILE, LOCK_FILE, HOLDER_FILE)
+    return name.startswith(("step-", ".tmp-")) or name in (EVENTS_FILE, RUN_FILE, LOCK_FILE, HOLDER_FILE, TRACE_FILE)
 
 
 def signal_when_held(control: str | os.PathLike, step: int, send: Callable[[dict[int, int]], None], *,
@@ -288,7 +296,11 @@ def assert_same_state(a: Any, b: Any, path: str = "checkpoint") -> None:
 
 
 def assert_same_run(first: str | os.PathLike, second: str | os.PathLike) -> None:
-    """The final checkpoints of two runs are identical, apart from the run's identity."""
+    """The final checkpoints of two runs are identical, apart from the run's identity; and where both runs
+    were traced (``run_preempted(trace=True)``, the ``jobwrap_preempt`` fixture), every step's state too.
+
+    A failure names the first step whose state differs, what differs there and the likely cause.
+    """
     a, b = final_state(first), final_state(second)
     for state in (a, b):
         state["jobwrap"].pop("run_id", None)
@@ -296,7 +308,25 @@ def assert_same_run(first: str | os.PathLike, second: str | os.PathLike) -> None
         state["jobwrap"].get("dcp", {}).pop("bytes", None)
         state["jobwrap"].pop("stripes", None)  # where the tensors were written, not what they hold
         state["jobwrap"].pop("format", None)  # the layout (one file or striped), likewise
-    assert_same_state(a, b)
+    diagnosis = step_diagnosis(first, second)
+    try:
+        assert_same_state(a, b)
+    except AssertionError as exc:
+        if diagnosis is None:
+            raise
+        raise AssertionError(f"{exc}\n{diagnosis[1]}\n{diagnosis[2]}") from None
+    if diagnosis is not None:
+        raise AssertionError(f"the final checkpoints are equal, but a step is not\n{diagnosis[1]}\n{diagnosis[2]}")
+
+
+def step_diagnosis(first: str | os.PathLike, second: str | os.PathLike) -> tuple[Divergence, str, str] | None:
+    """Where the traced run ``second`` first differs from ``first``: (the evidence, a line naming the step and
+    what differs there with the loss if the script keeps one, 'cause: what it means and what to do'); None
+    where every step both recorded is equal, or either run has no trace."""
+    plain, cut = step_trace.read(first), step_trace.read(second)
+    if not plain or not cut:
+        return None
+    return explain(plain, cut)
 
 
 # ---------------------------------------------------------------- jobwrap simulate
@@ -315,6 +345,8 @@ class Simulation:
     total_steps: int
     runs: list[PreemptedRun]
     checks: list[tuple[str, bool, str]]  # (check, passed, detail)
+    diagnosis: tuple[Divergence, str, str] | None = None  # the first step that differs, what, the cause
+    seconds: float = 0.0
 
     @property
     def passed(self) -> bool:
@@ -332,6 +364,21 @@ class SimulationFailed(Exception):
 def random_steps(count: int, total: int, seed: int) -> list[int]:
     """``count`` distinct steps in ``[0, total)`` from ``seed`` (fewer when the run is shorter)."""
     return sorted(random.Random(seed).sample(range(total), min(count, total)))
+
+
+def quick_step(trace: Sequence[dict[str, Any]] | None, total: int) -> int:
+    """The one step ``--quick`` preempts at: the middle of the run, inside an epoch.
+
+    Mid-epoch, because state carried from batch to batch (a hidden state, a running
+    average) is lost only there: an epoch's start resets it in the uninterrupted run
+    too, so a preemption there would pass a wrong adoption. From the uninterrupted run's
+    trace: a step with a batch done before it and one after it in the same epoch.
+    """
+    middle = max(total // 2, 1) if total else 0
+    records = [r for r in trace or () if "objects" in r]
+    steps_of = {(r["epoch"], r["step"]) for r in records}
+    inside = [r["step"] for r in records if r.get("position", 0) > 0 and (r["epoch"], r["step"] + 1) in steps_of]
+    return min(inside, key=lambda step: (abs(step - middle), step)) if inside else middle
 
 
 def prepare_workdir(work: Path) -> None:
@@ -358,7 +405,7 @@ def _write_log(path: Path, runs: Sequence[PreemptedRun]) -> None:
 
 
 def preempt_and_relaunch(command: Sequence[str], directory: Path, steps: Sequence[int], sig: signal.Signals,
-                         timeout: float) -> tuple[list[PreemptedRun], list[int]]:
+                         timeout: float, trace: bool = False) -> tuple[list[PreemptedRun], list[int]]:
     """Run under ``jobwrap run``, signalled at ``steps``; relaunch after an exit signal's stop, as Slurm would.
 
     A requeue signal's relaunch happens inside ``jobwrap run``; an exit signal
@@ -371,7 +418,7 @@ def preempt_and_relaunch(command: Sequence[str], directory: Path, steps: Sequenc
     for restart in range(len(steps) + 1):
         env = {DIR_OVERRIDE: str(directory), **({"JOBWRAP_RESTART_COUNT": str(restart)} if restart else {})}
         run = run_preempted(command, directory, preempt_at=remaining, signal_=sig, timeout=timeout, env=env,
-                            resume=bool(restart))
+                            resume=bool(restart), trace=trace)
         runs.append(run)
         signalled += run.signalled_at
         remaining = [s for s in remaining if s not in run.signalled_at]
@@ -410,6 +457,18 @@ def resume_checks(plain: Path, cut: Path, steps: Sequence[int], signalled: Seque
             f"seeded, so two plain runs would differ too; seed them at the start of the script "
             f"(random.seed(0), numpy.random.seed(0))") if unseeded else str(exc).splitlines()[0][:200]))
     return results
+
+
+def step_check(plain: Path, cut: Path) -> tuple[tuple[str, bool, str], tuple[Divergence, str, str] | None]:
+    """The check row that compares the two runs step by step, and the diagnosis where a step differs."""
+    if step_trace.read(plain) is None or step_trace.read(cut) is None:
+        # Rank 0 records at every boundary, so a run that has a checkpoint has a trace: this is another layout.
+        return ("same at every step", True, "no step trace recorded: only the final checkpoint is compared"), None
+    diagnosis = step_diagnosis(plain, cut)
+    if diagnosis is None:
+        return ("same at every step", True, "every step's state equal to the uninterrupted run's"), None
+    d = diagnosis[0]
+    return ("same at every step", False, f"first differs at step {d.step}, {where(d)}"), diagnosis
 
 
 _SEEDABLE = {"python": "Python", "numpy": "NumPy"}
@@ -461,34 +520,49 @@ def _final_step(plain: PreemptedRun, log: Path) -> int:
 
 
 def simulate(command: Sequence[str], work: Path, *, sig: signal.Signals, at: Sequence[int] | None = None,
-             count: int = 3, seed: int = 0, timeout: float = 1800,
+             count: int = 3, seed: int = 0, quick: bool = False, timeout: float = 1800,
              say: Callable[[str], None] = print) -> Simulation:
     """``jobwrap simulate``: run ``command`` uninterrupted in ``work/plain``, then preempted with ``sig`` in
-    ``work/preempted`` at ``at`` (or ``count`` random steps from ``seed``), and check the resume.
+    ``work/preempted`` at ``at`` (or ``count`` random steps from ``seed``; ``quick``: one step, mid-epoch in
+    the middle of the run), and check the resume: every preemption, no step lost, every step's state and the
+    final checkpoint equal to the uninterrupted run's. Where a step differs, ``diagnosis`` names the first,
+    what differs there and the known cause.
 
     ``say`` gets a line as each run starts. Raises :class:`ConfigError` for a work
     directory or steps that cannot be used, :class:`SimulationFailed` when the
     uninterrupted run gives nothing to compare with. The outcome is recorded in
     ``work/simulate.json``, each run's output in ``work/plain.log`` and ``work/preempted.log``.
     """
+    began = time.monotonic()
     prepare_workdir(work)
     plain_dir, cut_dir = work / "plain", work / "preempted"
     say(f"1/2 uninterrupted run in {plain_dir}")
-    plain = run_preempted(command, plain_dir, timeout=timeout, env={DIR_OVERRIDE: str(plain_dir)})
+    plain = run_preempted(command, plain_dir, timeout=timeout, env={DIR_OVERRIDE: str(plain_dir)}, trace=True)
     _write_log(work / "plain.log", [plain])
     total = _final_step(plain, work / "plain.log")
-    steps = list(at) if at is not None else random_steps(count, total, seed)
+    if at is not None:
+        steps = list(at)
+    elif quick:
+        steps = [quick_step(step_trace.read(plain_dir), total)]
+    else:
+        steps = random_steps(count, total, seed)
     beyond = [s for s in steps if s > total]  # at `total`: the boundary after the last step
     if beyond:
         raise ConfigError(f"steps {beyond} are beyond the run's last step ({total}); choose steps up to {total}")
     say(f"2/2 the same command, {sig.name} at steps {', '.join(map(str, steps))}, in {cut_dir}")
-    runs, signalled = preempt_and_relaunch(command, cut_dir, steps, sig, timeout)
+    runs, signalled = preempt_and_relaunch(command, cut_dir, steps, sig, timeout, trace=True)
     _write_log(work / "preempted.log", runs)
+    checks = resume_checks(plain_dir, cut_dir, steps, signalled, runs[-1].returncode)
+    row, diagnosis = step_check(plain_dir, cut_dir)
+    checks.insert(-1, row)
     result = Simulation(signal=sig, steps=steps, signalled=signalled, total_steps=total, runs=runs,
-                        checks=resume_checks(plain_dir, cut_dir, steps, signalled, runs[-1].returncode))
+                        checks=checks, diagnosis=diagnosis, seconds=round(time.monotonic() - began, 1))
     record = {"command": list(command), "signal": sig.name, "steps": steps, "signalled": signalled,
-              "total_steps": total, "passed": result.passed,
+              "total_steps": total, "passed": result.passed, "seconds": result.seconds,
               "checks": [{"check": n, "passed": ok, "detail": d} for n, ok, d in result.checks]}
+    if diagnosis is not None:
+        record["first_difference"] = dataclasses.asdict(diagnosis[0])
+        record["summary"], record["cause"] = diagnosis[1], diagnosis[2]
     (work / SIMULATE_RECORD).write_text(json.dumps(record, indent=1) + "\n")
     return result
 
@@ -501,7 +575,9 @@ except ImportError:  # pragma: no cover - pytest is optional for users of the he
 if pytest is not None:
     @pytest.fixture
     def jobwrap_preempt(tmp_path: Path):
-        """``run(command, name, preempt_at=[...])`` with a fresh directory under ``tmp_path`` per name."""
+        """``run(command, name, preempt_at=[...])`` with a fresh directory under ``tmp_path`` per name, each
+        step traced (``trace=True``), so that :func:`assert_same_run` names the first step that differs."""
         def run(command: Sequence[str], name: str = "run", **kwargs: Any) -> PreemptedRun:
+            kwargs.setdefault("trace", True)  # assert_same_run then names the first step that differs, and why
             return run_preempted(command, tmp_path / name, **kwargs)
         return run

@@ -11,7 +11,7 @@ import logging
 import time
 from typing import Iterator
 
-from jobwrap._loop import hold, steps, trackable
+from jobwrap._loop import hold, steps, trace, trackable
 from jobwrap._loop.data import ResumableLoader
 from jobwrap._loop.distributed import NO_STOP, WRITER_BUSY, WRITER_DONE, WRITER_IDLE
 from jobwrap._loop.phases import Phase, move
@@ -41,6 +41,8 @@ class Boundary:
         if len(self._interrupts.received) > self._interrupts_told:
             self._went_on_after_interrupt()
         self._orphaned = self._orphaned or self._lifeline.cut()  # then it stops as on a cancel
+        if self.config.test_trace:  # jobwrap simulate: the state's digest, before a hold's signal stops here
+            trace.record(self)
         if self.config.test_hold_at and self.step in self.config.test_hold_at:
             hold.hold(self.config.test_control, self.step, self.group.rank, self._trap)
         after_first_step = self.step > max(self._resumed_step, 0)

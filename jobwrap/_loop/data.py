@@ -30,6 +30,7 @@ from typing import Any, Generic, Iterable, Iterator, Protocol, TypeVar
 import torch
 
 from jobwrap._compat.torch_loader import fetcher_ended, is_map_style
+from jobwrap._loop import trace
 from jobwrap._loop.iterators import wrapped_pull
 from jobwrap._loop.rngs import own_rngs
 from jobwrap._loop.rngs import rng_kind as _rng_kind
@@ -156,6 +157,8 @@ class ResumableLoader(Generic[T]):
             self._index = session.position
             self._pulled_at = _pulling_loop()
             session._batch_started()
+            if trace.active:  # jobwrap simulate's step trace: the batch's digest
+                trace.note_batch(session, batch)
             try:
                 yield batch
             except GeneratorExit:  # the loop was left (break): that batch is not counted, as before
@@ -182,6 +185,11 @@ class ResumableLoader(Generic[T]):
         or was left by ``break`` with its iterator kept in a variable (the batch was not trained: as when
         the iterator is the loop's own, which ``break`` closes). A pull that is no ``for`` loop's: in the body."""
         return self._pulled_at is None or in_loop_body(*self._pulled_at, sys._getframe(1))
+
+    def resume_kind(self) -> str:
+        """How a mid-epoch resume finds its place: ``state`` (the loader's own state_dict), ``skip`` (indices
+        alone, nothing loaded) or ``replay`` (the done batches fetched again and dropped)."""
+        return "state" if self._stateful is not None else "skip" if self._skips else "replay"
 
     def _start_epoch(self) -> Iterator[T]:
         resume, self._resume = self._resume, None
