@@ -735,6 +735,10 @@ class Session:
         share), and all ranks return only once the checkpoint is committed.
         """
         self.start()
+        if self._resume is not None and self.resumed_from is not None and self.step == self._resumed_step:
+            # No boundary since the resume (a finished run launched again): the state is the checkpoint's, so
+            # put it back as a boundary would and save nothing, rather than a copy with other RNG streams.
+            self._finish_resume()
         if self._in_batch:  # a batch in hand counts if the loop's body is running, not once the loop is left
             if self._loader is None or self._loader.body_running():
                 self._batch_finished()
