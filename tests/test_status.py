@@ -9,6 +9,8 @@ import sys
 import time
 from signal import SIGINT
 
+import torch
+
 from jobwrap._format import human_duration
 from jobwrap._report.history import render, summarize
 from jobwrap._report.relaunch import PARTS as relaunch_parts
@@ -217,27 +219,32 @@ def test_run_restart_counts_on_after_a_launch_by_hand_and_a_lost_start():
 
 
 # The README's hand-written loop: a final job.save() after `while job.step < total`, which a finished
-# run launched again reaches without a step.
+# run launched again reaches without a step; before it, an evaluation that draws from the RNG ("draw")
+# or that records its result in an extra ("extra").
 LOOP = """\
 import sys, time, torch, jobwrap
 torch.manual_seed(0)
 model = torch.nn.Linear(2, 1)
 optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 with jobwrap.Session(sys.argv[1]) as job:
-    job.track(model=model, optimizer=optimizer)
+    job.track(model=model, optimizer=optimizer, note="")
     while job.step < int(sys.argv[2]):
         optimizer.zero_grad()
         model(torch.randn(4, 2)).sum().backward()
         optimizer.step()
         time.sleep(float(sys.argv[3]))
         job.step_done()
+    if sys.argv[4] == "draw":
+        torch.randn(3)
+    if sys.argv[4] == "extra":
+        job["note"] = "evaluated"
     job.save()
 """
 
 
-def _launch_by_hand(script, ck, steps=3, sleep=0.0, **kwargs):
-    return subprocess.run([sys.executable, str(script), str(ck), str(steps), str(sleep)], capture_output=True,
-                          text=True, timeout=180, **kwargs)
+def _launch_by_hand(script, ck, steps=3, sleep=0.0, evaluation="none", **kwargs):
+    return subprocess.run([sys.executable, str(script), str(ck), str(steps), str(sleep), evaluation],
+                          capture_output=True, text=True, timeout=180, **kwargs)
 
 
 def test_launches_by_hand_count_restarts_idle_time_and_evaluation_only_launches(tmp_path):
@@ -269,11 +276,28 @@ def test_launches_by_hand_count_restarts_idle_time_and_evaluation_only_launches(
     assert text.count("no step trained (finished already, or evaluation only)") == 2
 
 
+def test_finished_run_relaunched_saves_again_only_what_changed(tmp_path):
+    """Relaunched after it finished, a script whose final job.save() follows a random draw (evaluation) writes
+    no copy of the final checkpoint; one that changed an extra before it commits the change (a new serial)."""
+    script, ck = tmp_path / "loop.py", tmp_path / "ck"
+    script.write_text(LOOP)
+    for evaluation in ("none", "draw"):
+        done = _launch_by_hand(script, ck, evaluation=evaluation)
+        assert done.returncode == 0, done.stderr
+    assert [(c.step, c.serial) for c in CheckpointStore(str(ck)).committed()] == [(3, 0)]
+    done = _launch_by_hand(script, ck, evaluation="extra")
+    assert done.returncode == 0, done.stderr
+    newest = CheckpointStore(str(ck)).committed()[0]
+    assert (newest.step, newest.serial) == (3, 1)
+    assert torch.load(newest.path, weights_only=True)["note"] == "evaluated"
+
+
 def test_ctrl_c_launch_is_shown_interrupted_not_failed(tmp_path):
     """A launch ended by SIGINT (Ctrl-C) shows as interrupted, with its exit code, not as failed."""
     script, ck = tmp_path / "loop.py", tmp_path / "ck"
     script.write_text(LOOP)
-    proc = subprocess.Popen([sys.executable, str(script), str(ck), "1000", "0.05"], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, str(script), str(ck), "1000", "0.05", "none"], stderr=subprocess.PIPE,
+                            text=True)
     try:
         deadline = time.monotonic() + 120
         while not any(e["event"] == "start" for e in read_events(str(ck))) if (ck / "events.jsonl").exists() else True:

@@ -163,6 +163,7 @@ class Session:
         self._data_resumed_elsewhere = False  # a framework's loop resumes its own loader (jobwrap._loop.iterators)
         self._scoped = False  # inside `with`: the block closes it; else the process's exit does (at_exit)
         self._rng_restored: Any = None  # the streams as track() put them back, until the first boundary
+        self._resumed_fingerprint: Any = None  # the state as track() put it back from the checkpoint
         self._epochs_used = False  # log lines name the epoch only in loops that have them
         self._preempted: Preempted | None = None
         self._epoch_end_save_warned = False  # code after an epoch-end save changed the state: warned once
@@ -376,6 +377,7 @@ class Session:
             resumed.restore_rng()  # loops with only step_done() have no boundary before their first step
             if resumed.checkpoint is not None:
                 self._rng_restored = steps.rng_mark(self.device)
+                self._resumed_fingerprint = self._fingerprint()
         if self._trap.received and self.resumed_from is not None and self.group.world_size == 1:
             # A signal that came while resuming: stop now, the state is the checkpoint's. With several
             # ranks the stop is a collective that only this rank would enter here (the others may be in
@@ -735,9 +737,11 @@ class Session:
         share), and all ranks return only once the checkpoint is committed.
         """
         self.start()
-        if self._resume is not None and self.resumed_from is not None and self.step == self._resumed_step:
-            # No boundary since the resume (a finished run launched again): the state is the checkpoint's, so
-            # put it back as a boundary would and save nothing, rather than a copy with other RNG streams.
+        if self._resume is not None and self.resumed_from is not None and _apart_from_rng(
+                self._fingerprint()) == _apart_from_rng(self._resumed_fingerprint):
+            # No step since the resume (a finished run launched again), nothing tracked changed: the state is the
+            # checkpoint's, RNG streams aside (a random draw since, evaluation's): put them back as a boundary
+            # would, and save nothing rather than a copy of the checkpoint with other streams.
             self._finish_resume()
         if self._in_batch:  # a batch in hand counts if the loop's body is running, not once the loop is left
             if self._loader is None or self._loader.body_running():
@@ -909,6 +913,11 @@ class Session:
 def _clean(exc: BaseException | None) -> bool:
     """A finished run or a Preempted: every rank ends together (after an error some may not come)."""
     return exc is None or isinstance(exc, Preempted)
+
+
+def _apart_from_rng(fingerprint: Any) -> Any:
+    """A :meth:`Session._fingerprint` without the rank's RNG and data state (its sixth part)."""
+    return fingerprint[:5] + fingerprint[6:] if isinstance(fingerprint, tuple) else fingerprint
 
 
 def _restarts(saved: Any, now: int) -> str:
