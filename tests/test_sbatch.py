@@ -454,6 +454,9 @@ def test_other_exit_codes_pass_through_without_requeue(tmp_path: Path, fake_slur
 
 
 def _jobwrap(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`jobwrap submit ARGS` as from an activated venv: its bin directory first on PATH."""
+    env = dict(os.environ if env is None else env)
+    env["PATH"] = os.pathsep.join([str(VENV_BIN), env.get("PATH", "")])
     return subprocess.run([sys.executable, "-m", "jobwrap", "submit", *args], capture_output=True, text=True,
                           timeout=60, env=env, cwd=cwd)
 

@@ -6,6 +6,10 @@ import json
 import logging
 import subprocess
 import sys
+import time
+from signal import SIGINT
+
+import torch
 
 from jobwrap._format import human_duration
 from jobwrap._report.history import render, summarize
@@ -203,3 +207,110 @@ def test_status_splits_each_relaunch_from_the_signal_to_the_first_new_step(tmp_p
     lines = {line.split()[1]: line for line in text.splitlines() if line.startswith("  relaunch ")}
     assert "USR1@3 -> first new step in" in lines["2"] and "USR1@10 -> first new step in" in lines["3"]
     assert all(f" {part.replace('_', ' ')} " in lines["2"] for part in relaunch_parts)
+
+
+def test_run_restart_counts_on_after_a_launch_by_hand_and_a_lost_start():
+    """The table's restart number goes on across launches by hand (scheduler count 0 again) and keeps the
+    scheduler's where it is ahead (a Slurm restart whose start was never recorded)."""
+    events = [_start(0, restart=0), _start(10, restart=2), _start(20, restart=0), _start(30, restart=0)]
+    history = summarize(events)
+    assert [launch.run_restart for launch in history.launches] == [0, 2, 3, 4]
+    assert [launch.restart for launch in history.launches] == [0, 2, 0, 0]
+
+
+# The README's hand-written loop: a final job.save() after `while job.step < total`, which a finished
+# run launched again reaches without a step; before it, an evaluation that draws from the RNG ("draw")
+# or that records its result in an extra ("extra").
+LOOP = """\
+import sys, time, torch, jobwrap
+torch.manual_seed(0)
+model = torch.nn.Linear(2, 1)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+with jobwrap.Session(sys.argv[1]) as job:
+    job.track(model=model, optimizer=optimizer, note="")
+    while job.step < int(sys.argv[2]):
+        optimizer.zero_grad()
+        model(torch.randn(4, 2)).sum().backward()
+        optimizer.step()
+        time.sleep(float(sys.argv[3]))
+        job.step_done()
+    if sys.argv[4] == "draw":
+        torch.randn(3)
+    if sys.argv[4] == "extra":
+        job["note"] = "evaluated"
+    job.save()
+"""
+
+
+def _launch_by_hand(script, ck, steps=3, sleep=0.0, evaluation="none", **kwargs):
+    return subprocess.run([sys.executable, str(script), str(ck), str(steps), str(sleep), evaluation],
+                          capture_output=True, text=True, timeout=180, **kwargs)
+
+
+def test_launches_by_hand_count_restarts_idle_time_and_evaluation_only_launches(tmp_path):
+    """A run launched by hand 3 times (the 2nd and 3rd after it finished, 2 s apart): restarts 0, 1, 2; the gaps
+    are idle, not start-up; the later launches trained no step, are not 'finished' and wrote no checkpoint."""
+    script, ck = tmp_path / "loop.py", tmp_path / "ck"
+    script.write_text(LOOP)
+    for _ in range(3):
+        done = _launch_by_hand(script, ck)
+        assert done.returncode == 0, done.stderr
+        time.sleep(2)
+    committed = CheckpointStore(str(ck)).committed()
+    assert [(c.step, c.serial) for c in committed] == [(3, 0)], "a relaunch of a finished run saved a copy"
+    record = json.loads(_status(ck, "--json"))
+    runs, times = record["runs"], record["time"]
+    assert [r["run_restart"] for r in runs] == [0, 1, 2] and [r["restart"] for r in runs] == [0, 0, 0]
+    assert [r["outcome"] for r in runs] == ["finished", "evaluated", "evaluated"] and record["evaluated"] == 2
+    assert record["state"] == "finished" and [r["saves"] for r in runs] == [1, 0, 0]
+    starts = [e for e in read_events(str(ck)) if e["event"] == "start"]
+    gaps = [later["process_started"] - earlier["ended"] for earlier, later in zip(runs, starts[1:])]
+    assert all(gap >= 2 for gap in gaps)
+    assert abs(times["idle"] - sum(gaps)) < 1e-2
+    for launch, start in zip(times["launches"], starts):
+        assert abs(launch["begin"] - start["process_started"]) < 1e-3  # start-up from its own process, not the gap
+    assert times["launches"][1]["training"] == 0 and times["launches"][1]["evaluation"] > 0
+    text = _status(ck)
+    assert "finished at step 3" in text and "2 launch(es) by hand, idle" in text
+    assert "3 (1 fresh, 2 resumed, 2 without a training step)" in text
+    assert text.count("no step trained (finished already, or evaluation only)") == 2
+
+
+def test_finished_run_relaunched_saves_again_only_what_changed(tmp_path):
+    """Relaunched after it finished, a script whose final job.save() follows a random draw (evaluation) writes
+    no copy of the final checkpoint; one that changed an extra before it commits the change (a new serial)."""
+    script, ck = tmp_path / "loop.py", tmp_path / "ck"
+    script.write_text(LOOP)
+    for evaluation in ("none", "draw"):
+        done = _launch_by_hand(script, ck, evaluation=evaluation)
+        assert done.returncode == 0, done.stderr
+    assert [(c.step, c.serial) for c in CheckpointStore(str(ck)).committed()] == [(3, 0)]
+    done = _launch_by_hand(script, ck, evaluation="extra")
+    assert done.returncode == 0, done.stderr
+    newest = CheckpointStore(str(ck)).committed()[0]
+    assert (newest.step, newest.serial) == (3, 1)
+    assert torch.load(newest.path, weights_only=True)["note"] == "evaluated"
+
+
+def test_ctrl_c_launch_is_shown_interrupted_not_failed(tmp_path):
+    """A launch ended by SIGINT (Ctrl-C) shows as interrupted, with its exit code, not as failed."""
+    script, ck = tmp_path / "loop.py", tmp_path / "ck"
+    script.write_text(LOOP)
+    proc = subprocess.Popen([sys.executable, str(script), str(ck), "1000", "0.05", "none"], stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(e["event"] == "start" for e in read_events(str(ck))) if (ck / "events.jsonl").exists() else True:
+            assert time.monotonic() < deadline and proc.poll() is None, "the run did not start"
+            time.sleep(0.1)
+        time.sleep(0.5)
+        proc.send_signal(SIGINT)
+        assert proc.wait(timeout=60) in (130, -SIGINT)  # Python ends an uncaught KeyboardInterrupt by SIGINT
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    record = json.loads(_status(ck, "--json"))
+    assert record["state"] == "interrupted" and record["runs"][0]["outcome"] == "interrupted"
+    text = _status(ck)
+    assert "interrupted (Ctrl-C), exit 130" in text and "failed" not in text

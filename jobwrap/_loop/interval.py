@@ -63,8 +63,9 @@ def young_daly(cost: float, mtbi: float) -> float:
 
 
 def unwarned(launch: Launch) -> bool:
-    """A launch that ended without a signal's checkpoint: killed without an exit event, or failed without a signal."""
-    return not launch.signals and launch.outcome in ("unknown", "failed")
+    """A launch that ended without a signal's checkpoint: killed without an exit event, failed or interrupted
+    (Ctrl-C, which commits nothing) without a signal."""
+    return not launch.signals and launch.outcome in ("unknown", "failed", "interrupted")
 
 
 def mean_time_between(launches: Sequence[Launch], *, prior: float = PRIOR_MTBI) -> tuple[float, float, int]:

@@ -167,3 +167,8 @@ class Saving:
         except JobwrapError as shared:
             return shared
         return None
+
+
+def apart_from_rng(fingerprint: Any) -> Any:
+    """A :meth:`Saving._fingerprint` without the rank's RNG and data state (its sixth part)."""
+    return fingerprint[:5] + fingerprint[6:] if isinstance(fingerprint, tuple) else fingerprint

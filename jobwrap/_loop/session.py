@@ -47,7 +47,7 @@ from jobwrap._loop.iterators import watch_iterators
 from jobwrap._loop.periodic import Periodic
 from jobwrap._loop.phases import STARTED, Phase, move
 from jobwrap._loop.resume import Resumed
-from jobwrap._loop.saving import Saving
+from jobwrap._loop.saving import Saving, apart_from_rng
 from jobwrap._loop.starting import Starting, Timeline, default_device, ensure_log_handler
 from jobwrap._loop.stop import Stopping, clean_exit
 from jobwrap._loop.workers import guard_dataloader_workers
@@ -109,6 +109,7 @@ class Session(Starting, Boundary, Stopping, Saving, Periodic, EpochEnd, Framewor
         self._resume_data: dict[str, Any] | None = None  # the loader's position state, until a loader takes it
         self._resumed_step = -1
         self._rng_restored: Any = None  # the streams as track() put them back, until the first boundary
+        self._resumed_fingerprint: Any = None  # the state as track() put it back from the checkpoint
         self._adopted_path: str | None = None  # the init_from file this run started from
         self._preempted: Preempted | None = None  # raised at the stop (phase PREEMPTED), for at_exit
         self._saved_fingerprint: Any = None  # the state last_checkpoint holds (None: unknown, save again)
@@ -243,6 +244,7 @@ class Session(Starting, Boundary, Stopping, Saving, Periodic, EpochEnd, Framewor
             resumed.restore_rng()  # loops with only step_done() have no boundary before their first step
             if resumed.checkpoint is not None:
                 self._rng_restored = steps.rng_mark(self.device)
+                self._resumed_fingerprint = self._fingerprint()
         if self._trap.received and self.resumed_from is not None and self.group.world_size == 1:
             # A signal that came while resuming: stop now, the state is the checkpoint's. With several
             # ranks the stop is a collective that only this rank would enter here (the others may be in
@@ -347,6 +349,12 @@ class Session(Starting, Boundary, Stopping, Saving, Periodic, EpochEnd, Framewor
         share), and all ranks return only once the checkpoint is committed.
         """
         self.start()
+        if self._phase is Phase.RESUMING and self.resumed_from is not None and apart_from_rng(
+                self._fingerprint()) == apart_from_rng(self._resumed_fingerprint):
+            # No step since the resume (a finished run launched again), nothing tracked changed: the state is the
+            # checkpoint's, RNG streams aside (a random draw since, evaluation's): put them back as a boundary
+            # would, and save nothing rather than a copy of the checkpoint with other streams.
+            self._finish_resume()
         return self._commit(reason)
 
 

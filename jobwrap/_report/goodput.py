@@ -14,10 +14,14 @@ Each launch's allocated time splits into parts that add up to it:
   committed checkpoint of them, at the launch's own step time, and the
   unrecorded end of a launch killed without an exit event;
 - ``exit``: after the exit event until the allocation ended (accounting only);
+- ``evaluation``: the time of a launch that trained no step (a finished run
+  launched again, a script that only evaluates), which a goodput must not count;
 - ``training``: the rest.
 
 Queue waits between runs are not allocated time; Slurm's accounting
-(``sacct``) measures them. The one side effect, running ``sacct``, is
+(``sacct``) measures them. Nor is the idle time between a launch's end and the
+next launch by hand (``python train.py`` again, a new ``jobwrap run``): that
+launch's start-up begins when its process was created, and the gap is ``idle``. The one side effect, running ``sacct``, is
 :func:`read_accounting`.
 """
 from __future__ import annotations
@@ -34,7 +38,7 @@ from jobwrap._report.history import History, Launch
 
 __all__ = ["Allocation", "Goodput", "LaunchTime", "breakdown", "facts", "parse_sacct", "read_accounting"]
 
-PARTS = ("training", "saving", "loading", "startup", "lost", "exit")
+PARTS = ("training", "saving", "loading", "startup", "lost", "exit", "evaluation")
 SACCT_FIELDS = ("JobID", "State", "Start", "End")
 
 
@@ -60,6 +64,7 @@ class LaunchTime:
     startup: float
     lost: float
     exit: float
+    evaluation: float
     background_write: float
     steps: int
     step_seconds: float | None  # mean wall time of one step of this launch, saves excluded
@@ -82,6 +87,7 @@ class Goodput:
     launches: tuple[LaunchTime, ...]
     queue_wait: float | None   # between runs, from sacct; None where not measured
     accounting: str            # where the allocation times came from, in words
+    idle: float = 0.0          # between a launch's end and the next launch by hand: not allocated
 
     def total(self, part: str) -> float:
         return sum(getattr(launch, part) for launch in self.launches)
@@ -103,6 +109,7 @@ class Goodput:
             **{part: round(self.total(part), 4) for part in PARTS},
             "background_write": round(self.total("background_write"), 4),
             "queue_wait": None if self.queue_wait is None else round(self.queue_wait, 3),
+            "idle": round(self.idle, 3),
             "accounting": self.accounting,
             "launches": [launch.as_dict() for launch in self.launches],
         }
@@ -135,9 +142,11 @@ def _launch_time(launch: Launch, following: Launch | None, begin: float, end: fl
     # A launch with an exit event stopped cleanly: what follows is the allocation's end. Without one it
     # was killed, and what it trained after its last event was lost with it.
     unrecorded = launch.outcome == "unknown" and following is not None
+    evaluation = work if launch.outcome == "evaluated" else 0.0
     return LaunchTime(
         number=launch.number, begin=begin, end=max(end, recorded_end),
-        training=work - redone, saving=launch.pause_seconds, loading=launch.load_seconds or 0.0,
+        training=work - redone - evaluation, evaluation=evaluation, saving=launch.pause_seconds,
+        loading=launch.load_seconds or 0.0,
         startup=max(0.0, opened - begin), lost=redone + (tail if unrecorded else 0.0),
         exit=0.0 if unrecorded else tail, background_write=launch.background_write_seconds,
         steps=steps, step_seconds=step_seconds, steps_lost=steps_lost,
@@ -151,6 +160,16 @@ def _allocation_of(launch: Launch, accounting: dict[str, list[Allocation]]) -> A
     return runs[launch.restart]
 
 
+def relaunched_in_place(launch: Launch, previous: Launch) -> bool:
+    """Whether ``launch`` (not on Slurm) follows ``previous`` without idle time between: ``jobwrap run``
+    relaunched it in place (it records when the previous process ended; older logs count one restart more),
+    or ``previous`` was killed without an exit event, so when it stopped working is not known and the gap
+    stays its own (lost). Else it is a launch by hand, after idle time."""
+    if launch.previous_exit is not None or previous.outcome == "unknown":
+        return True
+    return isinstance(launch.restart, int) and isinstance(previous.restart, int) and launch.restart > previous.restart
+
+
 def breakdown(history: History, accounting: dict[str, list[Allocation]] | None = None) -> Goodput:
     """The :class:`Goodput` of a run from its :class:`History` and, where known, its Slurm allocations
     (by job id, oldest run first, as :func:`parse_sacct` gives them)."""
@@ -158,6 +177,7 @@ def breakdown(history: History, accounting: dict[str, list[Allocation]] | None =
     launches = history.launches
     times: list[LaunchTime] = []
     waits: list[float] = []
+    idle = 0.0
     for i, launch in enumerate(launches):
         previous = launches[i - 1] if i else None
         following = launches[i + 1] if i + 1 < len(launches) else None
@@ -165,10 +185,10 @@ def breakdown(history: History, accounting: dict[str, list[Allocation]] | None =
         # Relaunched in place (by `jobwrap run`, or within one Slurm allocation): the gap was spent restarting.
         in_place = previous is not None and (
             _allocation_of(previous, accounting) == allocation if allocation is not None
-            else launch.scheduler == "local")
+            else launch.scheduler == "local" and relaunched_in_place(launch, previous))
         continued = following is not None and (
             _allocation_of(following, accounting) == allocation if allocation is not None
-            else following.scheduler == "local")
+            else following.scheduler == "local" and relaunched_in_place(following, launch))
         if in_place:
             begin = times[-1].end
         elif allocation is not None:
@@ -181,19 +201,27 @@ def breakdown(history: History, accounting: dict[str, list[Allocation]] | None =
             end = end if following.process_started is None else following.process_started
         elif not continued and allocation is not None and allocation.end is not None:
             end = allocation.end
+        if previous is not None and not in_place and allocation is None and launch.scheduler == "local":
+            idle += max(0.0, begin - times[-1].end)  # a launch by hand: the gap before it held nothing
         times.append(_launch_time(launch, following, begin, end))
         if allocation is not None and previous is not None and not in_place:
             before = _allocation_of(previous, accounting)
             if before is not None and before.end is not None:
                 waits.append(max(0.0, allocation.start - before.end))
     slurm = any(launch.scheduler == "slurm" for launch in launches)
+    by_hand = sum(1 for i in range(1, len(launches)) if launches[i].scheduler == "local"
+                  and not relaunched_in_place(launches[i], launches[i - 1]))
     if not slurm:
         source, wait = "not a Slurm run: launches relaunched in place", None
+        if by_hand:
+            others = len(launches) - 1 - by_hand
+            source = (f"not a Slurm run: {by_hand} launch(es) by hand, idle {human_duration(idle)} before them "
+                      f"(not allocated time)" + (f"; {others} relaunched in place" if others else ""))
     elif accounting:
         source, wait = "Slurm accounting (sacct)", sum(waits)
     else:
         source, wait = "sacct unavailable: allocation from process start to last event, queue wait not measured", None
-    return Goodput(launches=tuple(times), queue_wait=wait, accounting=source)
+    return Goodput(launches=tuple(times), queue_wait=wait, accounting=source, idle=idle)
 
 
 def _parse_time(text: str) -> float | None:
@@ -265,6 +293,8 @@ def facts(goodput: Goodput) -> tuple[list[tuple[str, str]], list[tuple[str, str]
               f"lost {human_duration(goodput.total('lost'))}"]
     if goodput.total("exit"):
         parts.append(f"exit {human_duration(goodput.total('exit'))}")
+    if goodput.total("evaluation"):
+        parts.append(f"launches without a training step {human_duration(goodput.total('evaluation'))}")
     wait = ("queue wait between runs " + human_duration(goodput.queue_wait) if goodput.queue_wait is not None
             else goodput.accounting)
     return top, [("time", ", ".join(parts)), ("accounting", wait)]

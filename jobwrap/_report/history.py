@@ -5,6 +5,12 @@ event (or to the next ``start`` when it was killed without one). The summary
 counts launches, preemptions and requeues, adds up save and load times, and
 measures lost work: a launch that resumed from step S while an earlier launch
 had already reached step T > S trained T - S steps twice.
+
+Launches by hand (``python train.py`` again, a new ``jobwrap run`` or ``sbatch``)
+start the scheduler's restart count again at 0; the run's own count
+(``run_restart``) goes on across them. A launch that ended normally without
+training a step (a finished run launched again, a script that only evaluates)
+is ``evaluated``, not ``finished``, and does not change the run's state.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ from collections import Counter
 from typing import Any, Iterable, Sequence
 
 from jobwrap._format import human_age, human_duration, human_size, table
+from jobwrap._scheduler.stopping import INTERRUPTED
 from jobwrap._storage.deadline import checkpoint_bytes
 
 __all__ = ["Launch", "History", "by_launch", "checkpoint_summary", "render", "summarize"]
@@ -24,10 +31,12 @@ class Launch:
     """One process of the run, as its events describe it."""
 
     number: int                      # 1 for the first launch
-    restart: int | None              # the scheduler's restart count, when known
+    restart: int | None              # the scheduler's restart count, when known (0 again after a launch by hand)
+    run_restart: int                 # the run's restarts before this launch, whoever relaunched it
     job_id: str | None
     scheduler: str                   # slurm | local (a log from before the field: local)
     process_started: float | None    # when the training process was created (start-up runs to the load)
+    previous_exit: float | None      # when the previous process ended, where jobwrap run relaunched this one
     started: float                   # wall time of the start event
     resumed_from: str | None         # checkpoint path, None for a fresh start
     start_step: int
@@ -46,7 +55,7 @@ class Launch:
                                      # save, only the staging copy of a background one
     failed_saves: int
     steps_lost: int                  # steps an earlier launch had passed that this one trains again
-    outcome: str                     # finished | requeued | stopped | failed | unknown
+    outcome: str                     # finished | evaluated | requeued | stopped | interrupted | failed | unknown
     exit_code: int | None
     reason: str | None
     ended: float | None              # wall time of its last event
@@ -121,11 +130,20 @@ class History:
         return (last.ended or last.started) - self.launches[0].started
 
     @property
+    def evaluated(self) -> int:
+        """Launches that ended normally without training a step."""
+        return sum(1 for launch in self.launches if launch.outcome == "evaluated")
+
+    @property
     def state(self) -> str:
-        """finished, requeued (waiting to run again), stopped, failed, or running (or killed)."""
+        """finished, requeued (waiting to run again), stopped, interrupted, failed, or running (or killed);
+        a launch that trained no step leaves the state the launch before it left."""
         if not self.launches:
             return "never started"
-        outcome = self.launches[-1].outcome
+        trained = [launch for launch in self.launches if launch.outcome != "evaluated"]
+        if not trained:
+            return "no step trained"
+        outcome = trained[-1].outcome if self.launches[-1].outcome == "evaluated" else self.launches[-1].outcome
         return "running or killed" if outcome == "unknown" else outcome
 
     def as_dict(self) -> dict[str, Any]:
@@ -135,6 +153,7 @@ class History:
             "state": self.state,
             "launches": len(self.launches),
             "restarts": self.restarts,
+            "evaluated": self.evaluated,
             "preemptions": self.preemptions,
             "signals": self.signal_counts,
             "requeues": self.requeues,
@@ -153,7 +172,7 @@ class History:
         }
 
 
-def _outcome(exit_event: dict[str, Any] | None, requeued: bool, stopped: bool) -> str:
+def _outcome(exit_event: dict[str, Any] | None, requeued: bool, stopped: bool, trained: bool) -> str:
     if exit_event is None:
         return "unknown"
     if requeued:
@@ -161,8 +180,17 @@ def _outcome(exit_event: dict[str, Any] | None, requeued: bool, stopped: bool) -
     if stopped:
         return "stopped"
     if exit_event.get("code") == 0 and exit_event.get("reason") == "finished":
-        return "finished"
+        return "finished" if trained else "evaluated"
+    if str(exit_event.get("reason") or "").startswith(INTERRUPTED):
+        return "interrupted"
     return "failed"
+
+
+def _run_restart(restart: Any, before: int | None) -> int:
+    """The run's restart number: the scheduler's where it counts further (a Slurm requeue whose start was
+    never recorded), else one more than the launch before (a launch by hand starts its count at 0)."""
+    own = restart if isinstance(restart, int) and not isinstance(restart, bool) and restart >= 0 else 0
+    return own if before is None else max(own, before + 1)
 
 
 def by_launch(events: Iterable[dict[str, Any]]) -> list[list[dict[str, Any]]]:
@@ -209,9 +237,11 @@ def summarize(events: Iterable[dict[str, Any]]) -> History:
         launches.append(Launch(
             number=number,
             restart=start.get("restart"),
+            run_restart=_run_restart(start.get("restart"), launches[-1].run_restart if launches else None),
             job_id=start.get("job_id"),
             scheduler=str(start.get("scheduler") or "local"),
             process_started=start.get("process_started"),
+            previous_exit=start.get("previous_exit"),
             started=float(start.get("time") or 0.0),
             resumed_from=start.get("resumed_from"),
             start_step=start_step,
@@ -234,7 +264,7 @@ def summarize(events: Iterable[dict[str, Any]]) -> History:
             failed_saves=sum(1 for e in group if e.get("event") == "save-failed"),
             steps_lost=max(0, furthest - start_step) if number > 1 else 0,
             outcome=_outcome(exit_event, any(e.get("event") == "requeue" for e in group),
-                             any(e.get("event") == "stop" for e in group)),
+                             any(e.get("event") == "stop" for e in group), trained=reached > start_step),
             exit_code=exit_event.get("code") if exit_event else None,
             reason=exit_event.get("reason") if exit_event else None,
             ended=float(group[-1].get("time") or 0.0),
@@ -257,6 +287,10 @@ def _ended(launch: Launch) -> str:
         return "no exit recorded (killed, or running)"
     if launch.outcome == "finished":
         return "finished"
+    if launch.outcome == "evaluated":
+        return "no step trained (finished already, or evaluation only)"
+    if launch.outcome == "interrupted":
+        return f"interrupted (Ctrl-C), exit {launch.exit_code}"
     if launch.outcome == "requeued":
         return f"requeued (exit {launch.exit_code})"
     if launch.outcome == "stopped":
@@ -318,9 +352,10 @@ def render(history: History, directory: str, checkpoint: dict[str, Any] | None, 
     elif history.steps_lost == 0 and history.restarts:
         lost += " (every launch resumed where the previous one stopped)"
     fresh = sum(1 for launch in history.launches if not launch.resumed_from)
+    evaluated = f", {history.evaluated} without a training step" if history.evaluated else ""
     facts = [
         *top,
-        ("launches", f"{len(history.launches)} ({fresh} fresh, {history.loads} resumed)"),
+        ("launches", f"{len(history.launches)} ({fresh} fresh, {history.loads} resumed{evaluated})"),
         ("preemptions", f"{history.preemptions}" + (f" ({signals})" if signals else "")
          + f", {history.requeues} requeue(s)"),
         ("steps lost", lost),
@@ -341,7 +376,7 @@ def render(history: History, directory: str, checkpoint: dict[str, Any] | None, 
     lines = [head, ""] + [f"  {k.ljust(width)}  {v}" for k, v in facts] + [""]
     lines.append(table(
         ["#", "restart", "started", "from", "reached", "signals", "saves", "saving", "loading", "lost", "ended"],
-        [[launch.number, "" if launch.restart is None else launch.restart, human_age(now - launch.started),
+        [[launch.number, launch.run_restart, human_age(now - launch.started),
           launch.start_step if launch.resumed_from else "fresh", launch.reached_step, _signals(launch),
           launch.saves, human_duration(launch.save_seconds) if launch.saves else "",
           human_duration(launch.load_seconds), launch.steps_lost or "",

@@ -14,7 +14,7 @@ from jobwrap.errors import ConfigError
 __all__ = ["COLOURS", "segments", "draw"]
 
 COLOURS = {"startup": "#9e9e9e", "loading": "#42a5f5", "training": "#66bb6a", "saving": "#ffa726",
-           "lost": "#ef5350", "exit": "#616161"}
+           "lost": "#ef5350", "exit": "#616161", "evaluation": "#ce93d8"}
 
 
 def segments(launch: LaunchTime) -> list[tuple[str, float, float]]:
@@ -22,7 +22,7 @@ def segments(launch: LaunchTime) -> list[tuple[str, float, float]]:
     training in between (the save pauses are drawn over it where they happened)."""
     parts = [("startup", launch.startup), ("loading", launch.loading)]
     middle = launch.training + launch.saving
-    parts += [("training", middle), ("lost", launch.lost), ("exit", launch.exit)]
+    parts += [("training", middle), ("evaluation", launch.evaluation), ("lost", launch.lost), ("exit", launch.exit)]
     out, at = [], launch.begin
     for part, width in parts:
         if width > 0:

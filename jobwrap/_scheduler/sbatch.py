@@ -76,7 +76,10 @@ class SubmitOptions:
     ``time`` is a Slurm time limit: minutes as an int, or ``MM``, ``MM:SS``,
     ``HH:MM:SS``, ``D-HH``, ``D-HH:MM``, ``D-HH:MM:SS``. ``layout`` left as None
     is inferred: ``multi-node`` for several nodes, ``multi-gpu`` for several
-    tasks on one node, else ``single``.
+    tasks on one node, else ``single``. ``jobwrap_command`` starts jobwrap in the
+    job: ``("jobwrap",)`` from PATH, or the path of the one that rendered the
+    script where PATH would find another or none (``jobwrap submit`` decides).
+    ``adopt`` lets the job continue from another run's checkpoints in the directory.
     """
 
     command: tuple[str, ...]
@@ -95,11 +98,16 @@ class SubmitOptions:
     extra_sbatch: tuple[str, ...] = ()
     layout: str | None = None
     master_port: int | None = None
+    jobwrap_command: tuple[str, ...] = ("jobwrap",)
+    adopt: bool = False
 
     def __post_init__(self) -> None:
         # Frozen: normalised values are stored through object.__setattr__, once, here.
         set_ = object.__setattr__
         set_(self, "command", _check_command(self.command))
+        set_(self, "jobwrap_command", _check_jobwrap_command(self.jobwrap_command))
+        if not isinstance(self.adopt, bool):
+            raise ConfigError(f"adopt={self.adopt!r}: give True or False")
         set_(self, "extra_sbatch", _check_extra(self.extra_sbatch))
         set_(self, "signal", _check_signal(self.signal))
         limit = parse_time(self.time)
@@ -250,6 +258,15 @@ def _check_command(command: object) -> tuple[str, ...]:
     return items
 
 
+def _check_jobwrap_command(command: object) -> tuple[str, ...]:
+    items = (command,) if isinstance(command, str) else tuple(command or ())  # type: ignore[arg-type]
+    if not items or not all(isinstance(item, str) and item and not any(c in item for c in "\n\r\0")
+                            for item in items):
+        raise ConfigError(f"jobwrap_command={command!r}: give the words that start jobwrap in the job, "
+                          f"e.g. ('jobwrap',) or ('/path/to/venv/bin/jobwrap',)")
+    return items
+
+
 def _check_signal(name: object) -> str:
     text = str(name).strip().upper()
     text = text[3:] if text.startswith("SIG") else text
@@ -369,10 +386,21 @@ def _environment(opts: SubmitOptions) -> list[str]:
     lines += _with_why("Which signal means checkpoint, requeue and exit; it must be the one --signal "
                        "sends. TERM keeps meaning checkpoint and exit, so that scancel still ends "
                        "the job.", f"export JOBWRAP_REQUEUE_SIGNALS={opts.signal}")
+    if opts.adopt:
+        lines += _with_why("Continue from the checkpoints another run left in the directory (--adopt): "
+                           "without it the job would stop at its start, since the directory is not this "
+                           "job's. The lineage is recorded in run.json.", "export JOBWRAP_ADOPT=1")
     if opts.max_requeues is not None:
         lines += _with_why("Stop requeueing after this many restarts, so a job that keeps failing does "
                            "not loop forever.", f"export JOBWRAP_MAX_REQUEUES={opts.max_requeues}")
     return lines
+
+
+def _which_jobwrap(opts: SubmitOptions) -> str:
+    if opts.jobwrap_command == ("jobwrap",):
+        return "jobwrap must be on PATH: sbatch passes on the submitting shell's environment."
+    return ("jobwrap by the path jobwrap submit ran from, since PATH finds another or none; that path "
+            "must be on storage every node sees.")
 
 
 def _single_body(opts: SubmitOptions) -> list[str]:
@@ -380,9 +408,8 @@ def _single_body(opts: SubmitOptions) -> list[str]:
         "exec: jobwrap run replaces this shell, so the B: signal reaches it at once (bash would hold "
         "a trapped signal until its foreground child exits). It forwards the signal to the training "
         f"process tree and, when training exits {_REQUEUE_EXIT_CODE} (requeue me), runs scontrol "
-        "requeue, or relaunches where scontrol is missing. jobwrap must be on PATH: sbatch passes "
-        "on the submitting shell's environment.",
-        f"exec jobwrap run -- {shlex.join(opts.command)}")
+        f"requeue, or relaunches where scontrol is missing. {_which_jobwrap(opts)}",
+        f"exec {shlex.join(opts.jobwrap_command)} run -- {shlex.join(opts.command)}")
 
 
 def _rendezvous(opts: SubmitOptions) -> list[str]:
@@ -412,7 +439,7 @@ def _srun_body(opts: SubmitOptions) -> list[str]:
     srun = ["srun", f"--ntasks-per-node={opts.tasks_per_node}"]
     if opts.cpus_per_task is not None:
         srun.append(f"--cpus-per-task={opts.cpus_per_task}")
-    launch = shlex.join(srun + ["jobwrap", "task", "--", *opts.command])
+    launch = shlex.join(srun + [*opts.jobwrap_command, "task", "--", *opts.command])
     cpus = (" --cpus-per-task is repeated because srun of Slurm 22.05 to 23.02 does not take it from "
             "the allocation." if opts.cpus_per_task is not None else "")
     lines = _rendezvous(opts)
@@ -423,7 +450,8 @@ def _srun_body(opts: SubmitOptions) -> list[str]:
         "turns srun's numbering into the variables torch.distributed reads (RANK, LOCAL_RANK, "
         f"WORLD_SIZE), holds back a {opts.signal} that comes before training traps it (it would kill the "
         "task while torch imports), and execs the command, so Python itself is the signalled "
-        "task. The exit status is kept, where set -e would end the script.",
+        "task. The exit status is kept, where set -e would end the script."
+        + ("" if opts.jobwrap_command == ("jobwrap",) else " " + _which_jobwrap(opts)),
         "status=0",
         f"{launch} || status=$?")
     lines += _with_why(
