@@ -173,6 +173,7 @@ class Session:
         self._first_step_pending = False
         self._first_batch_at: float | None = None
         self._proven = False  # every tracked state proven loadable after a step (the first boundary after one)
+        self._checkpoint_hooks: list[Callable[[], None]] = []  # on_checkpoint(): trackers' flushes
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> "Session":
@@ -661,7 +662,21 @@ class Session:
             step=self.step, saved_step=saved_step, every_steps=cfg.save_every_steps,
             every_seconds=cfg.save_every_seconds, now=self.clock(), last_save=self._last_save_time)
 
+    def on_checkpoint(self, hook: Callable[[], None]) -> None:
+        """Call ``hook()`` before each checkpoint is taken (periodic, signal, end, ``save()``).
+
+        For what must be on disk by the time the state it describes is committed: an experiment
+        tracker's writer flushed here keeps every step logged before a commit through a kill
+        (``jobwrap.trackers``).
+        """
+        self._checkpoint_hooks.append(hook)
+
+    def _before_checkpoint(self) -> None:
+        for hook in self._checkpoint_hooks:
+            hook()
+
     def _periodic_save(self) -> None:
+        self._before_checkpoint()
         try:
             if self._async_periodic():
                 if self._start_background():
@@ -735,6 +750,7 @@ class Session:
         share), and all ranks return only once the checkpoint is committed.
         """
         self.start()
+        self._before_checkpoint()
         if self._in_batch:  # a batch in hand counts if the loop's body is running, not once the loop is left
             if self._loader is None or self._loader.body_running():
                 self._batch_finished()
