@@ -22,16 +22,19 @@ tracker makes of that (docs/integrations.md, "Experiment trackers"):
   launch trains: TensorBoard drops every earlier event at or past it.
 - W&B: the run is resumed by id (``resume="allow"``); W&B keeps what was
   logged, so a step logged before the kill and again after it holds the same
-  value twice. ``rewind=True`` asks W&B to rewind the run to the first step
+  value twice. W&B's own process writes what it is given every 15 s by
+  default and has no flush to call: jobwrap sets the interval to 0.25 s
+  (``WANDB__TRANSACTION_LOG_FLUSH_INTERVAL``, unless set). ``rewind=True`` asks W&B to rewind the run to the first step
   instead (``resume_from``; W&B's server does it, also for an offline run's
   ``wandb sync``).
 - MLflow: the run is found again by its tag; MLflow cannot delete a metric, so
   a step logged twice holds two equal values (the last one wins), and the tag
   ``jobwrap.resumed_at`` lists the step each launch started from.
 
-Every writer is flushed before each checkpoint (:meth:`jobwrap.Session.on_checkpoint`),
-so a step logged before a commit is on disk once the commit is: a kill loses
-no step that the next launch does not log again.
+TensorBoard's writer and MLflow's asynchronous logging are flushed before each
+checkpoint (:meth:`jobwrap.Session.on_checkpoint`), so a step logged before a
+commit is on disk once the commit is: a kill loses no step that the next
+launch does not log again.
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ import json
 import logging
 import os
 import re
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from jobwrap._storage.store import RUN_FILE
 from jobwrap.errors import ConfigError
@@ -52,6 +55,10 @@ __all__ = ["mlflow_run", "run_key", "tensorboard_writer", "wandb_init"]
 
 log = logging.getLogger("jobwrap")
 
+#: How often W&B's own process writes what it was given to the run's file (W&B's default: 15 s): a kill loses
+#: what it holds, so jobwrap asks for a short interval unless the script chose one.
+WANDB_FLUSH_SECONDS = 0.25
+WANDB_FLUSH_VARIABLE = "WANDB__TRANSACTION_LOG_FLUSH_INTERVAL"
 #: The MLflow tag that names the jobwrap run an MLflow run belongs to.
 MLFLOW_KEY_TAG = "jobwrap.run_key"
 #: The MLflow tag listing the step each launch started from (comma-separated).
@@ -104,6 +111,7 @@ def wandb_init(job: "Session", *, rewind: bool = False, first_step: int | None =
     import wandb
 
     job.start()
+    _wandb_flush_often()
     key = kwargs.setdefault("id", run_key(job))
     first = _first(job, first_step)
     if rewind and first > 0:
@@ -141,11 +149,17 @@ def mlflow_run(job: "Session", *, experiment_name: str | None = None, first_step
     return active
 
 
-def mlflow_run_id(job: "Session") -> str | None:
+def _wandb_flush_often() -> None:
+    """W&B's process writes the run's file every ``WANDB_FLUSH_SECONDS`` (unless the script set the interval),
+    and offers no flush to call: a kill loses only what was logged that close before it."""
+    os.environ.setdefault(WANDB_FLUSH_VARIABLE, str(WANDB_FLUSH_SECONDS))
+
+
+def mlflow_run_id(job: "Session", *, tracking_uri: str | None = None) -> str | None:
     """The id of the MLflow run tagged with ``job``'s :func:`run_key`, in any experiment; None before the first."""
     from mlflow import MlflowClient
 
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
     if not experiments:
         return None
@@ -157,11 +171,11 @@ def mlflow_run_id(job: "Session") -> str | None:
     return found[0].info.run_id if found else None
 
 
-def mark_mlflow_resume(run_id: str, first_step: int) -> None:
+def mark_mlflow_resume(run_id: str, first_step: int, *, tracking_uri: str | None = None) -> None:
     """Append ``first_step`` to the run's ``jobwrap.resumed_at`` tag: where each launch started logging."""
     from mlflow import MlflowClient
 
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri)
     before = client.get_run(run_id).data.tags.get(MLFLOW_RESUMED_TAG)
     client.set_tag(run_id, MLFLOW_RESUMED_TAG, f"{before},{first_step}" if before else str(first_step))
 
@@ -188,5 +202,123 @@ def _read_json(path: str) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-# ---------------------------------------------------------------- integrations: Lightning and the Trainer
-Flush = Callable[[], None]
+# ---------------------------------------------------------------- integrations: Lightning and the Trainer# Lightning makes its loggers' runs (their ``experiment``) before any callback's ``setup``, where the Session
+# starts and the run's key and step become known. Preemptible defers them until then (``defer_lightning_loggers``,
+# from the moment Lightning hands callbacks the module's ``log``), then names them (``continue_lightning_loggers``).
+_LIGHTNING_KINDS = ("TensorBoardLogger", "WandbLogger", "MLFlowLogger")
+
+
+def _lightning_kind(logger: Any) -> str | None:
+    """Which of the loggers jobwrap continues ``logger`` is (by Lightning's class, a user's subclass too)."""
+    from pytorch_lightning import loggers
+
+    for name in _LIGHTNING_KINDS:
+        if isinstance(logger, getattr(loggers, name)):
+            return name
+    return None
+
+
+def _lightning_made(logger: Any) -> bool:
+    return getattr(logger, "_experiment", None) is not None or bool(getattr(logger, "_initialized", False))
+
+
+def defer_lightning_loggers(trainer: Any) -> None:
+    """Keep the fit's TensorBoard, W&B and MLflow loggers from making their runs until
+    :func:`continue_lightning_loggers` has named them (Lightning makes them before callbacks' ``setup``)."""
+    for logger in trainer.loggers:
+        if _lightning_kind(logger) is None or _lightning_made(logger) or hasattr(type(logger), "_jobwrap_made"):
+            continue
+        logger._jobwrap_version = getattr(logger, "_version", None)  # a TensorBoard version of the user's
+        logger.__class__ = _deferred(type(logger))
+
+
+def _deferred(cls: type) -> type:
+    """``cls`` whose ``experiment`` is None until :func:`continue_lightning_loggers` puts ``cls`` back."""
+    class Deferred(cls):  # type: ignore[misc, valid-type]
+        _jobwrap_made = cls
+
+        @property
+        def experiment(self) -> Any:
+            return None  # Lightning only touches it to make it early
+
+    Deferred.__name__ = Deferred.__qualname__ = cls.__name__
+    return Deferred
+
+
+def continue_lightning_loggers(trainer: Any, job: "Session") -> None:
+    """Name each deferred logger's run after ``job``'s run and make it, continuing at the resumed step.
+
+    Lightning logs a step under the steps done before it (``_batches_that_stepped``), as ``job.step``
+    counts, so the first step this launch logs is ``job.step``. A logger whose run was made before the fit
+    (``logger.experiment`` used before ``trainer.fit``) cannot be renamed: refused.
+    """
+    for logger in trainer.loggers:
+        kind = _lightning_kind(logger)
+        original = getattr(type(logger), "_jobwrap_made", None)
+        if kind is None:
+            continue
+        if original is None:
+            raise ConfigError(
+                f"the {kind}'s run was made before trainer.fit() started (logger.experiment was used), so "
+                f"jobwrap could not name it after this run and every relaunch would log into a new one: "
+                f"use logger.experiment only inside the fit (a hook, the LightningModule), or pass "
+                f"logger=False and log through jobwrap.trackers")
+        logger.__class__ = original
+        if trainer.is_global_zero:
+            _name_lightning_logger(kind, logger, job)
+            _ = logger.experiment
+            if kind == "MLFlowLogger":
+                mark_mlflow_resume(logger.run_id, job.step, tracking_uri=logger._tracking_uri)
+            if kind == "TensorBoardLogger":
+                job.on_checkpoint(logger.experiment.flush)
+
+
+def _name_lightning_logger(kind: str, logger: Any, job: "Session") -> None:
+    key = run_key(job)
+    if kind == "TensorBoardLogger":
+        logger._version = logger._jobwrap_version if logger._jobwrap_version is not None else key
+        logger._kwargs["purge_step"] = job.step
+    elif kind == "WandbLogger":
+        _wandb_flush_often()
+        if logger._wandb_init.get("id") is None:
+            logger._wandb_init["id"] = logger._id = key
+        logger._wandb_init.setdefault("resume", "allow")
+    elif kind == "MLFlowLogger" and logger._run_id is None:
+        run_id = mlflow_run_id(job, tracking_uri=logger._tracking_uri)
+        if run_id is not None:
+            logger._run_id = run_id
+        else:
+            logger.tags = {**(logger.tags or {}), MLFLOW_KEY_TAG: key}
+            logger._run_name = logger._run_name or key
+
+
+# The Trainer's reporting callbacks (report_to=) make their runs at on_train_begin, after attach().
+def continue_trainer_reporters(trainer: Any, job: "Session") -> None:
+    """Name the runs of the Trainer's TensorBoard, W&B and MLflow callbacks after ``job``'s run.
+
+    The Trainer logs a step under its ``global_step`` once the step is done, so the first step a
+    resumed launch logs is one past ``job.step``. TensorBoard: a writer with ``purge_step`` in
+    ``<output_dir>/runs/<run key>`` (or ``TENSORBOARD_LOGGING_DIR``); W&B: ``WANDB_RUN_ID`` and
+    ``WANDB_RESUME=allow`` (unless set); MLflow: the run found by its tag (or made with it), active
+    before the callback starts, which then logs into it.
+    """
+    from transformers.integrations import MLflowCallback, TensorBoardCallback, WandbCallback
+
+    first = job.step + 1
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback):
+            if callback.tb_writer is not None:
+                log.warning("the Trainer's TensorBoardCallback has a writer of its own: jobwrap leaves it as it is, "
+                            "and a relaunch's steps are not purged from it")
+                continue
+            folder = callback.logging_dir or os.path.join(trainer.args.output_dir, "runs", run_key(job))
+            callback.tb_writer = tensorboard_writer(job, folder, first_step=first)
+        elif isinstance(callback, WandbCallback):
+            _wandb_flush_often()
+            os.environ.setdefault("WANDB_RUN_ID", run_key(job))
+            os.environ.setdefault("WANDB_RESUME", "allow")
+        elif isinstance(callback, MLflowCallback):
+            import mlflow
+
+            if mlflow.active_run() is None and not os.environ.get("MLFLOW_RUN_ID"):
+                mlflow_run(job, experiment_name=os.environ.get("MLFLOW_EXPERIMENT_NAME"), first_step=first)

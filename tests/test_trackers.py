@@ -4,6 +4,8 @@ a periodic save) logs into one tracker run, and what the tracker shows is every 
 value of the uninterrupted run, and no gap."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import signal
 import struct
@@ -19,10 +21,43 @@ from jobwrap._storage.store import CheckpointStore
 from jobwrap.testing import signal_when_held
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
-STEPS = 16
-USR1_AT, TERM_AT, KILL_AT, SAVE_EVERY = 3, 7, 12, 5  # the kill comes two steps after the periodic save of step 10
-LAUNCH_STARTS = [0, USR1_AT, TERM_AT, 10]  # where each launch of the preempted run resumed
-RELOGGED = {10, 11}  # logged by the killed launch after its last commit, and again by the next one
+SAVE_EVERY = 5  # periodic saves of the launch that is killed
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """Where the preempted run is signalled, and what its tracker must then show. ``offset``: the step number
+    a framework logs a step under, less the steps done before it (the Trainer logs step n once n are done)."""
+
+    steps: int
+    usr1: int = 3
+    term: int = 7
+    kill: int = 12  # two steps after the periodic save of step 10
+    offset: int = 0
+
+    @property
+    def commit(self) -> int:
+        """The last periodic save before the kill."""
+        return self.kill - self.kill % SAVE_EVERY if self.kill % SAVE_EVERY else self.kill - SAVE_EVERY
+
+    @property
+    def logged(self) -> list[int]:
+        return [s + self.offset for s in range(self.steps)]
+
+    @property
+    def starts(self) -> list[int]:
+        """The first step each launch of the preempted run logs."""
+        return [s + self.offset for s in (0, self.usr1, self.term, self.commit)]
+
+    @property
+    def relogged(self) -> list[int]:
+        """Logged by the killed launch after its last commit, and again by the next one."""
+        return [s + self.offset for s in range(self.commit, self.kill)]
+
+
+PLAIN_RUN = Schedule(steps=16)
+LIGHTNING_RUN = Schedule(steps=24, kill=17)  # 12 steps an epoch: no signal at an epoch's last step
+TRAINER_RUN = Schedule(steps=16, offset=1)
 
 
 def _tracker_env(tracker: str, out: Path) -> dict[str, str]:
@@ -66,25 +101,28 @@ def run_uninterrupted(command: list[str], directory: Path, env: dict[str, str]) 
     assert code == 0, (control / "stderr").read_text()[-4000:]
 
 
-def run_preempted_three_times(command: list[str], directory: Path, env: dict[str, str]) -> None:
-    """USR1 at step 3 (committed, requeued: `jobwrap run` relaunches), TERM at 7 (committed, exit 143, no
-    requeue), a new launch killed with SIGKILL at step 12 with its whole process group after the periodic
-    save of step 10 (a node failure), and a last launch that resumes from 10 and finishes."""
+def run_preempted_three_times(command: list[str], directory: Path, env: dict[str, str], at: Schedule, *,
+                              settle: float = 0.0) -> None:
+    """USR1 at ``at.usr1`` (committed, requeued: `jobwrap run` relaunches), TERM at ``at.term`` (committed,
+    exit 143, no requeue), a new launch killed with SIGKILL at ``at.kill``, two steps after a periodic save,
+    with its whole process group (a node failure), ``settle`` seconds after it reached the step, and a last
+    launch that resumes from that save and finishes."""
     control = Path(tempfile.mkdtemp(prefix="jobwrap-trackers-"))
-    first = _launch(command, directory, env, [USR1_AT, TERM_AT], control)
-    signal_when_held(control, USR1_AT, lambda held: os.kill(first.pid, signal.SIGUSR1), timeout=300)
-    signal_when_held(control, TERM_AT, lambda held: os.kill(first.pid, signal.SIGTERM), timeout=300)
+    first = _launch(command, directory, env, [at.usr1, at.term], control)
+    signal_when_held(control, at.usr1, lambda held: os.kill(first.pid, signal.SIGUSR1), timeout=300)
+    signal_when_held(control, at.term, lambda held: os.kill(first.pid, signal.SIGTERM), timeout=300)
     assert _wait(first, control) == 143, (control / "stderr").read_text()[-4000:]
 
-    killed = _launch(command, directory, {**env, "JOBWRAP_SAVE_EVERY_STEPS": str(SAVE_EVERY)}, [KILL_AT],
+    killed = _launch(command, directory, {**env, "JOBWRAP_SAVE_EVERY_STEPS": str(SAVE_EVERY)}, [at.kill],
                      control)
     deadline = time.monotonic() + 300
-    while not list(control.glob(f"held-{KILL_AT}-r*")):
+    while not list(control.glob(f"held-{at.kill}-r*")):
         assert killed.poll() is None and time.monotonic() < deadline, (control / "stderr").read_text()[-4000:]
         time.sleep(0.05)
+    time.sleep(settle)
     os.killpg(killed.pid, signal.SIGKILL)
-    killed.wait(timeout=30)
-    assert CheckpointStore(str(directory)).committed()[0].step == 10
+    killed.wait(timeout=60)
+    assert CheckpointStore(str(directory)).committed()[0].step == at.commit
 
     last = _launch(command, directory, env, [], control)
     assert _wait(last, control) == 0, (control / "stderr").read_text()[-4000:]
@@ -123,21 +161,21 @@ def _wandb_records(path: Path):
             yield record
 
 
-def wandb_launches(wandb_dir: Path, key: str = "loss") -> list[tuple[str, list[tuple[int, float]]]]:
+def wandb_launches(wandb_dir: Path, key: str = "loss",
+                   step_key: str = "_step") -> list[tuple[str, list[tuple[int, float]]]]:
     """Each launch's offline run file in time order: (its run id, [(step, value)] of its history rows)."""
-    import json
-
     launches = []
-    for path in sorted(wandb_dir.rglob("offline-run-*/run-*.wandb")):
+    for path in sorted(p for p in wandb_dir.rglob("run-*.wandb") if p.parent.name.startswith("offline-run-")):
         run_id, rows = None, []
         for record in _wandb_records(path):
             kind = record.WhichOneof("record_type")
             if kind == "run":
                 run_id = record.run.run_id
             elif kind == "history":
-                items = {item.key: json.loads(item.value_json) for item in record.history.item}
+                items = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                         for item in record.history.item}
                 if key in items:
-                    rows.append((items["_step"], items[key]))
+                    rows.append((items[step_key], items[key]))
         launches.append((run_id, rows))
     return launches
 
@@ -161,13 +199,82 @@ def mlflow_runs(out: Path):
     return client, client.search_runs(experiments)
 
 
-def mlflow_history(out: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]], dict[str, str]]:
+def mlflow_history(out: Path, key: str = "loss"
+                   ) -> tuple[list[tuple[int, float]], list[tuple[int, float]], dict[str, str]]:
     """(every value logged in order, what the rule 'the last value of a step wins' makes of it, the tags)."""
     client, runs = mlflow_runs(out)
     assert len(runs) == 1, f"{len(runs)} MLflow runs"
-    history = sorted(client.get_metric_history(runs[0].info.run_id, "loss"), key=lambda m: (m.timestamp, m.step))
+    history = sorted(client.get_metric_history(runs[0].info.run_id, key), key=lambda m: (m.timestamp, m.step))
     logged = [(m.step, m.value) for m in history]
     return logged, sorted(dict(logged).items()), runs[0].data.tags
+
+
+def _relogged(rows: list[tuple[int, float]]) -> list[int]:
+    steps = [step for step, _ in rows]
+    return sorted({step for step in steps if steps.count(step) > 1})
+
+
+def check_tensorboard(ref: Path, cut: Path, at: Schedule, tag: str) -> None:
+    """TensorBoard shows one run, each step once with the uninterrupted run's value: the purge dropped the
+    killed launch's steps past its commit."""
+    expected = tensorboard_scalars(ref, tag)
+    assert [s for s, _ in expected] == at.logged
+    assert tensorboard_scalars(cut, tag) == expected
+
+
+def check_wandb(ref: Path, cut: Path, at: Schedule, key: str, step_key: str) -> None:
+    """One W&B run id in every launch's run file; every step logged with the uninterrupted run's value and no
+    gap; the steps the killed launch logged past its commit are in the files twice with equal values, and
+    W&B's rule for a resumed run (a step lower than the next one is ignored) keeps one of each."""
+    (_, expected), = wandb_launches(ref, key, step_key)
+    assert [s for s, _ in expected] == at.logged
+    launches = wandb_launches(cut, key, step_key)
+    assert len(launches) == 4 and len({run_id for run_id, _ in launches}) == 1, launches
+    assert [rows[0][0] for _, rows in launches] == at.starts
+    logged = [row for _, rows in launches for row in rows]
+    assert sorted(set(logged)) == expected
+    assert _relogged(logged) == at.relogged
+    if step_key == "_step":
+        assert wandb_history(launches) == expected
+
+
+def check_mlflow(ref: Path, cut: Path, at: Schedule, key: str) -> None:
+    """One MLflow run; every step logged with the uninterrupted run's value, no gap; the killed launch's steps
+    past its commit hold two equal values (the last wins); the tag lists where each launch started."""
+    expected, _, _ = mlflow_history(ref, key)
+    assert [s for s, _ in expected] == at.logged
+    logged, last_wins, tags = mlflow_history(cut, key)
+    assert last_wins == expected
+    assert sorted(set(logged)) == expected
+    assert _relogged(logged) == at.relogged
+    assert tags["jobwrap.resumed_at"] == ",".join(map(str, at.starts))
+
+
+# W&B's process writes what it holds every 0.25 s under jobwrap (WANDB__TRANSACTION_LOG_FLUSH_INTERVAL) and
+# has no flush to call; a kill sooner than that after the last steps loses them (docs/integrations.md).
+WANDB_SETTLE = 1.0
+
+
+def _ref_and_cut(tmp_path: Path, command, env, at: Schedule, *, settle: float) -> tuple[Path, Path]:
+    """Run ``command(out)`` uninterrupted and preempted three times; their tracker folders."""
+    outs = {}
+    for name in ("ref", "cut"):
+        out = outs[name] = tmp_path / f"{name}-out"
+        out.mkdir()
+        if name == "ref":
+            run_uninterrupted(command(out), tmp_path / name, env(out))
+        else:
+            run_preempted_three_times(command(out), tmp_path / name, env(out), at, settle=settle)
+    return outs["ref"], outs["cut"]
+
+
+def _env_for(*trackers: str):
+    def env(out: Path) -> dict[str, str]:
+        merged = {}
+        for tracker in trackers:
+            merged.update(_tracker_env(tracker, out))
+        return merged
+    return env
 
 
 # ---------------------------------------------------------------- plain script
@@ -176,41 +283,84 @@ PLAIN = SCRIPTS / "trackers_plain.py"
 
 @pytest.mark.parametrize("tracker", ["tensorboard", "wandb", "mlflow"])
 def test_plain_script_preempted_three_times_logs_each_step_once_into_one_tracker_run(tmp_path, tracker):
-    """USR1, TERM and SIGKILL after a periodic save: one tracker run, each step once with the uninterrupted
-    run's value, no gap (TensorBoard purged, W&B resumed by id, MLflow's run found again by its tag)."""
+    """USR1, TERM and SIGKILL after a periodic save: one tracker run, each step with the uninterrupted run's
+    value, no gap (TensorBoard purged, W&B resumed by id, MLflow's run found again by its tag)."""
     _require(tracker)
-    results = {}
-    for name in ("ref", "cut"):
-        out = tmp_path / f"{name}-out"
-        out.mkdir()
-        command = [sys.executable, str(PLAIN), "--tracker", tracker, "--out", str(out), "--steps", str(STEPS)]
-        env = _tracker_env(tracker, out)
-        if name == "ref":
-            run_uninterrupted(command, tmp_path / name, env)
-        else:
-            run_preempted_three_times(command, tmp_path / name, env)
-        results[name] = out
-    ref, cut = results["ref"], results["cut"]
+    ref, cut = _ref_and_cut(
+        tmp_path, lambda out: [sys.executable, str(PLAIN), "--tracker", tracker, "--out", str(out), "--steps",
+                               str(PLAIN_RUN.steps)],
+        _env_for(tracker), PLAIN_RUN, settle=WANDB_SETTLE if tracker == "wandb" else 0.0)
     if tracker == "tensorboard":
-        expected = tensorboard_scalars(ref / "tb")
-        assert [s for s, _ in expected] == list(range(STEPS))
-        assert tensorboard_scalars(cut / "tb") == expected
+        check_tensorboard(ref / "tb", cut / "tb", PLAIN_RUN, "loss")
     elif tracker == "wandb":
-        (_, expected), = wandb_launches(ref)
-        launches = wandb_launches(cut)
-        assert len(launches) == 4 and {run_id for run_id, _ in launches} == {launches[0][0]}
-        assert [rows[0][0] for _, rows in launches] == LAUNCH_STARTS
-        assert [s for s, _ in expected] == list(range(STEPS))
-        assert wandb_history(launches) == expected
-        # The offline files hold the killed launch's steps past its commit twice, with equal values.
-        logged = [row for _, rows in launches for row in rows]
-        assert sorted(s for s in {s for s, _ in logged} if [t for t, _ in logged].count(s) > 1) == sorted(RELOGGED)
-        assert sorted(set(logged)) == expected
+        check_wandb(ref, cut, PLAIN_RUN, "loss", "_step")
     else:
-        expected, _, _ = mlflow_history(ref)
-        assert [s for s, _ in expected] == list(range(STEPS))
-        logged, last_wins, tags = mlflow_history(cut)
-        assert last_wins == expected
-        assert sorted(set(logged)) == expected  # a step logged twice has its one value twice
-        assert sorted(s for s, _ in logged) == sorted([*range(STEPS), *RELOGGED])
-        assert tags["jobwrap.resumed_at"] == ",".join(map(str, LAUNCH_STARTS))
+        check_mlflow(ref, cut, PLAIN_RUN, "loss")
+
+
+# ---------------------------------------------------------------- Lightning and the Trainer
+def _require_all() -> None:
+    for tracker in ("tensorboard", "wandb", "mlflow"):
+        _require(tracker)
+
+
+def test_lightning_loggers_continue_one_run_each_across_usr1_term_and_sigkill(tmp_path):
+    """Lightning's TensorBoardLogger, WandbLogger and MLFlowLogger, made by the script as usual, with only
+    Preemptible() added: after USR1, TERM and SIGKILL each logs into one run, every step with the
+    uninterrupted fit's loss, no gap."""
+    pytest.importorskip("pytorch_lightning", reason="the lightning extra is not installed")
+    _require_all()
+    script = SCRIPTS / "trackers_lightning.py"
+    ref, cut = _ref_and_cut(tmp_path, lambda out: [sys.executable, str(script), "--out", str(out)],
+                            _env_for("wandb", "mlflow"), LIGHTNING_RUN, settle=WANDB_SETTLE)
+    check_tensorboard(ref / "tb", cut / "tb", LIGHTNING_RUN, "loss")
+    check_wandb(ref, cut, LIGHTNING_RUN, "loss", "trainer/global_step")
+    check_mlflow(ref, cut, LIGHTNING_RUN, "loss")
+
+
+def test_trainer_report_to_continues_one_run_each_across_usr1_term_and_sigkill(tmp_path):
+    """The Trainer's report_to=["tensorboard", "wandb", "mlflow"] with jobwrap.transformers.attach: after USR1,
+    TERM and SIGKILL each logs into one run, every step (the Trainer's global_step) with the uninterrupted
+    run's loss, no gap."""
+    pytest.importorskip("transformers", reason="the transformers extra is not installed")
+    _require_all()
+    script = SCRIPTS / "trackers_trainer.py"
+    offline = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+               "MLFLOW_EXPERIMENT_NAME": "jobwrap-test", "WANDB_PROJECT": "jobwrap-test"}
+    ref, cut = _ref_and_cut(tmp_path, lambda out: [sys.executable, str(script), "--out", str(out / "trainer")],
+                            lambda out: {**_env_for("wandb", "mlflow")(out), **offline}, TRAINER_RUN,
+                            settle=WANDB_SETTLE)
+    check_tensorboard(ref / "trainer" / "runs", cut / "trainer" / "runs", TRAINER_RUN, "train/loss")
+    check_wandb(ref, cut, TRAINER_RUN, "train/loss", "train/global_step")
+    check_mlflow(ref, cut, TRAINER_RUN, "loss")
+
+
+REWIND = """
+import sys, torch, jobwrap, jobwrap.trackers
+with jobwrap.Session(sys.argv[1]) as job:
+    job.track(model=torch.nn.Linear(2, 2))
+    run = jobwrap.trackers.wandb_init(job, project="jobwrap-test", dir=sys.argv[2], rewind=True)
+    print("KEY", run.id, jobwrap.trackers.run_key(job))
+    for step in job.steps(int(sys.argv[3])):
+        run.log({"x": float(step)}, step=step)
+    run.finish()
+"""
+
+
+def test_wandb_rewind_records_the_resumed_step_in_the_offline_run(tmp_path):
+    """wandb_init(rewind=True): a fresh launch resumes by id; a launch that resumed at step 3 asks W&B to rewind
+    the run to step 3 (resume_from), recorded as the run's branch point in its offline file for `wandb sync`."""
+    _require("wandb")
+    env = {**os.environ, **_tracker_env("wandb", tmp_path)}
+    keys = []
+    for total in (3, 5):
+        out = subprocess.run([sys.executable, "-c", REWIND, str(tmp_path / "ck"), str(tmp_path), str(total)],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        keys.append([line.split()[1:] for line in out.stdout.splitlines() if line.startswith("KEY")][0])
+    assert keys[0] == keys[1] and keys[0][0] == keys[0][1]
+    points = []
+    for path in sorted(p for p in tmp_path.rglob("run-*.wandb") if p.parent.name.startswith("offline-run-")):
+        run, = [r.run for r in _wandb_records(path) if r.WhichOneof("record_type") == "run"]
+        points.append((run.run_id, run.branch_point.run, run.branch_point.value, run.resume))
+    assert points == [(keys[0][0], "", 0, True), (keys[0][0], keys[0][0], 3, False)]
