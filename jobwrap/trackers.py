@@ -257,6 +257,8 @@ def continue_lightning_loggers(trainer: Any, job: "Session") -> None:
         original = getattr(type(logger), "_jobwrap_made", None)
         if kind is None:
             continue
+        if original is None and getattr(logger, "_jobwrap_named", False):
+            continue  # a second fit of the same trainer: named by the first
         if original is None:
             raise ConfigError(
                 f"the {kind}'s run was made before trainer.fit() started (logger.experiment was used), so "
@@ -264,6 +266,7 @@ def continue_lightning_loggers(trainer: Any, job: "Session") -> None:
                 f"use logger.experiment only inside the fit (a hook, the LightningModule), or pass "
                 f"logger=False and log through jobwrap.trackers")
         logger.__class__ = original
+        logger._jobwrap_named = True
         if trainer.is_global_zero:
             _name_lightning_logger(kind, logger, job)
             _ = logger.experiment

@@ -334,6 +334,21 @@ def test_lightning_loggers_continue_one_run_each_across_usr1_term_and_sigkill(tm
     check_mlflow(ref, cut, LIGHTNING_RUN, "loss")
 
 
+def test_lightning_logger_whose_run_was_made_before_the_fit_is_refused_at_its_start(tmp_path):
+    """A TensorBoardLogger whose experiment the script used before trainer.fit() already wrote into a new
+    version folder: the fit is refused at its start with a ConfigError naming the way out, not left to log
+    each relaunch into another folder."""
+    pytest.importorskip("pytorch_lightning", reason="the lightning extra is not installed")
+    _require_all()
+    env = {**os.environ, **_env_for("wandb", "mlflow")(tmp_path), "JOBWRAP_DIR": str(tmp_path / "ck")}
+    out = subprocess.run([sys.executable, str(SCRIPTS / "trackers_lightning.py"), "--out", str(tmp_path), "--early"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0
+    assert "ConfigError: the TensorBoardLogger's run was made before trainer.fit() started" in out.stderr
+    assert not list(tmp_path.rglob("offline-run-*"))  # no W&B run started
+    assert not (tmp_path / "mlruns").exists() or not mlflow_runs(tmp_path)[1]  # nor an MLflow run
+
+
 @pytest.mark.timeout(1200)
 def test_trainer_report_to_continues_one_run_each_across_usr1_term_and_sigkill(tmp_path):
     """The Trainer's report_to=["tensorboard", "wandb", "mlflow"] with jobwrap.transformers.attach: after USR1,
