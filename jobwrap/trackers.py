@@ -24,9 +24,9 @@ tracker makes of that (docs/integrations.md, "Experiment trackers"):
   logged, so a step logged before the kill and again after it holds the same
   value twice. W&B's own process writes what it is given every 15 s by
   default and has no flush to call: jobwrap sets the interval to 0.25 s
-  (``WANDB__TRANSACTION_LOG_FLUSH_INTERVAL``, unless set). ``rewind=True`` asks W&B to rewind the run to the first step
-  instead (``resume_from``; W&B's server does it, also for an offline run's
-  ``wandb sync``).
+  (``WANDB__TRANSACTION_LOG_FLUSH_INTERVAL``, unless set). ``rewind=True``
+  asks W&B to rewind the run to the first step instead (``resume_from``;
+  W&B's server does it, also for an offline run's ``wandb sync``).
 - MLflow: the run is found again by its tag; MLflow cannot delete a metric, so
   a step logged twice holds two equal values (the last one wins), and the tag
   ``jobwrap.resumed_at`` lists the step each launch started from.

@@ -396,3 +396,28 @@ def test_wandb_rewind_records_the_resumed_step_in_the_offline_run(tmp_path):
         run, = [r.run for r in _wandb_records(path) if r.WhichOneof("record_type") == "run"]
         points.append((run.run_id, run.branch_point.run, run.branch_point.value, run.resume))
     assert points == [(keys[0][0], "", 0, True), (keys[0][0], keys[0][0], 3, False)]
+
+
+def test_a_failing_hook_before_a_checkpoint_does_not_cost_the_checkpoint(tmp_path, caplog):
+    """job.on_checkpoint hooks run before every save, in order; one that raises (a tracker's full disk) is
+    logged and the checkpoint is committed all the same."""
+    import torch
+
+    import jobwrap
+
+    calls = []
+
+    def broken() -> None:
+        calls.append("broken")
+        raise OSError(28, "No space left on device")
+
+    with jobwrap.Session(tmp_path / "ck") as job:
+        job.track(model=torch.nn.Linear(2, 2))
+        job.on_checkpoint(broken)
+        job.on_checkpoint(lambda: calls.append("flushed"))
+        for _ in job.steps(2):
+            pass
+        saved = job.save()
+    assert calls[:2] == ["broken", "flushed"] and saved.step == 2
+    assert CheckpointStore(str(tmp_path / "ck")).committed()[0].step == 2
+    assert "failed, the checkpoint goes ahead" in caplog.text

@@ -672,8 +672,13 @@ class Session:
         self._checkpoint_hooks.append(hook)
 
     def _before_checkpoint(self) -> None:
+        """A hook that fails (a tracker's disk or server) is logged: it never costs the checkpoint."""
         for hook in self._checkpoint_hooks:
-            hook()
+            try:
+                hook()
+            except Exception as exc:
+                log.warning("a hook before the checkpoint at step %d failed, the checkpoint goes ahead: %r",
+                            self.step, exc)
 
     def _periodic_save(self) -> None:
         self._before_checkpoint()
