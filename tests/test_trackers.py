@@ -72,8 +72,12 @@ def _tracker_env(tracker: str, out: Path) -> dict[str, str]:
 
 
 def _require(tracker: str) -> None:
-    module = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}[tracker]
-    pytest.importorskip(module, reason=f"{module} is not installed (pip install -e '.[trackers]')")
+    pytest.importorskip(tracker, reason=f"{tracker} is not installed (pip install -e '.[trackers]')")
+
+
+def _require_all() -> None:
+    for tracker in ("tensorboard", "wandb", "mlflow"):
+        _require(tracker)
 
 
 def _launch(command: list[str], directory: Path, env: dict[str, str], hold_at: list[int],
@@ -295,30 +299,22 @@ def _env_for(*trackers: str):
 PLAIN = SCRIPTS / "trackers_plain.py"
 
 
-@pytest.mark.timeout(900)
-@pytest.mark.parametrize("tracker", ["tensorboard", "wandb", "mlflow"])
-def test_plain_script_preempted_three_times_logs_each_step_once_into_one_tracker_run(tmp_path, tracker):
-    """USR1, TERM and SIGKILL after a periodic save: one tracker run, each step with the uninterrupted run's
+@pytest.mark.timeout(1200)
+def test_plain_script_preempted_three_times_logs_each_step_once_into_one_run_of_each_tracker(tmp_path):
+    """A loop logging to TensorBoard, W&B and MLflow through jobwrap.trackers' one-liners, preempted by USR1,
+    TERM and SIGKILL after a periodic save: one run in each tracker, each step with the uninterrupted run's
     value, no gap (TensorBoard purged, W&B resumed by id, MLflow's run found again by its tag)."""
-    _require(tracker)
+    _require_all()
     ref, cut = _ref_and_cut(
-        tmp_path, lambda out: [sys.executable, str(PLAIN), "--tracker", tracker, "--out", str(out), "--steps",
-                               str(PLAIN_RUN.steps)],
-        _env_for(tracker), PLAIN_RUN, settle=WANDB_SETTLE if tracker == "wandb" else 0.0)
-    if tracker == "tensorboard":
-        check_tensorboard(ref / "tb", cut / "tb", PLAIN_RUN, "loss")
-    elif tracker == "wandb":
-        check_wandb(ref, cut, PLAIN_RUN, "loss", "_step")
-    else:
-        check_mlflow(ref, cut, PLAIN_RUN, "loss")
+        tmp_path, lambda out: [sys.executable, str(PLAIN), "--trackers", "tensorboard,wandb,mlflow", "--out",
+                               str(out), "--steps", str(PLAIN_RUN.steps)],
+        _env_for("wandb", "mlflow"), PLAIN_RUN, settle=WANDB_SETTLE)
+    check_tensorboard(ref / "tb", cut / "tb", PLAIN_RUN, "loss")
+    check_wandb(ref, cut, PLAIN_RUN, "loss", "_step")
+    check_mlflow(ref, cut, PLAIN_RUN, "loss")
 
 
 # ---------------------------------------------------------------- Lightning and the Trainer
-def _require_all() -> None:
-    for tracker in ("tensorboard", "wandb", "mlflow"):
-        _require(tracker)
-
-
 @pytest.mark.timeout(1200)
 def test_lightning_loggers_continue_one_run_each_across_usr1_term_and_sigkill(tmp_path):
     """Lightning's TensorBoardLogger, WandbLogger and MLFlowLogger, made by the script as usual, with only
