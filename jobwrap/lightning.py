@@ -23,6 +23,7 @@ import os
 from typing import Any
 
 import pytorch_lightning as pl
+from jobwrap import trackers
 from jobwrap._compat import lightning as internals
 from jobwrap._compat import torchdata as torchdata_internals
 from jobwrap._compat.versions import warn_untested
@@ -81,6 +82,19 @@ class Preemptible(pl.Callback):
         self._boundary_due = False  # the optimizer stepped: a boundary before the next fetch
 
     # ------------------------------------------------------------ start
+    # Lightning hands each callback the module's log() at the fit's start, before it makes its loggers' runs:
+    # the moment to keep them from starting before this run's key and step are known (jobwrap.trackers).
+    @property
+    def log(self) -> Any:
+        return getattr(self, "_log", None)
+
+    @log.setter
+    def log(self, log_fn: Any) -> None:
+        self._log = log_fn
+        trainer = getattr(getattr(log_fn, "__self__", None), "_trainer", None)
+        if trainer is not None and trainer.state.fn == "fit":
+            trackers.defer_lightning_loggers(trainer)
+
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
@@ -91,6 +105,7 @@ class Preemptible(pl.Callback):
         self._state = _TrainerState(trainer)
         self.session.track(lightning=self._state)
         self._resuming = self._state.loaded
+        trackers.continue_lightning_loggers(trainer, self.session)  # TensorBoard, W&B, MLflow: this run's
         _exact_distributed_samplers_on_load(trainer)
         if self._resuming:
             _loader_rebuild_unchecked(trainer, self.session)

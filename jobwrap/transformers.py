@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
+from jobwrap import trackers
 from jobwrap._compat import transformers as internals
 from jobwrap._compat.versions import warn_untested
 from jobwrap._loop.session import Session
@@ -54,6 +55,7 @@ def attach(trainer: Trainer, job: Session) -> str | None:
     _refuse_inexact(trainer)
     checkpoint = TrainerCheckpoint(trainer, os.path.join(job.config.directory, RESUME_FOLDER))
     job.track(trainer=checkpoint)
+    trackers.continue_trainer_reporters(trainer, job)  # report_to=: TensorBoard, W&B, MLflow continue this run's
     trainer.add_callback(JobwrapCallback(job, checkpoint))
     return checkpoint.restored
 

@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "jobwrap"
 LAYERS = ["_compat", "_storage", "_scheduler", "_report", "_loop"]
 BASE = {"jobwrap.errors", "jobwrap._config", "jobwrap._format"}
 PUBLIC = {"jobwrap", "jobwrap.errors", "jobwrap.testing", "jobwrap.submitit", "jobwrap.lightning",
-          "jobwrap.transformers", "jobwrap.cli", "jobwrap.__main__", "jobwrap.commands"}
+          "jobwrap.transformers", "jobwrap.trackers", "jobwrap.cli", "jobwrap.__main__", "jobwrap.commands"}
 
 
 def _modules() -> dict[str, Path]:

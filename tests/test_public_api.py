@@ -16,6 +16,14 @@ def test_public_names_are_pinned():
         assert getattr(jobwrap, name) is not None
 
 
+def test_tracker_helpers_are_pinned_and_import_no_tracker():
+    """jobwrap.trackers offers one helper per tracker and the run's key; importing it loads no tracker package."""
+    code = ("import sys, jobwrap.trackers as t; print(sorted(t.__all__)); "
+            "print([m for m in ('wandb', 'mlflow', 'tensorboard', 'torch.utils.tensorboard') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:2] == ["['mlflow_run', 'run_key', 'tensorboard_writer', 'wandb_init']", "[]"]
+
+
 def test_cli_starts_without_importing_torch():
     """`jobwrap --help` and `jobwrap ls` stay fast: the CLI does not import torch."""
     code = "import sys, jobwrap.cli; jobwrap.cli.build_parser(); print('torch' in sys.modules)"

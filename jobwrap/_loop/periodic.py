@@ -29,6 +29,7 @@ class Periodic:
     def _periodic_save(self) -> None:
         try:
             if self._async_periodic():
+                self._before_checkpoint()  # save() runs the hooks itself
                 if self._start_background():
                     self._last_save_time = self.clock()
             else:

@@ -72,6 +72,15 @@ class Saving:
             self.last_checkpoint = checkpoint
             self._saved_fingerprint = state
 
+    def _before_checkpoint(self) -> None:
+        """The on_checkpoint() hooks; one that fails (a tracker's disk or server) is logged, the save goes on."""
+        for hook in self._checkpoint_hooks:
+            try:
+                hook()
+            except Exception as exc:
+                log.warning("a hook before the checkpoint at step %d failed, the checkpoint goes ahead: %r",
+                            self.step, exc)
+
     def _fingerprint(self) -> Any:
         """What makes the state, cheaply (no tensor is read): compared to tell whether a save is needed.
 

@@ -110,6 +110,7 @@ class Session(Starting, Boundary, Stopping, Saving, Periodic, EpochEnd, Framewor
         self._resumed_step = -1
         self._rng_restored: Any = None  # the streams as track() put them back, until the first boundary
         self._resumed_fingerprint: Any = None  # the state as track() put it back from the checkpoint
+        self._checkpoint_hooks: list[Callable[[], None]] = []  # on_checkpoint(): trackers' flushes
         self._adopted_path: str | None = None  # the init_from file this run started from
         self._preempted: Preempted | None = None  # raised at the stop (phase PREEMPTED), for at_exit
         self._saved_fingerprint: Any = None  # the state last_checkpoint holds (None: unknown, save again)
@@ -335,6 +336,15 @@ class Session(Starting, Boundary, Stopping, Saving, Periodic, EpochEnd, Framewor
         """True once a trapped signal arrived (the next boundary will checkpoint and stop)."""
         return bool(self._trap.received) or self._orphaned
 
+    def on_checkpoint(self, hook: Callable[[], None]) -> None:
+        """Call ``hook()`` before each checkpoint is taken (periodic, signal, end, ``save()``).
+
+        For what must be on disk by the time the state it describes is committed: an experiment
+        tracker's writer flushed here keeps every step logged before a commit through a kill
+        (``jobwrap.trackers``). A hook that fails is logged and never costs the checkpoint.
+        """
+        self._checkpoint_hooks.append(hook)
+
     def save(self, *, reason: str = "manual") -> Checkpoint:
         """Commit a checkpoint of the current state now (skipped only if the last checkpoint holds this state).
 
@@ -349,6 +359,7 @@ class Session(Starting, Boundary, Stopping, Saving, Periodic, EpochEnd, Framewor
         share), and all ranks return only once the checkpoint is committed.
         """
         self.start()
+        self._before_checkpoint()
         if self._phase is Phase.RESUMING and self.resumed_from is not None and apart_from_rng(
                 self._fingerprint()) == apart_from_rng(self._resumed_fingerprint):
             # No step since the resume (a finished run launched again), nothing tracked changed: the state is the
