@@ -25,6 +25,7 @@ from typing import Any
 import pytorch_lightning as pl
 from jobwrap import trackers
 from jobwrap._compat import lightning as internals
+from jobwrap._compat import lightning_loggers as logger_internals
 from jobwrap._compat import torchdata as torchdata_internals
 from jobwrap._compat.versions import warn_untested
 from jobwrap._loop.session import Session
@@ -91,7 +92,7 @@ class Preemptible(pl.Callback):
     @log.setter
     def log(self, log_fn: Any) -> None:
         self._log = log_fn
-        trainer = getattr(getattr(log_fn, "__self__", None), "_trainer", None)
+        trainer = logger_internals.trainer_of_log(log_fn)
         if trainer is not None and trainer.state.fn == "fit":
             trackers.defer_lightning_loggers(trainer)
 

@@ -45,6 +45,8 @@ import os
 import re
 from typing import TYPE_CHECKING, Any
 
+from jobwrap._compat import lightning_loggers as logger_internals
+from jobwrap._compat import wandb as wandb_internals
 from jobwrap._storage.store import RUN_FILE
 from jobwrap.errors import ConfigError
 
@@ -58,7 +60,6 @@ log = logging.getLogger("jobwrap")
 #: How often W&B's own process writes what it was given to the run's file (W&B's default: 15 s): a kill loses
 #: what it holds, so jobwrap asks for a short interval unless the script chose one.
 WANDB_FLUSH_SECONDS = 0.25
-WANDB_FLUSH_VARIABLE = "WANDB__TRANSACTION_LOG_FLUSH_INTERVAL"
 #: The MLflow tag that names the jobwrap run an MLflow run belongs to.
 MLFLOW_KEY_TAG = "jobwrap.run_key"
 #: The MLflow tag listing the step each launch started from (comma-separated).
@@ -152,7 +153,7 @@ def mlflow_run(job: "Session", *, experiment_name: str | None = None, first_step
 def _wandb_flush_often() -> None:
     """W&B's process writes the run's file every ``WANDB_FLUSH_SECONDS`` (unless the script set the interval),
     and offers no flush to call: a kill loses only what was logged that close before it."""
-    os.environ.setdefault(WANDB_FLUSH_VARIABLE, str(WANDB_FLUSH_SECONDS))
+    wandb_internals.flush_every(WANDB_FLUSH_SECONDS)
 
 
 def mlflow_run_id(job: "Session", *, tracking_uri: str | None = None) -> str | None:
@@ -218,17 +219,21 @@ def _lightning_kind(logger: Any) -> str | None:
     return None
 
 
-def _lightning_made(logger: Any) -> bool:
-    return getattr(logger, "_experiment", None) is not None or bool(getattr(logger, "_initialized", False))
-
-
 def defer_lightning_loggers(trainer: Any) -> None:
     """Keep the fit's TensorBoard, W&B and MLflow loggers from making their runs until
     :func:`continue_lightning_loggers` has named them (Lightning makes them before callbacks' ``setup``)."""
     for logger in trainer.loggers:
-        if _lightning_kind(logger) is None or _lightning_made(logger) or hasattr(type(logger), "_jobwrap_made"):
+        kind = _lightning_kind(logger)
+        if kind is None or logger_internals.run_made(logger) or hasattr(type(logger), "_jobwrap_made"):
             continue
-        logger._jobwrap_version = getattr(logger, "_version", None)  # a TensorBoard version of the user's
+        difference = logger_internals.unrecognised(kind, logger)
+        if difference is not None:
+            raise ConfigError(
+                f"{difference}. jobwrap names the {kind}'s run after this run through that internal (the "
+                f"logger takes its run's name only when made), so without it every relaunch would log into a "
+                f"new run: install pytorch-lightning {logger_internals.CHECKED}, or pass logger=False and log "
+                f"through jobwrap.trackers")
+        logger._jobwrap_version = logger_internals.tensorboard_version(logger)  # a TensorBoard version of the user's
         logger.__class__ = _deferred(type(logger))
 
 
@@ -271,7 +276,7 @@ def continue_lightning_loggers(trainer: Any, job: "Session") -> None:
             _name_lightning_logger(kind, logger, job)
             _ = logger.experiment
             if kind == "MLFlowLogger":
-                mark_mlflow_resume(logger.run_id, job.step, tracking_uri=logger._tracking_uri)
+                mark_mlflow_resume(logger.run_id, job.step, tracking_uri=logger_internals.mlflow_tracking_uri(logger))
             if kind == "TensorBoardLogger":
                 job.on_checkpoint(logger.experiment.flush)
 
@@ -279,20 +284,14 @@ def continue_lightning_loggers(trainer: Any, job: "Session") -> None:
 def _name_lightning_logger(kind: str, logger: Any, job: "Session") -> None:
     key = run_key(job)
     if kind == "TensorBoardLogger":
-        logger._version = logger._jobwrap_version if logger._jobwrap_version is not None else key
-        logger._kwargs["purge_step"] = job.step
+        version = logger._jobwrap_version if logger._jobwrap_version is not None else key
+        logger_internals.name_tensorboard(logger, version, purge_step=job.step)
     elif kind == "WandbLogger":
         _wandb_flush_often()
-        if logger._wandb_init.get("id") is None:
-            logger._wandb_init["id"] = logger._id = key
-        logger._wandb_init.setdefault("resume", "allow")
-    elif kind == "MLFlowLogger" and logger._run_id is None:
-        run_id = mlflow_run_id(job, tracking_uri=logger._tracking_uri)
-        if run_id is not None:
-            logger._run_id = run_id
-        else:
-            logger.tags = {**(logger.tags or {}), MLFLOW_KEY_TAG: key}
-            logger._run_name = logger._run_name or key
+        logger_internals.name_wandb(logger, key)
+    elif kind == "MLFlowLogger" and not logger_internals.mlflow_run_given(logger):
+        run_id = mlflow_run_id(job, tracking_uri=logger_internals.mlflow_tracking_uri(logger))
+        logger_internals.name_mlflow(logger, run_id=run_id, tags={MLFLOW_KEY_TAG: key}, run_name=key)
 
 
 # The Trainer's reporting callbacks (report_to=) make their runs at on_train_begin, after attach().

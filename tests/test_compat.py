@@ -224,6 +224,28 @@ def test_canary_torchdata_random_sampler():
     assert not torchdata.plain_shuffle(RandomSampler(range(4), num_samples=2))
 
 
+def test_canary_torch_dcp_folder_reads_back(tmp_path):
+    """A DCP folder this torch writes reads back through jobwrap's metadata unpickler (its list of DCP's
+    classes) and its weights-only planner, tensors and plain values alike (jobwrap/_compat/torch_dcp.py)."""
+    import torch.distributed.checkpoint as dcp
+
+    from jobwrap._compat import torch_dcp
+    from jobwrap._storage import sharded
+
+    assert torch_dcp.unrecognised() is None, torch_dcp.unrecognised()
+    state = {"model": {"weight": torch.arange(6.0).reshape(2, 3)},
+             "optimizer": {"param_groups": [{"lr": 0.1, "params": ["weight"]}]}}
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp_path)), no_dist=True)
+    files = {path.name for path in tmp_path.iterdir()} - {sharded.METADATA}
+    try:
+        whole = sharded.read_full(str(tmp_path), files)
+    except Exception as exc:
+        raise AssertionError(changed("torch", "torch.distributed.checkpoint's folder", "torch_dcp.py",
+                                     f"it no longer reads back: {exc!r}", torch_dcp.CHECKED)) from exc
+    assert torch.equal(whole["model"]["weight"], state["model"]["weight"])
+    assert whole["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
+
+
 # ---------------------------------------------------------------- canaries: Lightning and transformers
 
 def _trainer():
@@ -270,6 +292,58 @@ def test_canary_lightning_distributed_sampler_wrapper():
     assert lightning.wrapped_sampler(DistributedSamplerWrapper(inner, num_replicas=1, rank=0)) is inner, changed(
         "lightning-fabric", "_DatasetSamplerWrapper._sampler", "lightning.py", "the sampler is kept elsewhere",
         lightning.CHECKED)
+
+
+def _lightning_logger(kind: str, tmp_path: Path):
+    pytest.importorskip("pytorch_lightning", reason="needs pytorch-lightning (pip install 'jobwrap[lightning]')")
+    from pytorch_lightning import loggers
+
+    if kind == "TensorBoardLogger":
+        pytest.importorskip("tensorboard", reason="needs the trackers extra")
+        return loggers.TensorBoardLogger(str(tmp_path))
+    if kind == "WandbLogger":
+        pytest.importorskip("wandb", reason="needs the trackers extra")
+        return loggers.WandbLogger(save_dir=str(tmp_path), offline=True)
+    pytest.importorskip("mlflow", reason="needs the trackers extra")
+    return loggers.MLFlowLogger(tracking_uri=(tmp_path / "mlruns").as_uri())
+
+
+@pytest.mark.parametrize("kind", ["TensorBoardLogger", "WandbLogger", "MLFlowLogger"])
+def test_canary_lightning_logger_internals(kind, tmp_path, monkeypatch):
+    """The logger has what jobwrap/_compat/lightning_loggers.py names its run through, as Lightning 2.6.6 has it."""
+    from jobwrap._compat import lightning_loggers
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the local file store the trackers' tests use
+    assert set(lightning_loggers.CHECKS) == {"TensorBoardLogger", "WandbLogger", "MLFlowLogger"}
+    logger = _lightning_logger(kind, tmp_path)
+    difference = lightning_loggers.unrecognised(kind, logger)
+    assert difference is None, difference
+    assert not lightning_loggers.run_made(logger)
+
+
+def test_canary_lightning_hands_callbacks_the_log():
+    """A fit's start sets each callback's `log` (the moment jobwrap holds the loggers back) and the module's
+    `_trainer` names the trainer."""
+    pl = pytest.importorskip("pytorch_lightning", reason="needs pytorch-lightning (pip install 'jobwrap[lightning]')")
+    from jobwrap._compat import lightning_loggers
+
+    assert lightning_loggers.hands_callbacks_the_log(), changed(
+        "pytorch-lightning", "_CallbackConnector._attach_model_logging_functions", "lightning_loggers.py",
+        "it no longer sets callback.log", lightning_loggers.CHECKED)
+    module, trainer = pl.LightningModule(), _trainer()
+    module.trainer = trainer
+    assert lightning_loggers.trainer_of_log(module.log) is trainer, changed(
+        "pytorch-lightning", "LightningModule._trainer", "lightning_loggers.py", "the trainer is kept elsewhere",
+        lightning_loggers.CHECKED)
+
+
+def test_canary_wandb_flush_interval():
+    """W&B has the setting jobwrap shortens its write interval through (jobwrap/_compat/wandb.py)."""
+    pytest.importorskip("wandb", reason="needs the trackers extra")
+    from jobwrap._compat import wandb as wandb_internals
+
+    difference = wandb_internals.unrecognised()
+    assert difference is None, difference
 
 
 def test_canary_transformers_save_checkpoint():
@@ -386,3 +460,59 @@ def test_transformers_without_save_checkpoint_is_refused_at_attach(tmp_path, mon
     with jobwrap.Session(str(tmp_path), environ={}) as job:
         with pytest.raises(ConfigError, match=r"transformers \S+ changed `Trainer._save_checkpoint` \(it is gone\)"):
             jobwrap.transformers.attach(transformers.Trainer.__new__(transformers.Trainer), job)
+
+
+def test_lightning_logger_without_its_naming_internal_is_refused_before_a_step(tmp_path):
+    """A TensorBoardLogger that lacks `_kwargs` (where its writer's purge_step goes): the fit is refused at its
+    start, naming the internal and the version, before any step or any event file."""
+    pl = pytest.importorskip("pytorch_lightning", reason="needs pytorch-lightning (pip install 'jobwrap[lightning]')")
+    logger = _lightning_logger("TensorBoardLogger", tmp_path / "tb")
+    from jobwrap.lightning import Preemptible
+
+    class Model(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(1, 1)
+
+        def training_step(self, batch, index):
+            raise AssertionError("no step may run")
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    del logger._kwargs  # as a Lightning release that keeps SummaryWriter's arguments elsewhere
+    trainer = pl.Trainer(logger=logger, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, max_epochs=1, callbacks=[Preemptible(str(tmp_path / "run"))])
+    with pytest.raises(ConfigError, match=r"pytorch-lightning \S+ changed `TensorBoardLogger._kwargs`.*logger=False"):
+        trainer.fit(Model(), DataLoader(_table()))
+    assert not list((tmp_path / "tb").rglob("events.out.tfevents*"))
+
+
+def test_sharded_model_refused_at_track_where_torch_lacks_a_dcp_internal(tmp_path, monkeypatch):
+    """A torch without DCP's `_load_state_dict`: tracking a sharded model is refused at once, naming the internal,
+    where a resume hours later could not read the checkpoint back."""
+    from torch.distributed.checkpoint import state_dict_loader
+    from torch.distributed.tensor import DTensor, Replicate, init_device_mesh
+
+    monkeypatch.delattr(state_dict_loader, "_load_state_dict")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        model = torch.nn.Linear(2, 2)
+        mesh = init_device_mesh("cpu", (1,))
+        model.weight = torch.nn.Parameter(DTensor.from_local(model.weight.detach(), mesh, [Replicate()]))
+        with jobwrap.Session(str(tmp_path), environ={}) as job:
+            with pytest.raises(ConfigError, match=r"torch \S+ changed `torch.distributed.checkpoint.state_dict_loader"
+                                                  r"._load_state_dict` \(it is gone\).*track an unsharded model"):
+                job.track(model=model)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -13,8 +13,8 @@ Loading goes through ``dcp.load`` into state dicts taken from the objects as
 they are now (the current sharding, the current device), then
 ``set_state_dict``: a checkpoint saved by 2 ranks loads onto 1, or 4, exactly.
 
-``torch.distributed.checkpoint`` is imported only here, and only when sharded
-state is present.
+``torch.distributed.checkpoint`` is imported only here (its internals through
+jobwrap/_compat/torch_dcp.py), and only when sharded state is present.
 """
 from __future__ import annotations
 
@@ -28,10 +28,11 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
+from jobwrap._compat import torch_dcp as dcp_internals
 from jobwrap._storage.faults import crash_point
 from jobwrap._storage.state import few
 from jobwrap._storage.store import Checkpoint, CheckpointStore, checksum_of, folder_name, parse_name
-from jobwrap.errors import CheckpointError, CorruptCheckpointError, StateMismatchError, StorageError
+from jobwrap.errors import CheckpointError, ConfigError, CorruptCheckpointError, StateMismatchError, StorageError
 
 log = logging.getLogger("jobwrap")
 
@@ -65,10 +66,20 @@ def owner(objects: Mapping[str, Any], optimizer: torch.optim.Optimizer) -> torch
 
 
 def sharded_names(objects: Mapping[str, Any]) -> list[str]:
-    """Tracked names whose state goes through DCP: sharded modules and the optimizers over them."""
+    """Tracked names whose state goes through DCP: sharded modules and the optimizers over them.
+
+    Where there are any, a torch whose DCP internals jobwrap does not recognise is refused here, at
+    ``track()``: its checkpoints would be written, but a resume could not read them back safely.
+    """
     modules = [name for name, obj in objects.items() if is_sharded(obj)]
     if not modules:
         return []
+    difference = dcp_internals.unrecognised()
+    if difference is not None:
+        raise ConfigError(
+            f"{difference}. jobwrap reads a sharded checkpoint ({', '.join(modules)}) through those internals, "
+            f"so a resume could not load what this run saves: install torch {dcp_internals.CHECKED} (or "
+            f"another tested release, see the guide's supported versions), or track an unsharded model")
     sharded = {id(objects[name]) for name in modules}
     optimizers = [name for name, obj in objects.items() if isinstance(obj, torch.optim.Optimizer)
                   and id(owner(objects, obj)) in sharded]
@@ -323,7 +334,7 @@ def load(objects: Mapping[str, Any], names: list[str], folder: str, process_grou
     state = state_dicts(objects, names)
     _check_keys(objects, state, set(reader.read_metadata().state_dict_metadata))
     try:
-        dcp.load(state, storage_reader=reader, planner=_safe_planner(), process_group=process_group,
+        dcp.load(state, storage_reader=reader, planner=dcp_internals.weights_only_planner(), process_group=process_group,
                  no_dist=_no_dist())
     except errors() as exc:  # a shape mismatch: a ValueError, gathered into a CheckpointException
         raise StateMismatchError(
@@ -337,26 +348,17 @@ def load(objects: Mapping[str, Any], names: list[str], folder: str, process_grou
 
 # DCP's .metadata is a plain pickle, and DCP loads non-tensor values (an optimizer's
 # param_groups) with torch.load(weights_only=False): a crafted folder would run code.
-# Only the classes a DCP metadata file is made of are let through, and values load
+# Only the classes a DCP metadata file is made of are let through (their list, and the
+# planner that loads values under weights_only, are in jobwrap/_compat/torch_dcp.py), and values load
 # under weights_only. Checksums alone cannot help: whoever crafts a whole directory
 # crafts consistent checksums too.
-_METADATA_CLASSES = {
-    "torch.distributed.checkpoint.metadata": {
-        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"},
-    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-    "torch.serialization": {"_get_layout"},
-    "torch": {"Size"},
-    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
-    "collections": {"OrderedDict"},
-}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     """Unpickles DCP metadata and nothing else: any other global (os.system, eval, ...) is refused."""
 
     def find_class(self, module: str, name: str) -> Any:
-        if name in _METADATA_CLASSES.get(module, ()):
+        if name in dcp_internals.METADATA_CLASSES.get(module, ()):
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
@@ -405,34 +407,11 @@ def _safe_reader(folder: str, files: set[str]) -> Any:
     return SafeReader(folder)
 
 
-def _safe_planner(*, empty: bool = False) -> Any:
-    """DCP's load planner, with non-tensor values loaded under weights_only.
-
-    ``empty``: DCP's planner for loading a whole checkpoint into an empty dict
-    (what ``dcp_to_torch_save`` uses), for :func:`read_full`.
-    """
-    from torch.distributed.checkpoint import DefaultLoadPlanner
-    from torch.distributed.checkpoint._traverse import set_element
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-
-    class SafePlanner(_EmptyStateDictLoadPlanner if empty else DefaultLoadPlanner):  # type: ignore[misc]
-        def load_bytes(self, read_item: Any, value: Any) -> None:
-            loaded = torch.load(value, weights_only=True)
-            if self.flatten_state_dict:
-                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
-            else:
-                self.state_dict[read_item.dest_index.fqn] = loaded
-
-    return SafePlanner()
-
-
 def read_full(folder: str, files: Iterable[str]) -> dict[str, Any]:
     """A whole DCP folder as one unsharded state dict, in this process, read as safely as :func:`load`."""
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    state: dict[str, Any] = {}  # filled in place; dcp.load would fill a copy (as dcp_to_torch_save knows)
-    _load_state_dict(state, storage_reader=_safe_reader(folder, set(files)), planner=_safe_planner(empty=True),
-                     no_dist=True)
+    state: dict[str, Any] = {}
+    dcp_internals.load_in_place(state, reader=_safe_reader(folder, set(files)),
+                                planner=dcp_internals.weights_only_planner(empty=True))
     return state
 
 
