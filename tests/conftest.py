@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -9,6 +10,15 @@ from pathlib import Path
 
 import pytest
 from slurm_cluster import FINAL_STATES, SlurmError, cancel, cluster_available, job_info
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Ctrl-C reaches the tests' processes even where the suite itself was started with SIGINT ignored (a
+    shell's background job, nohup): an ignored signal stays ignored across exec, so every script a test
+    interrupts would never see its SIGINT."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = REPO / "examples" / "train.py"

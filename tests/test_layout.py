@@ -153,6 +153,55 @@ def test_the_seam_check_finds_a_private_access_and_an_assigned_counter(tmp_path)
         PACKAGE = real
 
 
+# The projects jobwrap reaches into; their private names are imported in jobwrap/_compat only.
+_OTHER_PROJECTS = {"torch", "pytorch_lightning", "lightning_fabric", "lightning", "transformers", "torchdata",
+                   "wandb", "mlflow", "tensorboard", "submitit", "accelerate"}
+
+
+def foreign_private_imports(path: Path) -> list[str]:
+    """Each import in ``path`` of another project's private module or name (``torch.utils.data._utils``,
+    ``from torch.utils.data.dataloader import _DatasetKind``)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in _OTHER_PROJECTS:
+            names = [f"{node.module}.{alias.name}" for alias in node.names if alias.name.startswith("_")]
+            if any(part.startswith("_") for part in node.module.split(".")):
+                names = names or [node.module]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names if alias.name.split(".")[0] in _OTHER_PROJECTS
+                     and any(part.startswith("_") for part in alias.name.split("."))]
+        else:
+            continue
+        found += [f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: {name}" for name in names]
+    return found
+
+
+def test_only_compat_imports_another_projects_internals():
+    """Another project's private modules and names are imported in jobwrap/_compat alone, where each has an adapter
+    with the version it was checked on and a canary (tests/test_compat.py)."""
+    breaches = [b for path in sorted(PACKAGE.rglob("*.py")) if "_compat" not in path.relative_to(PACKAGE).parts
+                for b in foreign_private_imports(path)]
+    assert not breaches, "private internals of other projects imported outside jobwrap/_compat:\n" + "\n".join(
+        breaches)
+
+
+def test_the_internals_check_finds_private_imports(tmp_path):
+    """The check above names a private name, a private module and a private import, and passes public ones."""
+    module = tmp_path / "jobwrap" / "fake.py"
+    module.parent.mkdir()
+    module.write_text("from torch.utils.data.dataloader import _DatasetKind, DataLoader\n"
+                      "from torch.distributed.checkpoint._traverse import set_element\n"
+                      "import torch._dynamo\nimport torch.distributed\nfrom jobwrap._loop import steps\n")
+    global PACKAGE
+    real, PACKAGE = PACKAGE, module.parent
+    try:
+        assert foreign_private_imports(module) == [
+            "jobwrap/fake.py:1: torch.utils.data.dataloader._DatasetKind",
+            "jobwrap/fake.py:2: torch.distributed.checkpoint._traverse", "jobwrap/fake.py:3: torch._dynamo"]
+    finally:
+        PACKAGE = real
+
+
 BENCHMARKS = PACKAGE.parent / "scripts" / "benchmarks"
 
 

@@ -135,6 +135,37 @@ def test_lock_of_a_killed_trainer_is_taken_over_at_once(tmp_path):
     assert not (tmp_path / "ck" / "lock.json").exists()  # released at the end
 
 
+_FORKS_THEN_DIES = """
+import os, signal, sys, time
+import jobwrap
+job = jobwrap.Session(sys.argv[1], environ={}).start()
+if os.fork() == 0:  # as a DataLoader worker: the lock's descriptor inherited, alive a while after its parent
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)  # not the test's pipes: it waits for the parent alone
+    time.sleep(float(sys.argv[2]))
+    os._exit(0)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_start_right_after_a_sigkill_waits_for_the_dead_holders_forked_workers(tmp_path):
+    """A trainer SIGKILLed while a process it forked still holds the lock (its DataLoader workers, for a few seconds):
+    a start right after waits for them instead of refusing the directory, then takes it over."""
+    script = tmp_path / "forks.py"
+    script.write_text(_FORKS_THEN_DIES)
+    killed = subprocess.run([sys.executable, str(script), str(tmp_path / "ck"), "3"], capture_output=True, text=True,
+                            timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    started = time.monotonic()
+    second = subprocess.run([sys.executable, "-c", "import sys, jobwrap\n"
+                             "with jobwrap.Session(sys.argv[1], environ={}) as job: print('started', flush=True)",
+                             str(tmp_path / "ck")], capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0 and "started" in second.stdout, second.stderr[-3000:]
+    assert "a process it forked still holds the lock; waiting" in second.stderr
+    assert time.monotonic() - started < 60
+
+
 def _held_breaker(directory: Path, control: Path, step: int) -> subprocess.Popen:
     """A long trainer with JOBWRAP_BREAK_LOCK=1, once it holds at ``step``; killed if it never does."""
     proc = subprocess.Popen(LONG, env={**_env(directory, control, hold=step), "JOBWRAP_BREAK_LOCK": "1"},

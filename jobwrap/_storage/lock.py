@@ -51,6 +51,9 @@ _LOCAL_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs",
 # NFS without lockd, some FUSE filesystems): then the record alone decides.
 _NO_LOCKS = frozenset({errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL})
 
+#: How long a start waits for the forked workers of a dead holder to let the lock go.
+ORPHAN_WAIT = 30.0
+
 _held_here: dict[str, int] = {}  # directories this process holds (realpath -> pid): a second Session is refused
 
 
@@ -114,10 +117,9 @@ def refusal(holder: Holder | None, me: Holder, *, os_lock: str, now: float, time
     only) or "none" (no locks on this filesystem).
     """
     if os_lock == "busy":
-        if holder is not None and (holder.host, holder.boot_id) == (me.host, me.boot_id) and not alive(
-                holder.pid, holder.started):
-            return ("that process is gone, but one it forked (a DataLoader worker) still holds the lock for "
-                    "a few seconds more: start again")
+        if forked_holder(holder, me, alive=alive):
+            return (f"that process is gone, but one it forked (a DataLoader worker) still held the lock "
+                    f"{ORPHAN_WAIT:.0f} s later: stop that process, then start again")
         return "another process holds its lock"
     if holder is None or os_lock == "proof":
         return None
@@ -131,6 +133,13 @@ def refusal(holder: Holder | None, me: Holder, *, os_lock: str, now: float, time
         return None
     return (f"its heartbeat is {now - holder.heartbeat:.0f} s old, and a holder on another host is taken over "
             f"only after {timeout:.0f} s without one (JOBWRAP_LOCK_TIMEOUT)")
+
+
+def forked_holder(holder: Holder | None, me: Holder, *, alive: Callable[[int, float], bool]) -> bool:
+    """Whether a busy lock is held only by what a dead process on this host forked: its DataLoader workers
+    inherit the lock's descriptor and notice their parent's death within seconds (torch checks every 5 s)."""
+    return holder is not None and (holder.host, holder.boot_id) == (me.host, me.boot_id) and not alive(
+        holder.pid, holder.started)
 
 
 def boot_id() -> str:
@@ -163,11 +172,7 @@ class DirectoryLock:
         if _held_here.get(key) == os.getpid():
             raise DirectoryHeldError(f"checkpoint directory {self.directory} is already held by this process "
                                      f"(pid {os.getpid()}): close the other Session on it first")
-        try:
-            os_lock = self._lock()
-        except OSError as exc:
-            raise storage_error(exc, f"checkpoint directory {self.directory} is not usable") from exc
-        holder = self._read()
+        os_lock, holder = self._lock_past_orphans()
         reason = refusal(holder, self.me, os_lock=os_lock, now=time.time(), timeout=self.timeout, alive=alive)
         if reason is not None and not self.break_lock:
             self._unlock()
@@ -188,6 +193,25 @@ class DirectoryLock:
         if os_lock != "proof":  # only the record tells other hosts that this one is alive
             self._heartbeat = threading.Thread(target=self._beat, name="jobwrap-lock-heartbeat", daemon=True)
             self._heartbeat.start()
+
+    def _lock_past_orphans(self) -> tuple[str, Holder | None]:
+        """Take the OS lock and read the record; while only a dead holder's forked workers keep the lock busy
+        (a relaunch right after a SIGKILL), wait for them, up to ``ORPHAN_WAIT`` seconds."""
+        deadline = time.monotonic() + ORPHAN_WAIT
+        told = False
+        while True:
+            try:
+                os_lock = self._lock()
+            except OSError as exc:
+                raise storage_error(exc, f"checkpoint directory {self.directory} is not usable") from exc
+            holder = self._read()
+            if os_lock != "busy" or not forked_holder(holder, self.me, alive=alive) or time.monotonic() > deadline:
+                return os_lock, holder
+            if not told:
+                log.info("%s: its holder (pid %d) is gone, but a process it forked still holds the lock; waiting "
+                         "up to %.0f s for it to exit", self.directory, holder.pid, ORPHAN_WAIT)
+                told = True
+            time.sleep(0.2)
 
     def release(self) -> None:
         """Give the directory up: stop the heartbeat, remove the record, drop the OS lock."""
