@@ -246,6 +246,49 @@ def test_canary_torch_dcp_folder_reads_back(tmp_path):
     assert whole["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
 
 
+def test_canary_torch_storage_key_and_version_counter():
+    """Views of one storage share its key, another storage has another; every in-place change bumps the version
+    counter (jobwrap/_compat/torch_tensor.py: the background save's staging and its lazy copy)."""
+    from jobwrap._compat import torch_tensor
+
+    base = torch.zeros(6)
+    view, other = base[2:], torch.zeros(6)
+    key = torch_tensor.storage_key(base.untyped_storage())
+    assert key == torch_tensor.storage_key(view.untyped_storage()) != torch_tensor.storage_key(
+        other.untyped_storage()), changed("torch", "UntypedStorage._cdata", "torch_tensor.py",
+                                          "it no longer names the storage", torch_tensor.CHECKED)
+    assert torch_tensor.has_versions()
+    before = torch_tensor.version(base)
+    view.add_(1)
+    assert torch_tensor.version(base) > before, changed("torch", "Tensor._version", "torch_tensor.py",
+                                                        "an in-place change through a view no longer bumps it",
+                                                        torch_tensor.CHECKED)
+
+
+def test_canary_numpy_global_stream():
+    """`numpy.random.mtrand._rand` is the stream behind np.random.seed and np.random.rand (numpy_random.py)."""
+    numpy = pytest.importorskip("numpy")
+    from jobwrap._compat import numpy_random
+
+    stream = numpy_random.global_stream()
+    numpy.random.seed(3)
+    drawn = numpy.random.rand()
+    stream.seed(3)
+    assert stream.rand() == drawn, changed("numpy", "numpy.random.mtrand._rand", "numpy_random.py",
+                                           "it is no longer the global stream", "2.x")
+
+
+def test_storages_are_told_apart_without_the_storage_identity(monkeypatch):
+    """A torch without `UntypedStorage._cdata`: storages are keyed by device, address and size, views still share."""
+    from jobwrap._compat import torch_tensor
+
+    base, other = torch.zeros(4), torch.zeros(4)
+    monkeypatch.setattr(torch_tensor, "getattr", lambda obj, name, default=None: default, raising=False)
+    assert torch_tensor.storage_key(base.untyped_storage()) == torch_tensor.storage_key(base[1:].untyped_storage())
+    assert torch_tensor.storage_key(base.untyped_storage()) != torch_tensor.storage_key(other.untyped_storage())
+    assert isinstance(torch_tensor.storage_key(base.untyped_storage()), tuple)
+
+
 # ---------------------------------------------------------------- canaries: Lightning and transformers
 
 def _trainer():

@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from jobwrap._compat import torch_tensor as tensor_internals
 from jobwrap._config import Config
 from jobwrap._format import human_size
 from jobwrap._loop.distributed import WRITER_BUSY, WRITER_DONE, WRITER_IDLE
@@ -86,7 +87,7 @@ class AsyncSaver:
             return False
         started = self._clock()
         staging = self.staging = self.staging or StagingArea()
-        defer, watched = self._deferrable() if self.lazy_copy else (set(), [])
+        defer, watched = self._deferrable() if self.lazy_copy and tensor_internals.has_versions() else (set(), [])
         payload = staging.stage(self._payload(ranks), defer=defer)
         self._in_flight_state = self._fingerprint()
         pause = self._clock() - started
@@ -159,14 +160,14 @@ class AsyncSaver:
             return
         self._tend = False
 
-    def _deferrable(self) -> tuple[set[int], list[tuple[torch.Tensor, int]]]:
+    def _deferrable(self) -> tuple[set[Any], list[tuple[torch.Tensor, int]]]:
         """Storages only a tracked optimizer's step() changes (its CPU parameters and state), and
         those tensors with their version counters, to prove afterwards that nothing else changed them.
 
         Their copy runs on the writer thread while the next step computes;
         a hook holds the optimizer's next step() until it is done.
         """
-        found: set[int] = set()
+        found: set[Any] = set()
         watched: list[tuple[torch.Tensor, int]] = []
         for obj in self._objects.values():
             if not isinstance(obj, torch.optim.Optimizer):
@@ -176,8 +177,8 @@ class AsyncSaver:
             cpu = [t for t in tensors if t.device.type == "cpu"]
             if cpu and id(obj) not in self._step_hooks:
                 self._step_hooks[id(obj)] = obj.register_step_pre_hook(self._before_optimizer_step)
-            found |= {t.untyped_storage()._cdata for t in cpu}
-            watched += [(t, t._version) for t in cpu]
+            found |= {tensor_internals.storage_key(t.untyped_storage()) for t in cpu}
+            watched += [(t, tensor_internals.version(t)) for t in cpu]
         return found, watched
 
     def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:

@@ -13,6 +13,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from jobwrap._compat import torch_tensor as tensor_internals
 from jobwrap._storage.state import few
 from jobwrap.errors import ConfigError, StateMismatchError
 
@@ -115,7 +116,7 @@ def record_step(optimizer: torch.optim.Optimizer, stepped: GradRecord) -> None:
         for p in group["params"]:
             grad = p.grad
             try:
-                stepped[id(p)] = None if grad is None else (weakref.ref(grad), grad._version)
+                stepped[id(p)] = None if grad is None else (weakref.ref(grad), tensor_internals.version(grad))
             except (TypeError, RuntimeError):  # a tensor kind without weakrefs or counters: always saved
                 stepped.pop(id(p), None)
 
@@ -138,7 +139,7 @@ def _spent(record: Any, grad: torch.Tensor) -> bool:
     if record is None:
         return False
     ref, version = record
-    return ref() is grad and grad._version == version
+    return ref() is grad and tensor_internals.version(grad) == version
 
 
 def restore_grads(name: str, params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor]) -> None:

@@ -15,6 +15,8 @@ import random
 import sys
 from typing import Any
 
+from jobwrap._compat import numpy_random
+
 _DEPTH = 2  # the dataset's attributes and theirs: where worker_init_fn and __getitem__ keep generators
 _ITEMS = 32  # containers longer than this hold data, not generators
 
@@ -72,9 +74,7 @@ def _globals() -> list[Any]:
     torch = sys.modules.get("torch")
     if torch is not None:
         streams.append(torch.default_generator)
-    numpy = sys.modules.get("numpy")
-    if numpy is not None:
-        streams.append(numpy.random.mtrand._rand)
+    streams.append(numpy_random.global_stream())
     return streams
 
 

@@ -28,6 +28,7 @@ from typing import Any, Callable, Collection
 
 import torch
 
+from jobwrap._compat import torch_tensor as tensor_internals
 from jobwrap._storage.store import SaveCancelled
 
 _COPY_CHUNK = 64 << 20  # a deferred copy checks for cancellation between pieces
@@ -45,7 +46,7 @@ def check_unchanged(watched: list[tuple[torch.Tensor, int]]) -> None:
     Every in-place operation (an optimizer step, ``load_state_dict``, ``add_``) bumps
     the counter; writes through ``tensor.data`` do not, and are not seen here.
     """
-    changed = sum(1 for tensor, version in watched if tensor._version != version)
+    changed = sum(1 for tensor, version in watched if tensor_internals.version(tensor) != version)
     if changed:
         raise ChangedWhileCopied(f"{changed} parameter or optimizer tensor(s) changed outside optimizer.step() "
                                  "while being copied")
@@ -75,10 +76,10 @@ class StagingArea:
         """Bytes held by the buffers (the memory the asynchronous path adds)."""
         return sum(b.numel() for b in self._buffers)
 
-    def stage(self, payload: Any, *, defer: Collection[int] = ()) -> Any:
+    def stage(self, payload: Any, *, defer: Collection[Any] = ()) -> Any:
         """A copy of ``payload`` whose tensors live in the staging buffers.
 
-        Storages listed in ``defer`` (by ``untyped_storage()._cdata``; CPU only)
+        Storages listed in ``defer`` (by their key, ``jobwrap._compat.torch_tensor.storage_key``; CPU only)
         get their buffer now but their bytes only in :meth:`copy_deferred`; the
         caller guarantees they do not change until then. Everything else is
         copied before this returns.
@@ -138,7 +139,7 @@ class StagingArea:
                 self._buffers.append(buffer)
         return self.nbytes
 
-    def _walk(self, obj: Any, seen: set[int], storages: set[int], sizes: list[tuple[int, bool]]) -> None:
+    def _walk(self, obj: Any, seen: set[int], storages: set[Any], sizes: list[tuple[int, bool]]) -> None:
         # The same traversal order as _copy, so buffer i of the plan is buffer i of the stage.
         if isinstance(obj, _IMMUTABLE) or id(obj) in seen:
             return
@@ -146,8 +147,9 @@ class StagingArea:
         if isinstance(obj, torch.Tensor):
             if _plain_tensor(obj):
                 storage = obj.untyped_storage()
-                if storage._cdata not in storages:
-                    storages.add(storage._cdata)
+                key = tensor_internals.storage_key(storage)
+                if key not in storages:
+                    storages.add(key)
                     sizes.append((storage.nbytes(), pinned_staging(storage.device.type)))
         elif isinstance(obj, dict):
             for value in obj.values():
@@ -197,18 +199,19 @@ class StagingArea:
         if not _plain_tensor(tensor):
             return tensor.detach().to("cpu", copy=True)  # rare kinds: a fresh copy, not a reused buffer
         storage = tensor.untyped_storage()
-        staged_storage = self._storages.get(storage._cdata)
+        key = tensor_internals.storage_key(storage)
+        staged_storage = self._storages.get(key)
         if staged_storage is None:
             on_gpu = pinned_staging(storage.device.type)
             buffer = self._buffer(storage.nbytes(), pinned=on_gpu)
-            if not on_gpu and storage._cdata in self._defer:
+            if not on_gpu and key in self._defer:
                 self._pending.append((buffer, storage))
             else:
                 source = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
                 buffer.copy_(source, non_blocking=on_gpu)
                 if on_gpu:
                     self._devices.add(storage.device)
-            staged_storage = self._storages[storage._cdata] = buffer.untyped_storage()
+            staged_storage = self._storages[key] = buffer.untyped_storage()
         staged = torch.empty(0, dtype=tensor.dtype).set_(staged_storage, tensor.storage_offset(),
                                                           tensor.size(), tensor.stride())
         if type(tensor) is torch.nn.Parameter:
