@@ -263,6 +263,27 @@ def test_canary_torch_storage_key_and_version_counter():
     assert torch_tensor.version(base) > before, changed("torch", "Tensor._version", "torch_tensor.py",
                                                         "an in-place change through a view no longer bumps it",
                                                         torch_tensor.CHECKED)
+    assert torch_tensor.local_shard(base) is base
+
+
+def test_canary_dtensor_local_shard(monkeypatch):
+    """A DTensor keeps this rank's shard where `local_shard` reads it: the tensor `to_local()` views."""
+    from torch.distributed.tensor import DTensor, Replicate, init_device_mesh
+
+    from jobwrap._compat import torch_tensor
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        local = torch.arange(4.0)
+        dtensor = DTensor.from_local(local, init_device_mesh("cpu", (1,)), [Replicate()])
+        shard = torch_tensor.local_shard(dtensor)
+        assert shard is not dtensor and shard.data_ptr() == dtensor.to_local().data_ptr(), changed(
+            "torch", "DTensor._local_tensor", "torch_tensor.py", "the local shard is kept elsewhere",
+            torch_tensor.CHECKED)
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def test_canary_numpy_global_stream():

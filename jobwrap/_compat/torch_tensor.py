@@ -1,9 +1,10 @@
-"""Two attributes of torch tensors that jobwrap's copies rely on (checked on torch 2.13.0 and 2.14.1).
+"""Attributes of torch tensors that jobwrap's copies rely on (checked on torch 2.13.0 and 2.14.1).
 
 A background save stages each distinct storage once (views of one storage share its copy),
 and an optimizer's CPU state may be copied lazily, after training went on, as long as nothing
-changed it in place meanwhile. The first needs a storage's identity, the second a tensor's
-version counter, which every in-place operation bumps. Neither is public API. Where they are
+changed it in place meanwhile; a save is skipped when nothing changed since the last one. The
+first needs a storage's identity, the others a tensor's version counter, which every in-place
+operation bumps (a DTensor's, on its local shard). None of them is public API. Where they are
 gone: storages are told apart by device, address and size (what the identity stands for), and
 the counter's users take their safe paths (the copy made at once, gradients always saved),
 with one warning. The canaries are in tests/test_compat.py.
@@ -37,6 +38,12 @@ def has_versions() -> bool:
     fall_back(changed("torch", "Tensor._version", ADAPTER, "it is gone", CHECKED),
               "copies optimizer state at once and saves every gradient")
     return False
+
+
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's own shard on this rank (``DTensor._local_tensor``: ``to_local()`` would add an autograd
+    node at every call), or ``tensor`` itself."""
+    return getattr(tensor, "_local_tensor", tensor)
 
 
 def version(tensor: torch.Tensor) -> int:

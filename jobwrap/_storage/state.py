@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 import torch
 
+from jobwrap._compat import torch_tensor as tensor_internals
 from jobwrap._storage.devices import cuda_rng_plan
 from jobwrap.errors import ConfigError, StateMismatchError
 
@@ -171,8 +172,9 @@ def fingerprint(value: Any, *, by_content: bool = False) -> Any:
 
 
 def _tensor_version(tensor: torch.Tensor) -> Any:
-    tensor = getattr(tensor, "_local_tensor", tensor)  # a DTensor (FSDP2): this rank's shard holds the counter
+    tensor = tensor_internals.local_shard(tensor)  # a DTensor (FSDP2): this rank's shard holds the counter
     try:
-        return ("tensor", tensor.data_ptr(), tensor._version, tuple(tensor.shape), tensor.dtype, str(tensor.device))
+        return ("tensor", tensor.data_ptr(), tensor_internals.version(tensor), tuple(tensor.shape), tensor.dtype,
+                str(tensor.device))
     except (RuntimeError, NotImplementedError):  # inference tensors, some tensor subclasses: no counter
         return object()
