@@ -310,6 +310,29 @@ def test_storages_are_told_apart_without_the_storage_identity(monkeypatch):
     assert isinstance(torch_tensor.storage_key(base.untyped_storage()), tuple)
 
 
+def test_a_torch_without_version_counters_takes_the_safe_paths(monkeypatch, caplog):
+    """A torch without `Tensor._version`: one warning, no lazy copy, and a stepped gradient is never taken for
+    spent (it is saved)."""
+    from jobwrap._compat import torch_tensor
+    from jobwrap._loop import grads
+
+    monkeypatch.setattr(torch_tensor, "getattr", lambda obj, name, default=None: default, raising=False)
+    torch_tensor.has_versions.cache_clear()
+    try:
+        assert not torch_tensor.has_versions()
+        assert "Tensor._version" in caplog.text
+        with pytest.raises(RuntimeError, match="no version counter"):
+            torch_tensor.version(torch.zeros(1))
+        param = torch.nn.Parameter(torch.ones(2))
+        param.grad = torch.ones(2)
+        optimizer = torch.optim.SGD([param], lr=0.1)
+        stepped: dict = {}
+        grads.record_step(optimizer, stepped)
+        assert id(param) not in stepped
+    finally:
+        torch_tensor.has_versions.cache_clear()
+
+
 # ---------------------------------------------------------------- canaries: Lightning and transformers
 
 def _trainer():

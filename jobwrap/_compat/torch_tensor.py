@@ -11,6 +11,7 @@ with one warning. The canaries are in tests/test_compat.py.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -31,8 +32,10 @@ def storage_key(storage: Any) -> Any:
     return key
 
 
+@functools.cache
 def has_versions() -> bool:
-    """Whether tensors carry the in-place version counter (``Tensor._version``); warned once where not."""
+    """Whether tensors carry the in-place version counter (``Tensor._version``); warned once where not.
+    Asked at every background save, answered once a process."""
     if isinstance(getattr(torch.empty(0), "_version", None), int):
         return True
     fall_back(changed("torch", "Tensor._version", ADAPTER, "it is gone", CHECKED),

@@ -75,7 +75,7 @@ def _globals() -> list[Any]:
     if torch is not None:
         streams.append(torch.default_generator)
     streams.append(numpy_random.global_stream())
-    return streams
+    return [s for s in streams if s is not None]
 
 
 def derived_seed(*parts: Any) -> bytes:
